@@ -1,0 +1,6 @@
+"""functrain: pure, compiled training steps for PyTorch, driven like the Hugging Face Trainer."""
+
+from . import optim, rng, tree
+from .state import ConsumedStateError, TrainState
+
+__version__ = "0.1.0"

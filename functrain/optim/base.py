@@ -1,0 +1,123 @@
+"""Gradient transformations: the optax model, in PyTorch.
+
+A :class:`GradientTransformation` is a pair of pure functions::
+
+    state = tx.init(params)
+    updates, state = tx.update(grads, state, params)
+    params = apply_updates(params, updates)
+
+``update`` never mutates its inputs: every result is a fresh tensor. (A step with ``donate=True``
+copies results back into the input storages; inside ``torch.compile`` that copy is fused into the
+computation, so it costs no extra memory.) States are NamedTuples of tensors, so they are pytrees
+that save, load and vmap like any other.
+
+Hyperparameters (learning rate, betas, weight decay, ...) may be Python numbers or 0-d tensors;
+tensors let a compiled step change them without recompiling (see ``inject_hyperparams``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import torch
+
+from .. import tree
+
+Params = Any
+Updates = Any
+OptState = Any
+Schedule = Callable[[torch.Tensor], torch.Tensor]
+
+
+class GradientTransformation(NamedTuple):
+    """``init(params) -> state`` and ``update(updates, state, params=None) -> (updates, state)``."""
+
+    init: Callable[[Params], OptState]
+    update: Callable[..., tuple[Updates, OptState]]
+
+
+class EmptyState(NamedTuple):
+    """The state of a stateless transformation."""
+
+
+def identity() -> GradientTransformation:
+    """Leaves updates unchanged."""
+    return GradientTransformation(lambda params: EmptyState(), lambda updates, state, params=None: (updates, state))
+
+
+def stateless(fn: Callable[[Updates, Params], Updates]) -> GradientTransformation:
+    """A transformation from a pure function ``fn(updates, params) -> updates``."""
+
+    def update(updates, state, params=None):
+        return fn(updates, params), state
+
+    return GradientTransformation(lambda params: EmptyState(), update)
+
+
+def chain(*transforms: GradientTransformation) -> GradientTransformation:
+    """Apply ``transforms`` in sequence; the state is the tuple of their states."""
+    for i, t in enumerate(transforms):
+        if not isinstance(t, GradientTransformation):
+            raise TypeError(f"chain argument {i} is not a GradientTransformation: {t!r}")
+
+    def init(params):
+        return tuple(t.init(params) for t in transforms)
+
+    def update(updates, state, params=None):
+        if len(state) != len(transforms):
+            raise ValueError(f"chain of {len(transforms)} transforms got a state of length {len(state)}")
+        new_states = []
+        for t, s in zip(transforms, state):
+            updates, s = t.update(updates, s, params)
+            new_states.append(s)
+        return updates, tuple(new_states)
+
+    return GradientTransformation(init, update)
+
+
+def apply_updates(params: Params, updates: Updates) -> Params:
+    """``params + updates`` leaf-wise, out of place, keeping each param's dtype."""
+    tree.assert_same_structure(params, updates, "params", "updates")
+    lp, treedef = tree.flatten(params)
+    lu = tree.leaves(updates)
+    lu = [u if u.dtype == p.dtype else u.to(p.dtype) for p, u in zip(lp, lu)]
+    return tree.unflatten(treedef, torch._foreach_add(lp, lu)) if lp else params
+
+
+# -- helpers shared by the transforms ----------------------------------------------------------
+
+
+def check_structure(updates: Updates, params: Params | None) -> None:
+    """Raise a clear error if ``params`` is given and its structure differs from ``updates``."""
+    if params is not None:
+        tree.assert_same_structure(updates, params, "updates (gradients)", "params")
+
+
+def as_hyperparam(value, name: str, *, min_value: float | None = 0.0, allow_schedule=False):
+    """Validate a hyperparameter: a number or a 0-d tensor, optionally a schedule callable."""
+    if callable(value) and not isinstance(value, torch.Tensor):
+        if not allow_schedule:
+            raise TypeError(f"{name} must be a number or a 0-d tensor, got a callable")
+        return value
+    if isinstance(value, torch.Tensor):
+        if value.ndim != 0:
+            raise ValueError(f"{name} must be a 0-d tensor, got shape {tuple(value.shape)}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, a 0-d tensor{' or a schedule' if allow_schedule else ''}, "
+                        f"got {type(value).__name__}")
+    if min_value is not None and value < min_value:
+        raise ValueError(f"{name} must be >= {min_value}, got {value}")
+    return float(value)
+
+
+def counter_like(params: Params) -> torch.Tensor:
+    """A 0-d int64 step counter on the device of the first parameter."""
+    ls = tree.leaves(params)
+    device = ls[0].device if ls else None
+    return torch.zeros((), dtype=torch.int64, device=device)
+
+
+def safe_increment(count: torch.Tensor) -> torch.Tensor:
+    """``count + 1`` that saturates instead of wrapping around."""
+    return torch.where(count < torch.iinfo(torch.int64).max, count + 1, count)
