@@ -1,0 +1,326 @@
+"""TrainingArguments: the Hugging Face names and defaults, validated when constructed.
+
+Everything here is plain data (saved as ``training_args.json``, never pickled). Checks that need
+the datasets (e.g. ``eval_strategy`` without ``eval_dataset``) happen in ``Trainer.__init__``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+INTERVAL_STRATEGIES = ("no", "steps", "epoch")
+SAVE_STRATEGIES = ("no", "steps", "epoch", "best")
+
+# HF optimizer names -> functrain optimizer (see Trainer.create_optimizer).
+OPTIMIZERS = (
+    "adamw_torch", "adamw_torch_fused", "adamw", "adam", "sgd", "adafactor",
+    "lion", "lion_32bit", "rmsprop", "adagrad",
+)
+
+SCHEDULERS = (
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+    "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay",
+)
+
+# report_to integrations functrain can drive, with the package each one needs.
+INTEGRATIONS = {"tensorboard": "tensorboard"}
+
+
+class TrainingArgumentsError(ValueError):
+    """A TrainingArguments value is invalid; the message names the field and what is expected."""
+
+
+def _fail(msg: str):
+    raise TrainingArgumentsError(msg)
+
+
+@dataclass
+class TrainingArguments:
+    """The arguments of :class:`functrain.Trainer`, with the Hugging Face names and defaults.
+
+    ``logging_steps``, ``eval_steps`` and ``save_steps`` may be a float in (0, 1): a fraction of
+    the total number of training steps (as in transformers). ``warmup_steps`` below 1 is a ratio
+    too (transformers 5); ``warmup_ratio`` is kept for older scripts.
+    """
+
+    output_dir: str | None = None
+    overwrite_output_dir: bool = False
+    do_train: bool = False
+    do_eval: bool = False
+    do_predict: bool = False
+    eval_strategy: str = "no"
+    prediction_loss_only: bool = False
+    per_device_train_batch_size: int = 8
+    per_device_eval_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    eval_accumulation_steps: int | None = None
+    eval_delay: float = 0
+    learning_rate: float = 5e-5
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float | None = 1.0
+    num_train_epochs: float = 3.0
+    max_steps: int = -1
+    lr_scheduler_type: str = "linear"
+    lr_scheduler_kwargs: dict | str | None = None
+    warmup_ratio: float = 0.0
+    warmup_steps: float = 0
+    logging_dir: str | None = None
+    logging_strategy: str = "steps"
+    logging_first_step: bool = False
+    logging_steps: float = 500
+    logging_nan_inf_filter: bool = True
+    save_strategy: str = "steps"
+    save_steps: float = 500
+    save_total_limit: int | None = None
+    save_only_model: bool = False
+    seed: int = 42
+    data_seed: int | None = None
+    bf16: bool = False
+    fp16: bool = False
+    eval_steps: float | None = None
+    dataloader_drop_last: bool = False
+    dataloader_num_workers: int = 0
+    run_name: str | None = None
+    disable_tqdm: bool | None = None
+    remove_unused_columns: bool = True
+    label_names: list[str] | None = None
+    load_best_model_at_end: bool = False
+    metric_for_best_model: str | None = None
+    greater_is_better: bool | None = None
+    optim: str = "adamw_torch_fused"
+    optim_args: str | None = None
+    report_to: str | list[str] | None = "none"
+    gradient_checkpointing: bool | None = False
+    gradient_checkpointing_kwargs: dict | str | None = None
+    include_num_input_tokens_seen: bool | str = False
+    neftune_noise_alpha: float | None = None
+    torch_compile: bool = False
+    eval_on_start: bool = False
+
+    # -- validation -------------------------------------------------------------------------------
+    def __post_init__(self):
+        if self.output_dir is None:
+            self.output_dir = "trainer_output"
+        self.output_dir = os.fspath(self.output_dir)
+        if self.logging_dir is None:
+            self.logging_dir = os.path.join(self.output_dir, "runs")
+        if self.run_name is None:
+            self.run_name = self.output_dir
+        if self.disable_tqdm is None:
+            self.disable_tqdm = False
+        if self.gradient_checkpointing is None:
+            self.gradient_checkpointing = False
+        self.lr_scheduler_kwargs = _json_dict(self.lr_scheduler_kwargs, "lr_scheduler_kwargs")
+        self.gradient_checkpointing_kwargs = _json_dict(self.gradient_checkpointing_kwargs,
+                                                        "gradient_checkpointing_kwargs") or None
+        if isinstance(self.label_names, str):
+            self.label_names = [self.label_names]
+        self._check_choices()
+        self._check_numbers()
+        self._check_intervals()
+        self._check_best_model()
+        self.report_to = _resolve_report_to(self.report_to)
+
+    def _check_choices(self):
+        for name, allowed in (("eval_strategy", INTERVAL_STRATEGIES), ("logging_strategy", INTERVAL_STRATEGIES),
+                              ("save_strategy", SAVE_STRATEGIES)):
+            value = getattr(self, name)
+            value = getattr(value, "value", value)  # accept enums with .value
+            if value not in allowed:
+                _fail(f"{name}={value!r} is not valid; expected one of {list(allowed)}")
+            setattr(self, name, value)
+        if self.optim not in OPTIMIZERS:
+            _fail(f"optim={self.optim!r} is not a known optimizer; known: {list(OPTIMIZERS)}")
+        sched = getattr(self.lr_scheduler_type, "value", self.lr_scheduler_type)
+        if sched not in SCHEDULERS:
+            _fail(f"lr_scheduler_type={sched!r} is not a known schedule; known: {list(SCHEDULERS)}")
+        self.lr_scheduler_type = sched
+        if self.fp16 and self.bf16:
+            _fail("fp16=True and bf16=True were both given; choose one mixed-precision mode")
+
+    def _check_numbers(self):
+        def at_least(name, low, *, allow_none=False, integer=False):
+            v = getattr(self, name)
+            if v is None and allow_none:
+                return
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not float(v).is_integer()):
+                _fail(f"{name} must be {'an integer' if integer else 'a number'}, got {v!r}")
+            if v < low:
+                _fail(f"{name} must be >= {low}, got {v!r}")
+
+        at_least("learning_rate", 0)
+        at_least("weight_decay", 0)
+        at_least("adam_epsilon", 0)
+        at_least("per_device_train_batch_size", 1, integer=True)
+        at_least("per_device_eval_batch_size", 1, integer=True)
+        at_least("gradient_accumulation_steps", 1, integer=True)
+        at_least("num_train_epochs", 0)
+        at_least("warmup_steps", 0)
+        at_least("eval_delay", 0)
+        at_least("dataloader_num_workers", 0, integer=True)
+        at_least("max_grad_norm", 0, allow_none=True)
+        at_least("save_total_limit", 0, allow_none=True, integer=True)
+        if not isinstance(self.max_steps, int) or isinstance(self.max_steps, bool):
+            _fail(f"max_steps must be an int (-1 means: use num_train_epochs), got {self.max_steps!r}")
+        if self.max_steps == 0 or self.max_steps < -1:
+            _fail(f"max_steps must be a positive int or -1, got {self.max_steps}")
+        for name in ("adam_beta1", "adam_beta2"):
+            v = getattr(self, name)
+            if not 0 <= v < 1:
+                _fail(f"{name} must be in [0, 1), got {v}")
+        if not 0 <= self.warmup_ratio <= 1:
+            _fail(f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
+        if self.warmup_steps >= 1 and not float(self.warmup_steps).is_integer():
+            _fail(f"warmup_steps must be an integer number of steps or a ratio in [0, 1), got {self.warmup_steps}")
+        if self.neftune_noise_alpha is not None and self.neftune_noise_alpha <= 0:
+            _fail(f"neftune_noise_alpha must be > 0 (or None to disable), got {self.neftune_noise_alpha}")
+
+    def _check_intervals(self):
+        if self.eval_strategy == "steps" and self.eval_steps is None:
+            if self.logging_steps <= 0:
+                _fail("eval_strategy='steps' needs eval_steps (or a positive logging_steps to fall back on)")
+            self.eval_steps = self.logging_steps
+        for name, strategy in (("logging_steps", self.logging_strategy), ("eval_steps", self.eval_strategy),
+                               ("save_steps", self.save_strategy)):
+            v = getattr(self, name)
+            if strategy != "steps":
+                continue
+            if v is None or v <= 0:
+                _fail(f"{name} must be > 0 when the matching strategy is 'steps', got {v!r}")
+            if v > 1 and not float(v).is_integer():
+                _fail(f"{name} must be an integer number of steps or a ratio in (0, 1), got {v}")
+            if v > 1:
+                setattr(self, name, int(v))
+
+    def _check_best_model(self):
+        needs_metric = self.load_best_model_at_end or self.save_strategy == "best"
+        if needs_metric and self.metric_for_best_model is None:
+            self.metric_for_best_model = "loss"
+        if self.metric_for_best_model is not None and self.greater_is_better is None:
+            self.greater_is_better = not self.metric_for_best_model.endswith("loss")
+        if self.save_strategy == "best" and self.eval_strategy == "no":
+            _fail("save_strategy='best' saves after evaluations, but eval_strategy='no'; set eval_strategy")
+        if not self.load_best_model_at_end:
+            return
+        if self.eval_strategy == "no":
+            _fail("load_best_model_at_end=True needs evaluations: set eval_strategy to 'steps' or 'epoch'")
+        if self.save_strategy == "best":
+            return
+        if self.save_strategy != self.eval_strategy:
+            _fail("load_best_model_at_end=True requires save_strategy to match eval_strategy (or be 'best'), "
+                  f"got save_strategy={self.save_strategy!r}, eval_strategy={self.eval_strategy!r}")
+        if self.eval_strategy == "steps":
+            ratios = self.eval_steps < 1 or self.save_steps < 1
+            if ratios:
+                ok = self.eval_steps < 1 and self.save_steps < 1 and _is_multiple(self.save_steps, self.eval_steps)
+            else:
+                ok = int(self.save_steps) % int(self.eval_steps) == 0
+            if not ok:
+                _fail("load_best_model_at_end=True requires save_steps to be a multiple of eval_steps, "
+                      f"got save_steps={self.save_steps}, eval_steps={self.eval_steps}")
+
+    # -- derived values ---------------------------------------------------------------------------
+    @property
+    def train_batch_size(self) -> int:
+        return self.per_device_train_batch_size
+
+    @property
+    def eval_batch_size(self) -> int:
+        return self.per_device_eval_batch_size
+
+    @property
+    def precision(self) -> str:
+        return "bf16" if self.bf16 else "fp16" if self.fp16 else "fp32"
+
+    def get_warmup_steps(self, num_training_steps: int) -> int:
+        """Warmup steps: ``warmup_steps`` if >= 1, else a ratio (``warmup_steps`` or ``warmup_ratio``)."""
+        if self.warmup_steps >= 1:
+            return int(self.warmup_steps)
+        ratio = self.warmup_steps if self.warmup_steps > 0 else self.warmup_ratio
+        return math.ceil(num_training_steps * ratio)
+
+    # -- serialization (JSON only) ------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def save_to_json(self, path: str) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(self.to_json_string())
+
+    @classmethod
+    def from_dict(cls, d: dict, *, strict: bool = True):
+        known = {f.name for f in dataclasses.fields(cls) if f.init}
+        unknown = sorted(set(d) - known)
+        if unknown and strict:
+            _fail(f"unknown TrainingArguments field(s) {unknown}")
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    @classmethod
+    def from_json(cls, path: str, *, strict: bool = True):
+        """Read arguments written by :meth:`save_to_json` (e.g. a checkpoint's ``training_args.json``)."""
+        with open(path, encoding="utf-8") as f:
+            return cls.from_dict(json.load(f), strict=strict)
+
+
+@dataclass
+class Seq2SeqTrainingArguments(TrainingArguments):
+    """TrainingArguments plus the generation knobs of transformers' Seq2SeqTrainingArguments."""
+
+    sortish_sampler: bool = False
+    predict_with_generate: bool = False
+    generation_max_length: int | None = None
+    generation_num_beams: int | None = None
+    generation_config: Any = field(default=None)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()
+        gc = d.get("generation_config")
+        if gc is not None and not isinstance(gc, (str, dict)):
+            d["generation_config"] = gc.to_dict() if hasattr(gc, "to_dict") else str(gc)
+        return d
+
+
+def _is_multiple(a: float, b: float) -> bool:
+    q = a / b
+    return abs(q - round(q)) < 1e-9
+
+
+def _json_dict(value, name: str) -> dict:
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            _fail(f"{name} must be a dict or a JSON object string, got {value!r} ({e})")
+    if not isinstance(value, dict):
+        _fail(f"{name} must be a dict, got {type(value).__name__}")
+    return dict(value)
+
+
+def _resolve_report_to(value) -> list[str]:
+    """'none'/None -> []; 'all' -> the supported integrations whose package is installed."""
+    if value is None or value == "none" or value == ["none"]:
+        return []
+    if value == "all" or value == ["all"]:
+        return [name for name, pkg in INTEGRATIONS.items() if importlib.util.find_spec(pkg) is not None]
+    names = [value] if isinstance(value, str) else list(value)
+    for n in names:
+        if n not in INTEGRATIONS:
+            _fail(f"report_to={n!r} is not supported by functrain; supported: {list(INTEGRATIONS)}, "
+                  "'all' or 'none' (metrics always go to metrics.jsonl and trainer_state.json)")
+        if importlib.util.find_spec(INTEGRATIONS[n]) is None:
+            _fail(f"report_to includes {n!r} but the {INTEGRATIONS[n]!r} package is not installed")
+    return names
