@@ -1,0 +1,729 @@
+"""The Trainer: the Hugging Face ``Trainer`` API as a thin loop over the pure step.
+
+Everything that touches the training state happens in ``train_step(state, batch)`` (see
+:mod:`functrain.step`); this driver only feeds it windows of data, reads its metric tensors on
+logging steps, runs evaluations, calls the callbacks and writes checkpoints. Resume is exact: the
+checkpoint holds the whole ``TrainState`` (params, optimizer state, step, rng key, loss scale),
+the data position and the global generators, and the loader starts at the next window without
+replaying earlier ones.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import os
+import random
+import signal
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import checkpoint as ck
+from . import optim
+from .callbacks import (
+    CallbackHandler, DefaultFlowCallback, ExportableState, PrinterCallback, ProgressCallback, TrainerControl,
+    TrainerState,
+)
+from .logging_utils import INTEGRATION_CALLBACKS, MetricsFileCallback
+from .state import TrainState
+from .training_args import TrainingArguments
+
+logger = logging.getLogger("functrain")
+
+
+class TrainOutput(NamedTuple):
+    global_step: int
+    training_loss: float
+    metrics: dict[str, float]
+
+
+class PredictionOutput(NamedTuple):
+    predictions: Any
+    label_ids: Any
+    metrics: dict[str, float] | None
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python, numpy and torch (as ``transformers.set_seed``)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """Train, evaluate and predict with the Hugging Face ``Trainer`` arguments.
+
+    Differences from transformers: ``optimizers`` takes a functrain ``GradientTransformation`` (with
+    its schedule inside), not a ``torch.optim.Optimizer``; checkpoints are safetensors + JSON only;
+    callbacks also receive ``train_state`` (read-only). Subclasses overriding ``compute_loss`` work:
+    the override becomes the step's loss function.
+    """
+
+    def __init__(self, model: nn.Module | None = None, args: TrainingArguments | None = None,
+                 data_collator=None, train_dataset=None, eval_dataset=None, processing_class=None,
+                 model_init=None, compute_loss_func=None, compute_metrics=None, callbacks=None,
+                 optimizers=(None, None), preprocess_logits_for_metrics=None):
+        self.args = args if args is not None else TrainingArguments("trainer_output")
+        if not isinstance(self.args, TrainingArguments):
+            raise TypeError(f"args must be a functrain.TrainingArguments, got {type(self.args).__name__}")
+        set_seed(self.args.seed)
+        self.model_init = model_init
+        if model is None:
+            if model_init is None:
+                raise ValueError("Trainer needs a model or a model_init function")
+            model = model_init()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.optimizer, self.lr_scheduler = _check_optimizers(optimizers)
+        if self.args.eval_strategy != "no" and eval_dataset is None:
+            raise ValueError(f"eval_strategy={self.args.eval_strategy!r} needs an eval_dataset; pass one or set "
+                             "eval_strategy='no'")
+        if self.args.load_best_model_at_end and eval_dataset is None:
+            raise ValueError("load_best_model_at_end=True needs an eval_dataset")
+        self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
+        self.processing_class = processing_class
+        self.data_collator = data_collator if data_collator is not None else _default_collator(processing_class)
+        self.compute_loss_func = compute_loss_func
+        self.compute_metrics = compute_metrics
+        self.preprocess_logits_for_metrics = preprocess_logits_for_metrics
+        if self.args.gradient_checkpointing:
+            if not hasattr(model, "gradient_checkpointing_enable"):
+                raise ValueError("gradient_checkpointing=True but the model has no gradient_checkpointing_enable()")
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs or {"use_reentrant": False})
+        default = [DefaultFlowCallback, MetricsFileCallback] + [INTEGRATION_CALLBACKS[n] for n in self.args.report_to]
+        self.callback_handler = CallbackHandler(default + list(callbacks or []), model, processing_class)
+        self.callback_handler.add_callback(PrinterCallback if self.args.disable_tqdm else ProgressCallback)
+        self.state = TrainerState()
+        self.control = TrainerControl()
+        self.train_state: TrainState | None = None
+        self.interrupted: int | None = None
+        self._eval_steps: dict = {}
+        self.control = self.callback_handler.on_init_end(self.args, self.state, self.control)
+
+    # -- callbacks ------------------------------------------------------------------------------
+    def add_callback(self, callback):
+        self.callback_handler.add_callback(callback)
+
+    def pop_callback(self, callback):
+        return self.callback_handler.pop_callback(callback)
+
+    def remove_callback(self, callback):
+        self.callback_handler.remove_callback(callback)
+
+    # -- data -----------------------------------------------------------------------------------
+    def _prepare_dataset(self, dataset, description: str):
+        if self.args.remove_unused_columns:
+            from .data import remove_unused_columns
+
+            dataset = remove_unused_columns(dataset, self.model, self._label_names())
+        return dataset
+
+    def _label_names(self) -> list[str]:
+        if self.args.label_names is not None:
+            return list(self.args.label_names)
+        params = _forward_parameters(self.model)
+        if "start_positions" in params and "end_positions" in params:
+            return ["start_positions", "end_positions"]
+        return ["labels"] if ("labels" in params or not params) else [p for p in params if "label" in p]
+
+    def get_train_dataloader(self):
+        """Windows of ``per_device_train_batch_size * gradient_accumulation_steps`` examples.
+
+        One loader batch is one optimizer step; the step splits it into microbatches. Its order is a
+        pure function of ``(data_seed or seed, epoch)``, so ``iter_from(epoch, i)`` resumes in O(1).
+        """
+        if self.train_dataset is None:
+            raise ValueError("Trainer.train() needs a train_dataset")
+        from .data import ResumableLoader
+
+        a = self.args
+        return ResumableLoader(self._prepare_dataset(self.train_dataset, "training"),
+                               a.per_device_train_batch_size * a.gradient_accumulation_steps, self.data_collator,
+                               seed=a.data_seed if a.data_seed is not None else a.seed, shuffle=True,
+                               drop_last=a.dataloader_drop_last, num_workers=a.dataloader_num_workers)
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        from .data import ResumableLoader
+
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if dataset is None:
+            raise ValueError("evaluation needs an eval_dataset (pass one to Trainer or to evaluate())")
+        return ResumableLoader(self._prepare_dataset(dataset, "evaluation"), self.args.per_device_eval_batch_size,
+                               self.data_collator, shuffle=False, drop_last=self.args.dataloader_drop_last,
+                               num_workers=self.args.dataloader_num_workers)
+
+    def get_test_dataloader(self, test_dataset):
+        return self.get_eval_dataloader(test_dataset)
+
+    # -- optimizer --------------------------------------------------------------------------------
+    def create_scheduler(self, num_training_steps: int):
+        """The learning-rate schedule for ``lr_scheduler_type`` (a pure function of the step)."""
+        from .schedules import get_schedule
+
+        a = self.args
+        return get_schedule(a.lr_scheduler_type, a.learning_rate, num_training_steps=num_training_steps,
+                            num_warmup_steps=a.get_warmup_steps(num_training_steps), **a.lr_scheduler_kwargs)
+
+    def create_optimizer(self, schedule):
+        """The functrain optimizer for ``args.optim`` (weight decay skips biases and norms, as HF)."""
+        a = self.args
+        extra = _parse_optim_args(a.optim_args)
+        mask = optim.default_weight_decay_mask(self.model) if a.weight_decay > 0 else None
+        name = a.optim
+        if name in ("adamw_torch", "adamw_torch_fused", "adamw"):
+            return optim.adamw(schedule, b1=a.adam_beta1, b2=a.adam_beta2, eps=a.adam_epsilon,
+                               weight_decay=a.weight_decay, mask=mask, **extra)
+        if name == "adam":
+            return optim.adam(schedule, b1=a.adam_beta1, b2=a.adam_beta2, eps=a.adam_epsilon, **extra)
+        if name in ("lion", "lion_32bit"):
+            return optim.lion(schedule, b1=a.adam_beta1, b2=a.adam_beta2, weight_decay=a.weight_decay, mask=mask,
+                              **extra)
+        if name == "adafactor":
+            return optim.adafactor(schedule, weight_decay=a.weight_decay, **extra) if a.weight_decay else \
+                optim.adafactor(schedule, **extra)
+        base = {"sgd": optim.sgd, "rmsprop": optim.rmsprop, "adagrad": optim.adagrad}[name](schedule, **extra)
+        if a.weight_decay > 0:  # decoupled-from-groups L2 as torch param groups do: masked, added to the grad
+            return optim.chain(optim.masked(optim.add_decayed_weights(a.weight_decay), mask), base)
+        return base
+
+    def create_optimizer_and_scheduler(self, num_training_steps: int):
+        if self.optimizer is not None:
+            return self.optimizer
+        return self.create_optimizer(self.create_scheduler(num_training_steps))
+
+    # -- loss -----------------------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The loss of one microbatch (mean over its items), as HF's ``compute_loss``.
+
+        Override it in a subclass to change the loss: the override runs inside the pure step with the
+        state's params bound to ``model``.
+        """
+        if self.compute_loss_func is not None:
+            labels = inputs.pop("labels")
+            outputs = model(**inputs)
+            loss = self.compute_loss_func(outputs, labels, num_items_in_batch=num_items_in_batch)
+        else:
+            outputs = model(**inputs)
+            if isinstance(outputs, Mapping) and outputs.get("loss") is None:
+                raise ValueError(f"the model returned no loss (keys: {list(outputs.keys())}); pass labels in the "
+                                 "batch or override compute_loss / give compute_loss_func")
+            loss = outputs["loss"] if isinstance(outputs, Mapping) else outputs[0]
+        return (loss, outputs) if return_outputs else loss
+
+    def _custom_loss(self) -> bool:
+        return type(self).compute_loss is not Trainer.compute_loss or self.compute_loss_func is not None
+
+    def _train_loss_fn(self):
+        if not self._custom_loss():
+            return None  # the step's default: model(**batch).loss, normalized over the window
+        return lambda m, batch: self.compute_loss(m, dict(batch))
+
+    def _eval_loss_fn(self):
+        if not self._custom_loss():
+            return None
+        ignore = set(getattr(getattr(self.model, "config", None), "keys_to_ignore_at_inference", None) or ())
+
+        def fn(m, batch):
+            loss, outputs = self.compute_loss(m, dict(batch), return_outputs=True)
+            return loss, {"outputs": _logits_of(outputs, ignore)}
+
+        return fn
+
+    # -- steps ------------------------------------------------------------------------------------
+    def _make_train_step(self, tx, accumulate: int):
+        from .step import make_train_step
+
+        a = self.args
+        return make_train_step(self.model, tx, self._train_loss_fn(), accumulate=accumulate, precision=a.precision,
+                               compile=a.torch_compile, max_grad_norm=a.max_grad_norm or None)
+
+    def _step_for_rows(self, rows: int):
+        """The step for a window of ``rows`` examples (a short last window gets fewer microbatches)."""
+        acc = self.args.gradient_accumulation_steps
+        if rows % acc != 0:
+            per = self.args.per_device_train_batch_size
+            acc = next(k for k in range(1, rows + 1) if rows % k == 0 and rows // k <= per)
+        if acc not in self._train_steps:
+            self._train_steps[acc] = self._make_train_step(self._tx, acc)
+        return self._train_steps[acc]
+
+    def _get_eval_step(self, with_outputs: bool):
+        key = with_outputs
+        if key not in self._eval_steps:
+            from .step import make_eval_step
+
+            self._eval_steps[key] = make_eval_step(self.model, self._eval_loss_fn(), precision=self.args.precision,
+                                                   compile=self.args.torch_compile, return_outputs=with_outputs)
+        return self._eval_steps[key]
+
+    def _fresh_train_state(self, tx) -> TrainState:
+        loss_scale = None
+        if self.args.fp16:
+            from .precision import dynamic_scale_init
+
+            loss_scale = dynamic_scale_init(device=next(self.model.parameters()).device)
+        return TrainState.create(self.model, tx, seed=self.args.seed, loss_scale=loss_scale)
+
+    def _state_for_eval(self) -> TrainState:
+        if self.train_state is not None:
+            return self.train_state
+        return TrainState.create(self.model, optim.identity(), seed=self.args.seed)
+
+    def _sync_model(self) -> None:
+        """Copy the state's params and buffers into the user's module, so it reflects training."""
+        if self.train_state is None:
+            return
+        s = self.train_state
+        with torch.no_grad():
+            for name, t in list(self.model.named_parameters()) + list(self.model.named_buffers()):
+                src = s.params.get(name, s.buffers.get(name))
+                if src is not None and src is not t and src.data_ptr() != t.data_ptr():
+                    t.copy_(src)
+
+    # -- training ---------------------------------------------------------------------------------
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None,
+              **kwargs) -> TrainOutput:
+        """Train for ``max_steps`` (or ``num_train_epochs``); resume from a checkpoint if asked.
+
+        ``resume_from_checkpoint=True`` takes the newest complete, valid checkpoint in
+        ``output_dir``; a path resumes from that folder (a corrupted one is an error).
+        """
+        if kwargs:
+            raise TypeError(f"train() got unexpected keyword arguments {sorted(kwargs)}")
+        a = self.args
+        resume_path = self._resolve_resume(resume_from_checkpoint)
+        if self.model_init is not None and resume_path is None and self.train_state is None:
+            set_seed(a.seed)
+            self.model = self.model_init()
+            self.callback_handler.model = self.model
+        loader = self.get_train_dataloader()
+        if not hasattr(loader, "__len__") or getattr(loader, "is_iterable", False):
+            if a.max_steps <= 0:
+                raise ValueError("the train_dataset has no length: set max_steps")
+            steps_per_epoch = a.max_steps
+        else:
+            steps_per_epoch = max(len(loader), 1)
+        max_steps = a.max_steps if a.max_steps > 0 else math.ceil(a.num_train_epochs * steps_per_epoch)
+        num_epochs = math.ceil(max_steps / steps_per_epoch)
+        self._tx = self.create_optimizer_and_scheduler(max_steps)
+        self._train_steps = {}
+        state = self._fresh_train_state(self._tx)
+
+        self.state = TrainerState(max_steps=max_steps, num_train_epochs=num_epochs, epoch=0.0,
+                                  train_batch_size=a.per_device_train_batch_size)
+        self.state.compute_steps(a, max_steps)
+        position = {"epoch": 0, "batch_index": 0}
+        if resume_path is not None:
+            state = self._load_checkpoint(resume_path, state)
+            position = self.state.data_position or position
+            self.state.max_steps, self.state.num_train_epochs = max_steps, num_epochs
+            self.state.compute_steps(a, max_steps)
+        self.train_state = state
+        self.callback_handler.train_state = state
+        self.callback_handler.train_dataloader = loader
+        ck.remove_stale_temporaries(a.output_dir)
+
+        neftune = self._activate_neftune()
+        previous_handlers = self._install_signal_handlers()
+        try:
+            return self._train_loop(loader, steps_per_epoch, num_epochs, position, ignore_keys_for_eval)
+        finally:
+            _restore_signal_handlers(previous_handlers)
+            if neftune is not None:
+                neftune.remove()
+
+    def _resolve_resume(self, resume_from_checkpoint):
+        if resume_from_checkpoint is None or resume_from_checkpoint is False:
+            return None
+        if resume_from_checkpoint is True:
+            path = ck.find_resumable_checkpoint(self.args.output_dir)
+            if path is None:
+                raise ValueError(f"resume_from_checkpoint=True but no valid checkpoint was found in "
+                                 f"{self.args.output_dir!r}")
+            return path
+        path = os.fspath(resume_from_checkpoint)
+        ck.verify_checkpoint(path)  # an explicit path that is corrupted is a clear error
+        logger.info("resuming from %s", path)
+        return path
+
+    def _load_checkpoint(self, path: str, template: TrainState) -> TrainState:
+        state = ck.load_train_state(path, template, self.model)
+        self.state = TrainerState.load_from_json(os.path.join(path, ck.TRAINER_STATE_FILE))
+        for cb in self.callback_handler.callbacks:
+            saved = self.state.stateful_callbacks.get(type(cb).__name__)
+            if isinstance(cb, ExportableState) and saved is not None:
+                cb.restore(saved.get("attributes", {}))
+        ck.load_rng_state(path)
+        return state
+
+    def _train_loop(self, loader, steps_per_epoch, num_epochs, position, ignore_keys_for_eval) -> TrainOutput:
+        a, handler = self.args, self.callback_handler
+        start_step = self.state.global_step
+        start_time = time.perf_counter()
+        self._loss_sum = torch.zeros(())
+        self._steps_since_log, self._samples_since_log, self._tokens_since_log = 0, 0, 0
+        self._log_timer = time.perf_counter()
+        self._last_metrics = {}
+        total_loss, total_samples = torch.zeros(()), 0
+        self.control = handler.on_train_begin(a, self.state, self.control)
+        if a.eval_on_start and start_step == 0:
+            self._evaluate(ignore_keys_for_eval)
+        seed = position.get("seed")
+        epoch = position["epoch"]
+        done = self.state.global_step >= self.state.max_steps
+        while epoch < num_epochs and not done:
+            start_batch = position["batch_index"] if epoch == position["epoch"] else 0
+            self.control = handler.on_epoch_begin(a, self.state, self.control)
+            interrupted_mid_epoch = False
+            for window in loader.iter_from(epoch, start_batch):
+                self.control = handler.on_step_begin(a, self.state, self.control)
+                rows = _num_rows(window)
+                state, metrics = self._step_for_rows(rows)(self.train_state, window)
+                self.train_state = handler.train_state = state
+                loss = metrics["loss"].detach().float().cpu() if metrics["loss"].device.type == "cpu" \
+                    else metrics["loss"].detach().float()
+                self._loss_sum = self._loss_sum.to(loss.device) + loss
+                total_loss = total_loss.to(loss.device) + loss
+                self._last_metrics = metrics
+                self._steps_since_log += 1
+                self._samples_since_log += rows
+                total_samples += rows
+                self._count_tokens(window)
+                self.state.global_step += 1
+                self.state.epoch = epoch + loader.state.batch_index / steps_per_epoch
+                self.state.data_position = {**loader.state.to_dict()}
+                self.control = handler.on_step_end(a, self.state, self.control)
+                if self.interrupted is not None:
+                    self.control.should_save = True
+                    self.control.should_training_stop = True
+                self._maybe_log_save_evaluate(ignore_keys_for_eval)
+                if self.interrupted is not None:
+                    interrupted_mid_epoch = True
+                    break
+                if self.control.should_epoch_stop or self.control.should_training_stop:
+                    break
+            if interrupted_mid_epoch:
+                break
+            # The epoch's end: a checkpoint written now resumes at the start of the next epoch.
+            self.state.data_position = {"epoch": epoch + 1, "batch_index": 0, "seed": loader.state.seed}
+            self.state.epoch = float(epoch + 1) if not self.control.should_training_stop else self.state.epoch
+            self.control = handler.on_epoch_end(a, self.state, self.control)
+            self._maybe_log_save_evaluate(ignore_keys_for_eval)
+            if self.control.should_training_stop:
+                break
+            epoch += 1
+        return self._finish_training(start_step, start_time, total_loss, total_samples)
+
+    def _finish_training(self, start_step, start_time, total_loss, total_samples) -> TrainOutput:
+        a = self.args
+        if self.interrupted is not None:
+            logger.warning("training interrupted by signal %d at step %d; checkpoint written, exiting cleanly",
+                           self.interrupted, self.state.global_step)
+        if a.load_best_model_at_end and self.state.best_model_checkpoint and self.interrupted is None:
+            self._load_best_model()
+        self._sync_model()
+        runtime = time.perf_counter() - start_time
+        steps = self.state.global_step - start_step
+        train_loss = float(total_loss / steps) if steps > 0 else float("nan")
+        metrics = {
+            "train_runtime": round(runtime, 4),
+            "train_samples_per_second": round(total_samples / runtime, 3) if runtime > 0 else 0.0,
+            "train_steps_per_second": round(steps / runtime, 3) if runtime > 0 else 0.0,
+            "train_loss": train_loss,
+            "epoch": self.state.epoch,
+        }
+        if a.include_num_input_tokens_seen not in (False, "no"):
+            metrics["num_input_tokens_seen"] = self.state.num_input_tokens_seen
+        self.log(dict(metrics))
+        self.control = self.callback_handler.on_train_end(a, self.state, self.control)
+        return TrainOutput(self.state.global_step, train_loss, metrics)
+
+    def _count_tokens(self, window) -> None:
+        mode = self.args.include_num_input_tokens_seen
+        if mode in (False, "no") or not isinstance(window, Mapping) or "input_ids" not in window:
+            return
+        ids = window["input_ids"]
+        if mode == "non_padding" and "attention_mask" in window:
+            self.state.num_input_tokens_seen += int(window["attention_mask"].sum())
+        else:
+            self.state.num_input_tokens_seen += ids.numel()  # shape only: no host sync
+
+    def _load_best_model(self):
+        best = self.state.best_model_checkpoint
+        try:
+            ck.verify_checkpoint(best)
+        except ck.CheckpointError as e:
+            logger.warning("could not load the best model: %s", e)
+            return
+        logger.info("loading best model from %s (score: %s)", best, self.state.best_metric)
+        loaded = ck.load_train_state(best, self.train_state, self.model)
+        self.train_state = self.train_state.replace(params=loaded.params, buffers=loaded.buffers)
+        self.callback_handler.train_state = self.train_state
+
+    # -- logging / eval / save cadence ----------------------------------------------------------
+    def _maybe_log_save_evaluate(self, ignore_keys_for_eval=None):
+        if self.control.should_log and self._steps_since_log > 0:
+            self.log(self._read_training_logs())
+        if self.control.should_evaluate:
+            metrics = self._evaluate(ignore_keys_for_eval)
+            is_new_best = self._determine_best_metric(metrics)
+            if self.args.save_strategy == "best":
+                self.control.should_save = is_new_best
+        if self.control.should_save:
+            self._save_checkpoint()
+            self.control = self.callback_handler.on_save(self.args, self.state, self.control)
+
+    def _read_training_logs(self) -> dict:
+        """The only host reads of the step's metrics: on logging steps."""
+        m, n = self._last_metrics, self._steps_since_log
+        elapsed = time.perf_counter() - self._log_timer
+        logs = {"loss": float(self._loss_sum / n)}
+        for key in ("grad_norm", "learning_rate", "loss_scale"):
+            if key in m:
+                logs[key] = float(m[key])
+        logs["step_time"] = elapsed / n
+        if elapsed > 0:
+            logs["samples_per_second"] = self._samples_since_log / elapsed
+            tokens = self.state.num_input_tokens_seen - self._tokens_since_log
+            if tokens > 0:
+                logs["tokens_per_second"] = tokens / elapsed
+        self._tokens_since_log = self.state.num_input_tokens_seen
+        self._loss_sum = torch.zeros_like(self._loss_sum)
+        self._steps_since_log, self._samples_since_log = 0, 0
+        self._log_timer = time.perf_counter()
+        return logs
+
+    def _evaluate(self, ignore_keys=None) -> dict:
+        return self.evaluate(ignore_keys=ignore_keys)
+
+    def _metric_key(self) -> str:
+        key = self.args.metric_for_best_model
+        return key if key.startswith("eval_") else f"eval_{key}"
+
+    def _determine_best_metric(self, metrics: dict) -> bool:
+        if self.args.metric_for_best_model is None:
+            return False
+        key = self._metric_key()
+        if key not in metrics:
+            raise KeyError(f"metric_for_best_model={self.args.metric_for_best_model!r}: {key!r} is not among the "
+                           f"evaluation metrics {sorted(metrics)}; set metric_for_best_model to one of them")
+        value = float(metrics[key])
+        best = self.state.best_metric
+        better = best is None or (value > best if self.args.greater_is_better else value < best)
+        if better:
+            self.state.best_metric = value
+            self.state.best_global_step = self.state.global_step
+        return better
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Record ``logs`` (adds ``epoch`` and ``step``) in the log history and send them to the callbacks."""
+        if self.state.epoch is not None:
+            logs["epoch"] = self.state.epoch
+        self.state.log_history.append({**logs, "step": self.state.global_step})
+        self.control = self.callback_handler.on_log(self.args, self.state, self.control, logs)
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def _save_checkpoint(self) -> str:
+        a = self.args
+        self._sync_model()
+        step = self.state.global_step
+        path = ck.checkpoint_path(a.output_dir, step)
+        if self.state.best_global_step is not None:
+            best_dir = ck.checkpoint_path(a.output_dir, self.state.best_global_step)
+            if self.state.best_global_step == step or os.path.isdir(best_dir):
+                self.state.best_model_checkpoint = best_dir
+        self.state.stateful_callbacks = {type(cb).__name__: cb.state() for cb in self.callback_handler.callbacks
+                                         if isinstance(cb, ExportableState)}
+        ls = self.train_state.loss_scale
+        self.state.loss_scale = float(ls.scale) if ls is not None and hasattr(ls, "scale") else None
+        ck.save_checkpoint(a.output_dir, step, model=self.model,
+                           train_state=None if a.save_only_model else self.train_state,
+                           trainer_state=self.state, args=a, processing_class=self.processing_class)
+        ck.rotate_checkpoints(a.output_dir, a.save_total_limit, self.state.best_model_checkpoint)
+        return path
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Save the weights (safetensors), config and processing class, loadable by ``from_pretrained``."""
+        output_dir = output_dir or self.args.output_dir
+        self._sync_model()
+        ck.write_model(self.model, output_dir, processing_class=self.processing_class)
+        self.args.save_to_json(os.path.join(output_dir, ck.ARGS_FILE))
+
+    def save_state(self) -> None:
+        """Write ``trainer_state.json`` to ``output_dir``."""
+        os.makedirs(self.args.output_dir, exist_ok=True)
+        self.state.save_to_json(os.path.join(self.args.output_dir, ck.TRAINER_STATE_FILE))
+
+    # -- evaluation -------------------------------------------------------------------------------
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Loss (and ``compute_metrics``) on the eval set(s); metric names start with ``metric_key_prefix``."""
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if isinstance(dataset, dict):
+            metrics = {}
+            for name, ds in dataset.items():
+                metrics.update(self.evaluate(ds, ignore_keys, f"{metric_key_prefix}_{name}"))
+            return metrics
+        output = self._run_evaluation(dataset, ignore_keys, metric_key_prefix, collect=False)
+        self.log(dict(output.metrics))
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, output.metrics)
+        return output.metrics
+
+    def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test") -> PredictionOutput:
+        """Predictions (numpy), label ids and metrics on ``test_dataset``."""
+        output = self._run_evaluation(test_dataset, ignore_keys, metric_key_prefix, collect=True)
+        self.control = self.callback_handler.on_predict(self.args, self.state, self.control, output.metrics)
+        return PredictionOutput(output.predictions, output.label_ids, output.metrics)
+
+    def _run_evaluation(self, dataset, ignore_keys, prefix: str, collect: bool):
+        from .evaluation import evaluation_loop
+
+        loader = self.get_eval_dataloader(dataset)
+        with_outputs = not self.args.prediction_loss_only and (collect or self.compute_metrics is not None)
+        eval_step = self._get_eval_step(with_outputs)
+        self.callback_handler.eval_dataloader = loader
+        kwargs = {}
+        if ignore_keys is not None:
+            kwargs["ignore_keys"] = ignore_keys
+        output = evaluation_loop(eval_step, self._state_for_eval(), self._with_prediction_step_events(loader),
+                                 compute_metrics=self.compute_metrics,
+                                 preprocess_logits_for_metrics=self.preprocess_logits_for_metrics,
+                                 prediction_loss_only=self.args.prediction_loss_only, metric_key_prefix=prefix,
+                                 label_names=self._label_names(), collect_predictions=collect or None, **kwargs)
+        metrics = output.metrics
+        runtime = metrics.get(f"{prefix}_runtime")
+        if runtime:
+            metrics.setdefault(f"{prefix}_samples_per_second", round(output.num_samples / runtime, 3))
+            metrics.setdefault(f"{prefix}_steps_per_second", round(len(loader) / runtime, 3))
+        return output
+
+    def _with_prediction_step_events(self, loader):
+        for batch in loader:
+            yield batch
+            self.control = self.callback_handler.on_prediction_step(self.args, self.state, self.control)
+
+    # -- NEFTune / signals ------------------------------------------------------------------------
+    def _activate_neftune(self):
+        """Uniform noise on the input embeddings in training mode (NEFTune, arXiv 2310.05914).
+
+        The noise is drawn inside the step, under the generator the step seeds from the state's rng
+        key, so it is deterministic and resumes exactly.
+        """
+        alpha = self.args.neftune_noise_alpha
+        if alpha is None:
+            return None
+        if not hasattr(self.model, "get_input_embeddings"):
+            raise ValueError("neftune_noise_alpha needs a model with get_input_embeddings()")
+
+        def hook(module, args, output):
+            if module.training:
+                magnitude = alpha / math.sqrt(output.size(1) * output.size(2))
+                output = output + torch.zeros_like(output).uniform_(-magnitude, magnitude)
+            return output
+
+        return self.model.get_input_embeddings().register_forward_hook(hook)
+
+    def _install_signal_handlers(self):
+        """SIGTERM/SIGINT: finish the current step, write a checkpoint, return from train()."""
+        self.interrupted = None
+        if threading.current_thread() is not threading.main_thread():
+            return None
+
+        def handler(signum, frame):
+            if self.interrupted is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt  # a second Ctrl-C stops at once
+            self.interrupted = signum
+
+        previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, handler)
+        return previous
+
+
+def _restore_signal_handlers(previous) -> None:
+    for sig, h in (previous or {}).items():
+        signal.signal(sig, h)
+
+
+# -- helpers --------------------------------------------------------------------------------------
+
+
+def _check_optimizers(optimizers):
+    if not isinstance(optimizers, (tuple, list)) or len(optimizers) != 2:
+        raise TypeError("optimizers must be a pair (optimizer, scheduler), e.g. (functrain.optim.adamw(...), None)")
+    tx, sched = optimizers
+    if isinstance(tx, torch.optim.Optimizer):
+        raise TypeError(f"optimizers[0] is a torch.optim.{type(tx).__name__}: functrain needs a pure optimizer. "
+                        "Pass a functrain.optim GradientTransformation instead, e.g. "
+                        "functrain.optim.adamw(functrain.schedules.get_schedule('linear', 5e-5, num_training_steps=N), "
+                        "weight_decay=0.01)")
+    if tx is not None and not isinstance(tx, optim.GradientTransformation):
+        raise TypeError(f"optimizers[0] must be a functrain.optim.GradientTransformation, got {type(tx).__name__}")
+    if sched is not None:
+        raise TypeError("optimizers[1] (a scheduler) must be None: give the learning-rate schedule to the functrain "
+                        "optimizer itself (learning_rate=functrain.schedules.get_schedule(...))")
+    return tx, sched
+
+
+def _default_collator(processing_class):
+    from .data import collators
+
+    if processing_class is not None and hasattr(processing_class, "pad"):
+        return collators.DataCollatorWithPadding(processing_class)
+    return collators.default_data_collator
+
+
+def _forward_parameters(model) -> list[str]:
+    try:
+        return list(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return []
+
+
+def _num_rows(batch) -> int:
+    if isinstance(batch, Mapping):
+        for v in batch.values():
+            if isinstance(v, torch.Tensor) and v.ndim > 0:
+                return v.shape[0]
+    raise TypeError(f"a training batch must be a dict of tensors, got {type(batch).__name__}")
+
+
+def _logits_of(outputs, ignore: set):
+    """The prediction part of a model output, as HF's ``prediction_step`` picks it."""
+    if isinstance(outputs, Mapping):
+        kept = [v for k, v in outputs.items() if k != "loss" and k not in ignore and isinstance(v, torch.Tensor)]
+        return kept[0] if len(kept) == 1 else tuple(kept)
+    if isinstance(outputs, (tuple, list)):
+        kept = [v for v in outputs[1:] if isinstance(v, torch.Tensor)]
+        return kept[0] if len(kept) == 1 else tuple(kept)
+    return outputs
+
+
+def _parse_optim_args(text: str | None) -> dict:
+    """HF's ``optim_args`` string ``"k1=v1,k2=v2"`` -> kwargs (numbers and booleans parsed)."""
+    if not text:
+        return {}
+    out = {}
+    for item in text.split(","):
+        if "=" not in item:
+            raise ValueError(f"optim_args must look like 'key=value,key2=value2', got {text!r}")
+        k, v = (s.strip() for s in item.split("=", 1))
+        if v.lower() in ("true", "false"):
+            out[k] = v.lower() == "true"
+        else:
+            try:
+                out[k] = int(v)
+            except ValueError:
+                try:
+                    out[k] = float(v)
+                except ValueError:
+                    out[k] = v
+    return out
