@@ -48,6 +48,9 @@ class TrainerState:
     stateful_callbacks: dict = field(default_factory=dict)
     data_position: dict | None = None
     loss_scale: float | None = None
+    # The training loss summed since the last log and its step count, so the first log after a
+    # resume averages over the same steps as an uninterrupted run.
+    pending_log: dict | None = None
 
     def to_json_string(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"

@@ -122,7 +122,7 @@ class Trainer:
     # -- data -----------------------------------------------------------------------------------
     def _prepare_dataset(self, dataset, description: str):
         if self.args.remove_unused_columns:
-            from .data import remove_unused_columns
+            from .data.columns import remove_unused_columns
 
             dataset = remove_unused_columns(dataset, self.model, self._label_names())
         return dataset
@@ -143,7 +143,7 @@ class Trainer:
         """
         if self.train_dataset is None:
             raise ValueError("Trainer.train() needs a train_dataset")
-        from .data import ResumableLoader
+        from .data.loader import ResumableLoader
 
         a = self.args
         return ResumableLoader(self._prepare_dataset(self.train_dataset, "training"),
@@ -152,7 +152,7 @@ class Trainer:
                                drop_last=a.dataloader_drop_last, num_workers=a.dataloader_num_workers)
 
     def get_eval_dataloader(self, eval_dataset=None):
-        from .data import ResumableLoader
+        from .data.loader import ResumableLoader
 
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if dataset is None:
@@ -369,8 +369,10 @@ class Trainer:
         a, handler = self.args, self.callback_handler
         start_step = self.state.global_step
         start_time = time.perf_counter()
-        self._loss_sum = torch.zeros(())
-        self._steps_since_log, self._samples_since_log, self._tokens_since_log = 0, 0, 0
+        pending = self.state.pending_log or {}
+        self._loss_sum = torch.tensor(pending.get("loss_sum", 0.0), dtype=torch.float32)
+        self._steps_since_log = pending.get("steps", 0)
+        self._samples_since_log, self._tokens_since_log = pending.get("samples", 0), self.state.num_input_tokens_seen
         self._log_timer = time.perf_counter()
         self._last_metrics = {}
         total_loss, total_samples = torch.zeros(()), 0
@@ -543,6 +545,8 @@ class Trainer:
                 self.state.best_model_checkpoint = best_dir
         self.state.stateful_callbacks = {type(cb).__name__: cb.state() for cb in self.callback_handler.callbacks
                                          if isinstance(cb, ExportableState)}
+        self.state.pending_log = {"loss_sum": float(self._loss_sum), "steps": self._steps_since_log,
+                                  "samples": self._samples_since_log}
         ls = self.train_state.loss_scale
         self.state.loss_scale = float(ls.scale) if ls is not None and hasattr(ls, "scale") else None
         ck.save_checkpoint(a.output_dir, step, model=self.model,
@@ -674,7 +678,7 @@ def _check_optimizers(optimizers):
 
 
 def _default_collator(processing_class):
-    from .data import collators
+    from .data import collators  # noqa: F401 (submodule)
 
     if processing_class is not None and hasattr(processing_class, "pad"):
         return collators.DataCollatorWithPadding(processing_class)
