@@ -27,6 +27,7 @@ import os
 import random
 import re
 import shutil
+import sys
 import uuid
 from typing import Any
 
@@ -148,10 +149,12 @@ def write_model(model, folder: str, *, processing_class=None) -> set[str]:
 
 
 def _is_pretrained(model) -> bool:
-    try:
-        from transformers import PreTrainedModel
-    except ImportError:  # transformers is optional
+    # A PreTrainedModel exists only if transformers was imported already; importing it here
+    # would cost seconds (and transformers is optional).
+    if "transformers" not in sys.modules:
         return False
+    from transformers import PreTrainedModel
+
     return isinstance(model, PreTrainedModel)
 
 

@@ -1,0 +1,35 @@
+"""Run by test_trainer_crash.py: train (resuming if possible) and write the final params."""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from safetensors.torch import save_file  # noqa: E402
+
+from _trainer_fixtures import make_dataset, make_model  # noqa: E402
+from functrain import checkpoint as ck  # noqa: E402
+from functrain.callbacks import TrainerCallback  # noqa: E402
+from functrain.trainer import Trainer  # noqa: E402
+from functrain.training_args import TrainingArguments  # noqa: E402
+
+
+class Beacon(TrainerCallback):
+    def on_step_end(self, args, state, control, **kw):
+        print(f"step {state.global_step}", flush=True)
+
+
+def main(out, result_file):
+    args = TrainingArguments(out, per_device_train_batch_size=3, gradient_accumulation_steps=2, num_train_epochs=10,
+                             learning_rate=5e-2, weight_decay=0.01, logging_steps=3, save_steps=1,
+                             save_total_limit=3, report_to="none", disable_tqdm=True, seed=3)
+    trainer = Trainer(model=make_model(), args=args, train_dataset=make_dataset(n=40), callbacks=[Beacon()])
+    resume = ck.find_resumable_checkpoint(out) is not None
+    trainer.train(resume_from_checkpoint=True if resume else None)
+    save_file({k: v.contiguous() for k, v in trainer.model.state_dict().items()}, result_file)
+    print("done", flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

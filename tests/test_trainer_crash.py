@@ -1,0 +1,64 @@
+"""Crash safety: SIGKILL the training process at random moments (also mid checkpoint write)."""
+
+import os
+import random
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from functrain import checkpoint as ck
+
+pytest.importorskip("functrain.step")
+pytest.importorskip("functrain.data")
+
+WORKER = os.path.join(os.path.dirname(__file__), "_crash_worker.py")
+
+
+def _run_to_end(out, result):
+    proc = subprocess.run([sys.executable, WORKER, out, result], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_then_resume_matches(tmp_path):
+    ref_dir, ref_file = str(tmp_path / "ref"), str(tmp_path / "ref.safetensors")
+    _run_to_end(ref_dir, ref_file)
+    reference = load_file(ref_file)
+
+    out, result = str(tmp_path / "crashy"), str(tmp_path / "crashy.safetensors")
+    rng = random.Random(1234)
+    kills, resumed_from = 0, []
+    while kills < 10:
+        before = ck.find_resumable_checkpoint(out)
+        resumed_from.append(before)
+        proc = subprocess.Popen([sys.executable, WORKER, out, result], stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, text=True)
+        # Wait for the second step of this process (imports done), then kill after a random delay:
+        # with a checkpoint every step, many kills land inside a checkpoint write.
+        steps_seen = 0
+        for line in proc.stdout:  # log lines are printed too; count the step lines
+            steps_seen += line.startswith("step")
+            if steps_seen == 2:  # the first checkpoint of this process is written
+                break
+        if steps_seen < 2:
+            proc.wait(timeout=60)
+            break  # training finished before we could kill it
+        time.sleep(rng.uniform(0.0, 0.6))
+        proc.kill()
+        proc.wait(timeout=60)
+        kills += 1
+        # Whatever the moment of the kill, the newest valid checkpoint is complete and loadable.
+        path = ck.find_resumable_checkpoint(out)
+        if path is not None:
+            ck.verify_checkpoint(path)
+    assert kills >= 10
+    assert any(p is not None for p in resumed_from[1:])  # the later runs did resume
+    _run_to_end(out, result)
+    final = load_file(result)
+    assert final.keys() == reference.keys()
+    assert all(torch.equal(final[k], reference[k]) for k in reference)
