@@ -4,3 +4,11 @@ from . import optim, rng, tree
 from .state import ConsumedStateError, TrainState
 
 __version__ = "0.1.0"
+
+# -- drivers (trainer branch) ---------------------------------------------------------------------
+from .training_args import Seq2SeqTrainingArguments, TrainingArguments  # noqa: E402
+from .callbacks import (  # noqa: E402
+    DefaultFlowCallback, EarlyStoppingCallback, PrinterCallback, ProgressCallback, TrainerCallback,
+    TrainerControl, TrainerState,
+)
+from .trainer import PredictionOutput, TrainOutput, Trainer  # noqa: E402
