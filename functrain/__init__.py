@@ -4,3 +4,4 @@ from . import optim, rng, tree
 from .state import ConsumedStateError, TrainState
 
 __version__ = "0.1.0"
+from . import precision  # noqa: E402
