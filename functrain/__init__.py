@@ -5,3 +5,4 @@ from .state import ConsumedStateError, TrainState
 
 __version__ = "0.1.0"
 from . import precision  # noqa: E402
+from . import schedules  # noqa: E402
