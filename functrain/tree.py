@@ -56,18 +56,25 @@ def named_leaves(tree: PyTree) -> dict[str, Any]:
 
 
 def assert_same_structure(a: PyTree, b: PyTree, what_a: str = "first", what_b: str = "second"):
-    """Raise ``ValueError`` naming both trees when their structures differ."""
+    """Raise ``ValueError`` naming both trees and the leaves found in only one of them."""
     sa, sb = structure(a), structure(b)
     if sa != sb:
         names_a, names_b = set(paths(a)), set(paths(b))
         only_a = sorted(names_a - names_b)[:5]
         only_b = sorted(names_b - names_a)[:5]
-        detail = ""
         if only_a or only_b:
-            detail = f"; only in {what_a}: {only_a}, only in {what_b}: {only_b}"
+            detail = f"only in {what_a}: {only_a}, only in {what_b}: {only_b}"
+        else:
+            detail = "same leaf names, different containers"
+        # The leaf names come first: a treedef of a real model runs to thousands of characters.
         raise ValueError(
-            f"{what_a} and {what_b} must have the same tree structure, got {sa} and {sb}{detail}"
+            f"{what_a} and {what_b} must have the same tree structure; {detail}; "
+            f"got {_shorten(str(sa))} and {_shorten(str(sb))}"
         )
+
+
+def _shorten(text: str, limit: int = 300) -> str:
+    return text if len(text) <= limit else text[: limit - 5] + " ...)"
 
 
 def zeros_like(tree: PyTree, dtype: torch.dtype | None = None) -> PyTree:
