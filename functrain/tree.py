@@ -119,7 +119,8 @@ def global_norm(tree: PyTree) -> torch.Tensor:
 
 def all_finite(tree: PyTree) -> torch.Tensor:
     """A 0-d bool tensor: every element of every leaf is finite (no host sync)."""
-    ls = [x for x in leaves(tree) if x.numel() > 0]  # the max-norm of an empty tensor is undefined
+    # Integer and bool leaves are always finite; the max-norm of an empty tensor is undefined.
+    ls = [x for x in leaves(tree) if (x.is_floating_point() or x.is_complex()) and x.numel() > 0]
     if not ls:
         return torch.ones((), dtype=torch.bool)
     # The largest |x| is finite iff every element is (nan and inf propagate through max); unlike
