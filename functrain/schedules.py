@@ -373,7 +373,9 @@ _NOT_STEP_FUNCTIONS = {
 }
 
 
-def warmup_steps(num_training_steps: int, num_warmup_steps: int | None = None, warmup_ratio: float | None = None) -> int:
+def warmup_steps(
+    num_training_steps: int, num_warmup_steps: int | float | None = None, warmup_ratio: float | None = None
+) -> int:
     """The number of warmup steps as HF computes it: steps as given, or ``ceil(ratio * total)``.
 
     Like ``TrainingArguments.get_warmup_steps``, a ``num_warmup_steps`` below 1 given as a float is
