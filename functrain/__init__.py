@@ -4,3 +4,5 @@ from . import optim, rng, tree
 from .state import ConsumedStateError, TrainState
 
 __version__ = "0.1.0"
+from . import precision  # noqa: E402
+from . import schedules  # noqa: E402
