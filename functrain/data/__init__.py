@@ -1,0 +1,1 @@
+"""Data drivers: column handling, collators, deterministic resumable loading."""
