@@ -73,7 +73,9 @@ def seed_of(k: torch.Tensor) -> int:
 def seeded(k: torch.Tensor, devices=None):
     """Run the body with the global generators seeded from ``k``, restoring them afterwards."""
     if devices is None:
-        devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+        # torch.manual_seed reseeds every CUDA device, so every one must be forked and restored.
+        initialized = torch.cuda.is_available() and torch.cuda.is_initialized()
+        devices = list(range(torch.cuda.device_count())) if initialized else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed_of(k))
         yield

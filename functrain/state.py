@@ -96,31 +96,42 @@ class TrainState:
         return dataclasses.replace(self, **changes)
 
     # -- donation bookkeeping -------------------------------------------------------------------
+    # A live state has no per-access check (a custom ``__getattribute__`` would stop
+    # ``torch.compile(fullgraph=True)`` from tracing any function that reads a field). Consuming
+    # a state switches its class to ``_ConsumedTrainState``, whose field access raises.
+    _consumed_by = None
+
     def mark_consumed(self, by: str = "a donated step") -> None:
+        """Mark this state as donated to ``by``: any later field access raises ConsumedStateError."""
         object.__setattr__(self, "_consumed_by", by)
+        object.__setattr__(self, "__class__", _ConsumedTrainState)
 
     @property
     def consumed(self) -> bool:
-        return self.__dict__.get("_consumed_by") is not None
+        return self._consumed_by is not None
 
     def _check_alive(self) -> None:
-        by = self.__dict__.get("_consumed_by")
+        by = self._consumed_by
         if by is not None:
             raise ConsumedStateError(
                 f"this TrainState was donated to {by}: its tensors now hold the next state. "
                 "Use the state that step returned, or call the step with donate=False to keep inputs."
             )
 
-    def __getattribute__(self, name):
-        if name in _FIELDS:
-            object.__getattribute__(self, "_check_alive")()
-        return object.__getattribute__(self, name)
-
     def __repr__(self) -> str:
         if self.consumed:
             return "TrainState(<consumed>)"
         n = sum(p.numel() for p in self.params.values())
         return f"TrainState(step={int(self.step)}, params={len(self.params)} tensors/{n:,} elements)"
+
+
+class _ConsumedTrainState(TrainState):
+    """The class of a consumed state: reading any field raises :class:`ConsumedStateError`."""
+
+    def __getattribute__(self, name):
+        if name in _FIELDS:
+            object.__getattribute__(self, "_check_alive")()
+        return object.__getattribute__(self, name)
 
 
 def split_parameters(model: nn.Module) -> tuple[dict, dict]:
@@ -142,3 +153,5 @@ def _unflatten(_aux, children) -> TrainState:
 
 
 optree.register_pytree_node(TrainState, _flatten, _unflatten, namespace=NAMESPACE)
+# Registered too so that flattening a consumed state raises instead of treating it as a leaf.
+optree.register_pytree_node(_ConsumedTrainState, _flatten, _unflatten, namespace=NAMESPACE)

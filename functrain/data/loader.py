@@ -1,0 +1,222 @@
+"""A data loader whose position is a small JSON-able state, so a resume starts at the next batch.
+
+``ResumableLoader`` wraps ``torch.utils.data.DataLoader`` (workers, pinning, any collator) with a
+batch sampler over this epoch's remaining indices. Its state is ``{epoch, batch_index, seed}``
+(``batch_index`` = batches already consumed this epoch). Resuming with
+``loader.iter_from(epoch, batch_index)`` slices the epoch's index permutation: no earlier batch
+is read, collated or replayed (the HF Trainer spent hours skipping batches, issues 11284, 21934).
+
+Iterable (streaming) datasets have no length and no random access: resuming there skips
+``batch_index * batch_size`` examples of this rank's stream without collating them
+(``datasets.IterableDataset.skip`` or ``itertools.islice``), which is linear in the position.
+They need ``max_steps``, see :func:`check_iterable_requires_max_steps`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+import torch.utils.data as tud
+
+from .collators import default_data_collator
+from .sampler import DeterministicSampler, SliceBatchSampler
+
+
+@dataclasses.dataclass
+class LoaderState:
+    """Where a loader is: ``batch_index`` batches of epoch ``epoch`` were consumed."""
+
+    epoch: int = 0
+    batch_index: int = 0
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LoaderState":
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown loader state keys {sorted(unknown)}; expected epoch, batch_index, seed")
+        return cls(**{k: int(v) for k, v in d.items()})
+
+
+DataLoaderState = LoaderState
+
+
+def has_length(dataset: Any) -> bool:
+    """True when ``len(dataset)`` works (map-style); streaming datasets have no length."""
+    if isinstance(dataset, tud.IterableDataset) and not _is_hf_iterable(dataset):
+        try:
+            len(dataset)
+            return True
+        except TypeError:
+            return False
+    if _is_hf_iterable(dataset):
+        return False
+    try:
+        len(dataset)
+    except (TypeError, NotImplementedError):
+        return False
+    return True
+
+
+def _is_hf_iterable(dataset) -> bool:
+    try:
+        import datasets
+    except ImportError:
+        return False
+    return isinstance(dataset, datasets.IterableDataset)
+
+
+def check_iterable_requires_max_steps(dataset: Any, max_steps: int | None) -> None:
+    """Raise when a dataset without a length is used without a positive ``max_steps``."""
+    if has_length(dataset):
+        return
+    if max_steps is None or max_steps <= 0:
+        raise ValueError(
+            f"the training dataset ({type(dataset).__name__}) has no length (a streaming/iterable dataset), so "
+            "the number of steps cannot be derived from num_train_epochs: set max_steps to a positive number"
+        )
+
+
+def check_not_empty(dataset: Any, what: str = "dataset") -> None:
+    if has_length(dataset) and len(dataset) == 0:
+        raise ValueError(f"the {what} is empty (0 examples); nothing to load")
+
+
+def _lengths_for_grouping(dataset, lengths, column: str):
+    if lengths is not None:
+        return torch.as_tensor(lengths)
+    column_names = getattr(dataset, "column_names", None)
+    if column_names is not None and column in column_names and not getattr(dataset, "format", {}).get("type") == "custom":
+        return torch.tensor([len(x) for x in dataset[column]])
+    return torch.tensor([len(dataset[i][column]) for i in range(len(dataset))])
+
+
+class ResumableLoader:
+    """Deterministic, rank-sharded, resumable batches over a dataset.
+
+    Args:
+        dataset: ``datasets.Dataset`` (also with ``with_transform``), ``datasets.IterableDataset``,
+            torch ``Dataset``/``IterableDataset``, or a list of dicts.
+        batch_size: examples per batch on this rank.
+        collate_fn: any ``callable(list_of_examples) -> batch`` (default: stack).
+        seed: the order of epoch ``e`` is a pure function of ``(seed, e)``.
+        shuffle: ``False`` for evaluation (dataset order).
+        drop_last: drop the last incomplete batch (and the tail not divisible across ranks).
+        world_size, rank: data-parallel sharding.
+        num_workers, pin_memory, persistent_workers, prefetch_factor: passed to ``DataLoader``.
+        group_by_length: length-grouped order (``lengths`` or the ``length_column_name`` column).
+    """
+
+    def __init__(self, dataset: Any, batch_size: int, collate_fn: Callable | None = None, *, seed: int = 0,
+                 shuffle: bool = True, drop_last: bool = False, world_size: int = 1, rank: int = 0,
+                 num_workers: int = 0, pin_memory: bool = False, persistent_workers: bool = False,
+                 prefetch_factor: int | None = None, group_by_length: bool = False,
+                 lengths: Sequence[int] | None = None, length_column_name: str = "input_ids"):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        check_not_empty(dataset)
+        self.dataset, self.batch_size = dataset, batch_size
+        self.collate_fn = collate_fn or default_data_collator
+        self.shuffle, self.drop_last = shuffle, drop_last
+        self.world_size, self.rank = world_size, rank
+        self.loader_kwargs = dict(num_workers=num_workers, pin_memory=pin_memory,
+                                  persistent_workers=persistent_workers and num_workers > 0)
+        if prefetch_factor is not None and num_workers > 0:
+            self.loader_kwargs["prefetch_factor"] = prefetch_factor
+        self.state = LoaderState(seed=seed)
+        self.is_iterable = not has_length(dataset)
+        self.sampler = None
+        if not self.is_iterable:
+            group_lengths = _lengths_for_grouping(dataset, lengths, length_column_name) if group_by_length else None
+            self.sampler = DeterministicSampler(len(dataset), seed=seed, shuffle=shuffle, world_size=world_size,
+                                                rank=rank, drop_last=drop_last, lengths=group_lengths,
+                                                batch_size=batch_size)
+            if len(self) == 0:
+                raise ValueError(f"the dataset has {len(dataset)} examples, fewer than one batch of {batch_size} "
+                                 f"per rank with drop_last=True")
+
+    # -- sizes ----------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        """Batches per epoch on this rank (map-style datasets only)."""
+        if self.is_iterable:
+            raise TypeError("a loader over an iterable dataset has no length; use max_steps")
+        n = len(self.sampler)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    # -- state ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return self.state.to_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        new = LoaderState.from_dict(state)
+        if new.seed != self.state.seed:
+            raise ValueError(f"loader state has seed {new.seed} but this loader was built with seed "
+                             f"{self.state.seed}; the data order would differ")
+        self.state = new
+
+    def set_epoch(self, epoch: int) -> None:
+        self.state = LoaderState(epoch=epoch, batch_index=0, seed=self.state.seed)
+
+    # -- iteration ------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator:
+        """The rest of the current epoch; afterwards the state points at the next epoch."""
+        return self.iter_from(self.state.epoch, self.state.batch_index)
+
+    def iter_from(self, epoch: int, batch_index: int = 0) -> Iterator:
+        """Batches of ``epoch`` starting at batch ``batch_index`` (0-based), updating ``state``."""
+        if batch_index < 0:
+            raise ValueError(f"batch_index must be >= 0, got {batch_index}")
+        self.state = LoaderState(epoch=epoch, batch_index=batch_index, seed=self.state.seed)
+        loader = self._iterable_loader(epoch, batch_index) if self.is_iterable else self._map_loader(epoch, batch_index)
+        return self._counting(loader, epoch)
+
+    def _counting(self, loader, epoch):
+        for batch in loader:
+            # Count before yielding: a checkpoint taken while the caller holds this batch resumes after it.
+            self.state = LoaderState(epoch=epoch, batch_index=self.state.batch_index + 1, seed=self.state.seed)
+            yield batch
+        self.state = LoaderState(epoch=epoch + 1, batch_index=0, seed=self.state.seed)
+
+    def _map_loader(self, epoch: int, batch_index: int) -> tud.DataLoader:
+        if not self.is_iterable and batch_index > len(self):
+            raise ValueError(f"batch_index {batch_index} is past the end of the epoch ({len(self)} batches)")
+        remaining = self.sampler.indices(epoch)[batch_index * self.batch_size:]
+        batches = SliceBatchSampler(remaining, self.batch_size, self.drop_last)
+        return tud.DataLoader(self.dataset, batch_sampler=batches, collate_fn=self.collate_fn, **self.loader_kwargs)
+
+    def _iterable_loader(self, epoch: int, batch_index: int) -> tud.DataLoader:
+        stream = _shard_and_skip(self.dataset, epoch, batch_index * self.batch_size, self.world_size, self.rank,
+                                 self.shuffle)
+        return tud.DataLoader(stream, batch_size=self.batch_size, drop_last=self.drop_last,
+                              collate_fn=self.collate_fn, **self.loader_kwargs)
+
+
+class _ShardSkipIterable(tud.IterableDataset):
+    """Round-robin share of a torch iterable for ``rank``, after skipping ``skip`` of its examples."""
+
+    def __init__(self, dataset, skip: int, world_size: int, rank: int):
+        self.dataset, self.skip, self.world_size, self.rank = dataset, skip, world_size, rank
+
+    def __iter__(self):
+        start = self.rank + self.skip * self.world_size
+        return itertools.islice(iter(self.dataset), start, None, self.world_size)
+
+
+def _shard_and_skip(dataset, epoch: int, skip: int, world_size: int, rank: int, shuffle: bool):
+    if _is_hf_iterable(dataset):
+        from datasets.distributed import split_dataset_by_node
+
+        if shuffle and hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(epoch)  # reshuffles the buffer/shards of a shuffled stream per epoch
+        if world_size > 1:
+            dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size)
+        return dataset.skip(skip) if skip else dataset
+    if hasattr(dataset, "set_epoch"):
+        dataset.set_epoch(epoch)
+    return _ShardSkipIterable(dataset, skip, world_size, rank)
