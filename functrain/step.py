@@ -10,6 +10,7 @@ explicit RNG key and the module's train/eval mode. See ``docs/step.md``.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Mapping
 from typing import Any, Callable
 
@@ -151,19 +152,25 @@ def make_train_step(
     _pin_hf_loss_function(model)
     loss_module = _LossModule(model, loss_fn)
 
-    def micro_loss(params, buffers, microbatch, weight, scale):
-        # The differentiated function: this microbatch's share of the window loss (times the
-        # fp16 loss scale). weight = count_k / total_count, so the shares sum to the window mean.
-        with _autocast(policy, _device_type(params)):
-            out = torch.func.functional_call(loss_module, (_prefixed(params), _prefixed(buffers)),
-                                             (microbatch,), tie_weights=True)
-        loss, aux = _split_loss(out)
-        share = loss * weight
-        if scale is not None:
-            share = share * scale
-        return share, (loss.detach(), {k: torch.as_tensor(v).detach().float() for k, v in aux.items()})
+    def micro_grads(params, buffers, microbatch, weight, scale):
+        """Gradients of this microbatch's share of the window loss (times the fp16 loss scale).
 
-    grad_fn = torch.func.grad(micro_loss, argnums=0, has_aux=True)
+        weight = count_k / total_count, so the shares sum to the mean over the whole window.
+        Uses ``torch.autograd.grad`` on detached copies of the params (not ``torch.func.grad``,
+        which cannot run activation checkpointing: it forbids saved-tensor hooks).
+        """
+        with torch.enable_grad():
+            leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
+            with _autocast(policy, _device_type(params)):
+                out = torch.func.functional_call(loss_module, (_prefixed(leaves), _prefixed(buffers)),
+                                                 (microbatch,), tie_weights=True)
+            loss, aux = _split_loss(out)
+            share = loss * weight
+            if scale is not None:
+                share = share * scale
+            grads = torch.autograd.grad(share, list(leaves.values()), allow_unused=True)
+        grads = {k: torch.zeros_like(p) if g is None else g for (k, p), g in zip(params.items(), grads)}
+        return grads, loss.detach(), {k: torch.as_tensor(v).detach().float() for k, v in aux.items()}
 
     def window_grads(params, buffers, batch, scale):
         """Summed gradients of the window mean loss, one microbatch at a time."""
@@ -175,7 +182,7 @@ def make_train_step(
         grads, loss, aux = None, torch.zeros((), device=denom.device), {}
         for mb, count in zip(microbatches, counts):
             weight = count.float() / denom
-            g, (mb_loss, mb_aux) = grad_fn(params, buffers, mb, weight, scale)
+            g, mb_loss, mb_aux = micro_grads(params, buffers, mb, weight, scale)
             # A microbatch with no supervised items contributes nothing (its mean is 0/0 = NaN).
             has_items = count > 0
             g = tree.map(lambda x: torch.where(has_items, x, torch.zeros_like(x)), g)
@@ -355,8 +362,16 @@ def _device_type(params: Mapping) -> str:
 def _maybe_compile(fn, compile_: bool, compile_kwargs: dict | None):
     if not compile_:
         return fn
-    kwargs = {"fullgraph": True, **(compile_kwargs or {})}
-    return torch.compile(fn, **kwargs)
+    compiled = torch.compile(fn, **{"fullgraph": True, **(compile_kwargs or {})})
+
+    @functools.wraps(fn)
+    def run(*args):
+        # Without this flag dynamo graph-breaks on torch.autograd.grad (torch 2.13).
+        with torch._dynamo.config.patch(trace_autograd_ops=True):
+            return compiled(*args)
+
+    run.compiled = compiled
+    return run
 
 
 @contextlib.contextmanager
@@ -391,13 +406,23 @@ def _pin_hf_loss_function(model: nn.Module) -> None:
 
 
 def _check_checkpointing(model: nn.Module) -> None:
-    """Reject reentrant activation checkpointing, which ``torch.func.grad`` cannot differentiate."""
+    """Make a transformers model's activation checkpointing usable under ``torch.func.grad``.
+
+    ``gradient_checkpointing_enable()`` also registers forward hooks that call
+    ``requires_grad_()`` on the embeddings' output, so that *reentrant* checkpointing sees an
+    input requiring grad. ``torch.func`` forbids ``requires_grad_`` inside a transform, and the
+    step differentiates with respect to the params explicitly, so the hooks are not needed:
+    they are removed (``model.disable_input_require_grads()``). Reentrant checkpointing itself
+    cannot be differentiated with ``torch.autograd.grad`` and is rejected with a clear error.
+    """
+    if getattr(model, "_require_grads_hooks", None) or hasattr(model, "_require_grads_hook"):
+        model.disable_input_require_grads()
     for m in model.modules():
         if not getattr(m, "gradient_checkpointing", False):
             continue
         fn = getattr(m, "_gradient_checkpointing_func", None)
         if getattr(fn, "keywords", {}).get("use_reentrant", False):
             raise ValueError(
-                f"{type(m).__name__} uses reentrant gradient checkpointing, which torch.func cannot "
-                "differentiate; enable it with model.gradient_checkpointing_enable("
+                f"{type(m).__name__} uses reentrant gradient checkpointing, which torch.autograd.grad cannot "
+                "differentiate (it needs .backward()); enable it with model.gradient_checkpointing_enable("
                 "gradient_checkpointing_kwargs={'use_reentrant': False}) (the default in transformers 5)")
