@@ -110,6 +110,28 @@ def validate(batch, *, accumulate: int, required_keys=(), model: nn.Module | Non
                          f"use a batch size that is a multiple of {accumulate}")
     if model is not None and "labels" in batch:
         _check_label_dtype(model, batch["labels"])
+        resolve_problem_type(model, batch)
+
+
+def resolve_problem_type(model: nn.Module, batch: Mapping) -> None:
+    """Set ``config.problem_type`` as an HF sequence classifier would on its first forward.
+
+    ``...ForSequenceClassification.forward`` writes ``config.problem_type`` the first time it
+    sees labels. Inside a compiled step that write changes what the graph was guarded on and
+    forces a recompile on the second step; doing the same (host-side, same rule) before the
+    first step keeps one graph.
+    """
+    config = getattr(model, "config", None)
+    if (config is None or getattr(config, "problem_type", "") is not None or "labels" not in batch
+            or not type(model).__name__.endswith("ForSequenceClassification")):
+        return
+    labels = batch["labels"]
+    if config.num_labels == 1:
+        config.problem_type = "regression"
+    elif labels.dtype in (torch.long, torch.int):
+        config.problem_type = "single_label_classification"
+    else:
+        config.problem_type = "multi_label_classification"
 
 
 def _check_label_dtype(model: nn.Module, labels: torch.Tensor) -> None:
