@@ -5,7 +5,8 @@ forward during the backward instead of keeping activations. It uses
 ``torch.utils.checkpoint.checkpoint(use_reentrant=False)``: the reentrant variant only works with
 ``.backward()``, not with the ``torch.autograd.grad`` call the step makes.
 Under ``torch.compile`` (torch 2.13) a checkpointed region must not contain random ops
-(dropout with p > 0): AOTAutograd refuses to rematerialize them in a forward-loss-backward graph. (transformers models: call
+(dropout with p > 0), and only one microbatch may be checkpointed per graph (``accumulate=1``):
+AOTAutograd rematerializes a single region of a forward-loss-backward graph, without RNG ops. (transformers models: call
 ``model.gradient_checkpointing_enable()``; transformers 5 defaults to ``use_reentrant=False``,
 and ``make_train_step`` rejects the reentrant form with a clear error.)
 """
@@ -48,6 +49,11 @@ def uncheckpoint_modules(model: nn.Module) -> None:
         if _ORIGINAL_FORWARD in vars(module):
             del vars(module)[_ORIGINAL_FORWARD]
             vars(module).pop("forward", None)  # back to the class's forward
+
+
+def is_checkpointed(module: nn.Module) -> bool:
+    """True if :func:`checkpoint_modules` wrapped this module."""
+    return _ORIGINAL_FORWARD in vars(module)
 
 
 def _selector(predicate_or_types) -> Callable[[str, nn.Module], bool]:

@@ -149,6 +149,11 @@ def make_train_step(
     required_keys = tuple(required_keys) if required_keys is not None else (() if user_loss else ("labels",))
     forward_keys = None if user_loss else batching.forward_argument_names(model)
     _check_checkpointing(model)
+    if compile and accumulate > 1 and _uses_checkpointing(model):
+        # torch 2.13 AOTAutograd rematerializes only one backward region per compiled graph.
+        raise ValueError("compile=True with accumulate > 1 cannot use activation checkpointing in torch "
+                         f"{torch.__version__} (one recompute region per graph); use accumulate=1 with a "
+                         "bigger batch, compile=False, or disable checkpointing")
     _pin_hf_loss_function(model)
     loss_module = _LossModule(model, loss_fn)
 
@@ -403,6 +408,12 @@ def _pin_hf_loss_function(model: nn.Module) -> None:
         return
     if getattr(model, "loss_type", None) not in LOSS_MAPPING:
         model.loss_function = model.loss_function
+
+
+def _uses_checkpointing(model: nn.Module) -> bool:
+    from .checkpointing import is_checkpointed
+
+    return any(getattr(m, "gradient_checkpointing", False) is True or is_checkpointed(m) for m in model.modules())
 
 
 def _check_checkpointing(model: nn.Module) -> None:
