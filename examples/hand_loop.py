@@ -1,7 +1,7 @@
 """A research-style hand loop over the pure step: a tiny GPT-2 on generated token data.
 
     python examples/hand_loop.py             # eager, about 10 s on a laptop CPU
-    python examples/hand_loop.py --compile   # the whole step as one torch.compile graph
+    python examples/hand_loop.py --compile   # one torch.compile graph (compiling takes a minute or two on CPU)
 
 The data is a toy language: each sequence counts up modulo the vocabulary from a random start,
 so the loss should fall well below log(vocab) within a hundred steps.

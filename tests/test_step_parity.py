@@ -33,8 +33,8 @@ def _hand_loop(model, batches, max_norm):
     return dict(model.named_parameters()), lrs, norms
 
 
-@pytest.mark.parametrize("clip_in", ["tx", "step"])
-@pytest.mark.parametrize("name", ["mlp", "gpt2"])
+@pytest.mark.parametrize("name,clip_in", [("mlp", "tx"), ("mlp", "step"),
+                                          pytest.param("gpt2", "tx", marks=pytest.mark.slow)])
 def test_matches_torch_adamw_clip_lambdalr(name, clip_in):
     torch.manual_seed(0)
     model, batches = (MLP(), [cls_batch(seed=i) for i in range(STEPS)]) if name == "mlp" else \
