@@ -1,16 +1,21 @@
-"""functrain: pure, compiled training steps for PyTorch, driven like the Hugging Face Trainer."""
+"""functrain: pure, compiled training steps for PyTorch, driven like the Hugging Face Trainer.
 
-from . import optim, rng, tree
+Core (pure, no I/O): ``tree``, ``TrainState``, ``optim``, ``schedules``, ``precision``, ``rng``,
+``metrics``, ``make_train_step`` / ``make_eval_step``, ``per_example``.
+Drivers: ``Trainer`` / ``TrainingArguments``, callbacks, checkpoints, ``data``, evaluation.
+"""
+
+from . import metrics, optim, precision, rng, schedules, tree
+from .checkpointing import checkpoint_modules
 from .state import ConsumedStateError, TrainState
+from .step import make_eval_step, make_train_step
 
-__version__ = "0.1.0"
-from . import precision  # noqa: E402
-from . import schedules  # noqa: E402
-
-# -- drivers (trainer branch) ---------------------------------------------------------------------
-from .training_args import Seq2SeqTrainingArguments, TrainingArguments  # noqa: E402
-from .callbacks import (  # noqa: E402
+# -- drivers ------------------------------------------------------------------------------------
+from .training_args import Seq2SeqTrainingArguments, TrainingArguments
+from .callbacks import (
     DefaultFlowCallback, EarlyStoppingCallback, PrinterCallback, ProgressCallback, TrainerCallback,
     TrainerControl, TrainerState,
 )
-from .trainer import PredictionOutput, TrainOutput, Trainer  # noqa: E402
+from .trainer import PredictionOutput, TrainOutput, Trainer
+
+__version__ = "0.1.0"

@@ -1,0 +1,439 @@
+"""The pure training step: ``train_step(state, batch) -> (new_state, metrics)``.
+
+Read :func:`make_train_step` top to bottom: ``_train_core`` is every operation that touches the
+state, in order (split the window, count items, per-microbatch gradients, reduce, unscale,
+norm, clip, optimizer update, loss-scale bookkeeping, donation copy). The returned
+``train_step`` wraps it with what cannot be traced: batch validation (host metadata only), the
+explicit RNG key and the module's train/eval mode. See ``docs/step.md``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Mapping
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from . import batching, rng as rnglib, tree
+from .optim.base import apply_updates
+from .precision import DynamicScale, dynamic_scale_init, dynamic_scale_update, get_policy, unscale
+from .state import TrainState
+
+LossFn = Callable[[nn.Module, Mapping], Any]  # -> loss | (loss, aux dict)
+
+
+# -- the loss ------------------------------------------------------------------------------------
+
+
+def default_loss_fn(model: nn.Module, batch: Mapping) -> torch.Tensor:
+    """``model(**batch).loss``: the model's own loss (transformers models given ``labels``)."""
+    out = model(**batch, **_no_cache_kwargs(model, batch))
+    loss = out["loss"] if isinstance(out, Mapping) else getattr(out, "loss", None)
+    if loss is None:
+        raise ValueError(f"{type(model).__name__} returned no loss; pass labels in the batch or give "
+                         "make_train_step a loss_fn(model, batch)")
+    return loss
+
+
+def _no_cache_kwargs(model: nn.Module, batch: Mapping) -> dict:
+    # A KV cache is useless in training/eval forward passes, costs memory and is an object the
+    # compiler would have to trace; transformers models take use_cache=False.
+    if "use_cache" not in batch and hasattr(getattr(model, "config", None), "use_cache"):
+        return {"use_cache": False}
+    return {}
+
+
+def _split_loss(out) -> tuple[torch.Tensor, dict]:
+    loss, aux = (out if isinstance(out, tuple) else (out, {}))
+    if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
+        raise TypeError(f"loss_fn must return a 0-d tensor (or (loss, aux_dict)), got {loss!r:.80}")
+    if not isinstance(aux, Mapping):
+        raise TypeError(f"loss_fn's aux must be a dict of tensors, got {type(aux).__name__}")
+    return loss.float(), dict(aux)
+
+
+class _LossModule(nn.Module):
+    """Holds the user's model so ``functional_call`` can bind state tensors to it (``model.*``)."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn):
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batch):
+        return self.loss_fn(self.model, batch)
+
+
+def _prefixed(d: Mapping) -> dict:
+    return {"model." + k: v for k, v in d.items()}
+
+
+def _autocast(policy, device_type: str):
+    if policy.compute_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, dtype=policy.compute_dtype)
+
+
+# -- hooks a distributed driver replaces ---------------------------------------------------------
+
+
+def _identity(x):
+    return x
+
+
+# -- the train step ------------------------------------------------------------------------------
+
+
+def make_train_step(
+    model: nn.Module,
+    tx,
+    loss_fn: LossFn | None = None,
+    *,
+    accumulate: int = 1,
+    precision: str = "fp32",
+    compile: bool = False,  # noqa: A002 - the natural name, mirrors torch.compile
+    donate: bool = False,
+    count_items: Callable[[Mapping], torch.Tensor] | None = None,
+    max_grad_norm: float | None = None,
+    grad_reduce: Callable | None = None,
+    count_reduce: Callable | None = None,
+    required_keys=None,
+    compile_kwargs: dict | None = None,
+):
+    """Build ``train_step(state, batch) -> (new_state, metrics)``, a pure function.
+
+    Args:
+        model: the ``nn.Module``; only its structure is used, the tensors come from the state.
+        tx: a :class:`functrain.optim.GradientTransformation`.
+        loss_fn: ``loss_fn(model, batch) -> loss`` or ``(loss, aux_dict)``, called with the state's
+            params and buffers bound to ``model``; ``loss`` is the MEAN over the microbatch's
+            supervised items. Default: ``model(**batch).loss``. (HF ``Trainer.compute_loss``
+            overrides have this shape.)
+        accumulate: number of microbatches the batch is split into along dim 0; gradients are
+            summed microbatch by microbatch (one microbatch of activations in memory at a time).
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (autocast compute, fp32 params; fp16
+            adds a dynamic loss scale kept in ``state.loss_scale``).
+        compile: compile the whole step with ``torch.compile(fullgraph=True)``.
+        donate: write the new params and optimizer state into the input state's storages; the
+            input state is then consumed (any use raises ``ConsumedStateError``).
+        count_items: ``count_items(microbatch) -> 0-d tensor`` of supervised items; default
+            counts ``labels != -100`` as the HF Trainer does (see :mod:`functrain.batching`).
+        max_grad_norm: clip gradients to this global norm before ``tx`` (as HF's
+            ``max_grad_norm``); ``None``: no clipping here (``tx`` may clip itself).
+        grad_reduce: applied once to the summed gradients (default identity). For data parallel,
+            an all-reduce SUM: each rank's gradients are already divided by the GLOBAL count.
+        count_reduce: applied once to the local item count of the window (default identity);
+            for data parallel, an all-reduce SUM.
+        required_keys: batch keys the loss needs (checked before the step runs). Default:
+            ``("labels",)`` with the default loss, none with a custom ``loss_fn``.
+        compile_kwargs: extra keyword arguments for ``torch.compile``.
+
+    Metrics (0-d tensors, never read on the host by the step): ``loss`` (mean over the
+    supervised items of the whole window), ``grad_norm`` (global norm before clipping),
+    ``learning_rate`` (when the optimizer state records one), ``num_items``; with fp16
+    ``loss_scale`` and ``skipped``; plus the loss_fn's aux entries (item-weighted means).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not (isinstance(accumulate, int) and accumulate >= 1):
+        raise ValueError(f"accumulate must be an int >= 1, got {accumulate!r}")
+    policy = get_policy(precision)
+    user_loss = loss_fn is not None
+    loss_fn = loss_fn or default_loss_fn
+    count_items = count_items or batching.make_count_items(model)
+    grad_reduce = grad_reduce or _identity
+    count_reduce = count_reduce or _identity
+    required_keys = tuple(required_keys) if required_keys is not None else (() if user_loss else ("labels",))
+    forward_keys = None if user_loss else batching.forward_argument_names(model)
+    _check_checkpointing(model)
+    if compile and accumulate > 1 and _uses_checkpointing(model):
+        # torch 2.13 AOTAutograd rematerializes only one backward region per compiled graph.
+        raise ValueError("compile=True with accumulate > 1 cannot use activation checkpointing in torch "
+                         f"{torch.__version__} (one recompute region per graph); use accumulate=1 with a "
+                         "bigger batch, compile=False, or disable checkpointing")
+    _pin_hf_loss_function(model)
+    loss_module = _LossModule(model, loss_fn)
+
+    def micro_grads(params, buffers, microbatch, weight, scale):
+        """Gradients of this microbatch's share of the window loss (times the fp16 loss scale).
+
+        weight = count_k / total_count, so the shares sum to the mean over the whole window.
+        Uses ``torch.autograd.grad`` on detached copies of the params (not ``torch.func.grad``,
+        which cannot run activation checkpointing: it forbids saved-tensor hooks).
+        """
+        with torch.enable_grad():
+            leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
+            with _autocast(policy, _device_type(params)):
+                out = torch.func.functional_call(loss_module, (_prefixed(leaves), _prefixed(buffers)),
+                                                 (microbatch,), tie_weights=True)
+            loss, aux = _split_loss(out)
+            share = loss * weight
+            if scale is not None:
+                share = share * scale
+            grads = torch.autograd.grad(share, list(leaves.values()), allow_unused=True)
+        grads = {k: torch.zeros_like(p) if g is None else g for (k, p), g in zip(params.items(), grads)}
+        return grads, loss.detach(), {k: torch.as_tensor(v).detach().float() for k, v in aux.items()}
+
+    def window_grads(params, buffers, batch, scale):
+        """Summed gradients of the window mean loss, one microbatch at a time."""
+        microbatches = batching.split(batch, accumulate)
+        counts = [count_items(mb) for mb in microbatches]
+        # (a) the single place the window's item count is formed (and reduced across ranks).
+        total = count_reduce(torch.stack(counts).sum())
+        denom = total.float().clamp_min(1.0)
+        grads, loss, aux = None, torch.zeros((), device=denom.device), {}
+        for mb, count in zip(microbatches, counts):
+            weight = count.float() / denom
+            g, mb_loss, mb_aux = micro_grads(params, buffers, mb, weight, scale)
+            # A microbatch with no supervised items contributes nothing (its mean is 0/0 = NaN).
+            has_items = count > 0
+            g = tree.map(lambda x: torch.where(has_items, x, torch.zeros_like(x)), g)
+            grads = g if grads is None else tree.add(grads, g)
+            loss = loss + torch.where(has_items, mb_loss * weight, 0.0)
+            for k, v in mb_aux.items():
+                aux[k] = aux.get(k, 0.0) + torch.where(has_items, v * weight, 0.0)
+        # (b) the single place gradients are reduced across ranks.
+        return grad_reduce(grads), loss, total, aux
+
+    def train_core(params, buffers, opt_state, step, loss_scale, batch):
+        scale = loss_scale.scale if policy.needs_loss_scale else None
+        grads, loss, total, aux = window_grads(params, buffers, batch, scale)
+        metrics = {"loss": loss, "num_items": total}
+        if policy.needs_loss_scale:
+            grads = unscale(grads, loss_scale)
+            finite = tree.all_finite(grads)
+        grad_norm = tree.global_norm(grads)
+        metrics["grad_norm"] = grad_norm
+        if max_grad_norm is not None:
+            # Same formula as torch.nn.utils.clip_grad_norm_.
+            grads = tree.scale(grads, torch.clamp(max_grad_norm / (grad_norm + 1e-6), max=1.0))
+        updates, new_opt_state = tx.update(grads, opt_state, params)
+        new_params = apply_updates(params, updates)
+        if policy.needs_loss_scale:
+            # A non-finite step changes nothing but the loss scale: params, optimizer state
+            # (hence the schedule position) and the step counter keep their values.
+            new_params = tree.where(finite, new_params, params)
+            new_opt_state = tree.where(finite, new_opt_state, opt_state)
+            new_step = step + finite.to(step.dtype)
+            new_loss_scale = dynamic_scale_update(loss_scale, finite)
+            metrics["loss_scale"] = new_loss_scale.scale
+            metrics["skipped"] = ~finite
+        else:
+            new_step = step + 1
+            new_loss_scale = loss_scale
+        lr = find_learning_rate(new_opt_state)
+        if lr is not None:
+            metrics["learning_rate"] = lr
+        metrics.update(aux)
+        if donate:
+            # Write the results into the input storages; inside torch.compile this fuses with the
+            # computation, so no second copy of params/optimizer state is ever alive.
+            tree.copy_((params, opt_state, step, loss_scale), (new_params, new_opt_state, new_step, new_loss_scale))
+            return params, opt_state, step, loss_scale, metrics
+        return new_params, new_opt_state, new_step, new_loss_scale, metrics
+
+    core = _maybe_compile(train_core, compile, compile_kwargs)
+
+    def train_step(state: TrainState, batch: Mapping):
+        if not isinstance(state, TrainState):
+            raise TypeError(f"state must be a TrainState, got {type(state).__name__}")
+        batching.validate(batch, accumulate=accumulate, required_keys=required_keys, model=model,
+                          forward_keys=forward_keys)
+        loss_scale = state.loss_scale
+        if policy.needs_loss_scale and loss_scale is None:
+            loss_scale = dynamic_scale_init(device=state.step.device)
+        if policy.needs_loss_scale and not isinstance(loss_scale, DynamicScale):
+            raise TypeError(f"precision='fp16' needs state.loss_scale to be a DynamicScale, got {type(loss_scale).__name__}")
+        with rnglib.seeded(state.rng), _module_mode(model, training=True):
+            params, opt_state, step, loss_scale, metrics = core(
+                state.params, state.buffers, state.opt_state, state.step, loss_scale, dict(batch))
+        new_state = state.replace(params=params, opt_state=opt_state, step=step, loss_scale=loss_scale,
+                                  rng=rnglib.next_key(state.rng))
+        if donate:
+            state.mark_consumed("a train_step built with donate=True")
+        return new_state, metrics
+
+    train_step.core = core  # for tests and tools (e.g. torch._dynamo.explain)
+    return train_step
+
+
+# -- the eval step -------------------------------------------------------------------------------
+
+
+def make_eval_step(
+    model: nn.Module,
+    loss_fn: LossFn | None = None,
+    *,
+    precision: str = "fp32",
+    compile: bool = False,  # noqa: A002
+    count_items: Callable[[Mapping], torch.Tensor] | None = None,
+    return_outputs: bool = False,
+    required_keys=None,
+    compile_kwargs: dict | None = None,
+):
+    """Build ``eval_step(state, batch) -> dict``: ``loss`` (mean over the batch's items),
+    ``num_items`` and, with ``return_outputs``, ``outputs``.
+
+    The model runs in eval mode under ``torch.no_grad``. With the default loss ``outputs`` is
+    what HF's ``prediction_step`` calls logits: the model output entries other than ``loss`` and
+    the config's ``keys_to_ignore_at_inference`` (a tensor if there is one, else a tuple). With a
+    custom ``loss_fn``, return ``(loss, {"outputs": ...})`` to get outputs.
+    A batch without ``labels`` (default loss) gives only ``outputs``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    policy = get_policy(precision)
+    user_loss = loss_fn is not None
+    count_items = count_items or batching.make_count_items(model)
+    required_keys = tuple(required_keys) if required_keys is not None else ()
+    forward_keys = None if user_loss else batching.forward_argument_names(model)
+    _pin_hf_loss_function(model)
+    ignore = set(getattr(getattr(model, "config", None), "keys_to_ignore_at_inference", None) or ())
+
+    def default_eval_fn(m, batch):
+        out = m(**batch, **_no_cache_kwargs(m, batch))
+        items = out.items() if isinstance(out, Mapping) else [("logits", out)]
+        kept = [v for k, v in items if k != "loss" and k not in ignore and isinstance(v, torch.Tensor)]
+        outputs = kept[0] if len(kept) == 1 else tuple(kept)
+        loss = out.get("loss") if isinstance(out, Mapping) else None
+        return loss, {"outputs": outputs}
+
+    loss_module = _LossModule(model, loss_fn or default_eval_fn)
+
+    def eval_core(params, buffers, batch):
+        with torch.no_grad(), _autocast(policy, _device_type(params)):
+            out = torch.func.functional_call(loss_module, (_prefixed(params), _prefixed(buffers)),
+                                             (batch,), tie_weights=True)
+        loss, aux = out if isinstance(out, tuple) else (out, {})
+        result = {}
+        if loss is not None:
+            result["loss"] = loss.float()
+            result["num_items"] = count_items(batch)
+        for k, v in aux.items():
+            if k != "outputs":
+                result[k] = torch.as_tensor(v).float()
+        if return_outputs:
+            result["outputs"] = aux.get("outputs")
+        return result
+
+    core = _maybe_compile(eval_core, compile, compile_kwargs)
+
+    def eval_step(state: TrainState, batch: Mapping):
+        batching.validate(batch, accumulate=1, required_keys=required_keys, model=model, forward_keys=forward_keys)
+        with rnglib.seeded(state.rng), _module_mode(model, training=False):
+            return core(state.params, state.buffers, dict(batch))
+
+    eval_step.core = core
+    return eval_step
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+
+def find_learning_rate(opt_state) -> torch.Tensor | None:
+    """The learning rate recorded in an optimizer state, or ``None``.
+
+    Looks for the first NamedTuple with a tensor ``learning_rate`` field
+    (``ScaleByLearningRateState``) or a ``hyperparams`` dict with a ``learning_rate`` entry
+    (``inject_hyperparams``), searching tuples, lists and dicts depth first.
+    """
+    if isinstance(opt_state, tuple) and hasattr(opt_state, "_fields"):
+        lr = getattr(opt_state, "learning_rate", None)
+        if isinstance(lr, torch.Tensor):
+            return lr
+        hp = getattr(opt_state, "hyperparams", None)
+        if isinstance(hp, Mapping) and isinstance(hp.get("learning_rate"), torch.Tensor):
+            return hp["learning_rate"]
+    if isinstance(opt_state, (tuple, list)):
+        children = opt_state
+    elif isinstance(opt_state, Mapping):
+        children = opt_state.values()
+    else:
+        return None
+    for child in children:
+        found = find_learning_rate(child)
+        if found is not None:
+            return found
+    return None
+
+
+def _device_type(params: Mapping) -> str:
+    return next(iter(params.values())).device.type
+
+
+def _maybe_compile(fn, compile_: bool, compile_kwargs: dict | None):
+    if not compile_:
+        return fn
+    compiled = torch.compile(fn, **{"fullgraph": True, **(compile_kwargs or {})})
+
+    @functools.wraps(fn)
+    def run(*args):
+        # Without this flag dynamo graph-breaks on torch.autograd.grad (torch 2.13).
+        with torch._dynamo.config.patch(trace_autograd_ops=True):
+            return compiled(*args)
+
+    run.compiled = compiled
+    return run
+
+
+@contextlib.contextmanager
+def _module_mode(model: nn.Module, training: bool):
+    """Set train/eval mode for the step and restore every submodule's mode afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.train(training)
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def _pin_hf_loss_function(model: nn.Module) -> None:
+    """Resolve a transformers model's ``loss_function`` once, outside the compiled step.
+
+    For models whose ``loss_type`` is not in ``LOSS_MAPPING`` (``GPT2LMHeadModel`` among them)
+    the ``loss_function`` property logs a warning and falls back to ``ForCausalLMLoss`` on every
+    forward; a logger call inside ``torch.compile(fullgraph=True)`` is a graph break. Setting the
+    attribute to the function the property would return keeps the behaviour and the graph whole.
+    """
+    if "_loss_function" in vars(model) or not isinstance(type(model).__dict__.get("loss_function")
+                                                         or getattr(type(model), "loss_function", None), property):
+        return
+    try:
+        from transformers.loss.loss_utils import LOSS_MAPPING
+    except Exception:
+        return
+    if getattr(model, "loss_type", None) not in LOSS_MAPPING:
+        model.loss_function = model.loss_function
+
+
+def _uses_checkpointing(model: nn.Module) -> bool:
+    from .checkpointing import is_checkpointed
+
+    return any(getattr(m, "gradient_checkpointing", False) is True or is_checkpointed(m) for m in model.modules())
+
+
+def _check_checkpointing(model: nn.Module) -> None:
+    """Make a transformers model's activation checkpointing usable under ``torch.func.grad``.
+
+    ``gradient_checkpointing_enable()`` also registers forward hooks that call
+    ``requires_grad_()`` on the embeddings' output, so that *reentrant* checkpointing sees an
+    input requiring grad. ``torch.func`` forbids ``requires_grad_`` inside a transform, and the
+    step differentiates with respect to the params explicitly, so the hooks are not needed:
+    they are removed (``model.disable_input_require_grads()``). Reentrant checkpointing itself
+    cannot be differentiated with ``torch.autograd.grad`` and is rejected with a clear error.
+    """
+    if getattr(model, "_require_grads_hooks", None) or hasattr(model, "_require_grads_hook"):
+        model.disable_input_require_grads()
+    for m in model.modules():
+        if not getattr(m, "gradient_checkpointing", False):
+            continue
+        fn = getattr(m, "_gradient_checkpointing_func", None)
+        if getattr(fn, "keywords", {}).get("use_reentrant", False):
+            raise ValueError(
+                f"{type(m).__name__} uses reentrant gradient checkpointing, which torch.autograd.grad cannot "
+                "differentiate (it needs .backward()); enable it with model.gradient_checkpointing_enable("
+                "gradient_checkpointing_kwargs={'use_reentrant': False}) (the default in transformers 5)")

@@ -1,0 +1,62 @@
+"""Activation checkpointing inside the pure step: same gradients, reentrant form rejected."""
+
+import pytest
+import torch
+
+import functrain as ft
+from functrain.checkpointing import checkpoint_modules, uncheckpoint_modules
+from functrain.step import make_train_step
+from step_models import Block, TinyGPTForCausalLM, gpt2, lm_batch
+
+
+def _update(model, compile_=False, accumulate=2):
+    tx = ft.optim.sgd(1.0)
+    state = ft.TrainState.create(model, tx, copy=True)
+    kw = {"compile": True, "compile_kwargs": {"backend": "aot_eager"}} if compile_ else {}
+    new, _ = make_train_step(model, tx, accumulate=accumulate, **kw)(state, lm_batch(pad_rows={3: 4}))
+    return ft.tree.sub(state.params, new.params)
+
+
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated")
+@pytest.mark.parametrize("compile_", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["eager", "compiled"])
+def test_transformers_gradient_checkpointing(compile_):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = gpt2(dropout=0.0)
+    ref = _update(model)
+    model.gradient_checkpointing_enable()  # transformers 5: use_reentrant=False by default
+    assert model.transformer.gradient_checkpointing
+    # Compiled: torch 2.13 recomputes one region per graph, so one microbatch (accumulate=1).
+    assert ft.tree.relative_difference(_update(model, compile_, accumulate=1 if compile_ else 2), ref) <= 1e-6
+    if compile_:
+        with pytest.raises(ValueError, match="accumulate > 1"):
+            make_train_step(model, ft.optim.sgd(1.0), accumulate=2, compile=True)
+
+
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated")
+def test_reentrant_checkpointing_is_rejected():
+    model = gpt2()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    with pytest.raises(ValueError, match="use_reentrant"):
+        make_train_step(model, ft.optim.sgd(0.1))
+
+
+def test_checkpoint_modules_on_a_plain_model():
+    torch.manual_seed(0)
+    model = TinyGPTForCausalLM(layers=2, dropout=0.0)
+    ref = _update(model)
+    assert checkpoint_modules(model, Block) == ["blocks.0", "blocks.1"]
+    # The checkpoint really is in the forward: the wrapped forward calls torch.utils.checkpoint.
+    calls = []
+    original = torch.utils.checkpoint.checkpoint
+    torch.utils.checkpoint.checkpoint = lambda *a, **k: calls.append(k) or original(*a, **k)
+    try:
+        got = _update(model)
+    finally:
+        torch.utils.checkpoint.checkpoint = original
+    assert len(calls) == 4 and all(k["use_reentrant"] is False for k in calls)  # 2 blocks x 2 microbatches
+    assert ft.tree.relative_difference(got, ref) <= 1e-6
+    uncheckpoint_modules(model)
+    assert "forward" not in vars(model.blocks[0])
+    with pytest.raises(ValueError, match="no submodule"):
+        checkpoint_modules(model, lambda name, m: False)
