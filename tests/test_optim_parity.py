@@ -38,8 +38,12 @@ def max_rel_diff(a: dict, b: dict) -> float:
 
 
 def run_parity(tx, make_torch_opt, steps=STEPS, on_step=None):
-    """Run both optimizers on identical grads; return the worst relative difference seen."""
+    """Run both optimizers on identical grads; return the worst relative difference seen.
+
+    Also checks the parameters really moved (else a no-op optimizer would pass).
+    """
     params = make_params()
+    start = tree.clone(params)
     ref = {k: nn.Parameter(v.clone()) for k, v in params.items()}
     opt = make_torch_opt(list(ref.values()))
     state = tx.init(params)
@@ -54,6 +58,7 @@ def run_parity(tx, make_torch_opt, steps=STEPS, on_step=None):
             p.grad = grads[k].clone()
         opt.step()
         worst = max(worst, max_rel_diff(params, {k: p.detach() for k, p in ref.items()}))
+    assert max_rel_diff(params, start) > 10 * TOL, "parameters did not move: the comparison would be vacuous"
     return worst
 
 

@@ -98,6 +98,8 @@ def scale_by_adam(b1=0.9, b2=0.999, eps=1e-8, *, amsgrad: bool = False) -> Gradi
     def update(updates, state, params=None):
         check_structure(updates, params)
         g, treedef = tree.flatten(updates)
+        if not g:  # e.g. an empty group of partition(): _foreach ops reject empty lists
+            return updates, state._replace(count=safe_increment(state.count))
         mu = torch._foreach_lerp(tree.leaves(state.mu), g, 1 - b1)
         nu = torch._foreach_mul(tree.leaves(state.nu), b2)
         if isinstance(b2, torch.Tensor):
@@ -198,6 +200,8 @@ def trace(decay=0.9, *, nesterov: bool = False, dampening=0.0) -> GradientTransf
     def update(updates, state, params=None):
         check_structure(updates, params)
         g, treedef = tree.flatten(updates)
+        if not g:
+            return updates, state._replace(count=safe_increment(state.count))
         # On the first update buf = g exactly; expressed as coefficients to stay branch-free.
         first = (state.count == 0).to(torch.float32)
         keep = (1 - first) * decay
