@@ -32,6 +32,34 @@ def _names_and_leaves(updates, params):
     return tree.paths(updates), leaves, treedef
 
 
+def _check_shaped_like_params(t, names: list[str], what: str) -> None:
+    """Raise if pytree ``t`` does not have one leaf per parameter, at the same dotted paths.
+
+    (Compares paths rather than optree treedefs: dynamo cannot build the treedef of a dict of
+    Python bools or strings, and paths say more in the error message anyway.)
+    """
+    got = tree.paths(t)
+    if got != names:
+        missing = sorted(set(names) - set(got))[:5]
+        extra = sorted(set(got) - set(names))[:5]
+        raise ValueError(
+            f"{what} must be shaped like the params (one entry per parameter); "
+            f"missing entries for {missing}, entries for unknown parameters {extra}"
+        )
+
+
+def _leaves_shaped_like_params(t, params, names: list[str], what: str) -> list:
+    """The leaves of ``t`` (a mask or label pytree), after checking it is shaped like ``params``.
+
+    Eager calls get the readable check; in a compiled trace (where dynamo cannot flatten a tree of
+    Python bools/strings on its own) the leaves are taken by mapping over ``params``, which still
+    fails on a structure mismatch.
+    """
+    if not torch.compiler.is_compiling():
+        _check_shaped_like_params(t, names, what)
+    return tree.leaves(tree.map(lambda _, x: x, params, t))
+
+
 def _select(names: list[str], leaves: list, chosen: list[bool]) -> dict:
     return {n: x for n, x, c in zip(names, leaves, chosen) if c}
 
@@ -51,11 +79,7 @@ class MaskedState(NamedTuple):
 def _resolve_mask(mask, tree_for_mask, names: list[str]) -> list[bool]:
     """The mask as one Python bool per leaf, checked against the params' structure."""
     m = mask(tree_for_mask) if callable(mask) else mask
-    try:
-        tree.assert_same_structure(m, tree_for_mask, "mask", "params")
-    except ValueError as e:
-        raise ValueError(f"masked: {e}") from None
-    flags = tree.leaves(m)
+    flags = _leaves_shaped_like_params(m, tree_for_mask, names, "masked: mask")
     for name, f in zip(names, flags):
         if not isinstance(f, bool):
             raise TypeError(
@@ -123,14 +147,10 @@ def _resolve_labels(labels, params, names: list[str], leaves: list) -> list:
     """One label per leaf, from a label pytree, a ``(name, param) -> label`` function or regexes."""
     if callable(labels):
         out = [labels(n, x) for n, x in zip(names, leaves)]
-    elif isinstance(labels, Mapping) and tree.structure(labels) != tree.structure(params):
-        out = _labels_from_regex(labels, names)  # a dict that is not shaped like params: regexes
+    elif isinstance(labels, Mapping) and not (isinstance(params, Mapping) and set(labels) == set(params)):
+        out = _labels_from_regex(labels, names)  # a dict not keyed like the params: regexes
     else:
-        try:
-            tree.assert_same_structure(labels, params, "labels", "params")
-        except ValueError as e:
-            raise ValueError(f"partition: {e}") from None
-        out = tree.leaves(labels)
+        out = _leaves_shaped_like_params(labels, params, names, "partition: labels")
     unlabeled = [n for n, lab in zip(names, out) if lab is None]
     if unlabeled:
         raise ValueError(f"partition: parameter(s) without a label: {unlabeled[:10]}")

@@ -48,16 +48,30 @@ def default_weight_decay_mask(model: nn.Module) -> Callable[[dict], dict]:
     known = {n for n, _ in model.named_parameters(remove_duplicate=False)}
 
     def mask(params) -> dict:
-        names, leaves = tree.paths(params), tree.leaves(params)
+        names = tree.paths(params)
         unknown = [n for n in names if n not in known]
         if unknown:
             raise ValueError(
                 f"default_weight_decay_mask: parameter name(s) {unknown[:5]} are not parameters of "
                 f"{type(model).__name__}; the mask must be built from the model the params come from"
             )
-        flags = [n in decay for n in names]
-        _, treedef = tree.flatten(params)
-        del leaves
-        return tree.unflatten(treedef, flags)
+        return _mask_by_name(params, decay)
 
     return mask
+
+
+def _mask_by_name(node, decay: set[str], prefix: str = ""):
+    """``node`` with each tensor replaced by ``name in decay``, names being dotted key paths.
+
+    Built by walking dicts and sequences by key, not by leaf order: under ``torch.compile``
+    dynamo's ``tree_map`` visits dict entries in insertion order rather than optree's sorted order.
+    """
+    if isinstance(node, dict):
+        return type(node)((k, _mask_by_name(v, decay, f"{prefix}{k}.")) for k, v in node.items())
+    if isinstance(node, (list, tuple)) and not hasattr(node, "_fields"):
+        return type(node)(_mask_by_name(v, decay, f"{prefix}{i}.") for i, v in enumerate(node))
+    if node is None:
+        return None
+    if hasattr(node, "_fields"):  # NamedTuple: fields by name
+        return type(node)(*(_mask_by_name(getattr(node, f), decay, f"{prefix}{f}.") for f in node._fields))
+    return prefix[:-1] in decay
