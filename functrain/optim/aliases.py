@@ -7,7 +7,9 @@ like the params, or a function ``params -> that pytree`` (see ``default_weight_d
 
 from __future__ import annotations
 
-from .base import GradientTransformation, chain, identity
+import torch
+
+from .base import GradientTransformation, as_hyperparam, chain, identity
 from . import transforms as T
 
 
@@ -52,4 +54,72 @@ def sgd(learning_rate, momentum=0.0, *, nesterov: bool = False, dampening=0.0,
         _decay(weight_decay, None),
         T.trace(momentum, nesterov=nesterov, dampening=dampening) if has_momentum else identity(),
         T.scale_by_learning_rate(learning_rate),
+    )
+
+
+def rmsprop(learning_rate, decay=0.99, eps=1e-8, *, centered: bool = False, momentum=0.0,
+            nesterov: bool = False, weight_decay=0.0, initial_scale=0.0) -> GradientTransformation:
+    """RMSprop matching ``torch.optim.RMSprop`` (``decay`` is torch's ``alpha``, default 0.99).
+
+    ``weight_decay`` is L2 added to the gradient; ``momentum`` accumulates the preconditioned
+    gradient (``buf = momentum * buf + g / denom``) before the learning rate, as torch does.
+    """
+    has_momentum = not (isinstance(momentum, (int, float)) and momentum == 0)
+    if nesterov and not has_momentum:
+        raise ValueError("nesterov=True needs momentum > 0")
+    return chain(
+        _decay(weight_decay, None),
+        T.scale_by_rms(decay, eps, centered=centered, initial_scale=initial_scale),
+        T.trace(momentum, nesterov=nesterov) if has_momentum else identity(),
+        T.scale_by_learning_rate(learning_rate),
+    )
+
+
+def adagrad(learning_rate, lr_decay=0.0, weight_decay=0.0, initial_accumulator_value=0.0,
+            eps=1e-10) -> GradientTransformation:
+    """Adagrad matching ``torch.optim.Adagrad`` (L2 ``weight_decay``; the step size at update
+    ``t`` (0-based) is ``learning_rate / (1 + t * lr_decay)``)."""
+    lr_decay = as_hyperparam(lr_decay, "lr_decay")
+    lr = as_hyperparam(learning_rate, "learning_rate", allow_schedule=True)
+    if not (isinstance(lr_decay, (int, float)) and lr_decay == 0):
+        base = lr
+
+        def lr(count):  # torch: clr = lr / (1 + (step - 1) * lr_decay), step counted from 1
+            value = base(count) if callable(base) and not isinstance(base, torch.Tensor) else base
+            return value / (1 + count.to(torch.float32) * lr_decay)
+
+    return chain(
+        _decay(weight_decay, None),
+        T.scale_by_rss(initial_accumulator_value, eps),
+        T.scale_by_learning_rate(lr),
+    )
+
+
+def lion(learning_rate, b1=0.9, b2=0.99, weight_decay=1e-3, *, mask=None) -> GradientTransformation:
+    """Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms"), optax defaults.
+
+    ``p -= lr * (sign(b1 * m + (1 - b1) * g) + weight_decay * p)``; ``m = b2 * m + (1 - b2) * g``.
+    """
+    return chain(
+        T.scale_by_lion(b1, b2),
+        _decay(weight_decay, mask),
+        T.scale_by_learning_rate(learning_rate),
+    )
+
+
+def adafactor(learning_rate=None, eps=(1e-30, 1e-3), clip_threshold=1.0, decay_rate=-0.8, beta1=None,
+              weight_decay=0.0, scale_parameter: bool = True, relative_step: bool = True,
+              warmup_init: bool = False) -> GradientTransformation:
+    """Adafactor matching ``transformers.optimization.Adafactor`` (same arguments and defaults).
+
+    With an external learning rate (a number, tensor or schedule) pass ``relative_step=False``,
+    usually with ``scale_parameter=False``, as transformers recommends.
+    """
+    if not (isinstance(eps, (tuple, list)) and len(eps) == 2):
+        raise ValueError(f"adafactor: eps must be a pair (eps_square, eps_scale), got {eps!r}")
+    return chain(
+        T.scale_by_factored_rms(decay_rate, eps[0], clip_threshold),
+        T.scale_by_adafactor_step(learning_rate, eps=eps[1], beta1=beta1, weight_decay=weight_decay,
+                                  scale_parameter=scale_parameter, relative_step=relative_step,
+                                  warmup_init=warmup_init),
     )

@@ -98,6 +98,8 @@ def scale_by_adam(b1=0.9, b2=0.999, eps=1e-8, *, amsgrad: bool = False) -> Gradi
     def update(updates, state, params=None):
         check_structure(updates, params)
         g, treedef = tree.flatten(updates)
+        if not g:  # e.g. an empty group of partition(): _foreach ops reject empty lists
+            return updates, state._replace(count=safe_increment(state.count))
         mu = torch._foreach_lerp(tree.leaves(state.mu), g, 1 - b1)
         nu = torch._foreach_mul(tree.leaves(state.nu), b2)
         if isinstance(b2, torch.Tensor):
@@ -198,6 +200,8 @@ def trace(decay=0.9, *, nesterov: bool = False, dampening=0.0) -> GradientTransf
     def update(updates, state, params=None):
         check_structure(updates, params)
         g, treedef = tree.flatten(updates)
+        if not g:
+            return updates, state._replace(count=safe_increment(state.count))
         # On the first update buf = g exactly; expressed as coefficients to stay branch-free.
         first = (state.count == 0).to(torch.float32)
         keep = (1 - first) * decay
@@ -208,3 +212,243 @@ def trace(decay=0.9, *, nesterov: bool = False, dampening=0.0) -> GradientTransf
         return tree.unflatten(treedef, out), TraceState(safe_increment(state.count), tree.unflatten(treedef, buf))
 
     return GradientTransformation(init, update)
+
+
+# -- RMSprop, Adagrad, Lion ----------------------------------------------------------------------
+
+
+class ScaleByRmsState(NamedTuple):
+    nu: tree.PyTree  # running average of squared gradients
+    mu: tree.PyTree  # running average of gradients (centered=True); an empty tuple otherwise
+
+
+def scale_by_rms(decay=0.99, eps=1e-8, *, centered: bool = False, initial_scale=0.0) -> GradientTransformation:
+    """RMSprop's preconditioning as ``torch.optim.RMSprop`` computes it (``decay`` is its ``alpha``).
+
+    ``nu = decay * nu + (1 - decay) * g**2``; the update is ``g / (sqrt(nu) + eps)``, or with
+    ``centered=True`` ``g / (sqrt(nu - mu**2) + eps)`` where ``mu`` averages the gradients.
+    (``eps`` is added after the square root, as in torch; optax's default puts it inside.)
+    """
+    decay = as_hyperparam(decay, "decay")
+    eps = as_hyperparam(eps, "eps")
+    initial_scale = as_hyperparam(initial_scale, "initial_scale")
+
+    def init(params):
+        return ScaleByRmsState(tree.full_like(params, initial_scale) if initial_scale else tree.zeros_like(params),
+                               tree.zeros_like(params) if centered else ())
+
+    def update(updates, state, params=None):
+        check_structure(updates, params)
+        g, treedef = tree.flatten(updates)
+        if not g:
+            return updates, state
+        nu = torch._foreach_mul(tree.leaves(state.nu), decay)
+        torch._foreach_add_(nu, torch._foreach_mul(torch._foreach_mul(g, g), 1 - decay))
+        mu = ()
+        if centered:
+            mu = torch._foreach_lerp(tree.leaves(state.mu), g, 1 - decay)
+            denom = torch._foreach_sub(nu, torch._foreach_mul(mu, mu))
+        else:
+            denom = nu
+        denom = torch._foreach_sqrt(denom)
+        torch._foreach_add_(denom, eps)
+        out = torch._foreach_div(g, denom)
+        new_state = ScaleByRmsState(tree.unflatten(treedef, nu), tree.unflatten(treedef, mu) if centered else ())
+        return tree.unflatten(treedef, out), new_state
+
+    return GradientTransformation(init, update)
+
+
+def scale_by_stddev(decay=0.99, eps=1e-8, *, initial_scale=0.0) -> GradientTransformation:
+    """Centered RMSprop preconditioning: ``scale_by_rms(..., centered=True)``."""
+    return scale_by_rms(decay, eps, centered=True, initial_scale=initial_scale)
+
+
+class ScaleByRssState(NamedTuple):
+    sum_of_squares: tree.PyTree
+
+
+def scale_by_rss(initial_accumulator_value=0.0, eps=1e-10) -> GradientTransformation:
+    """Adagrad's preconditioning as ``torch.optim.Adagrad``: ``g / (sqrt(sum g**2) + eps)``.
+
+    (Defaults are torch's; optax's ``scale_by_rss`` uses 0.1 and puts ``eps`` inside the root.)
+    """
+    initial_accumulator_value = as_hyperparam(initial_accumulator_value, "initial_accumulator_value")
+    eps = as_hyperparam(eps, "eps")
+
+    def init(params):
+        return ScaleByRssState(tree.full_like(params, initial_accumulator_value))
+
+    def update(updates, state, params=None):
+        check_structure(updates, params)
+        g, treedef = tree.flatten(updates)
+        if not g:
+            return updates, state
+        acc = torch._foreach_add(tree.leaves(state.sum_of_squares), torch._foreach_mul(g, g))
+        denom = torch._foreach_sqrt(acc)
+        torch._foreach_add_(denom, eps)
+        return tree.unflatten(treedef, torch._foreach_div(g, denom)), ScaleByRssState(tree.unflatten(treedef, acc))
+
+    return GradientTransformation(init, update)
+
+
+class ScaleByLionState(NamedTuple):
+    count: torch.Tensor
+    mu: tree.PyTree
+
+
+def scale_by_lion(b1=0.9, b2=0.99) -> GradientTransformation:
+    """Lion (Chen et al. 2023): update ``sign(b1 * m + (1 - b1) * g)``, then ``m = b2 * m + (1 - b2) * g``."""
+    b1 = as_hyperparam(b1, "b1")
+    b2 = as_hyperparam(b2, "b2")
+
+    def init(params):
+        return ScaleByLionState(counter_like(params), tree.zeros_like(params))
+
+    def update(updates, state, params=None):
+        check_structure(updates, params)
+        g, treedef = tree.flatten(updates)
+        m = tree.leaves(state.mu)
+        out = torch._foreach_sign(torch._foreach_lerp(m, g, 1 - b1)) if g else []
+        new_m = torch._foreach_lerp(m, g, 1 - b2) if g else []
+        return tree.unflatten(treedef, out), ScaleByLionState(safe_increment(state.count), tree.unflatten(treedef, new_m))
+
+    return GradientTransformation(init, update)
+
+
+# -- Adafactor -----------------------------------------------------------------------------------
+
+
+class FactoredState(NamedTuple):
+    count: torch.Tensor
+    v_row: tree.PyTree  # per leaf: row averages of g**2 (leaves with >= 2 dims), else an empty tensor
+    v_col: tree.PyTree  # per leaf: column averages of g**2 (leaves with >= 2 dims), else empty
+    v: tree.PyTree  # per leaf: full average of g**2 (leaves with < 2 dims), else an empty tensor
+
+
+def _factored(x: torch.Tensor) -> bool:
+    return x.ndim >= 2
+
+
+def _empty(x: torch.Tensor) -> torch.Tensor:
+    return torch.zeros((0,), dtype=x.dtype, device=x.device)
+
+
+def _rms(x: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(x) / (x.numel() ** 0.5)
+
+
+def scale_by_factored_rms(decay_rate=-0.8, eps=1e-30, clip_threshold=1.0) -> GradientTransformation:
+    """Adafactor's preconditioning with update clipping, as ``transformers.optimization.Adafactor``.
+
+    Second moments use the decay ``beta2_t = 1 - t**decay_rate``; tensors with >= 2 dims keep only
+    row and column averages (over the last two dims) and use their outer product. The result is
+    divided by ``max(1, rms(update) / clip_threshold)``. Leaves are handled one by one (shapes differ).
+    """
+    eps = as_hyperparam(eps, "eps")
+    clip_threshold = as_hyperparam(clip_threshold, "clip_threshold")
+    if isinstance(decay_rate, bool) or not isinstance(decay_rate, (int, float, torch.Tensor)):
+        raise TypeError(f"decay_rate must be a number or 0-d tensor, got {type(decay_rate).__name__}")
+
+    def init(params):
+        def row(x):
+            return torch.zeros(x.shape[:-1], dtype=x.dtype, device=x.device) if _factored(x) else _empty(x)
+
+        def col(x):
+            return torch.zeros(x.shape[:-2] + x.shape[-1:], dtype=x.dtype, device=x.device) if _factored(x) else _empty(x)
+
+        def full(x):
+            return _empty(x) if _factored(x) else torch.zeros_like(x)
+
+        return FactoredState(counter_like(params), tree.map(row, params), tree.map(col, params), tree.map(full, params))
+
+    def update(updates, state, params=None):
+        check_structure(updates, params)
+        g, treedef = tree.flatten(updates)
+        count = safe_increment(state.count)
+        beta2t = 1.0 - torch.pow(count.to(torch.float32), decay_rate)
+        rows, cols, fulls, out = [], [], [], []
+        for gi, r, c, v in zip(g, tree.leaves(state.v_row), tree.leaves(state.v_col), tree.leaves(state.v)):
+            sq = gi * gi + eps
+            if _factored(gi):
+                r = torch.lerp(r, sq.mean(dim=-1), 1.0 - beta2t)
+                c = torch.lerp(c, sq.mean(dim=-2), 1.0 - beta2t)
+                r_factor = (r / r.mean(dim=-1, keepdim=True)).rsqrt().unsqueeze(-1)
+                u = r_factor * c.unsqueeze(-2).rsqrt() * gi
+            else:
+                v = torch.lerp(v, sq, 1.0 - beta2t)
+                u = v.rsqrt() * gi
+            u = u / torch.clamp(_rms(u) / clip_threshold, min=1.0)
+            rows.append(r), cols.append(c), fulls.append(v), out.append(u)
+        new_state = FactoredState(count, tree.unflatten(treedef, rows), tree.unflatten(treedef, cols),
+                                  tree.unflatten(treedef, fulls))
+        return tree.unflatten(treedef, out), new_state
+
+    return GradientTransformation(init, update)
+
+
+class ScaleByAdafactorStepState(NamedTuple):
+    count: torch.Tensor
+    exp_avg: tree.PyTree  # first moment of the scaled updates (beta1 given); an empty tuple otherwise
+    learning_rate: torch.Tensor  # the step size before parameter scaling, at the last update
+
+
+def scale_by_adafactor_step(learning_rate=None, *, eps=1e-3, beta1=None, weight_decay=0.0,
+                            scale_parameter: bool = True, relative_step: bool = True,
+                            warmup_init: bool = False) -> GradientTransformation:
+    """The rest of Adafactor's step after :func:`scale_by_factored_rms`, in transformers' order.
+
+    Per leaf: ``lr = step_size * (max(eps, rms(param)) if scale_parameter else 1)`` where
+    ``step_size`` is ``learning_rate`` or, with ``relative_step``, ``min(1e-2, 1/sqrt(t))``
+    (``min(1e-6 t, 1/sqrt(t))`` with ``warmup_init``); ``u = lr * u``; with ``beta1``,
+    ``m = beta1 * m + (1 - beta1) * u`` and ``u = m``; then ``-(u + weight_decay * lr * param)``.
+    """
+    if learning_rate is not None and relative_step:
+        raise ValueError("adafactor: cannot combine a manual learning_rate with relative_step=True "
+                         "(pass relative_step=False, as transformers' Adafactor requires)")
+    if learning_rate is None and not relative_step:
+        raise ValueError("adafactor: learning_rate is required when relative_step=False")
+    if warmup_init and not relative_step:
+        raise ValueError("adafactor: warmup_init=True requires relative_step=True")
+    if learning_rate is not None:
+        learning_rate = as_hyperparam(learning_rate, "learning_rate", allow_schedule=True)
+    eps = as_hyperparam(eps, "eps")
+    weight_decay = as_hyperparam(weight_decay, "weight_decay")
+    if beta1 is not None:
+        beta1 = as_hyperparam(beta1, "beta1")
+
+    def step_size(count):  # count: number of updates before this one
+        t = (count + 1).to(torch.float32)
+        if relative_step:
+            min_step = 1e-6 * t if warmup_init else torch.full_like(t, 1e-2)
+            return torch.minimum(min_step, torch.rsqrt(t))
+        lr = learning_rate(count) if callable(learning_rate) and not isinstance(learning_rate, torch.Tensor) else learning_rate
+        return torch.as_tensor(lr, dtype=torch.float32, device=count.device)
+
+    def init(params):
+        count = counter_like(params)
+        return ScaleByAdafactorStepState(count, tree.zeros_like(params) if beta1 is not None else (), step_size(count))
+
+    def update(updates, state, params=None):
+        if params is None and (scale_parameter or not _is_zero(weight_decay)):
+            raise ValueError("adafactor needs params (parameter scaling / weight decay): call update(grads, state, params)")
+        check_structure(updates, params)
+        u, treedef = tree.flatten(updates)
+        size = step_size(state.count)
+        p = tree.leaves(params) if params is not None else [None] * len(u)
+        lrs = [size * torch.clamp(_rms(pi), min=eps) if scale_parameter else size for pi in p]
+        out = [lr * ui for lr, ui in zip(lrs, u)]
+        exp_avg = ()
+        if beta1 is not None:
+            m = [torch.lerp(mi, oi, 1 - beta1) for mi, oi in zip(tree.leaves(state.exp_avg), out)]
+            exp_avg, out = tree.unflatten(treedef, m), m
+        if not _is_zero(weight_decay):
+            out = [oi + (weight_decay * lr) * pi for oi, lr, pi in zip(out, lrs, p)]
+        out = [-oi for oi in out]
+        return tree.unflatten(treedef, out), ScaleByAdafactorStepState(safe_increment(state.count), exp_avg, size)
+
+    return GradientTransformation(init, update)
+
+
+def _is_zero(x) -> bool:
+    return isinstance(x, (int, float)) and x == 0

@@ -1,0 +1,215 @@
+"""Time one AdamW update: functrain (eager, compiled, compiled + donated) vs torch.optim.AdamW.
+
+    python benchmarks/optimizer_update.py            # ~25M fp32 params in 200 tensors
+    python benchmarks/optimizer_update.py --quick    # a tiny run (smoke test)
+
+Variants, all doing the same AdamW math on the same parameters and gradients:
+
+* ``functrain eager``: ``tx.update`` + ``apply_updates``, pure, out of place (fresh tensors).
+* ``functrain compiled``: the same function under ``torch.compile`` (still out of place).
+* ``functrain compiled+donated``: compiled, and the new params / moments are written back into the
+  input storages with ``torch._foreach_copy_`` inside the compiled function, so inductor fuses
+  the copy into the update kernel (what ``make_train_step(donate=True)`` does).
+* ``torch foreach`` / ``torch fused``: ``torch.optim.AdamW(foreach=True)`` / ``(fused=True)``.
+
+Each variant runs ``--steps`` updates per repeat, ``--repeats`` times; the table shows the median
+milliseconds per update and the ratio to ``torch fused``. Results go to
+``benchmarks/results/optimizer_update.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import functrain.optim as optim  # noqa: E402
+from functrain import tree  # noqa: E402
+
+HP = dict(lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01)
+
+
+def make_shapes(quick: bool) -> list[tuple[int, ...]]:
+    """~25M elements in 200 tensors (100 matrices 512x488 + 100 vectors 512), or a tiny set."""
+    if quick:
+        return [(64, 32)] * 5 + [(32,)] * 5
+    return [(512, 488)] * 100 + [(512,)] * 100
+
+
+def make_data(shapes, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    params = {f"p{i:03d}": torch.randn(s, generator=g) for i, s in enumerate(shapes)}
+    grads = {k: torch.randn(v.shape, generator=g) * 1e-2 for k, v in params.items()}
+    return params, grads
+
+
+def functrain_tx():
+    return optim.adamw(HP["lr"], HP["b1"], HP["b2"], HP["eps"], HP["weight_decay"])
+
+
+# -- variants: each returns a zero-argument function doing one update -------------------------
+
+
+def functrain_eager(params, grads):
+    tx = functrain_tx()
+    box = [params, tx.init(params)]
+
+    def step():
+        p, s = box
+        updates, s = tx.update(grads, s, p)
+        box[:] = [optim.apply_updates(p, updates), s]
+
+    return step
+
+
+def _pure_step(tx):
+    def step(params, grads, opt_state):
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optim.apply_updates(params, updates), opt_state
+
+    return step
+
+
+def functrain_compiled(params, grads):
+    tx = functrain_tx()
+    compiled = torch.compile(_pure_step(tx), fullgraph=True)
+    box = [params, tx.init(params)]
+
+    def step():
+        box[:] = compiled(box[0], grads, box[1])
+
+    return step
+
+
+def functrain_compiled_donated(params, grads):
+    tx = functrain_tx()
+    pure = _pure_step(tx)
+
+    def donated(params, grads, opt_state):
+        new_params, new_state = pure(params, grads, opt_state)
+        # Write the results into the input storages; inductor fuses this into the update.
+        torch._foreach_copy_(tree.leaves(params), tree.leaves(new_params))
+        torch._foreach_copy_(tree.leaves(opt_state), tree.leaves(new_state))
+
+    compiled = torch.compile(donated, fullgraph=True)
+    params = tree.clone(params)
+    state = tx.init(params)
+    return lambda: compiled(params, grads, state)
+
+
+def _torch_adamw(params, grads, **kw):
+    ps = [torch.nn.Parameter(p.clone()) for p in params.values()]
+    for p, g in zip(ps, grads.values()):
+        p.grad = g.clone()
+    opt = torch.optim.AdamW(ps, lr=HP["lr"], betas=(HP["b1"], HP["b2"]), eps=HP["eps"],
+                            weight_decay=HP["weight_decay"], **kw)
+    return opt.step
+
+
+VARIANTS = {
+    "functrain eager": functrain_eager,
+    "functrain compiled": functrain_compiled,
+    "functrain compiled+donated": functrain_compiled_donated,
+    "torch foreach": lambda p, g: _torch_adamw(p, g, foreach=True),
+    "torch fused": lambda p, g: _torch_adamw(p, g, fused=True),
+}
+
+
+def time_variant(step, steps: int, repeats: int, warmup: int) -> list[float]:
+    """Milliseconds per update for each repeat (the first ``warmup`` calls compile/warm caches)."""
+    for _ in range(warmup):
+        step()
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        out.append((time.perf_counter() - t0) * 1e3 / steps)
+    return out
+
+
+def check_agreement(params, grads, steps=3) -> float:
+    """Relative difference of compiled+donated vs torch fused after a few steps (sanity check)."""
+    tx = functrain_tx()
+    p = tree.clone(params)
+    s = tx.init(p)
+    fn = torch.compile(lambda p, g, s: _pure_step(tx)(p, g, s), fullgraph=True)
+    ref = [torch.nn.Parameter(x.clone()) for x in params.values()]
+    opt = torch.optim.AdamW(ref, lr=HP["lr"], betas=(HP["b1"], HP["b2"]), eps=HP["eps"],
+                            weight_decay=HP["weight_decay"], fused=True)
+    for _ in range(steps):
+        p, s = fn(p, grads, s)
+        for r, g in zip(ref, grads.values()):
+            r.grad = g
+        opt.step()
+    return tree.relative_difference(list(p.values()), [r.detach() for r in ref])
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny run (smoke test)")
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--only", nargs="*", default=None, help="variant names to run")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "optimizer_update.json"))
+    args = ap.parse_args(argv)
+    steps = args.steps or (3 if args.quick else 10)
+    repeats = args.repeats or (2 if args.quick else 5)
+
+    shapes = make_shapes(args.quick)
+    params, grads = make_data(shapes)
+    n = tree.size(params)
+    print(f"AdamW update, {n:,} fp32 params in {len(shapes)} tensors, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; {repeats} repeats x {steps} steps, median ms/update", flush=True)
+    results = {}
+    for name, make in VARIANTS.items():
+        if args.only and name not in args.only:
+            continue
+        t0 = time.perf_counter()
+        step = make(params, grads)
+        times = time_variant(step, steps, repeats, warmup=2)
+        results[name] = {"median_ms": statistics.median(times), "all_ms": times,
+                         "setup_and_warmup_s": time.perf_counter() - t0 - sum(times) * steps / 1e3}
+        del step
+        print(f"  {name}: median {results[name]['median_ms']:.2f} ms "
+              f"(setup+warmup {results[name]['setup_and_warmup_s']:.0f} s)", flush=True)
+    ref = results.get("torch fused", {}).get("median_ms")
+    print(f"{'variant':<28} {'ms/update':>10} {'vs fused':>9}")
+    for name, r in results.items():
+        r["ratio_vs_fused"] = r["median_ms"] / ref if ref else None
+        ratio = f"{r['ratio_vs_fused']:.2f}x" if ref else "-"
+        print(f"{name:<28} {r['median_ms']:>10.2f} {ratio:>9}")
+    agreement = check_agreement(params, grads)
+    print(f"compiled functrain vs torch fused after 3 steps: relative difference {agreement:.2e}")
+    report = {
+        "benchmark": "optimizer_update",
+        "params": n,
+        "tensors": len(shapes),
+        "quick": args.quick,
+        "steps": steps,
+        "repeats": repeats,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "relative_difference_vs_fused": agreement,
+        "results": results,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

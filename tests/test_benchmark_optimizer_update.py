@@ -1,0 +1,27 @@
+"""The optimizer-update benchmark runs end to end in --quick mode and writes a sane report."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_optimizer_update_benchmark_quick(tmp_path):
+    out = tmp_path / "optimizer_update.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "optimizer_update.py"), "--quick", "--out", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    expected = {"functrain eager", "functrain compiled", "functrain compiled+donated", "torch foreach", "torch fused"}
+    assert set(report["results"]) == expected
+    assert all(r["median_ms"] > 0 and len(r["all_ms"]) == report["repeats"] for r in report["results"].values())
+    assert report["results"]["torch fused"]["ratio_vs_fused"] == pytest.approx(1.0)
+    assert report["relative_difference_vs_fused"] < 1e-5  # the timed functrain update is AdamW
+    assert "vs fused" in proc.stdout
