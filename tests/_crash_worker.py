@@ -21,7 +21,7 @@ class Beacon(TrainerCallback):
 
 
 def main(out, result_file):
-    args = TrainingArguments(out, per_device_train_batch_size=3, gradient_accumulation_steps=2, num_train_epochs=10,
+    args = TrainingArguments(out, per_device_train_batch_size=3, gradient_accumulation_steps=2, num_train_epochs=16,
                              learning_rate=5e-2, weight_decay=0.01, logging_steps=3, save_steps=1,
                              save_total_limit=3, report_to="none", disable_tqdm=True, seed=3)
     trainer = Trainer(model=make_model(), args=args, train_dataset=make_dataset(n=40), callbacks=[Beacon()])
