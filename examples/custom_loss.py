@@ -56,6 +56,10 @@ def imbalanced_data(n: int, dim: int = 8, seed: int = 0) -> dict:
     return {"features": features, "labels": labels}
 
 
+def as_dataset(data: dict) -> Dataset:
+    return Dataset.from_dict({k: v.tolist() for k, v in data.items()}).with_format("torch")
+
+
 def weighted_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(logits, labels, weight=CLASS_WEIGHTS.to(logits.device))
 
@@ -72,8 +76,7 @@ class WeightedLossTrainer(Trainer):
 
 
 def train_with_trainer(output_dir: str, steps: int, batch_size: int = 64, seed: int = 0) -> WeightedLossTrainer:
-    data = imbalanced_data(1024, seed=seed)
-    train_ds = Dataset.from_dict({k: v.tolist() for k, v in data.items()}).with_format("torch")
+    train_ds = as_dataset(imbalanced_data(1024, seed=seed))
     torch.manual_seed(seed)
     args = TrainingArguments(output_dir=output_dir, max_steps=steps, per_device_train_batch_size=batch_size,
                              learning_rate=1e-2, logging_steps=1, save_strategy="no", report_to="none",
