@@ -29,6 +29,7 @@ def load_example(name: str):
 # -- hand_loop.py: the research-style loop over make_train_step / make_eval_step ------------------
 
 
+@pytest.mark.slow
 def test_hand_loop_learns_the_counting_language(capsys):
     hand_loop = load_example("hand_loop")
     out = hand_loop.main(["--steps", "30", "--batch-size", "8", "--seq-len", "16", "--lr", "5e-3", "--log-every", "10"])
@@ -203,7 +204,7 @@ def test_custom_loss_fn_gradient_is_the_weighted_losss():
     # model still holds the initial parameters (the state was created with copy=True)
     loss = ex.weighted_cross_entropy(model(batch["features"])["logits"], batch["labels"])
     grads = torch.autograd.grad(loss, list(model.parameters()))
-    assert losses[0] == pytest.approx(float(loss), rel=1e-6)
+    assert losses[0] == pytest.approx(loss.item(), rel=1e-6)
     for (name, p), g in zip(model.named_parameters(), grads):
         torch.testing.assert_close(state.params[name], p.detach() - lr * g, rtol=1e-5, atol=1e-7)
     # An SGD step on the unweighted loss would have landed elsewhere.
