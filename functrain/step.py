@@ -151,6 +151,7 @@ def make_train_step(
     count_items = count_items or batching.make_count_items(model)
     grad_reduce = grad_reduce or _identity
     count_reduce = count_reduce or _identity
+    transform_params = param_transform is not None
     param_transform = param_transform or _identity
     required_keys = tuple(required_keys) if required_keys is not None else (() if user_loss else ("labels",))
     forward_keys = None if user_loss else batching.forward_argument_names(model)
@@ -163,7 +164,7 @@ def make_train_step(
     _pin_hf_loss_function(model)
     loss_module = _LossModule(model, loss_fn)
 
-    def micro_grads(params, buffers, microbatch, weight, scale):
+    def micro_grads(params, buffers, microbatch, weight, scale, has_items):
         """Gradients of this microbatch's share of the window loss (times the fp16 loss scale).
 
         weight = count_k / total_count, so the shares sum to the mean over the whole window.
@@ -173,6 +174,11 @@ def make_train_step(
         with torch.enable_grad():
             leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
             bound = param_transform(leaves)
+            if transform_params:
+                # The transform's backward may reduce gradients across ranks (sharded mode): a
+                # microbatch without items (NaN loss) must contribute zeros BEFORE that, or its NaN
+                # would reach every rank. where() passes the value through and masks the gradient.
+                bound = {k: torch.where(has_items, v, v.detach()) for k, v in bound.items()}
             with _autocast(policy, _device_type(params)):
                 out = torch.func.functional_call(loss_module, (_prefixed(bound), _prefixed(buffers)),
                                                  (microbatch,), tie_weights=True)
@@ -194,10 +200,11 @@ def make_train_step(
         grads, loss, aux = None, torch.zeros((), device=denom.device), {}
         for mb, count in zip(microbatches, counts):
             weight = count.float() / denom
-            g, mb_loss, mb_aux = micro_grads(params, buffers, mb, weight, scale)
             # A microbatch with no supervised items contributes nothing (its mean is 0/0 = NaN).
             has_items = count > 0
-            g = tree.map(lambda x: torch.where(has_items, x, torch.zeros_like(x)), g)
+            g, mb_loss, mb_aux = micro_grads(params, buffers, mb, weight, scale, has_items)
+            if not transform_params:  # (with a transform, g may already hold other ranks' sums)
+                g = tree.map(lambda x: torch.where(has_items, x, torch.zeros_like(x)), g)
             grads = g if grads is None else tree.add(grads, g)
             loss = loss + torch.where(has_items, mb_loss * weight, 0.0)
             for k, v in mb_aux.items():
