@@ -439,8 +439,8 @@ class Trainer:
                 total_loss = total_loss.to(loss.device) + loss
                 self._last_metrics = metrics
                 self._steps_since_log += 1
-                self._samples_since_log += rows
-                total_samples += rows
+                self._samples_since_log += rows * fd.world_size()  # global throughput
+                total_samples += rows * fd.world_size()
                 self._count_tokens(window)
                 self.state.global_step += 1
                 self.state.epoch = epoch + loader.state.batch_index / steps_per_epoch
