@@ -154,7 +154,7 @@ def test_one_rank_raising_ends_every_rank(tmp_path):
     assert proc.returncode != 0
     assert log.count("RuntimeError: boom on rank 1 at step 3") == 1, log[-4000:]
     # torchrun's summary: both workers ended with a non-zero exit code (the other one stopped too).
-    codes = [int(c) for c in re.findall(r"exitcode\s*:\s*(-?\d+)", log)]
+    codes = [int(c) for c in re.findall(r"^\s*exitcode\s*:\s*(-?\d+)", log, flags=re.M)]
     assert len(codes) == 2 and all(c != 0 for c in codes), log[-3000:]
 
 
