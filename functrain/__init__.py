@@ -19,3 +19,4 @@ from .callbacks import (
 from .trainer import PredictionOutput, TrainOutput, Trainer
 
 __version__ = "0.1.0"
+from . import distributed  # noqa: E402  (init_distributed, data_parallel_hooks, shard_state, ...)

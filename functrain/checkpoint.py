@@ -48,6 +48,7 @@ RNG_FILE = "rng_state.safetensors"
 TRAINER_STATE_FILE = "trainer_state.json"
 ARGS_FILE = "training_args.json"
 MANIFEST_FILE = "manifest.json"
+SHARDED_LAYOUT_FILE = "train_state_layout.json"  # see functrain.distributed_checkpoint
 FORMAT = "functrain.checkpoint"
 VERSION = 1
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt", ".joblib")
@@ -307,7 +308,8 @@ def verify_checkpoint(path: str, *, require_resumable: bool = True) -> dict:
         if not manifest.get("resumable"):
             raise CheckpointError(f"checkpoint {path!r} holds only the model (save_only_model=True); "
                                   "it cannot be resumed from")
-        for needed in (STATE_FILE, TRAINER_STATE_FILE):
+        # A sharded checkpoint (functrain.distributed_checkpoint) has per-rank files + a layout instead.
+        for needed in (STATE_FILE if SHARDED_LAYOUT_FILE not in files else SHARDED_LAYOUT_FILE, TRAINER_STATE_FILE):
             if needed not in files:
                 raise CheckpointError(f"checkpoint {path!r} has no {needed!r}; it cannot be resumed from")
     return manifest

@@ -100,6 +100,7 @@ def make_train_step(
     max_grad_norm: float | None = None,
     grad_reduce: Callable | None = None,
     count_reduce: Callable | None = None,
+    param_transform: Callable | None = None,
     required_keys=None,
     compile_kwargs: dict | None = None,
 ):
@@ -127,6 +128,10 @@ def make_train_step(
             an all-reduce SUM: each rank's gradients are already divided by the GLOBAL count.
         count_reduce: applied once to the local item count of the window (default identity);
             for data parallel, an all-reduce SUM.
+        param_transform: ``{name: param} -> {name: tensor}`` applied to the (differentiable)
+            params right before they are bound to the model (default identity). Sharded mode
+            (:func:`functrain.distributed.gather_params`) all-gathers ``DTensor`` shards here, so
+            gradients come back sharded; the optimizer update still sees the state's own tensors.
         required_keys: batch keys the loss needs (checked before the step runs). Default:
             ``("labels",)`` with the default loss, none with a custom ``loss_fn``.
         compile_kwargs: extra keyword arguments for ``torch.compile``.
@@ -146,6 +151,8 @@ def make_train_step(
     count_items = count_items or batching.make_count_items(model)
     grad_reduce = grad_reduce or _identity
     count_reduce = count_reduce or _identity
+    transform_params = param_transform is not None
+    param_transform = param_transform or _identity
     required_keys = tuple(required_keys) if required_keys is not None else (() if user_loss else ("labels",))
     forward_keys = None if user_loss else batching.forward_argument_names(model)
     _check_checkpointing(model)
@@ -157,7 +164,7 @@ def make_train_step(
     _pin_hf_loss_function(model)
     loss_module = _LossModule(model, loss_fn)
 
-    def micro_grads(params, buffers, microbatch, weight, scale):
+    def micro_grads(params, buffers, microbatch, weight, scale, has_items):
         """Gradients of this microbatch's share of the window loss (times the fp16 loss scale).
 
         weight = count_k / total_count, so the shares sum to the mean over the whole window.
@@ -166,8 +173,14 @@ def make_train_step(
         """
         with torch.enable_grad():
             leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
+            bound = param_transform(leaves)
+            if transform_params:
+                # The transform's backward may reduce gradients across ranks (sharded mode): a
+                # microbatch without items (NaN loss) must contribute zeros BEFORE that, or its NaN
+                # would reach every rank. where() passes the value through and masks the gradient.
+                bound = {k: torch.where(has_items, v, v.detach()) for k, v in bound.items()}
             with _autocast(policy, _device_type(params)):
-                out = torch.func.functional_call(loss_module, (_prefixed(leaves), _prefixed(buffers)),
+                out = torch.func.functional_call(loss_module, (_prefixed(bound), _prefixed(buffers)),
                                                  (microbatch,), tie_weights=True)
             loss, aux = _split_loss(out)
             share = loss * weight
@@ -187,10 +200,11 @@ def make_train_step(
         grads, loss, aux = None, torch.zeros((), device=denom.device), {}
         for mb, count in zip(microbatches, counts):
             weight = count.float() / denom
-            g, mb_loss, mb_aux = micro_grads(params, buffers, mb, weight, scale)
             # A microbatch with no supervised items contributes nothing (its mean is 0/0 = NaN).
             has_items = count > 0
-            g = tree.map(lambda x: torch.where(has_items, x, torch.zeros_like(x)), g)
+            g, mb_loss, mb_aux = micro_grads(params, buffers, mb, weight, scale, has_items)
+            if not transform_params:  # (with a transform, g may already hold other ranks' sums)
+                g = tree.map(lambda x: torch.where(has_items, x, torch.zeros_like(x)), g)
             grads = g if grads is None else tree.add(grads, g)
             loss = loss + torch.where(has_items, mb_loss * weight, 0.0)
             for k, v in mb_aux.items():
@@ -271,6 +285,7 @@ def make_eval_step(
     compile: bool = False,  # noqa: A002
     count_items: Callable[[Mapping], torch.Tensor] | None = None,
     return_outputs: bool = False,
+    param_transform: Callable | None = None,
     required_keys=None,
     compile_kwargs: dict | None = None,
 ):
@@ -282,6 +297,7 @@ def make_eval_step(
     the config's ``keys_to_ignore_at_inference`` (a tensor if there is one, else a tuple). With a
     custom ``loss_fn``, return ``(loss, {"outputs": ...})`` to get outputs.
     A batch without ``labels`` (default loss) gives only ``outputs``.
+    ``param_transform`` is applied to the params before binding them (as in make_train_step).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -303,9 +319,11 @@ def make_eval_step(
 
     loss_module = _LossModule(model, loss_fn or default_eval_fn)
 
+    param_transform = param_transform or _identity
+
     def eval_core(params, buffers, batch):
         with torch.no_grad(), _autocast(policy, _device_type(params)):
-            out = torch.func.functional_call(loss_module, (_prefixed(params), _prefixed(buffers)),
+            out = torch.func.functional_call(loss_module, (_prefixed(param_transform(params)), _prefixed(buffers)),
                                              (batch,), tie_weights=True)
         loss, aux = out if isinstance(out, tuple) else (out, {})
         result = {}

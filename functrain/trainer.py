@@ -10,6 +10,7 @@ replaying earlier ones.
 
 from __future__ import annotations
 
+import datetime
 import inspect
 import logging
 import math
@@ -26,6 +27,7 @@ import torch
 from torch import nn
 
 from . import checkpoint as ck
+from . import distributed as fd
 from . import optim
 from .callbacks import (
     CallbackHandler, DefaultFlowCallback, ExportableState, PrinterCallback, ProgressCallback, TrainerControl,
@@ -73,6 +75,8 @@ class Trainer:
         self.args = args if args is not None else TrainingArguments("trainer_output")
         if not isinstance(self.args, TrainingArguments):
             raise TypeError(f"args must be a functrain.TrainingArguments, got {type(self.args).__name__}")
+        # Joins the process group when launched by torchrun / accelerate (no-op for one process).
+        self.dist = fd.init_distributed(self.args.ddp_backend, datetime.timedelta(seconds=self.args.ddp_timeout))
         set_seed(self.args.seed)
         self.model_init = model_init
         if model is None:
@@ -101,8 +105,9 @@ class Trainer:
                 gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs or {"use_reentrant": False})
         default = [DefaultFlowCallback, MetricsFileCallback] + [INTEGRATION_CALLBACKS[n] for n in self.args.report_to]
         self.callback_handler = CallbackHandler(default + list(callbacks or []), model, processing_class)
-        self.callback_handler.add_callback(PrinterCallback if self.args.disable_tqdm else ProgressCallback)
-        self.state = TrainerState()
+        if fd.is_main_process():  # progress and prints on the main process only
+            self.callback_handler.add_callback(PrinterCallback if self.args.disable_tqdm else ProgressCallback)
+        self.state = self._mark_process(TrainerState())
         self.control = TrainerControl()
         self.train_state: TrainState | None = None
         self.interrupted: int | None = None
@@ -149,17 +154,20 @@ class Trainer:
         return ResumableLoader(self._prepare_dataset(self.train_dataset, "training"),
                                a.per_device_train_batch_size * a.gradient_accumulation_steps, self.data_collator,
                                seed=a.data_seed if a.data_seed is not None else a.seed, shuffle=True,
-                               drop_last=a.dataloader_drop_last, num_workers=a.dataloader_num_workers)
+                               drop_last=a.dataloader_drop_last, num_workers=a.dataloader_num_workers,
+                               world_size=fd.world_size(), rank=fd.rank())
 
-    def get_eval_dataloader(self, eval_dataset=None):
+    def get_eval_dataloader(self, eval_dataset=None, shard: bool = False):
+        """Eval batches in dataset order; ``shard=True`` gives this rank its share (distributed runs)."""
         from .data.loader import ResumableLoader
 
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if dataset is None:
             raise ValueError("evaluation needs an eval_dataset (pass one to Trainer or to evaluate())")
+        world, rank = (fd.world_size(), fd.rank()) if shard else (1, 0)
         return ResumableLoader(self._prepare_dataset(dataset, "evaluation"), self.args.per_device_eval_batch_size,
                                self.data_collator, shuffle=False, drop_last=self.args.dataloader_drop_last,
-                               num_workers=self.args.dataloader_num_workers)
+                               num_workers=self.args.dataloader_num_workers, world_size=world, rank=rank)
 
     def get_test_dataloader(self, test_dataset):
         return self.get_eval_dataloader(test_dataset)
@@ -244,7 +252,34 @@ class Trainer:
 
         a = self.args
         return make_train_step(self.model, tx, self._train_loss_fn(), accumulate=accumulate, precision=a.precision,
-                               compile=a.torch_compile, max_grad_norm=a.max_grad_norm or None)
+                               compile=a.torch_compile, max_grad_norm=a.max_grad_norm or None,
+                               **self._distributed_step_kwargs())
+
+    # -- distributed (see functrain.distributed) -------------------------------------------------
+    def _distributed_step_kwargs(self) -> dict:
+        """The step's hooks for this run: none for one process, DDP all-reduces, or sharded gathers."""
+        if not fd.is_distributed():
+            return {}
+        if self.args.sharded:
+            return fd.sharded_hooks()
+        if not self.args.average_tokens_across_devices:  # HF's opt-out: per-rank mean, ranks averaged
+            grad_reduce, _ = fd.per_rank_mean_hooks()
+            return {"grad_reduce": grad_reduce}
+        grad_reduce, count_reduce = fd.data_parallel_hooks()
+        return {"grad_reduce": grad_reduce, "count_reduce": count_reduce}
+
+    def _mark_process(self, state: TrainerState) -> TrainerState:
+        state.is_world_process_zero = fd.is_main_process()
+        state.is_local_process_zero = self.dist.local_rank == 0
+        return state
+
+    def _read_state(self, path: str, template: TrainState) -> TrainState:
+        """Load a checkpoint's TrainState; sharded templates/checkpoints reshard to this run."""
+        from . import distributed_checkpoint as dck
+
+        if fd.is_distributed() or dck.is_sharded_checkpoint(path):
+            return dck.load_train_state(path, template, self.model)
+        return ck.load_train_state(path, template, self.model)
 
     def _step_for_rows(self, rows: int):
         """The step for a window of ``rows`` examples (a short last window gets fewer microbatches)."""
@@ -261,8 +296,9 @@ class Trainer:
         if key not in self._eval_steps:
             from .step import make_eval_step
 
-            self._eval_steps[key] = make_eval_step(self.model, self._eval_loss_fn(), precision=self.args.precision,
-                                                   compile=self.args.torch_compile, return_outputs=with_outputs)
+            self._eval_steps[key] = make_eval_step(
+                self.model, self._eval_loss_fn(), precision=self.args.precision, compile=self.args.torch_compile,
+                return_outputs=with_outputs, param_transform=fd.gather_params if self.args.sharded else None)
         return self._eval_steps[key]
 
     def _fresh_train_state(self, tx) -> TrainState:
@@ -271,7 +307,10 @@ class Trainer:
             from .precision import dynamic_scale_init
 
             loss_scale = dynamic_scale_init(device=next(self.model.parameters()).device)
-        return TrainState.create(self.model, tx, seed=self.args.seed, loss_scale=loss_scale)
+        state = TrainState.create(self.model, tx, seed=self.args.seed, loss_scale=loss_scale)
+        if self.args.sharded and fd.is_distributed():
+            state = fd.shard_state(state)  # copies: each rank keeps its shards, the module stays whole
+        return state
 
     def _state_for_eval(self) -> TrainState:
         if self.train_state is not None:
@@ -283,6 +322,8 @@ class Trainer:
         if self.train_state is None:
             return
         s = self.train_state
+        if self.args.sharded and fd.is_distributed():  # gather the shards (a collective: every rank)
+            s = s.replace(params=fd.unshard_state(s.params))
         with torch.no_grad():
             for name, t in list(self.model.named_parameters()) + list(self.model.named_buffers()):
                 src = s.params.get(name, s.buffers.get(name))
@@ -318,19 +359,20 @@ class Trainer:
         self._train_steps = {}
         state = self._fresh_train_state(self._tx)
 
-        self.state = TrainerState(max_steps=max_steps, num_train_epochs=num_epochs, epoch=0.0,
-                                  train_batch_size=a.per_device_train_batch_size)
+        self.state = self._mark_process(TrainerState(max_steps=max_steps, num_train_epochs=num_epochs, epoch=0.0,
+                                                     train_batch_size=a.per_device_train_batch_size))
         self.state.compute_steps(a, max_steps)
         position = {"epoch": 0, "batch_index": 0}
         if resume_path is not None:
             state = self._load_checkpoint(resume_path, state)
-            position = self.state.data_position or position
+            position = _map_data_position(self.state.data_position or position, self._global_window())
             self.state.max_steps, self.state.num_train_epochs = max_steps, num_epochs
             self.state.compute_steps(a, max_steps)
         self.train_state = state
         self.callback_handler.train_state = state
         self.callback_handler.train_dataloader = loader
-        ck.remove_stale_temporaries(a.output_dir)
+        if fd.is_main_process():
+            ck.remove_stale_temporaries(a.output_dir)
 
         neftune = self._activate_neftune()
         previous_handlers = self._install_signal_handlers()
@@ -356,8 +398,8 @@ class Trainer:
         return path
 
     def _load_checkpoint(self, path: str, template: TrainState) -> TrainState:
-        state = ck.load_train_state(path, template, self.model)
-        self.state = TrainerState.load_from_json(os.path.join(path, ck.TRAINER_STATE_FILE))
+        state = self._read_state(path, template)
+        self.state = self._mark_process(TrainerState.load_from_json(os.path.join(path, ck.TRAINER_STATE_FILE)))
         for cb in self.callback_handler.callbacks:
             saved = self.state.stateful_callbacks.get(type(cb).__name__)
             if isinstance(cb, ExportableState) and saved is not None:
@@ -397,12 +439,13 @@ class Trainer:
                 total_loss = total_loss.to(loss.device) + loss
                 self._last_metrics = metrics
                 self._steps_since_log += 1
-                self._samples_since_log += rows
-                total_samples += rows
+                self._samples_since_log += rows * fd.world_size()  # global throughput
+                total_samples += rows * fd.world_size()
                 self._count_tokens(window)
                 self.state.global_step += 1
                 self.state.epoch = epoch + loader.state.batch_index / steps_per_epoch
-                self.state.data_position = {**loader.state.to_dict()}
+                self.state.data_position = {**loader.state.to_dict(),
+                                            "samples": loader.state.batch_index * self._global_window()}
                 self.control = handler.on_step_end(a, self.state, self.control)
                 if self.interrupted is not None:
                     self.control.should_save = True
@@ -425,6 +468,10 @@ class Trainer:
             epoch += 1
         return self._finish_training(start_step, start_time, total_loss, total_samples)
 
+    def _global_window(self) -> int:
+        a = self.args
+        return a.per_device_train_batch_size * a.gradient_accumulation_steps * fd.world_size()
+
     def _finish_training(self, start_step, start_time, total_loss, total_samples) -> TrainOutput:
         a = self.args
         if self.interrupted is not None:
@@ -435,6 +482,7 @@ class Trainer:
         self._sync_model()
         runtime = time.perf_counter() - start_time
         steps = self.state.global_step - start_step
+        total_loss = fd.all_reduce_sum(total_loss)  # each rank holds its share of the global mean
         train_loss = float(total_loss / steps) if steps > 0 else float("nan")
         metrics = {
             "train_runtime": round(runtime, 4),
@@ -467,7 +515,7 @@ class Trainer:
             logger.warning("could not load the best model: %s", e)
             return
         logger.info("loading best model from %s (score: %s)", best, self.state.best_metric)
-        loaded = ck.load_train_state(best, self.train_state, self.model)
+        loaded = self._read_state(best, self.train_state)
         self.train_state = self.train_state.replace(params=loaded.params, buffers=loaded.buffers)
         self.callback_handler.train_state = self.train_state
 
@@ -488,10 +536,10 @@ class Trainer:
         """The only host reads of the step's metrics: on logging steps."""
         m, n = self._last_metrics, self._steps_since_log
         elapsed = time.perf_counter() - self._log_timer
-        logs = {"loss": float(self._loss_sum / n)}
+        logs = {"loss": float(fd.all_reduce_sum(self._loss_sum) / n)}
         for key in ("grad_norm", "learning_rate", "loss_scale"):
             if key in m:
-                logs[key] = float(m[key])
+                logs[key] = float(fd.to_local_full(m[key]))
         logs["step_time"] = elapsed / n
         if elapsed > 0:
             logs["samples_per_second"] = self._samples_since_log / elapsed
@@ -549,21 +597,33 @@ class Trainer:
                                   "samples": self._samples_since_log}
         ls = self.train_state.loss_scale
         self.state.loss_scale = float(ls.scale) if ls is not None and hasattr(ls, "scale") else None
-        ck.save_checkpoint(a.output_dir, step, model=self.model,
-                           train_state=None if a.save_only_model else self.train_state,
-                           trainer_state=self.state, args=a, processing_class=self.processing_class)
-        ck.rotate_checkpoints(a.output_dir, a.save_total_limit, self.state.best_model_checkpoint)
+        if self.args.sharded and fd.is_distributed() and not a.save_only_model:
+            from . import distributed_checkpoint as dck
+
+            dck.save_sharded_checkpoint(a.output_dir, step, model=self.model, train_state=self.train_state,
+                                        trainer_state=self.state, args=a, processing_class=self.processing_class)
+        elif fd.is_main_process():  # every rank holds the same state: one writer
+            ck.save_checkpoint(a.output_dir, step, model=self.model,
+                               train_state=None if a.save_only_model else self.train_state,
+                               trainer_state=self.state, args=a, processing_class=self.processing_class)
+        if fd.is_main_process():
+            ck.rotate_checkpoints(a.output_dir, a.save_total_limit, self.state.best_model_checkpoint)
+        fd.barrier()  # no rank runs ahead (or resumes) before the checkpoint is complete
         return path
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Save the weights (safetensors), config and processing class, loadable by ``from_pretrained``."""
         output_dir = output_dir or self.args.output_dir
-        self._sync_model()
-        ck.write_model(self.model, output_dir, processing_class=self.processing_class)
-        self.args.save_to_json(os.path.join(output_dir, ck.ARGS_FILE))
+        self._sync_model()  # gathers sharded params on every rank
+        if fd.is_main_process():
+            ck.write_model(self.model, output_dir, processing_class=self.processing_class)
+            self.args.save_to_json(os.path.join(output_dir, ck.ARGS_FILE))
+        fd.barrier()
 
     def save_state(self) -> None:
-        """Write ``trainer_state.json`` to ``output_dir``."""
+        """Write ``trainer_state.json`` to ``output_dir`` (main process only)."""
+        if not fd.is_main_process():
+            return
         os.makedirs(self.args.output_dir, exist_ok=True)
         self.state.save_to_json(os.path.join(self.args.output_dir, ck.TRAINER_STATE_FILE))
 
@@ -590,9 +650,14 @@ class Trainer:
     def _run_evaluation(self, dataset, ignore_keys, prefix: str, collect: bool):
         from .evaluation import evaluation_loop
 
-        loader = self.get_eval_dataloader(dataset)
         with_outputs = not self.args.prediction_loss_only and (collect or self.compute_metrics is not None)
+        # Loss-only evaluation is split across ranks and reduced below; predictions and
+        # compute_metrics see the whole set on every rank (no gather of predictions yet).
+        shard = fd.is_distributed() and not with_outputs
+        loader = self.get_eval_dataloader(dataset, shard=shard)
         eval_step = self._get_eval_step(with_outputs)
+        if shard:
+            eval_step, items = _counting_items(eval_step)
         self.callback_handler.eval_dataloader = loader
         kwargs = {}
         if ignore_keys is not None:
@@ -603,6 +668,8 @@ class Trainer:
                                  prediction_loss_only=self.args.prediction_loss_only, metric_key_prefix=prefix,
                                  label_names=self._label_names(), collect_predictions=collect or None, **kwargs)
         metrics = output.metrics
+        if shard and f"{prefix}_loss" in metrics:  # mean over all ranks' items, weighted by items
+            metrics[f"{prefix}_loss"] = fd.weighted_mean(metrics[f"{prefix}_loss"], float(items["n"]))
         runtime = metrics.get(f"{prefix}_runtime")
         if runtime:
             metrics.setdefault(f"{prefix}_samples_per_second", round(output.num_samples / runtime, 3))
@@ -658,6 +725,35 @@ def _restore_signal_handlers(previous) -> None:
 
 
 # -- helpers --------------------------------------------------------------------------------------
+
+
+def _counting_items(eval_step):
+    """Wrap ``eval_step`` to also sum its ``num_items`` (the weight of this rank's eval loss)."""
+    items = {"n": torch.zeros((), dtype=torch.float64)}
+
+    def step(state, batch):
+        out = eval_step(state, batch)
+        if out.get("num_items") is not None:
+            items["n"] = items["n"] + out["num_items"].detach().double().cpu()
+        return out
+
+    return step, items
+
+
+def _map_data_position(position: dict, global_window: int) -> dict:
+    """The loader position for this run from a saved one, by GLOBAL samples consumed in the epoch.
+
+    A checkpoint written by N processes (or another batch size) resumes at the same sample when
+    the global window (``per_device * accumulation * world_size``) divides it.
+    """
+    samples = position.get("samples")
+    if samples is None:
+        return position
+    if samples % global_window:
+        raise ValueError(f"the checkpoint stopped after {samples} samples of epoch {position['epoch']}, which is not "
+                         f"a whole number of this run's global batches ({global_window} = per_device_train_batch_size "
+                         "x gradient_accumulation_steps x world size); resume with a global batch that divides it")
+    return {**position, "batch_index": samples // global_window}
 
 
 def _check_optimizers(optimizers):

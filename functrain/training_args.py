@@ -105,6 +105,11 @@ class TrainingArguments:
     neftune_noise_alpha: float | None = None
     torch_compile: bool = False
     eval_on_start: bool = False
+    # -- distributed (see docs/distributed.md) --
+    fsdp: bool | str | list | None = ""
+    ddp_backend: str | None = None
+    ddp_timeout: int = 1800
+    average_tokens_across_devices: bool = True
 
     # -- validation -------------------------------------------------------------------------------
     def __post_init__(self):
@@ -146,6 +151,12 @@ class TrainingArguments:
         self.lr_scheduler_type = sched
         if self.fp16 and self.bf16:
             _fail("fp16=True and bf16=True were both given; choose one mixed-precision mode")
+        self.fsdp = _normalize_fsdp(self.fsdp)
+        if self.ddp_backend not in (None, "gloo", "nccl", "mpi", "xccl"):
+            _fail(f"ddp_backend={self.ddp_backend!r} is not supported; expected None (nccl on GPUs, gloo on CPU), "
+                  "'gloo', 'nccl', 'mpi' or 'xccl'")
+        if isinstance(self.ddp_timeout, bool) or not isinstance(self.ddp_timeout, int) or self.ddp_timeout <= 0:
+            _fail(f"ddp_timeout must be a positive number of seconds, got {self.ddp_timeout!r}")
 
     def _check_numbers(self):
         def at_least(name, low, *, allow_none=False, integer=False):
@@ -238,6 +249,11 @@ class TrainingArguments:
         return self.per_device_eval_batch_size
 
     @property
+    def sharded(self) -> bool:
+        """True when ``fsdp`` asks for sharded params and optimizer state (``"full_shard"``)."""
+        return "full_shard" in self.fsdp.split()
+
+    @property
     def precision(self) -> str:
         return "bf16" if self.bf16 else "fp16" if self.fp16 else "fp32"
 
@@ -290,6 +306,27 @@ class Seq2SeqTrainingArguments(TrainingArguments):
         if gc is not None and not isinstance(gc, (str, dict)):
             d["generation_config"] = gc.to_dict() if hasattr(gc, "to_dict") else str(gc)
         return d
+
+
+# HF's fsdp options functrain implements: full_shard (params, grads and optimizer state sharded).
+# "auto_wrap" / "offload" are accepted names in HF; sharding here is per tensor, so auto_wrap is a no-op.
+_FSDP_OPTIONS = ("full_shard", "auto_wrap")
+
+
+def _normalize_fsdp(value) -> str:
+    """HF's ``fsdp`` (True, "full_shard auto_wrap", a list, ""/False/None) -> a space-separated string."""
+    if value is None or value is False:
+        return ""
+    if value is True:
+        return "full_shard"
+    words = value.split() if isinstance(value, str) else list(value)
+    for w in words:
+        if w not in _FSDP_OPTIONS:
+            _fail(f"fsdp option {w!r} is not supported; functrain implements {list(_FSDP_OPTIONS)} "
+                  "(params and optimizer state sharded as DTensor Shard(0); see docs/distributed.md)")
+    if words and "full_shard" not in words:
+        _fail(f"fsdp={value!r} needs 'full_shard' (the sharding strategy functrain implements)")
+    return " ".join(words)
 
 
 def _is_multiple(a: float, b: float) -> bool:

@@ -1,0 +1,333 @@
+"""Past one process (driver side): launch, data-parallel hooks, sharded (FSDP2-style) state.
+
+The pure step stays the same; this module only gives it hooks and reshapes the state:
+
+* **Data parallel** (:func:`data_parallel_hooks`): every rank holds the whole state and computes
+  gradients of its shard of the global batch, each already divided by the GLOBAL item count
+  (``count_reduce`` all-reduces the count first). ``grad_reduce`` then all-reduces the gradients
+  with SUM, so N ranks x B give the gradients of 1 rank x N*B (HF's
+  ``average_tokens_across_devices``). Both hooks are functional collectives, so a compiled step
+  keeps one graph.
+* **Sharded** (:func:`shard_state`, :func:`sharded_hooks`): params and optimizer state are
+  ``DTensor`` ``Shard(0)`` in the ``TrainState`` (each rank holds about 1/N). Inside the loss,
+  :func:`gather_params` all-gathers each param (``redistribute(Replicate)``) and its backward
+  reduce-scatters the gradient with SUM (``grad_placements=[Partial("sum")]``), so gradients come
+  back sharded and the optimizer update runs on shards. This is the SimpleFSDP pattern; FSDP2's
+  ``fully_shard`` hooks ignore params passed to ``functional_call`` (see DESIGN.md).
+
+Launch helpers (:func:`init_distributed`, :func:`rank`, ...) read the variables ``torchrun`` and
+``accelerate launch`` set. See ``docs/distributed.md``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Mapping
+from typing import Callable, NamedTuple
+
+import torch
+import torch.distributed as dist
+
+from . import tree
+
+DEFAULT_TIMEOUT = datetime.timedelta(minutes=10)
+_LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+class DistributedLaunchError(RuntimeError):
+    """The process was launched with an inconsistent distributed environment."""
+
+
+class DistInfo(NamedTuple):
+    rank: int
+    world_size: int
+    local_rank: int
+    backend: str | None
+    device: torch.device
+
+
+# -- launch ---------------------------------------------------------------------------------------
+
+
+def launched_distributed() -> bool:
+    """True when ``torchrun`` / ``accelerate launch`` started this process as one of several."""
+    return int(os.environ.get("WORLD_SIZE", "1") or "1") > 1
+
+
+def _env_int(name: str) -> int:
+    value = os.environ[name]
+    try:
+        return int(value)
+    except ValueError:
+        raise DistributedLaunchError(f"environment variable {name}={value!r} must be an integer") from None
+
+
+def read_launch_env() -> tuple[int, int, int]:
+    """``(rank, world_size, local_rank)`` from the launcher's variables, checked for consistency."""
+    if "WORLD_SIZE" not in os.environ:
+        return 0, 1, 0
+    world = _env_int("WORLD_SIZE")
+    if world < 1:
+        raise DistributedLaunchError(f"WORLD_SIZE={world} must be >= 1")
+    if world == 1:
+        return 0, 1, int(os.environ.get("LOCAL_RANK", "0") or 0)
+    missing = [v for v in _LAUNCH_VARS if not os.environ.get(v)]
+    if missing:
+        raise DistributedLaunchError(
+            f"WORLD_SIZE={world} is set but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing: "
+            "launch with `torchrun --nproc_per_node N script.py` or `accelerate launch --num_processes N "
+            "script.py`, which set RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT")
+    r, local = _env_int("RANK"), _env_int("LOCAL_RANK")
+    if not 0 <= r < world:
+        raise DistributedLaunchError(f"RANK={r} is outside [0, WORLD_SIZE={world})")
+    if local < 0:
+        raise DistributedLaunchError(f"LOCAL_RANK={local} must be >= 0")
+    return r, world, local
+
+
+def default_backend() -> str:
+    """``nccl`` when CUDA is available, else ``gloo``."""
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init_distributed(backend: str | None = None, timeout: datetime.timedelta = DEFAULT_TIMEOUT) -> DistInfo:
+    """Join the process group the launcher describes (no-op for a single process or if done already).
+
+    Chooses the backend (``nccl`` on CUDA, ``gloo`` on CPU, or ``backend`` as HF's
+    ``ddp_backend``), sets this process's CUDA device to ``LOCAL_RANK``, and bounds every
+    collective by ``timeout``. Raises :class:`DistributedLaunchError` for a misconfigured launch
+    (variables missing, more processes per node than GPUs with ``nccl``).
+    """
+    if dist.is_available() and dist.is_initialized():
+        return current_info()
+    r, world, local = read_launch_env()
+    if world == 1:
+        return DistInfo(0, 1, local, None, _device_for(local, None))
+    backend = backend or default_backend()
+    if backend not in ("gloo", "nccl", "mpi", "xccl", "cpu:gloo,cuda:nccl"):
+        raise DistributedLaunchError(f"ddp_backend={backend!r} is not a torch.distributed backend; expected "
+                                     "'nccl' (GPUs), 'gloo' (CPU) or 'mpi'")
+    if backend == "nccl":
+        if not torch.cuda.is_available():
+            raise DistributedLaunchError("backend 'nccl' needs CUDA GPUs, none is available; use 'gloo' on CPU")
+        if local >= torch.cuda.device_count():
+            raise DistributedLaunchError(
+                f"LOCAL_RANK={local} but this node has {torch.cuda.device_count()} GPU(s): launch at most "
+                f"{torch.cuda.device_count()} processes per node (--nproc_per_node / --num_processes)")
+        torch.cuda.set_device(local)
+    dist.init_process_group(backend=backend, timeout=timeout)
+    return current_info()
+
+
+def _device_for(local_rank: int, backend: str | None) -> torch.device:
+    if backend is not None and "nccl" in backend:
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def current_info() -> DistInfo:
+    if not is_distributed():
+        return DistInfo(0, 1, 0, None, torch.device("cpu"))
+    backend = dist.get_backend()
+    local = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local, backend, _device_for(local, backend))
+
+
+def is_distributed() -> bool:
+    """True inside an initialized process group of more than one process."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main_process() -> bool:
+    """Rank 0 (or a single process): the one that logs, shows progress and writes files."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+# -- data parallel --------------------------------------------------------------------------------
+
+
+def _group(group):
+    return group if group is not None else dist.group.WORLD
+
+
+def data_parallel_hooks(group=None) -> tuple[Callable, Callable]:
+    """``(grad_reduce, count_reduce)`` for :func:`functrain.make_train_step`: SUM all-reduces.
+
+    The step divides each rank's gradients by the global item count (``count_reduce``), so the
+    SUM of the ranks' gradients is the gradient of the global batch's mean loss. Functional
+    collectives (``torch.distributed._functional_collectives``) trace into a compiled step.
+    """
+    import torch.distributed._functional_collectives as funcol
+
+    def grad_reduce(grads):
+        leaves, treedef = tree.flatten(grads)
+        if not leaves:
+            return grads
+        # One coalesced all-reduce for all gradients (fewer, larger messages).
+        return tree.unflatten(treedef, funcol.all_reduce_coalesced(leaves, "sum", _group(group)))
+
+    def count_reduce(count):
+        return funcol.all_reduce(count, "sum", _group(group))
+
+    return grad_reduce, count_reduce
+
+
+def per_rank_mean_hooks(group=None) -> tuple[Callable, Callable]:
+    """The naive alternative (for comparison only): normalize by the LOCAL count, average ranks.
+
+    This is what plain DDP with a per-rank mean loss computes; it differs from the global mean
+    when ranks hold different numbers of supervised items.
+    """
+    import torch.distributed._functional_collectives as funcol
+
+    n = world_size()
+
+    def grad_reduce(grads):
+        leaves, treedef = tree.flatten(grads)
+        summed = funcol.all_reduce_coalesced(leaves, "sum", _group(group))
+        return tree.unflatten(treedef, [g / n for g in summed])
+
+    return grad_reduce, None
+
+
+# Metrics of the step that every rank already holds with the global value.
+_GLOBAL_METRICS = frozenset({"num_items", "grad_norm", "learning_rate", "loss_scale", "skipped"})
+
+
+def reduce_metrics(metrics: Mapping, group=None) -> dict:
+    """Metrics of a distributed ``train_step`` as global values, on every rank (plain tensors).
+
+    ``loss`` and the loss_fn's aux entries are each rank's share of the global item-weighted
+    mean (weights use the global count), so they are SUMMED. ``num_items`` (after
+    ``count_reduce``), ``grad_norm`` (after ``grad_reduce``), ``learning_rate``, ``loss_scale``
+    and ``skipped`` are already global and are kept (DTensors are made local).
+    """
+    out = {k: to_local_full(v) for k, v in metrics.items()}
+    if not is_distributed():
+        return out
+    keys = [k for k, v in out.items() if k not in _GLOBAL_METRICS and isinstance(v, torch.Tensor)]
+    if keys:
+        stacked = torch.stack([out[k].float() for k in keys])
+        dist.all_reduce(stacked, op=dist.ReduceOp.SUM, group=group)
+        out.update(zip(keys, stacked.unbind(0)))
+    return out
+
+
+def all_reduce_sum(values: torch.Tensor, group=None) -> torch.Tensor:
+    """SUM of ``values`` over ranks (a copy; the input is unchanged). Identity for one process."""
+    values = values.detach().clone()
+    if is_distributed():
+        dist.all_reduce(values, op=dist.ReduceOp.SUM, group=group)
+    return values
+
+
+def weighted_mean(value: float, weight: float, group=None) -> float:
+    """``sum(value_r * weight_r) / sum(weight_r)`` over ranks (e.g. eval loss weighted by items)."""
+    t = all_reduce_sum(torch.tensor([value * weight, weight], dtype=torch.float64), group)
+    return float(t[0] / t[1]) if t[1] > 0 else float("nan")
+
+
+# -- sharded (FSDP2 semantics) --------------------------------------------------------------------
+
+
+def _dtensor():
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+
+    return DTensor, Partial, Replicate, Shard
+
+
+def is_dtensor(x) -> bool:
+    DTensor = _dtensor()[0]
+    return isinstance(x, DTensor)
+
+
+def make_mesh(device_type: str | None = None):
+    """A 1-d device mesh over every rank (``cpu`` with gloo, ``cuda`` with nccl)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if device_type is None:
+        device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    return init_device_mesh(device_type, (world_size(),))
+
+
+def shard_tensor(t: torch.Tensor, mesh):
+    """``t`` as a ``DTensor`` sharded on dim 0 (uneven sizes allowed); 0-d tensors stay plain."""
+    DTensor, _, _, Shard = _dtensor()
+    if isinstance(t, DTensor) or t.ndim == 0:
+        return t
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(t.detach(), mesh, [Shard(0)])
+
+
+def shard_state(state, mesh=None):
+    """A copy of ``state`` whose params and optimizer state are ``DTensor`` ``Shard(0)``.
+
+    Every rank must hold the same ``state`` (same seed); each keeps about 1/N of each tensor
+    (dim 0 not divisible by N gives uneven shards). 0-d tensors (step counts, learning rate) and
+    buffers stay plain, replicated tensors.
+    """
+    mesh = mesh if mesh is not None else make_mesh()
+    return state.replace(params=tree.map(lambda t: shard_tensor(t, mesh), state.params),
+                         opt_state=tree.map(lambda t: shard_tensor(t, mesh), state.opt_state))
+
+
+def to_local_full(x):
+    """A ``DTensor`` as the full plain tensor (a collective); anything else unchanged."""
+    if is_dtensor(x):
+        return x.full_tensor()
+    return x
+
+
+def unshard_state(state):
+    """A copy of ``state`` with every ``DTensor`` gathered to a full plain tensor (collective)."""
+    return tree.map(to_local_full, state)
+
+
+def gather_params(params: Mapping) -> dict:
+    """``param_transform`` for sharded mode: all-gather each ``DTensor`` param for compute.
+
+    ``to_local(grad_placements=[Partial("sum")])`` makes the backward reduce-scatter the
+    gradients with SUM: each rank's gradient is already divided by the global item count, so
+    the sum is the gradient of the global mean (``Partial("avg")`` would divide it by N again).
+    """
+    _, Partial, Replicate, _ = _dtensor()
+    out = {}
+    for k, p in params.items():
+        if is_dtensor(p):
+            p = p.redistribute(p.device_mesh, [Replicate()]).to_local(grad_placements=[Partial("sum")])
+        out[k] = p
+    return out
+
+
+def sharded_hooks(group=None) -> dict:
+    """Keyword arguments of ``make_train_step`` for sharded mode.
+
+    Gradients are reduce-scattered by :func:`gather_params`' backward, so ``grad_reduce`` is the
+    identity; the item count is still all-reduced.
+    """
+    _, count_reduce = data_parallel_hooks(group)
+    return {"param_transform": gather_params, "count_reduce": count_reduce}
+
+
+def local_nbytes(tree_) -> int:
+    """Bytes this rank holds for a pytree (a ``DTensor`` counts its local shard only)."""
+    total = 0
+    for x in tree.leaves(tree_):
+        local = x.to_local() if is_dtensor(x) else x
+        total += local.numel() * local.element_size()
+    return total

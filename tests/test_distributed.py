@@ -1,0 +1,195 @@
+"""Data parallel and sharded training on 2 CPU processes (gloo), launched by torchrun / accelerate.
+
+Each launch runs tests/_dist_worker.py; rank 0 writes result.json, which the test checks against
+single-process references (computed in the worker or in this process).
+"""
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import functrain as ft
+from functrain import distributed as fd
+
+pytestmark = pytest.mark.distributed
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+WORKER = os.path.join(HERE, "_dist_worker.py")
+LAUNCH_TIMEOUT = 240  # seconds; a hang fails the test instead of blocking CI
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env():
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def torchrun(mode, out_dir, opts=None):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(free_port()), WORKER, mode, str(out_dir), json.dumps(opts or {})]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT, env=_env())
+
+
+def check(proc):
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+
+def read_result(out_dir):
+    with open(os.path.join(out_dir, "result.json")) as f:
+        return json.load(f)
+
+
+def run_here(mode, out_dir, opts):
+    """The worker's mode in this (single) process: the 1-process reference."""
+    sys.path.insert(0, HERE)
+    import _dist_worker
+
+    {"trainer": _dist_worker.mode_trainer}[mode](str(out_dir), opts)
+
+
+def final_weights(out_dir):
+    return load_file(os.path.join(out_dir, "final", "model.safetensors"))
+
+
+# -- the pure step ----------------------------------------------------------------------------------
+
+
+def test_step_parity_ddp_and_sharded(tmp_path):
+    """2 ranks x B == 1 process x 2B for 10 AdamW steps, accumulation 2, uneven padding."""
+    check(torchrun("steps", tmp_path))
+    r = read_result(tmp_path)
+    # Data parallel with the global item count: equal to the single process.
+    assert r["ddp"] <= 1e-5
+    # The per-rank normalizer (local mean, ranks averaged) is measurably different: the test can fail.
+    assert r["per_rank_normalizer"] >= 1e-3
+    # Sharded (DTensor Shard(0), uneven 15-row params) gives the same params.
+    assert r["sharded_is_dtensor"]
+    assert r["sharded"] <= 1e-5
+    # Each rank holds about half the optimizer state (15 rows split 8 + 7, plus 0-d counters).
+    assert 0.45 <= r["opt_bytes_sharded"] / r["opt_bytes_full"] <= 0.56
+    # Reduced metrics are the global ones.
+    for key in ("loss", "num_items", "grad_norm"):
+        assert r["ddp_metrics"][key] == pytest.approx(r["ref_last_metrics"][key], rel=1e-5)
+        assert r["sharded_metrics"][key] == pytest.approx(r["ref_last_metrics"][key], rel=1e-5)
+    # bf16 compute with fp32 master weights: sharded == data parallel; bf16 moves the result a little.
+    assert r["bf16_master_dtype"] == "torch.float32"
+    assert r["bf16_sharded_vs_ddp"] <= 1e-6
+    assert 0 < r["bf16_vs_fp32"] < 5e-2
+
+
+# -- the Trainer: sharded run, resume across world sizes --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted 1-process run (global batch 12 = 6 x 2 accumulation), checkpoint at step 5."""
+    out = tmp_path_factory.mktemp("ref")
+    run_here("trainer", out, {"output_dir": str(out / "run"), "per_device": 6, "eval": True})
+    return out
+
+
+@pytest.mark.slow
+def test_sharded_trainer_matches_one_process_and_resumes_on_one(tmp_path, reference):
+    out2 = tmp_path / "two"
+    check(torchrun("trainer", out2, {"output_dir": str(out2 / "run"), "per_device": 3, "fsdp": "full_shard",
+                                     "eval": True}))
+    ref = final_weights(reference)
+    assert ft.tree.relative_difference(final_weights(out2), ref) <= 1e-5
+    # Logged train loss and eval loss (reduced over ranks, weighted by items) equal the 1-process ones.
+    logs2, logs1 = read_result(out2)["log_history"], read_result(reference)["log_history"]
+    for key in ("loss", "eval_loss"):
+        a = [e[key] for e in logs2 if key in e]
+        b = [e[key] for e in logs1 if key in e]
+        assert len(a) == len(b) == 2 and a == pytest.approx(b, rel=1e-5)
+    ckpt = out2 / "run" / "checkpoint-5"
+    assert sorted(p.name for p in ckpt.glob("train_state-*")) == ["train_state-00000-of-00002.safetensors",
+                                                                  "train_state-00001-of-00002.safetensors"]
+    assert not list(ckpt.glob("*.pt")) and not list(ckpt.glob("*.metadata"))
+    # 2 -> 1: resume the sharded checkpoint in one process.
+    out1 = tmp_path / "resumed"
+    os.makedirs(out1 / "run")
+    shutil.copytree(ckpt, out1 / "run" / "checkpoint-5")
+    run_here("trainer", out1, {"output_dir": str(out1 / "run"), "per_device": 6, "eval": True, "resume": True})
+    assert ft.tree.relative_difference(final_weights(out1), ref) <= 1e-5
+
+
+@pytest.mark.slow
+def test_accelerate_launch_resumes_one_process_checkpoint_on_two(tmp_path, reference):
+    """1 -> 2 through `accelerate launch` (2 CPU processes): sharded resume of a 1-process checkpoint."""
+    shutil.copytree(reference / "run" / "checkpoint-5", tmp_path / "run" / "checkpoint-5")
+    opts = {"output_dir": str(tmp_path / "run"), "per_device": 3, "fsdp": "full_shard", "eval": True, "resume": True}
+    # accelerate 1.15 runs ONE process for `--cpu --num_processes 2` (multi-CPU needs mpirun); with
+    # --multi_gpu it launches torchrun-style workers, and ACCELERATE_USE_CPU=1 keeps them on the CPU.
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+           str(free_port()), WORKER, "trainer", str(tmp_path), json.dumps(opts)]
+    env = {**_env(), "ACCELERATE_USE_CPU": "1", "CUDA_VISIBLE_DEVICES": ""}
+    check(subprocess.run(cmd, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT, env=env))
+    assert read_result(tmp_path)["world_size"] == 2
+    assert ft.tree.relative_difference(final_weights(tmp_path), final_weights(reference)) <= 1e-5
+
+
+# -- failures -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_one_rank_raising_ends_every_rank(tmp_path):
+    proc = torchrun("fail", tmp_path, {"output_dir": str(tmp_path / "run"), "per_device": 3})
+    log = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert log.count("RuntimeError: boom on rank 1 at step 3") == 1, log[-4000:]
+    # torchrun's summary: both workers ended with a non-zero exit code (the other one stopped too).
+    codes = [int(c) for c in re.findall(r"^\s*exitcode\s*:\s*(-?\d+)", log, flags=re.M)]
+    assert len(codes) == 2 and all(c != 0 for c in codes), log[-3000:]
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"WORLD_SIZE": "2"}, "RANK, LOCAL_RANK"),
+    ({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}, "MASTER_PORT"),
+    ({"WORLD_SIZE": "2", "RANK": "5", "LOCAL_RANK": "0", "MASTER_ADDR": "x", "MASTER_PORT": "1"}, "outside"),
+    ({"WORLD_SIZE": "two"}, "must be an integer"),
+])
+def test_launch_misconfiguration_is_a_clear_error(monkeypatch, env, message):
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(fd.DistributedLaunchError, match=message):
+        fd.init_distributed()
+
+
+def test_nccl_without_gpus_is_a_clear_error(monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has GPUs")
+    for k, v in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "x", "MASTER_PORT": "1"}.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(fd.DistributedLaunchError, match="needs CUDA"):
+        fd.init_distributed("nccl")
+
+
+def test_single_process_helpers_and_args():
+    assert not fd.is_distributed() and fd.rank() == 0 and fd.world_size() == 1 and fd.is_main_process()
+    m = {"loss": torch.tensor(1.5), "num_items": torch.tensor(3)}
+    assert {k: float(v) for k, v in fd.reduce_metrics(m).items()} == {"loss": 1.5, "num_items": 3.0}
+    assert ft.TrainingArguments("o", fsdp=True).sharded
+    assert ft.TrainingArguments("o", fsdp="full_shard auto_wrap").sharded
+    assert not ft.TrainingArguments("o").sharded
+    with pytest.raises(ValueError, match="fsdp option 'offload'"):
+        ft.TrainingArguments("o", fsdp="full_shard offload")
+    with pytest.raises(ValueError, match="ddp_backend"):
+        ft.TrainingArguments("o", ddp_backend="tcp")
