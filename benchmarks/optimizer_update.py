@@ -124,16 +124,22 @@ VARIANTS = {
 }
 
 
-def time_variant(step, steps: int, repeats: int, warmup: int) -> list[float]:
-    """Milliseconds per update for each repeat (the first ``warmup`` calls compile/warm caches)."""
-    for _ in range(warmup):
-        step()
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(steps):
+def time_interleaved(steps_by_name: dict, steps: int, repeats: int, warmup: int) -> dict:
+    """Milliseconds per update, ``{name: [one value per repeat]}``.
+
+    Variants take turns within each repeat, so a burst of load from other processes on a shared
+    machine hits all of them alike instead of skewing one (the first ``warmup`` calls compile).
+    """
+    for step in steps_by_name.values():
+        for _ in range(warmup):
             step()
-        out.append((time.perf_counter() - t0) * 1e3 / steps)
+    out = {name: [] for name in steps_by_name}
+    for _ in range(repeats):
+        for name, step in steps_by_name.items():
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                step()
+            out[name].append((time.perf_counter() - t0) * 1e3 / steps)
     return out
 
 
@@ -170,18 +176,18 @@ def main(argv=None) -> dict:
     n = tree.size(params)
     print(f"AdamW update, {n:,} fp32 params in {len(shapes)} tensors, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; {repeats} repeats x {steps} steps, median ms/update", flush=True)
-    results = {}
+    made, setup_s = {}, {}
     for name, make in VARIANTS.items():
         if args.only and name not in args.only:
             continue
         t0 = time.perf_counter()
-        step = make(params, grads)
-        times = time_variant(step, steps, repeats, warmup=2)
-        results[name] = {"median_ms": statistics.median(times), "all_ms": times,
-                         "setup_and_warmup_s": time.perf_counter() - t0 - sum(times) * steps / 1e3}
-        del step
-        print(f"  {name}: median {results[name]['median_ms']:.2f} ms "
-              f"(setup+warmup {results[name]['setup_and_warmup_s']:.0f} s)", flush=True)
+        made[name] = make(params, grads)
+        made[name]()  # compile now, so setup time is measured per variant
+        setup_s[name] = time.perf_counter() - t0
+        print(f"  {name}: set up and first update in {setup_s[name]:.1f} s", flush=True)
+    times = time_interleaved(made, steps, repeats, warmup=2)
+    results = {name: {"median_ms": statistics.median(t), "all_ms": t, "setup_s": setup_s[name]}
+               for name, t in times.items()}
     ref = results.get("torch fused", {}).get("median_ms")
     print(f"{'variant':<28} {'ms/update':>10} {'vs fused':>9}")
     for name, r in results.items():

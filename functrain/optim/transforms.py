@@ -113,8 +113,10 @@ def scale_by_adam(b1=0.9, b2=0.999, eps=1e-8, *, amsgrad: bool = False) -> Gradi
             nu_for_denom = nu_max
         count = safe_increment(state.count)
         t = count.to(torch.float64)
-        bc1 = (1 - torch.pow(torch.as_tensor(b1, dtype=torch.float64), t)).float()
-        bc2_sqrt = torch.sqrt(1 - torch.pow(torch.as_tensor(b2, dtype=torch.float64), t)).float()
+        bc1, bc2_sqrt = _materialized(
+            (1 - torch.pow(torch.as_tensor(b1, dtype=torch.float64), t)).float(),
+            torch.sqrt(1 - torch.pow(torch.as_tensor(b2, dtype=torch.float64), t)).float(),
+        )
         denom = torch._foreach_sqrt(nu_for_denom)
         torch._foreach_div_(denom, bc2_sqrt)
         torch._foreach_add_(denom, eps)
@@ -129,6 +131,19 @@ def scale_by_adam(b1=0.9, b2=0.999, eps=1e-8, *, amsgrad: bool = False) -> Gradi
         return tree.unflatten(treedef, out), new_state
 
     return GradientTransformation(init, update)
+
+
+def _materialized(*scalars: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The same 0-d values, computed once per step under ``torch.compile``.
+
+    Inductor inlines cheap 0-d math into each consumer's loop, so the float64 ``pow``/``sqrt`` of
+    the bias corrections would run once per vector of every parameter tensor (measured: the
+    compiled update ran ~2.6x slower than fused AdamW). A sum over more elements than inductor
+    unrolls (8) is a real reduction: its result is a buffer that the loops only load.
+    """
+    stacked = torch.stack(scalars)  # (k,)
+    padded = torch.cat([stacked.unsqueeze(1), stacked.new_zeros(len(scalars), 15)], dim=1)  # (k, 16)
+    return tuple(padded.sum(dim=1).unbind(0))
 
 
 # -- weight decay, clipping, momentum ------------------------------------------------------------
