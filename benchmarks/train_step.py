@@ -124,7 +124,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=None, help="steps per round per contender")
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     steps = args.steps or (3 if args.quick else 6)
     rounds = args.rounds or (2 if args.quick else 5)
     cfg = config(args.quick)
