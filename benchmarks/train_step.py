@@ -1,0 +1,172 @@
+"""Whole train step (target 2): functrain compiled+donated vs a hand eager loop vs the HF Trainer.
+
+    python benchmarks/train_step.py            # GPT-2 4 layers, width 256, 4 heads, vocab 2048, seq 128, batch 8
+    python benchmarks/train_step.py --quick    # tiny model (smoke test)
+
+Same model init, same batches, same work per step for all three: forward + backward, global-norm
+clip to 1.0, AdamW (weight decay 0, HF's default), linear schedule.
+
+* ``functrain``: ``make_train_step(compile=True, donate=True, max_grad_norm=1.0)``.
+* ``hand loop``: eager ``loss.backward()``, ``clip_grad_norm_``, ``AdamW(fused=True)``, ``LambdaLR``.
+* ``HF Trainer``: ``transformers.Trainer`` (``optim="adamw_torch_fused"``), timed per step by a
+  callback from ``on_step_begin`` to ``on_step_end`` (its forward, backward, clip, optimizer and
+  scheduler, not its data loading); the ``HF Trainer loop`` row is the time between successive
+  ``on_step_end`` calls (everything, data loading included).
+
+Rounds interleave the contenders; the first step of each round is dropped (the HF Trainer
+builds a new optimizer per ``train()`` call). Targets: functrain <= 1.0x hand loop, <= 0.9x HF.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import tempfile
+import time
+
+import torch
+
+try:
+    from . import _common as C
+except ImportError:
+    import _common as C
+
+LR, TOTAL_STEPS = 3e-4, 10_000
+
+
+def config(quick: bool) -> dict:
+    if quick:
+        return dict(n_layer=1, n_embd=32, n_head=2, vocab=128, seq=16, batch=4)
+    return dict(n_layer=4, n_embd=256, n_head=4, vocab=2048, seq=128, batch=8)
+
+
+def functrain_contender(model, batches, steps):
+    import functrain as ft
+    from functrain.step import make_train_step
+
+    tx = ft.optim.adamw(ft.schedules.linear(LR, 0, TOTAL_STEPS), weight_decay=0.0)
+    step = make_train_step(model, tx, compile=True, donate=True, max_grad_norm=1.0)
+    box = [ft.TrainState.create(model, tx, seed=0), 0]
+
+    def one():
+        box[0], m = step(box[0], batches[box[1] % len(batches)])
+        box[1] += 1
+        return m
+
+    def run():
+        return C.timed_steps(one, steps)
+
+    return one, run
+
+
+def hand_contender(model, batches, steps):
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0, fused=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, C.linear_lambda(0, TOTAL_STEPS))
+    model.train()
+    box = [0]
+
+    def one():
+        batch = batches[box[0] % len(batches)]
+        box[0] += 1
+        loss = model(**batch, use_cache=False).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    def run():
+        return C.timed_steps(one, steps)
+
+    return one, run
+
+
+def hf_contender(model, batches, steps, batch_size):
+    """One ``Trainer.train()`` of ``steps`` steps per round; per-step times from a callback."""
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.step_s, self.loop_s, self._t0, self._last_end = [], [], 0.0, None
+
+        def on_step_begin(self, args, state, control, **kw):
+            self._t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            now = time.perf_counter()
+            self.step_s.append(now - self._t0)
+            if self._last_end is not None:
+                self.loop_s.append(now - self._last_end)
+            self._last_end = now
+
+    dataset = C.ListDataset(batches)
+    out_dir = tempfile.mkdtemp(prefix="hf_bench_")
+    loop_times: list[float] = []
+
+    def run():
+        timer = StepTimer()
+        args = TrainingArguments(out_dir, per_device_train_batch_size=batch_size, max_steps=steps,
+                                 learning_rate=LR, lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0,
+                                 max_grad_norm=1.0, optim="adamw_torch_fused", logging_strategy="no",
+                                 save_strategy="no", report_to="none", disable_tqdm=True, seed=0,
+                                 dataloader_num_workers=0, use_cpu=not torch.cuda.is_available())
+        Trainer(model=model, args=args, train_dataset=dataset, callbacks=[timer]).train()
+        loop_times.extend(timer.loop_s[1:])
+        return timer.step_s[1:]
+
+    return run, loop_times
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny model, few steps (smoke test)")
+    ap.add_argument("--steps", type=int, default=None, help="steps per round per contender")
+    ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    steps = args.steps or (3 if args.quick else 6)
+    rounds = args.rounds or (2 if args.quick else 5)
+    cfg = config(args.quick)
+    C.quiet_transformers()
+    base = C.gpt2(cfg["n_layer"], cfg["n_embd"], cfg["n_head"], cfg["vocab"], cfg["seq"])
+    n_params = sum(p.numel() for p in base.parameters())
+    batches = C.lm_batches(8, cfg["batch"], cfg["seq"], cfg["vocab"])
+    print(f"train step: GPT-2 {cfg}, {n_params:,} params, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; {rounds} rounds x {steps} steps", flush=True)
+
+    t0 = time.perf_counter()
+    ft_one, ft_run = functrain_contender(copy.deepcopy(base), batches, steps)
+    for _ in range(2):
+        ft_one()  # compile
+    compile_s = time.perf_counter() - t0
+    print(f"  functrain compiled in {compile_s:.1f} s", flush=True)
+    hand_one, hand_run = hand_contender(copy.deepcopy(base), batches, steps)
+    hand_one()
+    hf_run, hf_loop = hf_contender(copy.deepcopy(base), batches, steps + 1, cfg["batch"])
+
+    def drop_first(run):
+        return lambda: run()[1:]
+
+    results = C.interleave({"functrain": drop_first(ft_run), "hand loop": drop_first(hand_run),
+                            "HF Trainer": hf_run}, rounds)
+    results["HF Trainer loop"] = C.summarize(hf_loop)
+    loads = results.pop("_loadavg")
+    print(C.table(results, "hand loop"))
+    hf = results["HF Trainer"]["median_ms"]
+    fn = results["functrain"]["median_ms"]
+    summary = {"functrain_vs_hand": fn / results["hand loop"]["median_ms"], "functrain_vs_hf": fn / hf,
+               "target_vs_hand": 1.0, "target_vs_hf": 0.9}
+    print(f"functrain / hand loop = {summary['functrain_vs_hand']:.3f}x (target <= 1.0), "
+          f"functrain / HF Trainer = {summary['functrain_vs_hf']:.3f}x (target <= 0.9)")
+    report = {"quick": args.quick, "config": cfg, "params": n_params, "steps_per_round": steps, "rounds": rounds,
+              "functrain_compile_s": compile_s, "results": results, "loadavg_per_round": loads, "summary": summary}
+    C.write_report("train_step", report, args.out)
+    return report
+
+
+if __name__ == "__main__":
+    main()

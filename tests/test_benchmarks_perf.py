@@ -1,0 +1,125 @@
+"""The performance benchmarks (issue 8, targets 2-7 and the GPU script) run end to end in
+``--quick`` mode and write reports with the expected keys. Never asserts on time."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(name, tmp_path, *extra, expect_rc=0):
+    out = tmp_path / f"{name}.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), "--quick", "--out", str(out),
+                           *extra], capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert proc.returncode == expect_rc, proc.stderr[-3000:]
+    report = json.loads(out.read_text()) if expect_rc == 0 else None
+    if report is not None:
+        assert report["benchmark"] == name and report["quick"] is True
+        assert {"torch", "threads", "cpu_count", "loadavg_at_start"} <= set(report["machine"])
+    return report, proc
+
+
+def _medians_positive(results, names):
+    assert set(names) <= set(results)
+    for n in names:
+        assert results[n]["median_ms"] > 0 and results[n]["n"] == len(results[n]["all_ms"])
+
+
+@pytest.mark.slow
+def test_train_step_quick(tmp_path):
+    report, proc = run_script("train_step", tmp_path)
+    _medians_positive(report["results"], ["functrain", "hand loop", "HF Trainer", "HF Trainer loop"])
+    assert report["results"]["hand loop"]["ratio_vs_hand loop"] == pytest.approx(1.0)
+    assert {"functrain_vs_hand", "functrain_vs_hf"} <= set(report["summary"])
+    assert len(report["loadavg_per_round"]) == report["rounds"]
+    assert "vs hand loop" in proc.stdout
+
+
+@pytest.mark.slow
+def test_overhead_step_quick(tmp_path):
+    report, _ = run_script("overhead_step", tmp_path)
+    _medians_positive(report["results"], ["functrain", "functrain pure", "hand loop"])
+    assert report["summary"]["functrain_vs_hand"] > 0
+
+
+@pytest.mark.slow
+def test_memory_quick(tmp_path):
+    # The eager variants only: the compiled ones are the same code path with compile=True.
+    report, _ = run_script("memory", tmp_path, "--only", "hand loop", "functrain donated eager")
+    res = report["results"]
+    assert set(res) == {"hand loop", "functrain donated eager"}
+    for r in res.values():
+        assert 0 < r["baseline_rss_mb"] <= r["train_peak_rss_mb"] <= r["peak_rss_mb"] + 1e-6
+    assert res["hand loop"]["train_peak_vs_hand"] == pytest.approx(1.0)
+
+
+@pytest.mark.slow
+def test_compile_cost_quick(tmp_path):
+    report, _ = run_script("compile_cost", tmp_path)
+    for name in ("cold", "warm"):
+        r = report["results"][name]
+        assert r["first_step_s"] > 0 and len(r["runs"]) == report["rounds"]
+    assert report["results"]["cold"]["runs"][0]["loss"] == pytest.approx(report["results"]["warm"]["runs"][0]["loss"])
+    assert report["summary"]["warm_vs_cold"] > 0
+
+
+@pytest.mark.slow
+def test_driver_overhead_quick(tmp_path):
+    report, _ = run_script("driver_overhead", tmp_path)
+    _medians_positive(report["results"], ["Trainer.train() step", "bare compiled step"])
+    assert {"overhead_us", "paired_median_overhead_us"} <= set(report["summary"])
+
+
+@pytest.mark.slow
+def test_resume_position_quick(tmp_path):
+    report, _ = run_script("resume_position", tmp_path)
+    hf = report["results"]["hf_skip_first_batches"]
+    assert len(hf["median_s_by_k"]) == 3 and "slope_s_per_1000" in hf and "extrapolated_s" in hf
+    assert report["results"]["functrain"]["median_s"] > 0
+    assert report["summary"]["target_s"] == 1.0
+
+
+def test_resume_position_slope_fit():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from resume_position import slope
+
+    a, b = slope([1000, 2000, 4000], [0.5 + 2e-4 * k for k in (1000, 2000, 4000)])
+    assert a == pytest.approx(0.5) and b == pytest.approx(2e-4)
+
+
+def test_gpu_step_without_cuda_exits_with_a_clear_message(tmp_path):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: the no-CUDA message does not apply")
+    _, proc = run_script("gpu_step", tmp_path, expect_rc=2)
+    assert "needs CUDA" in proc.stderr and "--dry-run" in proc.stderr
+    assert not (tmp_path / "gpu_step.json").exists()
+
+
+def test_gpu_step_argument_parsing():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu_step
+
+    args = gpu_step.parse_args(["--batch", "16", "--seq", "512", "--only", "functrain", "HF Trainer"])
+    assert (args.batch, args.seq, args.only, args.peak_tflops) == (16, 512, ["functrain", "HF Trainer"], 989.0)
+    assert gpu_step.model_config(args) == dict(n_layer=12, n_embd=768, n_head=12, vocab=50304, seq=512)
+    quick = gpu_step.parse_args(["--quick", "--dry-run"])
+    assert quick.dry_run and quick.seq <= 32 and quick.rounds == 1
+    with pytest.raises(SystemExit):
+        gpu_step.parse_args(["--batch", "0"])
+    with pytest.raises(SystemExit):
+        gpu_step.parse_args(["--only", "nonsense"])
+
+
+@pytest.mark.slow
+def test_gpu_step_dry_run_quick(tmp_path):
+    report, _ = run_script("gpu_step", tmp_path, "--dry-run")
+    assert report["device"] == "cpu" and report["dry_run"] is True
+    for name in ("functrain", "hand loop compiled", "HF Trainer"):
+        r = report["results"][name]
+        assert r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 and r["first_step_s"] > 0
+    assert {"functrain_vs_hf_tokens_per_s", "functrain_mfu"} <= set(report["summary"])
