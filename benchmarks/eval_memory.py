@@ -5,7 +5,7 @@ logit: 2,000 x 128 x 32,000 fp32 = 32.8 GB if nothing stops it; with eval_accumu
 unset it accumulates on the device). Each variant runs in its own subprocess and reports its peak
 RSS (``ru_maxrss``), so one run's allocations cannot hide another's.
 
-Needs ``functrain.step.make_eval_step`` (the step branch). Usage:
+Usage:
     python benchmarks/eval_memory.py [--num-seqs 2000 --seq-len 128 --vocab 32000 --batch-size 8]
 Writes benchmarks/results/eval_memory.json and prints the ratios.
 """
@@ -63,28 +63,21 @@ def run_variant(variant: str, a) -> dict:
         metrics = trainer.evaluate()
         loss = metrics["eval_loss"]
     else:
+        import functrain
         from functrain.data.collators import DataCollatorForLanguageModeling
         from functrain.data.loader import ResumableLoader
         from functrain.evaluation import evaluation_loop
         from functrain.metrics import Accuracy
-        from functrain.state import split_parameters
-        from functrain.step import make_eval_step  # on the step branch
+        from functrain.step import make_eval_step
 
-        params, frozen = split_parameters(model)
-        state = {**params, **frozen, **dict(model.named_buffers())}
-        try:
-            import functrain
-            from functrain.optim import sgd
-            state = functrain.TrainState.create(model, sgd(0.0))
-        except Exception:  # noqa: BLE001 - fall back to a dict state
-            pass
+        state = functrain.TrainState.create(model, functrain.optim.identity())
         step = make_eval_step(model, return_outputs=True)
         loader = ResumableLoader(rows, batch_size=a.batch_size, shuffle=False,
                                  collate_fn=DataCollatorForLanguageModeling(pad_token_id=0))
         kwargs = {}
         if variant == "streaming":
             kwargs["streaming_metrics"] = lambda b, o: {
-                "accuracy": Accuracy.from_logits(o["logits"], b["labels"], shift=True)}
+                "accuracy": Accuracy.from_logits(o, b["labels"], shift=True)}
         else:  # argmax: the HF compute_metrics path with preprocess_logits_for_metrics
             kwargs["compute_metrics"] = lambda p: {"n": float(p.predictions.size)}
             kwargs["preprocess_logits_for_metrics"] = lambda logits, labels: logits.argmax(-1)
