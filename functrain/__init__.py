@@ -19,3 +19,4 @@ from .callbacks import (
 from .trainer import PredictionOutput, TrainOutput, Trainer
 
 __version__ = "0.1.0"
+from .seq2seq_trainer import Seq2SeqTrainer  # noqa: E402
