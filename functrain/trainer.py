@@ -171,12 +171,16 @@ class Trainer:
             raise ValueError(f"the train_dataset ({type(self.train_dataset).__name__}) produced no examples; "
                              "nothing to train on")
         py_state, np_state = random.getstate(), np.random.get_state()
+        own = getattr(self.data_collator, "generator", None)  # e.g. a seeded MLM collator's generator
+        own_state = own.get_state() if isinstance(own, torch.Generator) else None
         with torch.random.fork_rng(devices=[]):
             try:
                 batch = self.data_collator(examples)
             finally:
                 random.setstate(py_state)
                 np.random.set_state(np_state)
+                if own_state is not None:
+                    own.set_state(own_state)
         if not isinstance(batch, Mapping):
             raise TypeError(f"the data_collator must return a dict of tensors, got {type(batch).__name__}")
         missing = [k for k in self._required_label_keys() if k not in batch]

@@ -179,3 +179,17 @@ def test_iterable_dataset_needs_max_steps(tmp_path):
     t = Trainer(model=make_model(), args=_args(tmp_path, max_steps=3), train_dataset=_Stream([]))
     with pytest.raises(ValueError, match="dataset is empty"):
         t.train()
+
+
+def test_first_batch_check_leaves_random_state_unchanged(tmp_path):
+    import random
+
+    from functrain.data.collators import DataCollatorForLanguageModeling as Collator
+
+    model, rows = _lm_and_data()
+    collator = Collator(pad_token_id=0, mlm=True, seed=3, mask_token_id=1, vocab_size=32)
+    t = Trainer(model=model, args=_args(tmp_path), train_dataset=rows, data_collator=collator)
+    states = (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy(), collator.generator.get_state())
+    t._check_first_batch(rows)
+    assert torch.equal(states[0], torch.get_rng_state()) and states[1] == random.getstate()
+    assert np.array_equal(states[2], np.random.get_state()[1]) and torch.equal(states[3], collator.generator.get_state())
