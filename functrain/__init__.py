@@ -20,3 +20,4 @@ from .trainer import PredictionOutput, TrainOutput, Trainer
 
 __version__ = "0.1.0"
 from . import distributed  # noqa: E402  (init_distributed, data_parallel_hooks, shard_state, ...)
+from .seq2seq_trainer import Seq2SeqTrainer  # noqa: E402

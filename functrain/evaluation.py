@@ -12,7 +12,9 @@ Two ways to get metrics, usable together:
   end, padded with -100 where sequence lengths differ across batches.
 
 ``eval_step(state, batch)`` is any callable returning a dict with ``"loss"`` (mean over the
-batch's supervised items), ``"num_items"`` and, when predictions are wanted, ``"outputs"``.
+batch's supervised items), ``"num_items"`` and, when predictions are wanted, ``"outputs"``. A step
+may also return ``"labels"``: they replace the batch's labels as ``label_ids`` (the seq2seq
+generate step pads them to the generation length, as transformers' ``Seq2SeqTrainer`` does).
 """
 
 from __future__ import annotations
@@ -187,7 +189,7 @@ def evaluation_loop(
         if streaming_metrics is not None:
             stream = stream.merge(streaming_metrics(batch, outputs))
         if keep:
-            batch_labels = _labels_of(batch, label_names)
+            batch_labels = out["labels"] if out.get("labels") is not None else _labels_of(batch, label_names)
             logits = logits_from_outputs(outputs, ignore_keys)
             if logits is not None and preprocess_logits_for_metrics is not None:
                 logits = preprocess_logits_for_metrics(logits, batch_labels)

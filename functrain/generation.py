@@ -113,3 +113,35 @@ def make_generate_eval_step(model: torch.nn.Module, eval_step: Callable | None =
         return result
 
     return step
+
+
+# -- Seq2SeqTrainer padding rule ------------------------------------------------------------------
+
+# transformers' GenerationConfig default max_length (``_get_default_generation_params``).
+DEFAULT_MAX_LENGTH = 20
+
+
+def seq2seq_padded_length(model: torch.nn.Module, length: int) -> int:
+    """The width ``transformers.Seq2SeqTrainer.prediction_step`` pads generated ids and labels to.
+
+    It reads the *model's* generation config (not the per-call ``max_length``): shorter than its
+    ``max_length`` (default 20) -> ``max_length``; else shorter than ``max_new_tokens + 1`` ->
+    that; else unchanged. Matching it keeps ``predictions`` identical to the HF trainer's.
+    """
+    config = getattr(model, "generation_config", None)
+    max_length = getattr(config, "max_length", None)
+    max_length = DEFAULT_MAX_LENGTH if max_length is None else int(max_length)
+    max_new = getattr(config, "max_new_tokens", None)
+    if length < max_length:
+        return max_length
+    if max_new is not None and length < max_new + 1:
+        return int(max_new) + 1
+    return length
+
+
+def pad_to_length(tokens: torch.Tensor, length: int, pad_token_id: int) -> torch.Tensor:
+    """Right-pad ``(batch, seq)`` ids to ``length`` with ``pad_token_id`` (no-op when long enough)."""
+    if tokens.shape[-1] >= length:
+        return tokens
+    pad = tokens.new_full((tokens.shape[0], length - tokens.shape[-1]), pad_token_id)
+    return torch.cat([tokens, pad], dim=-1)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import inspect
+import itertools
 import logging
 import math
 import os
@@ -66,12 +67,17 @@ class Trainer:
     its schedule inside), not a ``torch.optim.Optimizer``; checkpoints are safetensors + JSON only;
     callbacks also receive ``train_state`` (read-only). Subclasses overriding ``compute_loss`` work:
     the override becomes the step's loss function.
+
+    ``streaming_metrics`` (functrain only): ``fn(batch, outputs) -> {name: metric}`` of mergeable
+    metrics (:mod:`functrain.metrics`, e.g. ``Accuracy.from_logits``), merged batch by batch during
+    ``evaluate()``/``predict()``, so evaluation memory stays at one batch's worth, however large
+    the eval set (``compute_metrics`` keeps every prediction on the host until the end).
     """
 
     def __init__(self, model: nn.Module | None = None, args: TrainingArguments | None = None,
                  data_collator=None, train_dataset=None, eval_dataset=None, processing_class=None,
                  model_init=None, compute_loss_func=None, compute_metrics=None, callbacks=None,
-                 optimizers=(None, None), preprocess_logits_for_metrics=None):
+                 optimizers=(None, None), preprocess_logits_for_metrics=None, streaming_metrics=None):
         self.args = args if args is not None else TrainingArguments("trainer_output")
         if not isinstance(self.args, TrainingArguments):
             raise TypeError(f"args must be a functrain.TrainingArguments, got {type(self.args).__name__}")
@@ -98,6 +104,7 @@ class Trainer:
         self.compute_loss_func = compute_loss_func
         self.compute_metrics = compute_metrics
         self.preprocess_logits_for_metrics = preprocess_logits_for_metrics
+        self.streaming_metrics = streaming_metrics
         if self.args.gradient_checkpointing:
             if not hasattr(model, "gradient_checkpointing_enable"):
                 raise ValueError("gradient_checkpointing=True but the model has no gradient_checkpointing_enable()")
@@ -140,6 +147,55 @@ class Trainer:
             return ["start_positions", "end_positions"]
         return ["labels"] if ("labels" in params or not params) else [p for p in params if "label" in p]
 
+    def _required_label_keys(self) -> list[str]:
+        """Batch keys the training loss cannot do without (empty when a custom loss decides)."""
+        if type(self).compute_loss is not Trainer.compute_loss:
+            return []  # a user's compute_loss may need anything, or nothing
+        if self.compute_loss_func is not None:
+            return ["labels"]  # compute_loss pops them for compute_loss_func
+        params = _forward_parameters(self.model)
+        if self.args.label_names is not None:
+            return list(self.args.label_names)
+        if "return_loss" in params:  # CLIP-style models compute a loss without labels
+            return []
+        return [n for n in self._label_names() if n in params]
+
+    def _check_first_batch(self, dataset) -> None:
+        """Collate the first training batch once, before anything runs (no state, no callbacks, no
+        files), so a text column, ragged lists or missing labels fail with a message naming the
+        column instead of inside the first step. Random state is restored afterwards, so a collator
+        that draws random numbers (MLM masking) leaves training unchanged."""
+        from .data.loader import has_length
+
+        n = self.args.per_device_train_batch_size
+        if has_length(dataset):
+            examples = [dataset[i] for i in range(min(n, len(dataset)))]
+        else:
+            examples = list(itertools.islice(iter(dataset), n))
+        if not examples:
+            raise ValueError(f"the train_dataset ({type(self.train_dataset).__name__}) produced no examples; "
+                             "nothing to train on")
+        py_state, np_state = random.getstate(), np.random.get_state()
+        own = getattr(self.data_collator, "generator", None)  # e.g. a seeded MLM collator's generator
+        own_state = own.get_state() if isinstance(own, torch.Generator) else None
+        with torch.random.fork_rng(devices=[]):
+            try:
+                batch = self.data_collator(examples)
+            finally:
+                random.setstate(py_state)
+                np.random.set_state(np_state)
+                if own_state is not None:
+                    own.set_state(own_state)
+        if not isinstance(batch, Mapping):
+            raise TypeError(f"the data_collator must return a dict of tensors, got {type(batch).__name__}")
+        missing = [k for k in self._required_label_keys() if k not in batch]
+        if missing:
+            raise ValueError(
+                f"the training batches have no {missing[0]!r}, which {type(self.model).__name__}'s loss needs; "
+                f"keys present after collation: {sorted(batch)}. Add a 'labels' (or 'label') column, use a "
+                "collator that builds labels (e.g. DataCollatorForLanguageModeling for causal LMs), set "
+                "label_names, or pass compute_loss_func")
+
     def get_train_dataloader(self):
         """Windows of ``per_device_train_batch_size * gradient_accumulation_steps`` examples.
 
@@ -148,8 +204,9 @@ class Trainer:
         """
         if self.train_dataset is None:
             raise ValueError("Trainer.train() needs a train_dataset")
-        from .data.loader import ResumableLoader
+        from .data.loader import ResumableLoader, check_not_empty
 
+        check_not_empty(self.train_dataset, "train_dataset")
         a = self.args
         return ResumableLoader(self._prepare_dataset(self.train_dataset, "training"),
                                a.per_device_train_batch_size * a.gradient_accumulation_steps, self.data_collator,
@@ -159,11 +216,12 @@ class Trainer:
 
     def get_eval_dataloader(self, eval_dataset=None, shard: bool = False):
         """Eval batches in dataset order; ``shard=True`` gives this rank its share (distributed runs)."""
-        from .data.loader import ResumableLoader
+        from .data.loader import ResumableLoader, check_not_empty
 
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if dataset is None:
             raise ValueError("evaluation needs an eval_dataset (pass one to Trainer or to evaluate())")
+        check_not_empty(dataset, "eval_dataset")
         world, rank = (fd.world_size(), fd.rank()) if shard else (1, 0)
         return ResumableLoader(self._prepare_dataset(dataset, "evaluation"), self.args.per_device_eval_batch_size,
                                self.data_collator, shuffle=False, drop_last=self.args.dataloader_drop_last,
@@ -349,10 +407,13 @@ class Trainer:
         loader = self.get_train_dataloader()
         if not hasattr(loader, "__len__") or getattr(loader, "is_iterable", False):
             if a.max_steps <= 0:
-                raise ValueError("the train_dataset has no length: set max_steps")
+                raise ValueError(f"the train_dataset ({type(self.train_dataset).__name__}) has no length (a "
+                                 "streaming/iterable dataset), so num_train_epochs cannot be turned into a number "
+                                 "of steps: set max_steps to a positive number")
             steps_per_epoch = a.max_steps
         else:
             steps_per_epoch = max(len(loader), 1)
+        self._check_first_batch(loader.dataset)
         max_steps = a.max_steps if a.max_steps > 0 else math.ceil(a.num_train_epochs * steps_per_epoch)
         num_epochs = math.ceil(max_steps / steps_per_epoch)
         self._tx = self.create_optimizer_and_scheduler(max_steps)
@@ -629,13 +690,28 @@ class Trainer:
 
     # -- evaluation -------------------------------------------------------------------------------
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        """Loss (and ``compute_metrics``) on the eval set(s); metric names start with ``metric_key_prefix``."""
+        """Loss (and ``compute_metrics`` / ``streaming_metrics``) on the eval set(s).
+
+        Metric names start with ``metric_key_prefix``. A dict of datasets (given here or to the
+        Trainer) is evaluated set by set with prefixes ``eval_{name}_``; a string picks one set of
+        the Trainer's dict by name (as in transformers).
+        """
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if isinstance(eval_dataset, str):
+            if not isinstance(self.eval_dataset, dict) or eval_dataset not in self.eval_dataset:
+                names = sorted(self.eval_dataset) if isinstance(self.eval_dataset, dict) else []
+                raise KeyError(f"evaluate({eval_dataset!r}): the Trainer's eval_dataset has no set of that name "
+                               f"(named sets: {names})")
+            return self._evaluate_one(self.eval_dataset[eval_dataset], ignore_keys,
+                                      f"{metric_key_prefix}_{eval_dataset}")
         if isinstance(dataset, dict):
             metrics = {}
             for name, ds in dataset.items():
-                metrics.update(self.evaluate(ds, ignore_keys, f"{metric_key_prefix}_{name}"))
+                metrics.update(self._evaluate_one(ds, ignore_keys, f"{metric_key_prefix}_{name}"))
             return metrics
+        return self._evaluate_one(dataset, ignore_keys, metric_key_prefix)
+
+    def _evaluate_one(self, dataset, ignore_keys, metric_key_prefix: str) -> dict[str, float]:
         output = self._run_evaluation(dataset, ignore_keys, metric_key_prefix, collect=False)
         self.log(dict(output.metrics))
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, output.metrics)
@@ -650,7 +726,8 @@ class Trainer:
     def _run_evaluation(self, dataset, ignore_keys, prefix: str, collect: bool):
         from .evaluation import evaluation_loop
 
-        with_outputs = not self.args.prediction_loss_only and (collect or self.compute_metrics is not None)
+        with_outputs = not self.args.prediction_loss_only and (
+            collect or self.compute_metrics is not None or self.streaming_metrics is not None)
         # Loss-only evaluation is split across ranks and reduced below; predictions and
         # compute_metrics see the whole set on every rank (no gather of predictions yet).
         shard = fd.is_distributed() and not with_outputs
@@ -665,6 +742,7 @@ class Trainer:
         output = evaluation_loop(eval_step, self._state_for_eval(), self._with_prediction_step_events(loader),
                                  compute_metrics=self.compute_metrics,
                                  preprocess_logits_for_metrics=self.preprocess_logits_for_metrics,
+                                 streaming_metrics=self.streaming_metrics,
                                  prediction_loss_only=self.args.prediction_loss_only, metric_key_prefix=prefix,
                                  label_names=self._label_names(), collect_predictions=collect or None, **kwargs)
         metrics = output.metrics

@@ -225,8 +225,6 @@ def test_custom_loss_script_runs(tmp_path, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not hasattr(ft, "Seq2SeqTrainer"),
-                    reason="functrain.Seq2SeqTrainer is not on this branch yet (issue 5); the lead removes this skip")
 def test_seq2seq_generates_and_scores(tmp_path):
     ex = load_example("seq2seq")
     out = ex.main(["--quick", "--output-dir", str(tmp_path)])
