@@ -142,7 +142,7 @@ def test_warmup_length_varies_as_a_tensor():
 def test_different_widths_name_the_leaf_and_shapes():
     a = ft.TrainState.create(MLP(hidden=16), optim.adamw(1e-3), copy=True)
     b = ft.TrainState.create(MLP(hidden=32), optim.adamw(1e-3), copy=True)
-    with pytest.raises(P.PopulationError, match=r"params\.fc1\.weight.*\(16, 8\).*\(32, 8\).*width"):
+    with pytest.raises(P.PopulationError, match=r"params\.fc1\.bias.*\(16,\).*\(32,\).*width"):
         P.stack_states([a, b])
 
 
