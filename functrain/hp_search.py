@@ -8,6 +8,8 @@ evaluation during training reports the objective to optuna (``trial.report``); w
 ``trial.should_prune()`` says so, training stops at once and the trial is marked pruned.
 
 The driver is a callback plus a loop over trials: nothing in the training loop knows about it.
+With ``population=True`` (and a search space of tensor hyperparameters only) all trials train at
+once as one vmapped population (:class:`functrain.population_trainer.PopulationTrainer`).
 """
 
 from __future__ import annotations
@@ -147,11 +149,16 @@ def hyperparameter_search(trainer, hp_space=None, compute_objective=None, n_tria
     gc_after_trial = kwargs.pop("gc_after_trial", False)
     catch = kwargs.pop("catch", ())
     callbacks = kwargs.pop("callbacks", None)
+    population = kwargs.pop("population", False)
     if n_jobs != 1:
         raise ValueError("n_jobs must be 1: trials share one Trainer")
     directions = direction if isinstance(direction, list) else None
     study = optuna.create_study(direction=None if directions else direction, directions=directions, **kwargs)
     base_dir = trainer.args.output_dir
+    if population:
+        if directions:
+            raise ValueError("population=True supports a single objective direction")
+        return _population_search(trainer, study, hp_space, compute_objective, n_trials)
 
     def objective(trial):
         hp = hp_space(trial)
@@ -166,5 +173,24 @@ def hyperparameter_search(trainer, hp_space=None, compute_objective=None, n_tria
     if directions:
         best = study.best_trials
         return [BestRun(str(t.number), t.values, t.params) for t in best]
+    best = study.best_trial
+    return BestRun(str(best.number), best.value, best.params)
+
+
+def _population_search(trainer, study, hp_space, compute_objective, n_trials: int) -> BestRun:
+    """All ``n_trials`` trained at once as one vmapped population (see ``PopulationTrainer``).
+
+    The trials are sampled up front (``study.ask``), so the sampler cannot learn from one trial
+    before proposing the next (a batch of proposals, like random search), and there is no pruning:
+    every member trains to the end. ``hp_space`` may only touch tensor hyperparameters.
+    """
+    from .population_trainer import PopulationTrainer
+
+    trials = [study.ask() for _ in range(n_trials)]
+    members = [hp_space(t) for t in trials]
+    pop = PopulationTrainer(trainer, members)
+    pop.train()
+    for trial, metrics in zip(trials, pop.evaluate()):
+        study.tell(trial, compute_objective(metrics))
     best = study.best_trial
     return BestRun(str(best.number), best.value, best.params)

@@ -623,7 +623,9 @@ class Trainer:
         ``default_hp_space_optuna``); ``compute_objective(eval_metrics) -> float`` (default: eval_loss,
         or the sum of the other metrics). Each evaluation reports to optuna, which may prune the
         trial. Extra keyword arguments go to ``optuna.create_study`` (``sampler``, ``pruner``, ...)
-        or ``study.optimize`` (``timeout``, ``callbacks``, ``catch``, ``gc_after_trial``). Returns a
+        or ``study.optimize`` (``timeout``, ``callbacks``, ``catch``, ``gc_after_trial``).
+        ``population=True``: train all trials at once as one vmapped population (search spaces of
+        tensor hyperparameters only: learning_rate, weight_decay, adam_*, warmup_steps, seed). Returns a
         ``BestRun(run_id, objective, hyperparameters)``. See :mod:`functrain.hp_search`.
         """
         from .hp_search import hyperparameter_search

@@ -83,3 +83,15 @@ def test_errors(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "optuna", None)
     with pytest.raises(ImportError, match="pip install 'functrain\\[optuna\\]'"):
         trainer.hyperparameter_search(n_trials=1)
+
+
+def test_population_search_trains_all_trials_at_once_and_matches_a_sequential_rerun(tmp_path):
+    trainer = _trainer(tmp_path, data_seed=0)
+    best = trainer.hyperparameter_search(hp_space=_lr_space, n_trials=6, population=True,
+                                         sampler=optuna.samplers.TPESampler(seed=0))
+    assert best.hyperparameters["learning_rate"] > 1e-4
+    again, _ = hp_search.run_trial(trainer, best.hyperparameters, None, hp_search.default_compute_objective,
+                                   str(tmp_path / "rerun"))
+    assert again == pytest.approx(best.objective, rel=1e-5)  # the member equals an ordinary Trainer run
+    with pytest.raises(Exception, match="cannot vary inside one vmapped graph"):
+        trainer.hyperparameter_search(n_trials=2, population=True)  # the default space varies the batch size
