@@ -19,3 +19,9 @@ from .callbacks import (
 from .trainer import PredictionOutput, TrainOutput, Trainer
 
 __version__ = "0.1.0"
+
+# -- populations / hyperparameter search (issue 9) ------------------------------------------------
+from . import population
+from .hp_search import BestRun
+from .population import make_population_eval_step, make_population_train_step, stack_states, unstack_state
+from .population_trainer import PopulationTrainer

@@ -6,6 +6,7 @@ import pytest
 
 from functrain import Trainer, TrainingArguments
 from functrain import hp_search
+from functrain.population import PopulationError
 from tests._trainer_fixtures import make_dataset, make_model
 
 optuna = pytest.importorskip("optuna")
@@ -93,5 +94,5 @@ def test_population_search_trains_all_trials_at_once_and_matches_a_sequential_re
     again, _ = hp_search.run_trial(trainer, best.hyperparameters, None, hp_search.default_compute_objective,
                                    str(tmp_path / "rerun"))
     assert again == pytest.approx(best.objective, rel=1e-5)  # the member equals an ordinary Trainer run
-    with pytest.raises(Exception, match="cannot vary inside one vmapped graph"):
+    with pytest.raises(PopulationError, match="cannot vary inside one vmapped graph"):
         trainer.hyperparameter_search(n_trials=2, population=True)  # the default space varies the batch size
