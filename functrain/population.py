@@ -36,6 +36,7 @@ from torch import nn
 
 from . import batching, rng as rnglib, tree
 from .optim.base import GradientTransformation
+from .precision import get_policy
 from .state import TrainState
 from .step import _module_mode, make_eval_step, make_train_step
 
@@ -196,6 +197,8 @@ def warmup_linear(peak, num_warmup_steps, num_training_steps) -> Callable[[torch
 # While a population step runs (eager or being traced by torch.compile), the torch._foreach_*
 # functions are replaced by per-tensor Python versions; the originals are put back afterwards.
 # (A TorchFunctionMode would be cleaner, but dynamo does not apply one inside a vmapped body.)
+# The lock serializes population steps; other threads calling torch._foreach_* during one would
+# get the (correct, slower) per-tensor versions.
 _FOREACH_OPS = ("add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "sqrt", "sqrt_", "lerp", "lerp_",
                 "maximum", "maximum_", "minimum", "norm", "sign", "abs", "neg", "exp", "addcmul", "addcmul_",
                 "addcdiv", "addcdiv_", "copy_", "zero_", "clamp_min", "clamp_max", "pow", "reciprocal")
@@ -323,6 +326,7 @@ def make_population_train_step(
                             count_items=count_items, max_grad_norm=max_grad_norm, required_keys=required_keys,
                             differentiate="func")
     core = inner.pure_core
+    needs_loss_scale = get_policy(precision).needs_loss_scale
     user_loss = loss_fn is not None
     required = tuple(required_keys) if required_keys is not None else (() if user_loss else ("labels",))
     forward_keys = None if user_loss else batching.forward_argument_names(model)
@@ -348,7 +352,7 @@ def make_population_train_step(
         n = population_size(state)
         batch = _validate_batch(batch, batch_dim, n, validate)
         loss_scale = state.loss_scale
-        if inner_needs_scale(precision) and loss_scale is None:
+        if needs_loss_scale and loss_scale is None:
             raise PopulationError("precision='fp16' needs a stacked loss scale: pass loss_scale="
                                   "functrain.precision.dynamic_scale_init() to each member before stacking")
         try:
@@ -368,12 +372,6 @@ def make_population_train_step(
 
     population_step.member_step = inner  # the ordinary step the members follow (differentiate="func")
     return population_step
-
-
-def inner_needs_scale(precision: str) -> bool:
-    from .precision import get_policy
-
-    return get_policy(precision).needs_loss_scale
 
 
 def make_population_eval_step(
