@@ -9,7 +9,12 @@ tensors via ``inject_hyperparams``, its own init seed):
 
 * ``sequential``: N ordinary ``make_train_step`` calls per step (one per member).
 * ``population``: one ``make_population_train_step`` call per step (``torch.func.vmap``).
-* ``population compiled`` (``--compile``): the same under ``torch.compile``.
+* ``sequential compiled`` and ``population compiled`` (``--compile``): the same under
+  ``torch.compile`` (one compiled ordinary step serves all members: hyperparameters are tensors).
+
+``--threads`` (default 1) sets torch's intra-op threads. On the shared 2-core machine this was
+written on, 2 threads per process under other load made every small op wait on a busy core and
+inflated the sequential times ~15x; 1 thread gives stable, honest ratios.
 
 Each variant runs in its own subprocess (so its peak RSS is its own), times ``--steps`` steps
 ``--repeats`` times after warm-up, and reports the median milliseconds per step of all N members,
@@ -97,10 +102,14 @@ def build(kind: str, variant: str, n: int):
     """``(run_one_step, read_params)`` for a variant; the state lives in a closure."""
     txf = optim.inject_hyperparams(optim.adamw)
     stacked, tx = P.create_population(MODELS[kind], txf, hyperparams(n), seeds=list(range(n)))
-    if variant == "sequential":
+    if variant.startswith("sequential"):
         states = P.unstack_state(stacked)
         states = [ft.tree.clone(s) for s in states]
-        steps = [ft.make_train_step(MODELS[kind](), txf(**hp)) for hp in hyperparams(n)]
+        if variant == "sequential compiled":
+            # One compiled step serves every member: their hyperparameters are tensors in the state.
+            steps = [ft.make_train_step(MODELS[kind](), tx, compile=True)] * n
+        else:
+            steps = [ft.make_train_step(MODELS[kind](), txf(**hp)) for hp in hyperparams(n)]
         box = {"states": states}
 
         def run(batch):
@@ -144,20 +153,22 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--models", default="mlp,gpt")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "ensemble.json"))
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--one", nargs=2, metavar=("KIND", "VARIANT"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
     steps = a.steps or (3 if a.quick else 10)
     repeats = a.repeats or (2 if a.quick else 5)
     if a.one:  # child process: measure one variant, print JSON
         print(json.dumps(measure(a.one[0], a.one[1], a.members, steps, repeats, a.quick)))
         return {}
-    variants = ["sequential", "population"] + (["population compiled"] if a.compile else [])
+    variants = ["sequential", "population"] + (["sequential compiled", "population compiled"] if a.compile else [])
     results = {}
     for kind in a.models.split(","):
         results[kind] = {}
         for variant in variants:
             cmd = [sys.executable, __file__, "--one", kind, variant, "--members", str(a.members), "--steps",
-                   str(steps), "--repeats", str(repeats)] + (["--quick"] if a.quick else [])
+                   str(steps), "--repeats", str(repeats), "--threads", str(a.threads)] + (["--quick"] if a.quick else [])
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
                 raise RuntimeError(f"{kind}/{variant} failed:\n{proc.stderr[-3000:]}")
