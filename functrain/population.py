@@ -236,6 +236,12 @@ def _foreach_per_tensor(base: str, *args, **kwargs):
     if base == "norm":
         def fn(x, ord=2, dtype=None):  # noqa: A002 - aten's argument name
             return torch.linalg.vector_norm(x, ord, dtype=dtype)
+    elif base.rstrip("_") in ("addcmul", "addcdiv"):
+        # vmap has no batching rule for in-place addcmul_/addcdiv_ (a slow per-member fallback).
+        combine = torch.mul if base.startswith("addcmul") else torch.div
+
+        def fn(x, t1, t2, value=1):
+            return x.add_(combine(t1, t2) * value) if inplace else x + combine(t1, t2) * value
     else:
         fn = getattr(torch.Tensor, base) if inplace else getattr(torch, base)
     n = next(len(a) for a in list(args) + list(kwargs.values()) if isinstance(a, (list, tuple)))
