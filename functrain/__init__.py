@@ -21,3 +21,9 @@ from .trainer import PredictionOutput, TrainOutput, Trainer
 __version__ = "0.1.0"
 from . import distributed  # noqa: E402  (init_distributed, data_parallel_hooks, shard_state, ...)
 from .seq2seq_trainer import Seq2SeqTrainer  # noqa: E402
+
+# -- populations / hyperparameter search (issue 9) ------------------------------------------------
+from . import population
+from .hp_search import BestRun
+from .population import make_population_eval_step, make_population_train_step, stack_states, unstack_state
+from .population_trainer import PopulationTrainer

@@ -103,6 +103,7 @@ def make_train_step(
     param_transform: Callable | None = None,
     required_keys=None,
     compile_kwargs: dict | None = None,
+    differentiate: str = "autograd",
 ):
     """Build ``train_step(state, batch) -> (new_state, metrics)``, a pure function.
 
@@ -135,6 +136,10 @@ def make_train_step(
         required_keys: batch keys the loss needs (checked before the step runs). Default:
             ``("labels",)`` with the default loss, none with a custom ``loss_fn``.
         compile_kwargs: extra keyword arguments for ``torch.compile``.
+        differentiate: ``"autograd"`` (default: ``torch.autograd.grad``, works with activation
+            checkpointing and DTensor params) or ``"func"`` (``torch.func.grad``: composes with
+            ``torch.func.vmap``, as the population step in :mod:`functrain.population` needs; no
+            activation checkpointing).
 
     Metrics (0-d tensors, never read on the host by the step): ``loss`` (mean over the
     supervised items of the whole window), ``grad_norm`` (global norm before clipping),
@@ -155,7 +160,12 @@ def make_train_step(
     param_transform = param_transform or _identity
     required_keys = tuple(required_keys) if required_keys is not None else (() if user_loss else ("labels",))
     forward_keys = None if user_loss else batching.forward_argument_names(model)
+    if differentiate not in ("autograd", "func"):
+        raise ValueError(f"differentiate must be 'autograd' or 'func', got {differentiate!r}")
     _check_checkpointing(model)
+    if differentiate == "func" and _uses_checkpointing(model):
+        raise ValueError("differentiate='func' (torch.func.grad, used by vmapped populations) cannot run activation "
+                         "checkpointing (it forbids saved-tensor hooks); disable checkpointing for this model")
     if compile and accumulate > 1 and _uses_checkpointing(model):
         # torch 2.13 AOTAutograd rematerializes only one backward region per compiled graph.
         raise ValueError("compile=True with accumulate > 1 cannot use activation checkpointing in torch "
@@ -189,6 +199,26 @@ def make_train_step(
             grads = torch.autograd.grad(share, list(leaves.values()), allow_unused=True)
         grads = {k: torch.zeros_like(p) if g is None else g for (k, p), g in zip(params.items(), grads)}
         return grads, loss.detach(), {k: torch.as_tensor(v).detach().float() for k, v in aux.items()}
+
+    def micro_grads_func(params, buffers, microbatch, weight, scale):
+        """Same contract as ``micro_grads`` with ``torch.func.grad`` (pure: composes with vmap)."""
+
+        def share_of(p):
+            with _autocast(policy, _device_type(p)):
+                out = torch.func.functional_call(loss_module, (_prefixed(p), _prefixed(buffers)), (microbatch,),
+                                                 tie_weights=True)
+            loss, aux = _split_loss(out)
+            share = loss * weight
+            if scale is not None:
+                share = share * scale
+            return share, (loss, {k: torch.as_tensor(v).float() for k, v in aux.items()})
+
+        # torch.func.grad returns zeros for parameters the loss does not use.
+        grads, (loss, aux) = torch.func.grad(share_of, has_aux=True)(params)
+        return grads, loss, aux
+
+    if differentiate == "func":
+        micro_grads = micro_grads_func  # noqa: F811 - chosen once, at build time
 
     def window_grads(params, buffers, batch, scale):
         """Summed gradients of the window mean loss, one microbatch at a time."""
@@ -271,6 +301,7 @@ def make_train_step(
         return new_state, metrics
 
     train_step.core = core  # for tests and tools (e.g. torch._dynamo.explain)
+    train_step.pure_core = train_core  # uncompiled, no RNG/mode handling: for transforms (vmap)
     return train_step
 
 
@@ -345,6 +376,7 @@ def make_eval_step(
             return core(state.params, state.buffers, dict(batch))
 
     eval_step.core = core
+    eval_step.pure_core = eval_core  # uncompiled: for transforms (vmap)
     return eval_step
 
 

@@ -759,6 +759,25 @@ class Trainer:
             yield batch
             self.control = self.callback_handler.on_prediction_step(self.args, self.state, self.control)
 
+    # -- hyperparameter search -------------------------------------------------------------------
+    def hyperparameter_search(self, hp_space=None, compute_objective=None, n_trials: int = 20,
+                              direction="minimize", backend: str = "optuna", hp_name=None, **kwargs):
+        """Search hyperparameters with optuna, as ``transformers.Trainer.hyperparameter_search``.
+
+        Needs ``model_init``. ``hp_space(trial) -> {TrainingArguments field: value}`` (default: HF's
+        ``default_hp_space_optuna``); ``compute_objective(eval_metrics) -> float`` (default: eval_loss,
+        or the sum of the other metrics). Each evaluation reports to optuna, which may prune the
+        trial. Extra keyword arguments go to ``optuna.create_study`` (``sampler``, ``pruner``, ...)
+        or ``study.optimize`` (``timeout``, ``callbacks``, ``catch``, ``gc_after_trial``).
+        ``population=True``: train all trials at once as one vmapped population (search spaces of
+        tensor hyperparameters only: learning_rate, weight_decay, adam_*, warmup_steps, seed). Returns a
+        ``BestRun(run_id, objective, hyperparameters)``. See :mod:`functrain.hp_search`.
+        """
+        from .hp_search import hyperparameter_search
+
+        return hyperparameter_search(self, hp_space, compute_objective, n_trials, direction, backend, hp_name,
+                                     **kwargs)
+
     # -- NEFTune / signals ------------------------------------------------------------------------
     def _activate_neftune(self):
         """Uniform noise on the input embeddings in training mode (NEFTune, arXiv 2310.05914).
