@@ -36,7 +36,7 @@ class DemoConfig:
     eval_fraction: float = 0.02
     eval_steps: int = 200
     logging_steps: int = 20
-    sample_tokens: int = 300
+    sample_tokens: int = 124
     seed: int = 0
     torch_compile: bool = False
 
@@ -94,10 +94,12 @@ def generate_sample(model, config: DemoConfig) -> str:
     """Sample ``sample_tokens`` bytes after ``PROMPT`` (seeded, so reruns print the same text)."""
     model.eval()
     prompt = torch.tensor([list(PROMPT.encode())])
+    # GPT-2 has n_positions = seq_len learned positions: never generate past them.
+    new_tokens = min(config.sample_tokens, config.seq_len - prompt.shape[1])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         out = model.generate(
-            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=config.sample_tokens,
+            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
             do_sample=True, top_k=20, temperature=0.8, pad_token_id=0,
         )
     window = out[0, : config.seq_len]
