@@ -163,6 +163,9 @@ def make_train_step(
     if differentiate not in ("autograd", "func"):
         raise ValueError(f"differentiate must be 'autograd' or 'func', got {differentiate!r}")
     _check_checkpointing(model)
+    if differentiate == "func" and transform_params:
+        raise ValueError("differentiate='func' (vmapped populations) does not support param_transform "
+                         "(sharded DTensor params need torch.autograd.grad)")
     if differentiate == "func" and _uses_checkpointing(model):
         raise ValueError("differentiate='func' (torch.func.grad, used by vmapped populations) cannot run activation "
                          "checkpointing (it forbids saved-tensor hooks); disable checkpointing for this model")
@@ -200,8 +203,11 @@ def make_train_step(
         grads = {k: torch.zeros_like(p) if g is None else g for (k, p), g in zip(params.items(), grads)}
         return grads, loss.detach(), {k: torch.as_tensor(v).detach().float() for k, v in aux.items()}
 
-    def micro_grads_func(params, buffers, microbatch, weight, scale):
-        """Same contract as ``micro_grads`` with ``torch.func.grad`` (pure: composes with vmap)."""
+    def micro_grads_func(params, buffers, microbatch, weight, scale, has_items):
+        """Same contract as ``micro_grads`` with ``torch.func.grad`` (pure: composes with vmap).
+
+        ``has_items`` is not needed here: without a param_transform, window_grads masks it.
+        """
 
         def share_of(p):
             with _autocast(policy, _device_type(p)):
