@@ -104,6 +104,7 @@ def make_train_step(
     required_keys=None,
     compile_kwargs: dict | None = None,
     differentiate: str = "autograd",
+    rng_stream: int = 0,
 ):
     """Build ``train_step(state, batch) -> (new_state, metrics)``, a pure function.
 
@@ -140,6 +141,8 @@ def make_train_step(
             checkpointing and DTensor params) or ``"func"`` (``torch.func.grad``: composes with
             ``torch.func.vmap``, as the population step in :mod:`functrain.population` needs; no
             activation checkpointing).
+        rng_stream: folded into the state's key before seeding (0: the key as is). Data-parallel
+            ranks pass their rank so each draws its own dropout masks from the same state.
 
     Metrics (0-d tensors, never read on the host by the step): ``loss`` (mean over the
     supervised items of the whole window), ``grad_norm`` (global norm before clipping),
@@ -297,7 +300,8 @@ def make_train_step(
             loss_scale = dynamic_scale_init(device=state.step.device)
         if policy.needs_loss_scale and not isinstance(loss_scale, DynamicScale):
             raise TypeError(f"precision='fp16' needs state.loss_scale to be a DynamicScale, got {type(loss_scale).__name__}")
-        with rnglib.seeded(state.rng), _module_mode(model, training=True):
+        key = rnglib.fold_in(state.rng, rng_stream) if rng_stream else state.rng
+        with rnglib.seeded(key), _module_mode(model, training=True):
             params, opt_state, step, loss_scale, metrics = core(
                 state.params, state.buffers, state.opt_state, state.step, loss_scale, dict(batch))
         new_state = state.replace(params=params, opt_state=opt_state, step=step, loss_scale=loss_scale,

@@ -318,13 +318,15 @@ class Trainer:
         """The step's hooks for this run: none for one process, DDP all-reduces, or sharded gathers."""
         if not fd.is_distributed():
             return {}
+        # Each rank draws its own dropout masks (the state's key is the same on every rank).
+        stream = {"rng_stream": fd.rank()}
         if self.args.sharded:
-            return fd.sharded_hooks()
+            return {**fd.sharded_hooks(), **stream}
         if not self.args.average_tokens_across_devices:  # HF's opt-out: per-rank mean, ranks averaged
             grad_reduce, _ = fd.per_rank_mean_hooks()
-            return {"grad_reduce": grad_reduce}
+            return {"grad_reduce": grad_reduce, **stream}
         grad_reduce, count_reduce = fd.data_parallel_hooks()
-        return {"grad_reduce": grad_reduce, "count_reduce": count_reduce}
+        return {"grad_reduce": grad_reduce, "count_reduce": count_reduce, **stream}
 
     def _mark_process(self, state: TrainerState) -> TrainerState:
         state.is_world_process_zero = fd.is_main_process()
