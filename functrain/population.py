@@ -261,6 +261,20 @@ def _is_vmap_error(e: Exception) -> bool:
     return any(h in text for h in _VMAP_HINTS)
 
 
+
+@contextlib.contextmanager
+def _explain_vmap_errors(model, done: str, instead: str):
+    """Re-raise an error of vmap on one of the model's ops as a PopulationError saying what to do."""
+    try:
+        yield
+    except (RuntimeError, NotImplementedError, ValueError) as e:
+        if not _is_vmap_error(e):
+            raise
+        raise PopulationError(
+            f"{type(model).__name__} cannot be {done} as a vmapped population: torch.func.vmap failed on one of "
+            f"its operations ({type(e).__name__}: {str(e).splitlines()[0][:300]}); {instead} (or replace the "
+            "unsupported op)") from e
+
 def _population_key(keys: torch.Tensor) -> torch.Tensor:
     """One key from the N members' keys (a pure function of all of them, read on the CPU)."""
     k = keys[0]
@@ -361,17 +375,10 @@ def make_population_train_step(
         if needs_loss_scale and loss_scale is None:
             raise PopulationError("precision='fp16' needs a stacked loss scale: pass loss_scale="
                                   "functrain.precision.dynamic_scale_init() to each member before stacking")
-        try:
-            with rnglib.seeded(_population_key(state.rng)), _module_mode(model, training=True), _per_tensor_foreach():
-                params, opt_state, step, loss_scale, metrics = compiled(
-                    state.params, state.buffers, state.opt_state, state.step, loss_scale, batch)
-        except (RuntimeError, NotImplementedError, ValueError) as e:
-            if not _is_vmap_error(e):
-                raise
-            raise PopulationError(
-                f"{type(model).__name__} cannot be trained as a vmapped population: torch.func.vmap failed on one "
-                f"of its operations ({type(e).__name__}: {str(e).splitlines()[0][:300]}). Train the members "
-                "sequentially with functrain.make_train_step instead (or replace the unsupported op)") from e
+        with _explain_vmap_errors(model, "trained", "train the members sequentially with functrain.make_train_step"), \
+                rnglib.seeded(_population_key(state.rng)), _module_mode(model, training=True), _per_tensor_foreach():
+            params, opt_state, step, loss_scale, metrics = compiled(
+                state.params, state.buffers, state.opt_state, state.step, loss_scale, batch)
         new_state = state.replace(params=params, opt_state=opt_state, step=step, loss_scale=loss_scale,
                                   rng=state.rng + torch.tensor([0, 1], dtype=torch.int64))
         return new_state, metrics
@@ -418,15 +425,8 @@ def make_population_eval_step(
 
     def population_eval_step(state: TrainState, batch: Mapping):
         batch = _validate_batch(batch, batch_dim, population_size(state), validate)
-        try:
-            with rnglib.seeded(_population_key(state.rng)), _module_mode(model, training=False), _per_tensor_foreach():
-                return compiled(state.params, state.buffers, batch)
-        except (RuntimeError, NotImplementedError, ValueError) as e:
-            if not _is_vmap_error(e):
-                raise
-            raise PopulationError(
-                f"{type(model).__name__} cannot be evaluated as a vmapped population: torch.func.vmap failed "
-                f"({type(e).__name__}: {str(e).splitlines()[0][:300]}); evaluate the members one by one with "
-                "functrain.make_eval_step") from e
+        with _explain_vmap_errors(model, "evaluated", "evaluate the members one by one with functrain.make_eval_step"), \
+                rnglib.seeded(_population_key(state.rng)), _module_mode(model, training=False), _per_tensor_foreach():
+            return compiled(state.params, state.buffers, batch)
 
     return population_eval_step
