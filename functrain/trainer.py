@@ -478,6 +478,7 @@ class Trainer:
         self._loss_sum = torch.tensor(pending.get("loss_sum", 0.0), dtype=torch.float32)
         self._steps_since_log = pending.get("steps", 0)
         self._samples_since_log, self._tokens_since_log = pending.get("samples", 0), self.state.num_input_tokens_seen
+        self._pending_tokens = None
         self._log_timer = time.perf_counter()
         self._last_metrics = {}
         total_loss, total_samples = torch.zeros(()), 0
@@ -555,6 +556,7 @@ class Trainer:
             "epoch": self.state.epoch,
         }
         if a.include_num_input_tokens_seen not in (False, "no"):
+            self._flush_token_count()
             metrics["num_input_tokens_seen"] = self.state.num_input_tokens_seen
         self.log(dict(metrics))
         self.control = self.callback_handler.on_train_end(a, self.state, self.control)
@@ -566,9 +568,19 @@ class Trainer:
             return
         ids = window["input_ids"]
         if mode == "non_padding" and "attention_mask" in window:
-            self.state.num_input_tokens_seen += int(window["attention_mask"].sum())
+            # Summed as a tensor and read only where the host reads anyway (log, save, end):
+            # reading it here would sync every step.
+            count = window["attention_mask"].sum()
+            self._pending_tokens = count if self._pending_tokens is None else self._pending_tokens + count
         else:
             self.state.num_input_tokens_seen += ids.numel()  # shape only: no host sync
+
+    def _flush_token_count(self) -> None:
+        """Fold the non-padding tokens counted since the last read into the TrainerState."""
+        pending = getattr(self, "_pending_tokens", None)  # None outside train()
+        if pending is not None:
+            self.state.num_input_tokens_seen += int(pending)
+            self._pending_tokens = None
 
     def _load_best_model(self):
         best = self.state.best_model_checkpoint
@@ -604,6 +616,7 @@ class Trainer:
             if key in m:
                 logs[key] = float(fd.to_local_full(m[key]))
         logs["step_time"] = elapsed / n
+        self._flush_token_count()
         if elapsed > 0:
             logs["samples_per_second"] = self._samples_since_log / elapsed
             tokens = self.state.num_input_tokens_seen - self._tokens_since_log
@@ -654,6 +667,7 @@ class Trainer:
             best_dir = ck.checkpoint_path(a.output_dir, self.state.best_global_step)
             if self.state.best_global_step == step or os.path.isdir(best_dir):
                 self.state.best_model_checkpoint = best_dir
+        self._flush_token_count()
         self.state.stateful_callbacks = {type(cb).__name__: cb.state() for cb in self.callback_handler.callbacks
                                          if isinstance(cb, ExportableState)}
         self.state.pending_log = {"loss_sum": float(self._loss_sum), "steps": self._steps_since_log,

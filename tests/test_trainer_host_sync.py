@@ -118,3 +118,35 @@ def test_the_detector_catches_a_per_step_read(monkeypatch, tmp_path):
 
 def test_functrain_exports_trainer_callback():  # the test's own precondition, checked explicitly
     assert functrain.TrainerCallback is TrainerCallback
+
+
+class TinyTokenRegressor(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(20, 8)
+
+    def forward(self, input_ids, attention_mask, labels=None):
+        pooled = (self.emb(input_ids) * attention_mask.unsqueeze(-1)).sum(1)
+        return {"loss": nn.functional.mse_loss(pooled, labels), "logits": pooled}
+
+
+def test_non_padding_token_count_is_read_only_on_logging_steps(monkeypatch, tmp_path):
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for i in range(48):
+        mask = torch.zeros(6, dtype=torch.long)
+        mask[: 1 + i % 6] = 1  # 1..6 real tokens, the rest padding
+        rows.append({"input_ids": torch.randint(0, 20, (6,), generator=g), "attention_mask": mask,
+                     "labels": torch.randn(8, generator=g)})
+    phases = Phases()
+    args = TrainingArguments(str(tmp_path), per_device_train_batch_size=4, max_steps=12, logging_steps=3,
+                             save_strategy="no", disable_tqdm=True, seed=0, include_num_input_tokens_seen="non_padding")
+    trainer = Trainer(model=TinyTokenRegressor(), args=args, train_dataset=rows, callbacks=[phases])
+    reads = record_host_reads(monkeypatch, phases)
+    out = trainer.train()
+    monkeypatch.undo()
+    _assert_only_on_logging_steps(reads, logging_steps=3, max_steps=12)
+    # 12 steps x 4 rows = one pass over all 48 rows: every real token counted once, padding not.
+    expected = sum(int(r["attention_mask"].sum()) for r in rows)
+    assert out.metrics["num_input_tokens_seen"] == expected == trainer.state.num_input_tokens_seen
+    assert expected < 48 * 6
