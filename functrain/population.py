@@ -380,7 +380,7 @@ def make_population_train_step(
             params, opt_state, step, loss_scale, metrics = compiled(
                 state.params, state.buffers, state.opt_state, state.step, loss_scale, batch)
         new_state = state.replace(params=params, opt_state=opt_state, step=step, loss_scale=loss_scale,
-                                  rng=state.rng + torch.tensor([0, 1], dtype=torch.int64))
+                                  rng=rnglib.next_key(state.rng))
         return new_state, metrics
 
     population_step.member_step = inner  # the ordinary step the members follow (differentiate="func")

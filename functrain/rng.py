@@ -57,8 +57,12 @@ def split(k: torch.Tensor, num: int = 2) -> list[torch.Tensor]:
 
 
 def next_key(k: torch.Tensor) -> torch.Tensor:
-    """The key a step hands to the next step: same stream, counter advanced by one."""
-    _check(k)
+    """The key a step hands to the next step: same stream, counter advanced by one.
+
+    Also takes stacked keys of shape ``(..., 2)`` (a population's), advancing each.
+    """
+    if not (isinstance(k, torch.Tensor) and k.dtype == torch.int64 and k.ndim >= 1 and k.shape[-1] == 2):
+        raise TypeError(f"expected a key (int64 tensor of shape (2,) or (..., 2)), got {k!r}")
     return k + torch.tensor([0, 1], dtype=torch.int64)
 
 

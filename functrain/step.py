@@ -19,6 +19,7 @@ from torch import nn
 
 from . import batching, rng as rnglib, tree
 from .optim.base import apply_updates
+from .optim.transforms import clip_factor
 from .precision import DynamicScale, dynamic_scale_init, dynamic_scale_update, get_policy, unscale
 from .state import TrainState
 
@@ -243,7 +244,7 @@ def make_train_step(
             has_items = count > 0
             g, mb_loss, mb_aux = micro_grads(params, buffers, mb, weight, scale, has_items)
             if not transform_params:  # (with a transform, g may already hold other ranks' sums)
-                g = tree.map(lambda x: torch.where(has_items, x, torch.zeros_like(x)), g)
+                g = tree.map(lambda x: torch.where(has_items, x, 0.0), g)
             grads = g if grads is None else tree.add(grads, g)
             loss = loss + torch.where(has_items, mb_loss * weight, 0.0)
             for k, v in mb_aux.items():
@@ -261,8 +262,7 @@ def make_train_step(
         grad_norm = tree.global_norm(grads)
         metrics["grad_norm"] = grad_norm
         if max_grad_norm is not None:
-            # Same formula as torch.nn.utils.clip_grad_norm_.
-            grads = tree.scale(grads, torch.clamp(max_grad_norm / (grad_norm + 1e-6), max=1.0))
+            grads = tree.scale(grads, clip_factor(grad_norm, max_grad_norm))
         updates, new_opt_state = tx.update(grads, opt_state, params)
         new_params = apply_updates(params, updates)
         if policy.needs_loss_scale:

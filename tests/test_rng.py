@@ -84,3 +84,11 @@ def test_bad_keys_and_seeds_are_rejected():
             rng.fold_in(bad, 0)
         with pytest.raises(TypeError, match="expected a key"):
             rng.seed_of(bad)
+
+
+def test_next_key_advances_each_stacked_key_like_a_single_one():
+    keys = torch.stack([rng.key(1), rng.fold_in(rng.key(2), 5)])
+    stacked = rng.next_key(keys)
+    assert torch.equal(stacked[0], rng.next_key(keys[0])) and torch.equal(stacked[1], rng.next_key(keys[1]))
+    with pytest.raises(TypeError, match="shape"):
+        rng.next_key(torch.zeros(3, dtype=torch.int64))

@@ -170,6 +170,11 @@ def add_decayed_weights(weight_decay=0.0) -> GradientTransformation:
     return GradientTransformation(lambda params: EmptyState(), update)
 
 
+def clip_factor(norm: torch.Tensor, max_norm) -> torch.Tensor:
+    """The factor ``torch.nn.utils.clip_grad_norm_`` scales by: ``min(1, max_norm / (norm + 1e-6))``."""
+    return torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+
+
 class ClipByGlobalNormState(NamedTuple):
     global_norm: torch.Tensor  # the norm of the updates before clipping, at the last update
 
@@ -186,9 +191,7 @@ def clip_by_global_norm(max_norm) -> GradientTransformation:
 
     def update(updates, state, params=None):
         norm = tree.global_norm(updates)
-        # Same formula as torch.nn.utils.clip_grad_norm_: factor = min(1, max_norm / (norm + 1e-6)).
-        factor = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-        return tree.scale(updates, factor), ClipByGlobalNormState(norm)
+        return tree.scale(updates, clip_factor(norm, max_norm)), ClipByGlobalNormState(norm)
 
     return GradientTransformation(init, update)
 
