@@ -108,6 +108,7 @@ def make_train_step(
     compile_kwargs: dict | None = None,
     differentiate: str = "autograd",
     rng_stream: int = 0,
+    skip_non_finite: bool = False,
 ):
     """Build ``train_step(state, batch) -> (new_state, metrics)``, a pure function.
 
@@ -146,6 +147,9 @@ def make_train_step(
             activation checkpointing).
         rng_stream: folded into the state's key before seeding (0: the key as is). Data-parallel
             ranks pass their rank so each draws its own dropout masks from the same state.
+        skip_non_finite: when the window's loss or any gradient is NaN/Inf, keep params, optimizer
+            state and step unchanged and report ``skipped`` (fp16 always does this, for its loss
+            scale). Decided on the device: no host sync.
 
     Metrics (0-d tensors, never read on the host by the step): ``loss`` (mean over the
     supervised items of the whole window), ``grad_norm`` (global norm before clipping),
@@ -261,6 +265,8 @@ def make_train_step(
         if policy.needs_loss_scale:
             grads = unscale(grads, loss_scale)
             finite = tree.all_finite(grads)
+        elif skip_non_finite:
+            finite = torch.isfinite(loss) & tree.all_finite(grads)
         grad_norm = tree.global_norm(grads)
         metrics["grad_norm"] = grad_norm
         if max_grad_norm is not None:
@@ -275,6 +281,12 @@ def make_train_step(
             new_step = step + finite.to(step.dtype)
             new_loss_scale = dynamic_scale_update(loss_scale, finite)
             metrics["loss_scale"] = new_loss_scale.scale
+            metrics["skipped"] = ~finite
+        elif skip_non_finite:
+            new_params = tree.where(finite, new_params, params)
+            new_opt_state = tree.where(finite, new_opt_state, opt_state)
+            new_step = step + finite.to(step.dtype)
+            new_loss_scale = loss_scale
             metrics["skipped"] = ~finite
         else:
             new_step = step + 1
