@@ -341,13 +341,14 @@ def test_checkpoint_with_non_finite_params_is_not_a_resume_target(two_checkpoint
     ck.verify_checkpoint(newest)  # intact bytes: only the values are bad
     with pytest.raises(ck.CheckpointError, match=rf"non-finite.*{name}"):
         _trainer(out, max_steps=3).train(resume_from_checkpoint=newest)
-    with caplog.at_level(logging.WARNING, logger="functrain"):
-        t = _trainer(out, max_steps=3)
-        t.train(resume_from_checkpoint=True)
-    assert "non-finite" in caplog.text and t.state.global_step == 3
     t = _trainer(out, max_steps=2, resume_allow_non_finite=True)
     t.train(resume_from_checkpoint=newest)
     assert torch.isnan(params_of(t)[name]).all()
+    with caplog.at_level(logging.WARNING, logger="functrain"):
+        t = _trainer(out, max_steps=3)
+        t.train(resume_from_checkpoint=True)  # falls back to checkpoint-1; the bad one is moved aside
+    assert "non-finite" in caplog.text and t.state.global_step == 3
+    assert _steps(out) == [1, 2, 3] and all(torch.isfinite(v).all() for v in params_of(t).values())
 
 
 @pytest.mark.parametrize("field", ["weight_decay", "max_grad_norm", "adam_epsilon", "learning_rate",
@@ -408,7 +409,7 @@ class _KwargsModel(torch.nn.Module):
 
 
 def test_extra_batch_keys_for_a_kwargs_model_are_reported(tmp_path, caplog):
-    data = [{**row, "extra": 1.0} for row in make_dataset(n=16)]
+    data = [{"x": row["x"], "labels": row["labels"], "extra": 1.0} for row in make_dataset(n=16)]
     t = Trainer(model=_KwargsModel(), args=_args(tmp_path, max_steps=2, save_strategy="no",
                                                    remove_unused_columns=False), train_dataset=data)
     with caplog.at_level(logging.WARNING, logger="functrain"):

@@ -10,7 +10,8 @@ newer than the resume point for a resumed one) are refused with an error, or del
 warning when ``overwrite_output_dir=True``. Otherwise rotation (which deletes by step number)
 would delete this run's fresh checkpoints and ``resume_from_checkpoint=True`` would pick the
 other run's. Newer folders that fail verification are broken leftovers, not a run: they are
-renamed aside (``checkpoint-N.broken-*``) with a warning.
+renamed aside (``checkpoint-N.broken-*``) with a warning; so are newer ones holding NaN/Inf that
+a resume skipped.
 """
 
 from __future__ import annotations
@@ -102,7 +103,8 @@ def _read_holder(fd: int) -> str:
         return "a process that has not written its pid yet"
 
 
-def foreign_checkpoints(output_dir: str, resume_path: str | None) -> tuple[list[str], list[str], str]:
+def foreign_checkpoints(output_dir: str, resume_path: str | None,
+                        require_finite: bool = False) -> tuple[list[str], list[str], str]:
     """``(valid, broken, why)``: checkpoint folders in ``output_dir`` not on this run's line."""
     existing = ck.checkpoint_dirs(output_dir)
     if resume_path is not None and _inside(resume_path, output_dir):
@@ -117,15 +119,19 @@ def foreign_checkpoints(output_dir: str, resume_path: str | None) -> tuple[list[
     for path in candidates:
         try:
             ck.verify_checkpoint(path, require_resumable=False)
+            # A resume skips newer checkpoints holding NaN/Inf (unless allowed): broken too.
+            if require_finite and resume_path is not None and ck.non_finite_tensors(path, limit=1):
+                raise ck.CheckpointError("non-finite values")
             valid.append(path)
         except ck.CheckpointError:
             broken.append(path)
     return valid, broken, why
 
 
-def claim_output_dir(output_dir: str, resume_path: str | None, overwrite: bool, *, act: bool = True) -> None:
+def claim_output_dir(output_dir: str, resume_path: str | None, overwrite: bool, *, act: bool = True,
+                     require_finite: bool = False) -> None:
     """Apply the rule above before a run writes anything; ``act=False`` only checks (other ranks)."""
-    valid, broken, why = foreign_checkpoints(output_dir, resume_path)
+    valid, broken, why = foreign_checkpoints(output_dir, resume_path, require_finite)
     names = ", ".join(os.path.basename(p) for p in valid)
     if valid and not overwrite:
         raise ValueError(

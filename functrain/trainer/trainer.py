@@ -190,6 +190,7 @@ class Trainer:
                     own.set_state(own_state)
         if not isinstance(batch, Mapping):
             raise TypeError(f"the data_collator must return a dict of tensors, got {type(batch).__name__}")
+        _warn_keys_into_kwargs(self.model, batch, self._custom_loss())
         missing = [k for k in self._required_label_keys() if k not in batch]
         if missing:
             raise ValueError(
@@ -426,7 +427,8 @@ class Trainer:
     def _train(self, resume_from_checkpoint, ignore_keys_for_eval) -> TrainOutput:
         a = self.args
         resume_path = self._resolve_resume(resume_from_checkpoint)
-        run_dir.claim_output_dir(a.output_dir, resume_path, a.overwrite_output_dir, act=fd.is_main_process())
+        run_dir.claim_output_dir(a.output_dir, resume_path, a.overwrite_output_dir, act=fd.is_main_process(),
+                                 require_finite=not a.resume_allow_non_finite)
         fd.barrier()
         if self.model_init is not None and resume_path is None and self.train_state is None:
             set_seed(a.seed)
@@ -1030,6 +1032,22 @@ def _default_collator(processing_class):
     if processing_class is not None and hasattr(processing_class, "pad"):
         return collators.DataCollatorWithPadding(processing_class)
     return collators.default_data_collator
+
+
+def _warn_keys_into_kwargs(model, batch: Mapping, custom_loss: bool) -> None:
+    """A model whose forward takes ``**kwargs`` accepts any batch key, and may ignore it silently:
+    name the keys that are not named arguments (the step checks models without ``**kwargs``)."""
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return
+    if custom_loss or not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return
+    extra = sorted(set(batch) - {p.name for p in params})
+    if extra:
+        logger.warning("batch key(s) %s are not named arguments of %s.forward; they go into its **kwargs, where the "
+                       "model may ignore them. Drop them (remove_unused_columns=True or the collator) if unused",
+                       extra, type(model).__name__)
 
 
 def _forward_parameters(model) -> list[str]:
