@@ -18,16 +18,18 @@ pytest.importorskip("functrain.data")
 WORKER = os.path.join(os.path.dirname(__file__), "_crash_worker.py")
 
 
-def _run_to_end(out, result):
-    proc = subprocess.run([sys.executable, WORKER, out, result], capture_output=True, text=True, timeout=300)
+def _run_to_end(out, result, mode):
+    proc = subprocess.run([sys.executable, WORKER, out, result, mode], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
 
 @pytest.mark.slow
-def test_sigkill_at_random_moments_then_resume_matches(tmp_path):
+@pytest.mark.parametrize("mode", ["steps", "epoch"])
+def test_sigkill_at_random_moments_then_resume_matches(tmp_path, mode):
+    """With a collator drawing from torch's global generator; checkpoints every step or every epoch."""
     ref_dir, ref_file = str(tmp_path / "ref"), str(tmp_path / "ref.safetensors")
-    _run_to_end(ref_dir, ref_file)
+    _run_to_end(ref_dir, ref_file, mode)
     reference = load_file(ref_file)
 
     out, result = str(tmp_path / "crashy"), str(tmp_path / "crashy.safetensors")
@@ -36,7 +38,7 @@ def test_sigkill_at_random_moments_then_resume_matches(tmp_path):
     while kills < 10:
         before = ck.find_resumable_checkpoint(out)
         resumed_from.append(before)
-        proc = subprocess.Popen([sys.executable, WORKER, out, result], stdout=subprocess.PIPE,
+        proc = subprocess.Popen([sys.executable, WORKER, out, result, mode], stdout=subprocess.PIPE,
                                 stderr=subprocess.DEVNULL, text=True)
         # Wait for 2-3 steps of this process (imports done, a checkpoint written), then kill after
         # a short random delay: with a checkpoint every step, many kills land inside a write.
@@ -59,7 +61,7 @@ def test_sigkill_at_random_moments_then_resume_matches(tmp_path):
             ck.verify_checkpoint(path)
     assert kills >= 10
     assert any(p is not None for p in resumed_from[1:])  # the later runs did resume
-    _run_to_end(out, result)
+    _run_to_end(out, result, mode)
     final = load_file(result)
     assert final.keys() == reference.keys()
     assert all(torch.equal(final[k], reference[k]) for k in reference)

@@ -338,7 +338,7 @@ def read_manifest(path: str) -> dict[str, Any]:
         with open(manifest_path, encoding="utf-8") as f:
             manifest = json.load(f)
     except (ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"checkpoint {path!r}: {MANIFEST_FILE} is not valid JSON ({e})") from None
+        raise CheckpointError(f"checkpoint {path!r}: {MANIFEST_FILE} is unreadable (not valid JSON: {e})") from None
     problem = _manifest_problem(manifest)
     if problem:
         raise CheckpointError(f"checkpoint {path!r}: {MANIFEST_FILE} is malformed: {problem}")
@@ -601,10 +601,11 @@ def load_model_weights(model, folder: str) -> None:
 
 def load_rng_state(folder: str) -> None:
     """Restore the global generators saved by :func:`write_rng_state` (if the manifest lists them)."""
-    listed = read_manifest(folder)["files"]
-    if RNG_FILE not in listed:
+    listed = _listed_files(folder)
+    present = RNG_FILE in listed if listed is not None else os.path.lexists(os.path.join(folder, RNG_FILE))
+    if not present:
         return
-    with _open_safetensors(safe_file(folder, RNG_FILE, listed)) as f:
+    with _open_safetensors(_checked(folder, RNG_FILE, listed)) as f:
         meta = f.metadata() or {}
         t = {k: f.get_tensor(k) for k in f.keys()}
     torch.set_rng_state(t["torch_cpu"])
