@@ -35,14 +35,15 @@ def test_sigkill_at_random_moments_then_resume_matches(tmp_path, mode):
     out, result = str(tmp_path / "crashy"), str(tmp_path / "crashy.safetensors")
     rng = random.Random(1234)
     kills, resumed_from = 0, []
-    while kills < 10:
+    wanted_kills = 10 if mode == "steps" else 4  # the epoch variant adds less: it costs CI time
+    while kills < wanted_kills:
         before = ck.find_resumable_checkpoint(out)
         resumed_from.append(before)
         proc = subprocess.Popen([sys.executable, WORKER, out, result, mode], stdout=subprocess.PIPE,
                                 stderr=subprocess.DEVNULL, text=True)
         # Wait for 2-3 steps of this process (imports done, a checkpoint written), then kill after
         # a short random delay: with a checkpoint every step, many kills land inside a write.
-        # Progress per kill is bounded by steps, not time, so ten kills fit whatever the load.
+        # Progress per kill is bounded by steps, not time, so the kills fit whatever the load.
         wanted, steps_seen = rng.randint(2, 3), 0
         for line in proc.stdout:  # log lines are printed too; count the step lines
             steps_seen += line.startswith("step")
@@ -59,7 +60,7 @@ def test_sigkill_at_random_moments_then_resume_matches(tmp_path, mode):
         path = ck.find_resumable_checkpoint(out)
         if path is not None:
             ck.verify_checkpoint(path)
-    assert kills >= 10
+    assert kills >= wanted_kills
     assert any(p is not None for p in resumed_from[1:])  # the later runs did resume
     _run_to_end(out, result, mode)
     final = load_file(result)
