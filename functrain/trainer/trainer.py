@@ -427,9 +427,8 @@ class Trainer:
     def _train(self, resume_from_checkpoint, ignore_keys_for_eval) -> TrainOutput:
         a = self.args
         resume_path = self._resolve_resume(resume_from_checkpoint)
-        run_dir.claim_output_dir(a.output_dir, resume_path, a.overwrite_output_dir, act=fd.is_main_process(),
-                                 require_finite=not a.resume_allow_non_finite)
-        fd.barrier()
+        claim = dict(require_finite=not a.resume_allow_non_finite)
+        run_dir.claim_output_dir(a.output_dir, resume_path, a.overwrite_output_dir, act=False, **claim)  # refuse early
         if self.model_init is not None and resume_path is None and self.train_state is None:
             set_seed(a.seed)
             self.model = self.model_init()
@@ -459,6 +458,10 @@ class Trainer:
             position = self._resume_position(self.state.data_position or position, loader)
             self.state.max_steps, self.state.num_train_epochs = max_steps, num_epochs
             self.state.compute_steps(a, max_steps)
+        # Other runs' checkpoints: refused, or deleted with overwrite_output_dir (after every check
+        # above, before anything is written).
+        run_dir.claim_output_dir(a.output_dir, resume_path, a.overwrite_output_dir, act=fd.is_main_process(), **claim)
+        fd.barrier()
         self.train_state = state
         self.callback_handler.train_state = state
         self.callback_handler.train_dataloader = loader
