@@ -1,5 +1,5 @@
 """A local HTTP server speaking the part of the Hub API that ``huggingface_hub`` uses to create a
-repo and commit files (create-repo, preupload, commit), for the push-to-hub tests.
+repo and commit files (create-repo, validate-yaml, preupload, commit), for the push-to-hub tests.
 
 Every file is declared "regular" at preupload, so its bytes come base64-encoded in the commit's
 ndjson body (no LFS / xet transfer). Commits are recorded in arrival order with their files.
@@ -82,6 +82,8 @@ def _handler(hub_ref: list):
                     hub.repos.setdefault(repo_id, {"private": req.get("visibility") == "private",
                                                    "token": self.headers.get("authorization")})
                 return self._reply(200, {"url": f"{hub.url}/{repo_id}"})
+            if path == "/api/validate-yaml":  # the README.md metadata check before a commit
+                return self._reply(200, {"errors": [], "warnings": []})
             if hub.fail_uploads:
                 return self._reply(500, {"error": "Internal Error (fake hub told to fail)"})
             if m := _PREUPLOAD.match(path):
