@@ -32,17 +32,25 @@ class FakeHub:
     repos: dict[str, dict] = field(default_factory=dict)  # repo_id -> {"private": ..., "token": ...}
     commits: list[Commit] = field(default_factory=list)
     fail_uploads: bool = False  # answer 500 to preupload and commit
+    fail_create: bool = False  # answer 500 to create-repo
+    # Uploads wait at preupload until this is set (a test holds an upload "in flight" with it).
+    gate: threading.Event = field(default_factory=threading.Event)
+    in_flight: int = 0
+    max_in_flight: int = 0  # the most uploads seen between preupload and commit at once
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self):
+        self.gate.set()
 
     @property
     def url(self) -> str:
         host, port = self.server.server_address[:2]
         return f"http://{host}:{port}"
 
-    def files(self, repo_id: str, revision: str = "main") -> dict[str, bytes]:
-        """The repo's tree at ``revision`` after every commit so far."""
+    def files(self, repo_id: str, revision: str = "main", upto: int | None = None) -> dict[str, bytes]:
+        """The repo's tree at ``revision`` after the first ``upto`` commits (default: all)."""
         tree: dict[str, bytes] = {}
-        for c in self.commits:
+        for c in self.commits[:upto]:
             if c.repo_id == repo_id and c.revision == revision:
                 tree.update(c.files)
         return tree
@@ -76,6 +84,8 @@ def _handler(hub_ref: list):
             from urllib.parse import unquote
 
             if path == "/api/repos/create":
+                if hub.fail_create:
+                    return self._reply(500, {"error": "Internal Error (fake hub told to fail)"})
                 req = json.loads(body)
                 repo_id = f"{req.get('organization') or USER}/{req['name']}"
                 with hub.lock:
@@ -90,6 +100,10 @@ def _handler(hub_ref: list):
                 if m.group(1) not in hub.repos:
                     return self._reply(404, {"error": "Repository not found"})
                 req = json.loads(body)
+                hub.gate.wait()
+                with hub.lock:
+                    hub.in_flight += 1
+                    hub.max_in_flight = max(hub.max_in_flight, hub.in_flight)
                 return self._reply(200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
                                                    for f in req["files"]]})
             if m := _COMMIT.match(path):
@@ -103,6 +117,7 @@ def _handler(hub_ref: list):
                 oid = hashlib.sha1(body).hexdigest()
                 with hub.lock:
                     hub.commits.append(Commit(repo_id, revision, header["summary"], files))
+                    hub.in_flight -= 1
                 return self._reply(200, {"commitUrl": f"{hub.url}/{repo_id}/commit/{oid}", "commitOid": oid,
                                          "pullRequestUrl": None})
             return self._reply(404, {"error": f"fake hub does not serve {path}"})
@@ -115,5 +130,5 @@ def start_fake_hub() -> FakeHub:
     server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(hub_ref))
     hub = FakeHub(server)
     hub_ref.append(hub)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     return hub

@@ -33,8 +33,14 @@ class HubUploader:
         it happens before training, where stopping is cheap."""
         from huggingface_hub import HfApi
 
-        url = HfApi(endpoint=endpoint, token=token, library_name="functrain").create_repo(
-            name, private=private, exist_ok=True)
+        api = HfApi(endpoint=endpoint, token=token, library_name="functrain")
+        try:
+            url = api.create_repo(name, private=private, exist_ok=True)
+        except Exception as e:
+            raise RuntimeError(
+                f"push_to_hub=True but the Hub repo {name!r} could not be created at {api.endpoint} "
+                f"({type(e).__name__}: {e}). Check hub_token (or `hf auth login`), hub_model_id and HF_ENDPOINT, "
+                "or set push_to_hub=False") from e
         return cls(url.repo_id, token=token, revision=revision, endpoint=endpoint)
 
     def busy(self) -> bool:
