@@ -226,3 +226,19 @@ def test_hub_token_is_masked_in_saved_arguments(tmp_path):
     args = TrainingArguments(str(tmp_path), hub_token="hf_secret")
     assert args.to_dict()["hub_token"] == "<HUB_TOKEN>" and "hf_secret" not in args.to_json_string()
     assert args.hub_token == "hf_secret"
+
+
+def test_mlflow_logs_checkpoints_as_artifacts_with_hf_mlflow_log_artifacts(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    for k, v in dict(MLFLOW_TRACKING_URI=f"file://{tmp_path / 'mlruns'}", MLFLOW_ALLOW_FILE_STORE="true",
+                     HF_MLFLOW_LOG_ARTIFACTS="1", MLFLOW_EXPERIMENT_NAME="artifacts").items():
+        monkeypatch.setenv(k, v)
+    trainer = Trainer(model=make_model(), args=_args(tmp_path / "out", report_to="mlflow", eval_strategy="no",
+                                                     max_steps=2, save_strategy="steps", save_steps=2),
+                      train_dataset=make_dataset())
+    trainer.train()
+    client = MlflowClient(tracking_uri=f"file://{tmp_path / 'mlruns'}")
+    run, = client.search_runs([client.get_experiment_by_name("artifacts").experiment_id])
+    logged = sorted(a.path for a in client.list_artifacts(run.info.run_id, "checkpoint-2"))
+    assert logged == sorted(f"checkpoint-2/{f.name}" for f in (tmp_path / "out" / "checkpoint-2").iterdir())
