@@ -12,6 +12,7 @@ import glob
 import json
 import os
 import struct
+import time
 
 BLOCK = 32 * 1024
 FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
@@ -26,6 +27,8 @@ def _payloads(data: bytes):
             pos += room
             continue
         _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if pos + 7 + length > len(data):  # a chunk still being written
+            return
         chunk = data[pos + 7: pos + 7 + length]
         pos += 7 + length
         if kind == 0 and length == 0:
@@ -41,16 +44,23 @@ def _payloads(data: bytes):
             pending = b""
 
 
-def read_records(run_dir: str):
+def read_records(run_dir: str, timeout: float = 60.0) -> list:
+    """The run's records, once it is complete: wandb.finish() can return before wandb-core has
+    written the tail of the file, so wait (bounded) for the final ``exit`` record."""
     from wandb.proto import wandb_internal_pb2
 
     path, = glob.glob(os.path.join(run_dir, "run-*.wandb"))
-    with open(path, "rb") as f:
-        data = f.read()
-    for payload in _payloads(data):
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(payload)
-        yield record
+    deadline = time.monotonic() + timeout
+    while True:
+        with open(path, "rb") as f:
+            records = []
+            for payload in _payloads(f.read()):
+                record = wandb_internal_pb2.Record()
+                record.ParseFromString(payload)
+                records.append(record)
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.1)
 
 
 def history(run_dir: str) -> list[dict]:

@@ -49,6 +49,10 @@ def tracked(tmp_path_factory):
                                                          project=project),
                           train_dataset=make_dataset(), eval_dataset=make_dataset(n=8, seed=5))
         trainer.train()
+        trainer.predict_metrics = trainer.predict(make_dataset(n=8, seed=7)).metrics  # wandb and trackio log test/... metrics
+        import wandb
+
+        wandb.finish()  # as in HF the run stays open after train(); close it to read the files
         yield root, project, trainer
 
 
@@ -58,12 +62,13 @@ def _rows(trainer):
 
 
 def _step_keyed(trainer):
-    """What HF's wandb/trackio callbacks log per row: train/eval keys plus train/global_step."""
+    """What HF's wandb/trackio callbacks log per row: train/eval keys plus train/global_step, then
+    the predict() metrics as test/... (no step)."""
     out = []
     for step, logs in _rows(trainer):
         rest = {k: v for k, v in logs.items() if k not in SINGLE_VALUE_SCALARS}
         out.append({**rewrite_logs(rest), "train/global_step": step})
-    return out
+    return out + [rewrite_logs(trainer.predict_metrics)]
 
 
 # -- MLflow ---------------------------------------------------------------------------------------
@@ -144,6 +149,7 @@ def test_wandb_offline_run_read_back(tracked):
     run_dir = _wandb_run_dir(root, RUN_NAME)
     history = _wandb_history(run_dir)
     want = _step_keyed(trainer)
+    want[-1]["train/global_step"] = trainer.state.global_step  # define_metric(step_sync=True) fills it in
     assert [set(r) for r in history] == [set(r) for r in want]
     for got, expected in zip(history, want):
         assert got == pytest.approx(expected, rel=1e-12)
@@ -172,6 +178,7 @@ def test_wandb_matches_transformers_callback(tracked):
         for step, logs in _rows(trainer):
             state.global_step = step
             hf.on_log(args, state, control, logs=logs, model=trainer.model)
+        hf.on_predict(args, state, control, metrics=trainer.predict_metrics)
         ref_dir = os.path.dirname(wandb.run.dir)  # <run dir>/files
         wandb.finish()
     assert _wandb_history(_wandb_run_dir(root, RUN_NAME)) == _wandb_history(ref_dir)

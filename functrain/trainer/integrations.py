@@ -250,12 +250,9 @@ class WandbCallback(_StepKeyedTracker):
     def _summary(self, key, value):
         self._wandb.run.summary[key] = value
 
-    def on_train_end(self, args, state, control, **kwargs):
-        # HF leaves the run open (wandb finishes it at exit); finishing here writes the offline
-        # files now, so a run is complete when train() returns.
-        if self._initialized and state.is_world_process_zero and self._wandb.run is not None:
-            self._wandb.finish()
-            self._initialized = False
+    # As HF, the run stays open after train() (predict() logs into it); wandb.finish() or the
+    # end of the process closes it.
+
 
 
 class TrackioCallback(_StepKeyedTracker):
