@@ -82,6 +82,9 @@ def test_each_hub_strategy_pushes_the_files_hf_pushes(tmp_path, hub, strategy):
             assert hub.commits[1].files["checkpoint-2/model.safetensors"] == step2
         assert (tmp_path / "run" / "model.safetensors").read_bytes() != step2  # step 4's weights since
 
+    if strategy == "end":  # save_model() pushes when push_to_hub=True, as HF
+        trainer.save_model()
+        assert _log(hub) == [("Model save", sorted(["README.md"] + ROOT_FILES))]
     trainer.push_to_hub()  # blocking: the final model and the model card
     message, files = _log(hub)[-1]
     assert message == "End of training" and files == sorted(["README.md"] + ROOT_FILES)

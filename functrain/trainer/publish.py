@@ -150,12 +150,9 @@ class PublishMixin:
                         os.path.basename(checkpoint_folder))
             return
         self.callback_handler.on_push_begin(a, self.state, self.control)
-        for name in _MODEL_FILES:
-            src = os.path.join(checkpoint_folder, name)
-            if os.path.isfile(src):
-                shutil.copy(src, os.path.join(a.output_dir, name))
-        for name in _shard_files(checkpoint_folder):
-            shutil.copy(os.path.join(checkpoint_folder, name), os.path.join(a.output_dir, name))
+        for name in [n for n in _MODEL_FILES if os.path.isfile(os.path.join(checkpoint_folder, n))] + \
+                _shard_files(checkpoint_folder):
+            _replace_file(os.path.join(checkpoint_folder, name), os.path.join(a.output_dir, name))
         if self.processing_class is not None and hasattr(self.processing_class, "save_pretrained"):
             self.processing_class.save_pretrained(a.output_dir)
         a.save_to_json(os.path.join(a.output_dir, ck.ARGS_FILE))
@@ -179,6 +176,13 @@ def _shard_files(folder: str) -> list[str]:
         return []
     with open(index, encoding="utf-8") as f:
         return sorted(set(json.load(f)["weight_map"].values()))
+
+
+def _replace_file(src: str, dst: str) -> None:
+    """Copy then rename: an upload still reading ``dst`` (hub_always_push) never sees a torn file."""
+    tmp = os.path.join(os.path.dirname(dst), f"_{os.path.basename(dst)}.tmp")  # "_*" is never uploaded
+    shutil.copy(src, tmp)
+    os.replace(tmp, dst)
 
 
 def _write_json(path: str, data: dict) -> None:
