@@ -1,5 +1,5 @@
 """A local HTTP server speaking the part of the Hub API that ``huggingface_hub`` uses to create a
-repo and commit files (create-repo, validate-yaml, preupload, commit), for the push-to-hub tests.
+repo and commit files (create-repo, create-branch, validate-yaml, preupload, commit), for the push-to-hub tests.
 
 Every file is declared "regular" at preupload, so its bytes come base64-encoded in the commit's
 ndjson body (no LFS / xet transfer). Commits are recorded in arrival order with their files.
@@ -14,6 +14,7 @@ import re
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import unquote
 
 USER = "tester"
 
@@ -62,6 +63,7 @@ class FakeHub:
 
 _PREUPLOAD = re.compile(r"^/api/models/([^/]+/[^/]+)/preupload/(.+)$")
 _COMMIT = re.compile(r"^/api/models/([^/]+/[^/]+)/commit/(.+)$")
+_BRANCH = re.compile(r"^/api/models/([^/]+/[^/]+)/branch/(.+)$")
 
 
 def _handler(hub_ref: list):
@@ -81,7 +83,6 @@ def _handler(hub_ref: list):
             hub: FakeHub = hub_ref[0]
             body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
             path = self.path.split("?")[0]
-            from urllib.parse import unquote
 
             if path == "/api/repos/create":
                 if hub.fail_create:
@@ -92,6 +93,10 @@ def _handler(hub_ref: list):
                     hub.repos.setdefault(repo_id, {"private": req.get("visibility") == "private",
                                                    "token": self.headers.get("authorization")})
                 return self._reply(200, {"url": f"{hub.url}/{repo_id}"})
+            if m := _BRANCH.match(path):
+                with hub.lock:
+                    hub.repos[m.group(1)].setdefault("branches", []).append(unquote(m.group(2)))
+                return self._reply(200, {})
             if path == "/api/validate-yaml":  # the README.md metadata check before a commit
                 return self._reply(200, {"errors": [], "warnings": []})
             if hub.fail_uploads:

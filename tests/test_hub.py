@@ -62,7 +62,8 @@ def test_each_hub_strategy_pushes_the_files_hf_pushes(tmp_path, hub, strategy):
     revision = "dev" if strategy == "all_checkpoints" else None
     trainer = _trainer(tmp_path / "run", hub_strategy=strategy, hub_model_id="org/tiny", hub_private_repo=True,
                        hub_revision=revision)
-    assert hub.repos == {"org/tiny": {"private": True, "token": "Bearer hf_test_token"}}  # created at init
+    repo = {"private": True, "token": "Bearer hf_test_token", **({"branches": ["dev"]} if revision else {})}
+    assert hub.repos == {"org/tiny": repo}  # created at init (and the hub_revision branch)
     assert trainer.hub_model_id == "org/tiny"
     trainer.train()
 

@@ -36,6 +36,8 @@ class HubUploader:
         api = HfApi(endpoint=endpoint, token=token, library_name="functrain")
         try:
             url = api.create_repo(name, private=private, exist_ok=True)
+            if revision is not None:  # a commit to a branch that does not exist would fail
+                api.create_branch(url.repo_id, branch=revision, exist_ok=True)
         except Exception as e:
             raise RuntimeError(
                 f"push_to_hub=True but the Hub repo {name!r} could not be created at {api.endpoint} "
