@@ -158,6 +158,22 @@ def test_one_rank_raising_ends_every_rank(tmp_path):
     assert len(codes) == 2 and all(c != 0 for c in codes), log[-3000:]
 
 
+@pytest.mark.slow
+def test_sigterm_to_one_rank_stops_every_rank_with_a_checkpoint_that_resumes_bitwise(tmp_path):
+    opts = {"output_dir": str(tmp_path / "run"), "per_device": 3, "max_steps": 10}
+    check(torchrun("sigterm", tmp_path, opts))  # exits 0: no rank hung until ddp_timeout
+    results = [json.loads((tmp_path / f"result-{r}.json").read_text()) for r in (0, 1)]
+    # Rank 1 was signalled after step 3; the ranks agree one step later and stop together.
+    assert [r["global_step"] for r in results] == [4, 4]
+    assert results[0]["checkpoints"] == ["checkpoint-4"]
+    # The checkpoint resumes (2 ranks) to exactly the params of an uninterrupted 2-rank run.
+    check(torchrun("trainer", tmp_path, {**opts, "save_steps": 10_000, "resume": True}))
+    resumed = final_weights(tmp_path)
+    straight = tmp_path / "straight"
+    check(torchrun("trainer", straight, {**opts, "output_dir": str(straight / "run"), "save_steps": 10_000}))
+    assert all(torch.equal(resumed[k], v) for k, v in final_weights(straight).items())
+
+
 @pytest.mark.parametrize("env, message", [
     ({"WORLD_SIZE": "2"}, "RANK, LOCAL_RANK"),
     ({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}, "MASTER_PORT"),
