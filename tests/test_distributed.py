@@ -144,6 +144,25 @@ def test_accelerate_launch_resumes_one_process_checkpoint_on_two(tmp_path, refer
     assert ft.tree.relative_difference(final_weights(tmp_path), final_weights(reference)) <= 1e-5
 
 
+@pytest.mark.slow
+def test_two_simulated_nodes_equal_one_process(tmp_path, reference):
+    """Two torchrun agents as two "nodes" (one process each, static rendezvous on 127.0.0.1)."""
+    port = free_port()
+    opts = {"output_dir": str(tmp_path / "run"), "per_device": 3, "eval": True}
+
+    def node(rank):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank),
+               "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port),
+               WORKER, "trainer", str(tmp_path), json.dumps(opts)]
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
+
+    nodes = [node(0), node(1)]
+    outputs = [p.communicate(timeout=LAUNCH_TIMEOUT)[0] for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    assert read_result(tmp_path)["world_size"] == 2
+    assert ft.tree.relative_difference(final_weights(tmp_path), final_weights(reference)) <= 1e-5
+
+
 # -- failures -----------------------------------------------------------------------------------------
 
 
