@@ -14,6 +14,10 @@ own Trainer (``WANDB_LOG_MODEL`` builds one). What is kept from HF, per tracker:
   the x-axis; ``train_runtime``-style one-off values go to the run summary.
 - ``trackio``: ``project=args.project``, ``name=args.run_name``, the same keys as wandb; local
   store only (no Space: functrain has no ``trackio_space_id``).
+
+Where they differ from HF (see docs/trackers_and_hub.md): ``HF_MLFLOW_LOG_ARTIFACTS`` logs the
+checkpoint files with ``mlflow.log_artifacts`` (HF: a pyfunc model); ``WANDB_LOG_MODEL`` and
+``WANDB_WATCH`` are ignored with a warning.
 """
 
 from __future__ import annotations
@@ -169,8 +173,6 @@ class MLflowCallback(TrainerCallback):
 
 class _StepKeyedTracker(TrainerCallback):
     """wandb and trackio: ``train/...`` keys and ``train/global_step`` logged with every row."""
-
-    summary_scalars = True
 
     def __init__(self):
         self._initialized = False
