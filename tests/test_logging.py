@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from functrain.trainer import args as ta
 from functrain.trainer.trainer import Trainer
 from functrain.trainer.args import TrainingArguments, TrainingArgumentsError
 
@@ -93,12 +92,14 @@ def test_report_to_none_writes_no_event_file(tmp_path):
 
 
 def test_report_to_all_enables_only_installed_integrations(monkeypatch):
-    monkeypatch.setitem(ta.INTEGRATIONS, "fake_tracker", "functrain_no_such_package")
+    from functrain.trainer import registry
+
+    monkeypatch.setitem(registry.INTEGRATIONS, "fake_tracker", ("functrain_no_such_package", "x:Y"))
     assert TrainingArguments("o", report_to="all").report_to == ["tensorboard"]
     with pytest.raises(TrainingArgumentsError, match="fake_tracker.*not installed"):
         TrainingArguments("o", report_to=["fake_tracker"])
-    real_find_spec = ta.importlib.util.find_spec
-    monkeypatch.setattr(ta.importlib.util, "find_spec",
+    real_find_spec = registry.importlib.util.find_spec
+    monkeypatch.setattr(registry.importlib.util, "find_spec",
                         lambda name, *a: None if name == "tensorboard" else real_find_spec(name, *a))
     assert TrainingArguments("o", report_to="all").report_to == []
     with pytest.raises(TrainingArgumentsError, match="wandb.*not supported"):
