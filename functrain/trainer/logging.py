@@ -99,4 +99,3 @@ class TensorBoardCallback(TrainerCallback):
             self.tb_writer = None
 
 
-INTEGRATION_CALLBACKS = {"tensorboard": TensorBoardCallback}

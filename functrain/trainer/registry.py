@@ -275,6 +275,12 @@ OPTIMIZERS: dict[str, Callable[..., Any]] = {
 }
 
 
+# What PopulationTrainer can vary per member inside one vmapped step: AdamW (the names that build it)
+# with HF's linear warmup/decay, both reading their hyperparameters from the state.
+POPULATION_OPTIMIZERS: tuple[str, ...] = tuple(n for n, build in OPTIMIZERS.items() if build is _adamw)
+POPULATION_SCHEDULES: tuple[str, ...] = ("linear",)
+
+
 def build_optimizer(args, model, schedule, extra: dict | None = None):
     """The functrain optimizer for ``args.optim`` (weight decay skips biases and norms, as HF)."""
     return OPTIMIZERS[args.optim](args, model, schedule, dict(extra or {}))
