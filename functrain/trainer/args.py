@@ -176,6 +176,10 @@ class TrainingArguments(ArgumentSetters):
     def __post_init__(self):
         _check_field_statuses(self)
         apply_launch_env(self)
+        if self.gradient_checkpointing is None:  # transformers 5's new name wins where the old one is unset
+            self.gradient_checkpointing = self.activation_checkpointing
+        if self.gradient_checkpointing_kwargs is None:
+            self.gradient_checkpointing_kwargs = self.activation_checkpointing_kwargs
         if self.output_dir is None:
             self.output_dir = "trainer_output"
         self.output_dir = os.fspath(self.output_dir)

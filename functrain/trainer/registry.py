@@ -14,7 +14,7 @@ scripts still pass) a status, one line each:
 * ``not_yet(note)``: not implemented yet; a non-default value is an error, so nothing is silently
   ignored. Implementing the field is then a one-line change here: ``not_yet(...)`` -> ``ok()``.
 
-Run ``python -m functrain.trainer.registry`` to rewrite the README's field list from this table.
+Run ``python -m functrain.trainer.fields_readme`` to rewrite the README's field list from this table.
 """
 
 from __future__ import annotations
@@ -54,6 +54,8 @@ def not_yet(note: str = "") -> FieldStatus:
     return FieldStatus(NOT_YET, note)
 
 
+_LIGER = ("Liger kernels replace the model's modules at run time, which functrain does not do; use torch_compile=True "
+          "for fused kernels")
 _DDP_MODULE = ("functrain reduces gradients inside the pure step, not through torch's "
                "DistributedDataParallel module, so this DDP knob has nothing to act on and cannot change results")
 
@@ -91,19 +93,19 @@ FIELDS: dict[str, FieldStatus] = {
     # -- precision and compilation
     "bf16": ok(),
     "fp16": ok(),
-    "bf16_full_eval": ok(),
-    "fp16_full_eval": ok(),
+    "bf16_full_eval": ok("evaluation with the params cast to bf16 (also during train(), where transformers casts only "
+                         "outside it)"),
+    "fp16_full_eval": ok("as bf16_full_eval, in fp16"),
     "tf32": ok("True needs a CUDA GPU with TF32 (Ampere or newer); refused elsewhere, as in transformers"),
     "torch_compile": ok(),
     "torch_compile_backend": ok(),
     "torch_compile_mode": ok(),
-    "use_liger_kernel": refused("Liger kernels replace the model's modules at run time, which functrain does not "
-                                "do; use torch_compile=True for fused kernels"),
-    "liger_kernel_config": refused("see use_liger_kernel"),
+    "use_liger_kernel": refused(_LIGER),
+    "liger_kernel_config": refused(_LIGER),
     "gradient_checkpointing": ok(),
     "gradient_checkpointing_kwargs": ok(),
-    "activation_checkpointing": not_yet("transformers 5 name of gradient_checkpointing; use gradient_checkpointing"),
-    "activation_checkpointing_kwargs": not_yet("use gradient_checkpointing_kwargs"),
+    "activation_checkpointing": ok("transformers 5 name of gradient_checkpointing"),
+    "activation_checkpointing_kwargs": ok("transformers 5 name of gradient_checkpointing_kwargs"),
     "use_cache": ignored("functrain's train step always calls transformers models with use_cache=False (a KV "
                          "cache has no use in a training forward), so the value cannot change results"),
     "neftune_noise_alpha": ok(),
@@ -315,7 +317,7 @@ def available_integrations() -> list[str]:
 # -- the README's list -----------------------------------------------------------------------------
 
 README = Path(__file__).resolve().parents[2] / "README.md"
-_BEGIN, _END = "<!-- fields:begin (python -m functrain.trainer.registry) -->", "<!-- fields:end -->"
+_BEGIN, _END = "<!-- fields:begin (python -m functrain.trainer.fields_readme) -->", "<!-- fields:end -->"
 
 
 def readme_fields_markdown() -> str:
@@ -353,7 +355,3 @@ def readme_with_fields(text: str) -> str:
         raise ValueError(f"README has no {_BEGIN!r} ... {_END!r} section")
     return pattern.sub(lambda _: readme_fields_markdown(), text)
 
-
-if __name__ == "__main__":
-    README.write_text(readme_with_fields(README.read_text()))
-    print(f"rewrote the field list in {README}")
