@@ -335,7 +335,7 @@ def readme_fields_markdown() -> str:
         for n in names(SUPPORTED))
     return "\n".join([
         _BEGIN,
-        f"Supported `TrainingArguments` fields (each has a Trainer-level test): {supported}.",
+        f"Supported `TrainingArguments` fields: {supported}.",
         "",
         "Refused when set (why, and what to use instead):",
         bullets(REFUSED),
