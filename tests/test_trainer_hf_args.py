@@ -159,18 +159,30 @@ def _pad(examples):
     return {"input_ids": ids, "attention_mask": (ids != 0).long(), "labels": torch.tensor([e["labels"] for e in examples])}
 
 
-@pytest.mark.parametrize("fields", [{"train_sampling_strategy": "group_by_length"}, {"group_by_length": True},
-                                    {"train_sampling_strategy": "group_by_length", "length_column_name": "length"}])
-def test_group_by_length_batches_examples_of_similar_length(tmp_path, fields):
-    dataset = _token_dataset()
+@pytest.mark.parametrize("fields, length_column", [
+    ({"train_sampling_strategy": "group_by_length"}, False),  # lengths measured from input_ids
+    ({"group_by_length": True}, True),  # the transformers 4.x name
+    # A column that ranks examples in reverse: the order must follow the column, not input_ids.
+    ({"train_sampling_strategy": "group_by_length", "length_column_name": "n_tokens"}, True),
+])
+def test_group_by_length_batches_examples_of_similar_length(tmp_path, fields, length_column):
+    column = fields.get("length_column_name", "length")
+    inverted = column == "n_tokens"
+
+    def length_of(e):
+        return 100 - e["length"] if inverted else e["length"]
+
+    dataset = [{"input_ids": e["input_ids"], "labels": e["labels"], **({column: length_of(e)} if length_column else {})}
+               for e in _token_dataset()]
     per_step = {}
     for name, extra in (("random", {}), ("grouped", fields)):
         model = _TokenModel()
         Trainer(model, _args(tmp_path / name, max_steps=8, remove_unused_columns=False, **extra),
                 data_collator=_pad, train_dataset=dataset).train()
         per_step[name] = model.widths
-    longest = max(len(e["input_ids"]) for e in dataset)
-    assert per_step["grouped"][0] == longest  # transformers puts the longest batch first
+    lengths = sorted(len(e["input_ids"]) for e in dataset)
+    # transformers puts the longest batch (by the length column) first: with the reversed column, the shortest.
+    assert per_step["grouped"][0] == (lengths[3] if inverted else lengths[-1])
     assert sum(per_step["grouped"]) < 0.8 * sum(per_step["random"])  # much less padding
 
 

@@ -61,5 +61,6 @@ def compile_kwargs(args) -> dict:
 
 def set_log_level(args) -> None:
     """``log_level`` (main process) / ``log_level_replica`` (others) on the ``functrain`` logger."""
-    level = args.get_process_log_level()
-    logging.getLogger("functrain").setLevel(level)
+    name = args.log_level if args.should_log else args.log_level_replica
+    if name != "passive":  # passive: leave the logger as the script configured it
+        logging.getLogger("functrain").setLevel(args.get_process_log_level())
