@@ -224,7 +224,8 @@ class Trainer:
                                a.per_device_train_batch_size * a.gradient_accumulation_steps, self.data_collator,
                                seed=a.data_seed if a.data_seed is not None else a.seed,
                                shuffle=a.train_sampling_strategy != "sequential", drop_last=a.dataloader_drop_last,
-                               world_size=fd.world_size(), rank=fd.rank(), group_by_length=grouped,
+                               world_size=fd.world_size(), rank=fd.rank(), shard_block=a.per_device_train_batch_size,
+                               group_by_length=grouped,
                                lengths=group_lengths(self.train_dataset, a.length_column_name) if grouped else None,
                                **loader_options(a))
 
