@@ -8,6 +8,7 @@ from torch import nn
 
 from _trainer_fixtures import make_dataset, make_model
 from functrain import Trainer, TrainingArguments
+from functrain.trainer.args import TrainingArgumentsError
 
 
 def _args(tmp_path, **kw):
@@ -337,9 +338,12 @@ def test_torch_compile_backend_and_mode_reach_torch_compile(tmp_path):
     eager = Trainer(make_model(p=0.0), _args(tmp_path / "e", max_steps=2), train_dataset=dataset)
     eager.train()
     assert _rel_diff(_params(compiled.model), _params(eager.model)) < 1e-6
-    with pytest.raises(Exception, match="no_such_mode"):
-        Trainer(make_model(p=0.0), _args(tmp_path / "m", max_steps=1, torch_compile_mode="no_such_mode"),
-                train_dataset=dataset).train()
+    from functrain.trainer.arg_effects import compile_kwargs
+
+    assert compile_kwargs(_args(tmp_path, torch_compile_mode="max-autotune")) == {"backend": "inductor",
+                                                                               "mode": "max-autotune"}
+    with pytest.raises(TrainingArgumentsError, match="torch_compile_mode='no_such_mode'"):
+        _args(tmp_path / "m", torch_compile_mode="no_such_mode")
 
 
 # -- devices, checkpoints, misc ----------------------------------------------------------------------

@@ -27,6 +27,7 @@ SAVE_STRATEGIES = ("no", "steps", "epoch", "best")
 LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR,
               "critical": logging.CRITICAL, "passive": -1}
 SAMPLING_STRATEGIES = ("random", "sequential", "group_by_length")
+TORCH_COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 logger = logging.getLogger("functrain")
 _warned_fields: set[str] = set()
@@ -326,6 +327,9 @@ class TrainingArguments(ArgumentSetters):
             self.torch_compile = True  # as transformers: naming a backend or mode asks for compilation
         if self.torch_compile and self.torch_compile_backend is None:
             self.torch_compile_backend = "inductor"
+        if self.torch_compile_mode not in TORCH_COMPILE_MODES:
+            _fail(f"torch_compile_mode={self.torch_compile_mode!r} is not a torch.compile mode; expected one of "
+                  f"{list(TORCH_COMPILE_MODES)}")
         if self.fp16_full_eval and self.bf16_full_eval:
             _fail("fp16_full_eval=True and bf16_full_eval=True were both given; choose one evaluation dtype")
         if not 0 <= self.label_smoothing_factor < 1:
