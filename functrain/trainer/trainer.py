@@ -98,7 +98,7 @@ class Trainer:
             model = model_init()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        self.model = model.to(self.args.device) if self.args.use_cpu else model
+        self.model = self._place(model)
         self.optimizer, self.lr_scheduler = _check_optimizers(optimizers)
         if self.args.eval_strategy != "no" and eval_dataset is None:
             raise ValueError(f"eval_strategy={self.args.eval_strategy!r} needs an eval_dataset; pass one or set "
@@ -130,6 +130,10 @@ class Trainer:
         self._train_tokens = 0  # input tokens of this train() call (include_tokens_per_second)
         self.control = self.callback_handler.on_init_end(self.args, self.state, self.control)
         self._memory_tracker.stop("init")
+
+    def _place(self, model: nn.Module) -> nn.Module:
+        """``use_cpu=True``: the model on the CPU even where an accelerator is present (as transformers)."""
+        return model.to(self.args.device) if self.args.use_cpu else model
 
     # -- callbacks ------------------------------------------------------------------------------
     def add_callback(self, callback):
@@ -437,7 +441,7 @@ class Trainer:
         resume_path = self._resolve_resume(resume_from_checkpoint)
         if self.model_init is not None and resume_path is None and self.train_state is None:
             set_seed(a.seed)
-            self.model = self.model_init()
+            self.model = self._place(self.model_init())
             self.callback_handler.model = self.model
         loader = self.get_train_dataloader()
         if not hasattr(loader, "__len__") or getattr(loader, "is_iterable", False):
