@@ -68,18 +68,22 @@ def test_new_run_into_used_output_dir_is_refused_unless_overwrite(tmp_path):
     assert ck.find_resumable_checkpoint(str(tmp_path)).endswith("checkpoint-2")
 
 
-def test_resume_from_older_checkpoint_drops_newer_ones_only_when_asked(tmp_path):
+def test_resume_from_an_older_checkpoint_supersedes_the_newer_ones_loudly(tmp_path, caplog):
     ref = _trainer(tmp_path / "ref", max_steps=6)
     ref.train()
     out = tmp_path / "run"
     _trainer(out, max_steps=6).train()
-    older = ck.checkpoint_path(str(out), 3)
-    with pytest.raises(ValueError, match=r"checkpoint-4.*checkpoint-6.*overwrite_output_dir"):
-        _trainer(out, max_steps=6, save_total_limit=2).train(resume_from_checkpoint=older)
-    t = _trainer(out, max_steps=6, save_total_limit=2, overwrite_output_dir=True)
-    t.train(resume_from_checkpoint=older)
-    assert _steps(out) == [5, 6]
+    t = _trainer(out, max_steps=6, save_total_limit=2)
+    with caplog.at_level(logging.WARNING, logger="functrain"):
+        t.train(resume_from_checkpoint=ck.checkpoint_path(str(out), 3))
+    assert "checkpoint-4 is newer than the checkpoint this run resumes from" in caplog.text
+    assert _steps(out) == [5, 6]  # this run's own, not deleted by rotation
+    assert sorted(n.split(".")[0] for n in os.listdir(out) if ".superseded-" in n) == [
+        "checkpoint-4", "checkpoint-5", "checkpoint-6"]  # the earlier future, kept aside
     assert _same(params_of(t), params_of(ref))
+    t = _trainer(out, max_steps=6, overwrite_output_dir=True)
+    t.train(resume_from_checkpoint=ck.checkpoint_path(str(out), 5))
+    assert _steps(out) == [5, 6] and _same(params_of(t), params_of(ref))  # checkpoint-6 deleted, then rewritten
 
 
 # -- 2. one trainer per output_dir ----------------------------------------------------------------

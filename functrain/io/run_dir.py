@@ -4,14 +4,18 @@ The lock is an ``fcntl.flock`` on ``output_dir/.functrain.lock`` holding the own
 The kernel drops a ``flock`` when its process dies, so a lock left by a killed run never blocks;
 a live one makes a second Trainer refuse, naming the holder.
 
-The checkpoint rule (stricter than transformers, which mixes runs silently): ``checkpoint-N``
-folders in ``output_dir`` that are not on this run's line (all of them for a new run; those
-newer than the resume point for a resumed one) are refused with an error, or deleted with a
-warning when ``overwrite_output_dir=True``. Otherwise rotation (which deletes by step number)
-would delete this run's fresh checkpoints and ``resume_from_checkpoint=True`` would pick the
-other run's. Newer folders that fail verification are broken leftovers, not a run: they are
-renamed aside (``checkpoint-N.broken-*``) with a warning; so are newer ones holding NaN/Inf that
-a resume skipped.
+The checkpoint rule (stricter than transformers, which mixes runs silently; loud either way):
+
+* a new run (or a resume from a folder outside ``output_dir``) next to ``checkpoint-N`` folders of
+  another run is refused with an error naming them; ``overwrite_output_dir=True`` deletes them,
+  with a warning;
+* a resume from an older checkpoint of ``output_dir`` supersedes the newer ones: they are renamed
+  ``checkpoint-N.superseded-*`` with a warning (deleted with ``overwrite_output_dir=True``);
+* newer folders that fail verification, or hold NaN/Inf a resume skipped, are renamed
+  ``checkpoint-N.broken-*`` with a warning.
+
+Otherwise rotation (which deletes by step number) would delete this run's fresh checkpoints and
+``resume_from_checkpoint=True`` would pick the other run's.
 """
 
 from __future__ import annotations
@@ -104,10 +108,12 @@ def _read_holder(fd: int) -> str:
 
 
 def foreign_checkpoints(output_dir: str, resume_path: str | None,
-                        require_finite: bool = False) -> tuple[list[str], list[str], str]:
-    """``(valid, broken, why)``: checkpoint folders in ``output_dir`` not on this run's line."""
+                        require_finite: bool = False) -> tuple[list[str], list[str], bool, str]:
+    """``(valid, broken, superseded, why)``: checkpoint folders in ``output_dir`` not on this run's
+    line; ``superseded``: they are this run's own later checkpoints (a resume from an older one)."""
     existing = ck.checkpoint_dirs(output_dir)
-    if resume_path is not None and _inside(resume_path, output_dir):
+    superseded = resume_path is not None and _inside(resume_path, output_dir)
+    if superseded:
         match = ck._CHECKPOINT_RE.match(os.path.basename(os.path.normpath(resume_path)))
         resume_step = int(match.group(1)) if match else -1
         candidates = [p for step, p in existing if step > resume_step]
@@ -125,15 +131,15 @@ def foreign_checkpoints(output_dir: str, resume_path: str | None,
             valid.append(path)
         except ck.CheckpointError:
             broken.append(path)
-    return valid, broken, why
+    return valid, broken, superseded, why
 
 
 def claim_output_dir(output_dir: str, resume_path: str | None, overwrite: bool, *, act: bool = True,
                      require_finite: bool = False) -> None:
     """Apply the rule above before a run writes anything; ``act=False`` only checks (other ranks)."""
-    valid, broken, why = foreign_checkpoints(output_dir, resume_path, require_finite)
+    valid, broken, superseded, why = foreign_checkpoints(output_dir, resume_path, require_finite)
     names = ", ".join(os.path.basename(p) for p in valid)
-    if valid and not overwrite:
+    if valid and not overwrite and not superseded:
         raise ValueError(
             f"output_dir {output_dir!r} holds {names}, {why}. This run would write its checkpoints beside them: "
             "rotation deletes by step number and resume_from_checkpoint=True picks the highest, so the runs would "
@@ -141,14 +147,22 @@ def claim_output_dir(output_dir: str, resume_path: str | None, overwrite: bool, 
             "overwrite_output_dir=True to delete them")
     if not act:
         return
-    if valid:
+    if valid and overwrite:
         logger.warning("overwrite_output_dir=True: deleting %s in %s (%s)", names, output_dir, why)
         for path in valid:
             ck._remove_dir(path)
-    for path in broken:
-        aside = f"{path}.broken-{uuid.uuid4().hex[:8]}"
-        logger.warning("%s is %s and fails verification; moved aside to %s so this run's checkpoints are not "
-                       "rotated against it", os.path.basename(path), why, os.path.basename(aside))
+    elif valid:
+        _move_aside(valid, "superseded", f"{why}: this run continues from the older one and will write its own")
+    _move_aside(broken, "broken", f"{why} and fail(s) verification or hold(s) NaN/Inf")
+
+
+def _move_aside(paths: list[str], tag: str, why: str) -> None:
+    """Rename ``checkpoint-N`` to ``checkpoint-N.<tag>-<id>``: kept on disk, no longer a checkpoint
+    that rotation counts or ``resume_from_checkpoint=True`` picks."""
+    for path in paths:
+        aside = f"{path}.{tag}-{uuid.uuid4().hex[:8]}"
+        logger.warning("%s is %s; moved aside to %s (delete it when no longer needed)", os.path.basename(path), why,
+                       os.path.basename(aside))
         os.rename(path, aside)
 
 
