@@ -1,6 +1,6 @@
 """One training run per ``output_dir``: a lock, and the rule for checkpoints other runs left there.
 
-The lock is an ``fcntl.flock`` on ``output_dir/.functrain.lock`` holding the owner's pid and host.
+The lock is an ``fcntl.flock`` on ``output_dir/_functrain.lock`` holding the owner's pid and host.
 The kernel drops a ``flock`` when its process dies, so a lock left by a killed run never blocks;
 a live one makes a second Trainer refuse, naming the holder.
 
@@ -36,7 +36,7 @@ except ImportError:  # not POSIX: no lock, said once when training starts
 
 logger = logging.getLogger("functrain")
 
-LOCK_FILE = ".functrain.lock"
+LOCK_FILE = "_functrain.lock"  # "_*": never uploaded to the Hub (as transformers)
 
 
 class OutputDirLock:
