@@ -26,7 +26,7 @@ class TrainerState:
     position in the data (``data_position``) and the fp16 loss scale, for exact resume.
     """
 
-    epoch: float | None = None
+    epoch: float = 0.0  # as transformers 5 (callbacks read it before training starts)
     global_step: int = 0
     max_steps: int = 0
     logging_steps: int = 500
