@@ -110,6 +110,11 @@ class TrainingArguments:
     ddp_backend: str | None = None
     ddp_timeout: int = 1800
     average_tokens_across_devices: bool = True
+    # -- evaluation outputs and callbacks (HF names; see Trainer.prediction_step) --
+    include_for_metrics: list[str] = field(default_factory=list)
+    batch_eval_metrics: bool = False
+    eval_do_concat_batches: bool = True
+    restore_callback_states_from_checkpoint: bool = False
 
     # -- validation -------------------------------------------------------------------------------
     def __post_init__(self):

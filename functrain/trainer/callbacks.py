@@ -227,7 +227,12 @@ class DefaultFlowCallback(TrainerCallback):
             control.should_save = True
         if state.global_step >= state.max_steps:
             control.should_training_stop = True
-            if args.save_strategy not in ("no", "best"):
+            # As transformers 5: a step-based run also evaluates and saves at its last step (an
+            # epoch-based one does both at the epoch's end, so not here: no second save).
+            if (args.eval_strategy == "steps" and state.global_step % state.eval_steps != 0
+                    and args.eval_delay <= state.global_step):
+                control.should_evaluate = True
+            if args.save_strategy == "steps":
                 control.should_save = True
         return control
 

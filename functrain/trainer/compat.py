@@ -8,6 +8,7 @@
   iterated (set your sampler's seed per epoch yourself), and it costs the skipped batches' loading.
 * :func:`optimizer_events`: the callback events HF fires around one optimizer step, in HF's order.
 * :func:`floating_point_ops`: HF's FLOP estimate of one forward + backward.
+* :func:`restore_callbacks`: stateful callbacks (``ExportableState``) from a checkpoint.
 """
 
 from __future__ import annotations
@@ -71,3 +72,24 @@ def floating_point_ops(model: Any, inputs: Any) -> int:
     if isinstance(inputs, Mapping) and main_input in inputs and hasattr(model, "num_parameters"):
         return 6 * inputs[main_input].numel() * model.num_parameters(exclude_embeddings=True)
     return 0
+
+
+def restore_callbacks(handler, saved: dict, rebuild: bool) -> None:
+    """Give the stateful callbacks the state a checkpoint saved (``TrainerState.stateful_callbacks``).
+
+    Their ``attributes`` are always restored, so a resumed run continues as the uninterrupted one
+    would (e.g. the early-stopping patience counter); HF restores nothing unless asked. With
+    ``rebuild`` (``restore_callback_states_from_checkpoint=True``) each one is rebuilt as HF does:
+    a new instance from the saved constructor ``args``, then the attributes, replacing the one
+    passed to the Trainer.
+    """
+    from functrain.trainer.callbacks import ExportableState
+
+    for i, cb in enumerate(list(handler.callbacks)):
+        data = saved.get(type(cb).__name__)
+        if not isinstance(cb, ExportableState) or data is None:
+            continue
+        if rebuild:
+            cb = type(cb)(**data.get("args", {}))
+            handler.callbacks[i] = cb
+        cb.restore(data.get("attributes", {}))

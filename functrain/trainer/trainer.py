@@ -298,6 +298,8 @@ class Trainer:
         step weights microbatches by their item counts, hence ``num_items_in_batch`` is ``None``
         there. The default is ``compute_loss(model, inputs)``.
         """
+        if num_items_in_batch is None:  # older compute_loss overrides take no num_items_in_batch
+            return self.compute_loss(model, inputs)
         return self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
 
     def prediction_step(self, model, inputs, prediction_loss_only: bool, ignore_keys=None):
@@ -346,7 +348,7 @@ class Trainer:
 
         return loss_fn
 
-    def _eval_loss_fn(self, with_outputs: bool, ignore_keys):
+    def _eval_loss_fn(self, with_outputs: bool = True, ignore_keys=None):
         """The eval step's function: :meth:`prediction_step` (HF's rules, or a subclass's override)."""
 
         def fn(m, batch):
@@ -523,10 +525,8 @@ class Trainer:
     def _load_checkpoint(self, path: str, template: TrainState) -> TrainState:
         state = self._read_state(path, template)
         self.state = self._mark_process(TrainerState.load_from_json(os.path.join(path, ck.TRAINER_STATE_FILE)))
-        for cb in self.callback_handler.callbacks:
-            saved = self.state.stateful_callbacks.get(type(cb).__name__)
-            if isinstance(cb, ExportableState) and saved is not None:
-                cb.restore(saved.get("attributes", {}))
+        compat.restore_callbacks(self.callback_handler, self.state.stateful_callbacks,
+                                 rebuild=bool(getattr(self.args, "restore_callback_states_from_checkpoint", False)))
         ck.load_rng_state(path)
         return state
 
@@ -814,7 +814,8 @@ class Trainer:
         # Loss-only evaluation is split across ranks and reduced below; predictions and
         # compute_metrics see the whole set on every rank (no gather of predictions yet).
         shard = fd.is_distributed() and not with_outputs
-        loader = self.get_eval_dataloader(dataset, shard=shard)
+        # (shard only when asked: a subclass may override get_eval_dataloader(eval_dataset) as in HF)
+        loader = self.get_eval_dataloader(dataset, shard=True) if shard else self.get_eval_dataloader(dataset)
         self._eval_ignore_keys = ignore_keys
         eval_step = self._get_eval_step(with_outputs)
         if shard:
@@ -839,7 +840,11 @@ class Trainer:
         """HF's evaluation fields (``include_for_metrics``, ``batch_eval_metrics``,
         ``eval_do_concat_batches``) for :func:`functrain.trainer.evaluation.evaluation_loop`."""
         a = self.args
-        return {"include_for_metrics": list(getattr(a, "include_for_metrics", None) or []),
+        include = list(getattr(a, "include_for_metrics", None) or [])
+        unknown = sorted(set(include) - {"inputs", "loss"})
+        if unknown:
+            raise ValueError(f"include_for_metrics={include}: {unknown} not supported; use 'inputs' and/or 'loss'")
+        return {"include_for_metrics": include,
                 "batch_eval_metrics": bool(getattr(a, "batch_eval_metrics", False)),
                 "eval_do_concat_batches": bool(getattr(a, "eval_do_concat_batches", True)),
                 "main_input_name": getattr(self.model, "main_input_name", "input_ids")}
