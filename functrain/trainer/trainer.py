@@ -183,6 +183,8 @@ class Trainer:
         py_state, np_state = random.getstate(), np.random.get_state()
         own = getattr(self.data_collator, "generator", None)  # e.g. a seeded MLM collator's generator
         own_state = own.get_state() if isinstance(own, torch.Generator) else None
+        # transformers' seeded collators create their generator on the first call: make it again then
+        lazily_seeded = own is None and getattr(self.data_collator, "seed", None) is not None
         with torch.random.fork_rng(devices=[]):
             try:
                 batch = self.data_collator(examples)
@@ -191,6 +193,8 @@ class Trainer:
                 np.random.set_state(np_state)
                 if own_state is not None:
                     own.set_state(own_state)
+                elif lazily_seeded:
+                    self.data_collator.generator = None
         if not isinstance(batch, Mapping):
             raise TypeError(f"the data_collator must return a dict of tensors, got {type(batch).__name__}")
         missing = [k for k in self._required_label_keys() if k not in batch]
