@@ -369,3 +369,48 @@ def test_include_for_metrics_refuses_unknown(tmp_path):
                                      output_dir=tmp_path)
     with pytest.raises(ValueError, match="include_for_metrics"):
         trainer.evaluate()
+
+
+class DynamicShapesDataset:
+    """HF's: every ``batch_size`` consecutive examples share a length, lengths differ across batches."""
+
+    def __init__(self, length=32, seed=42, batch_size=8):
+        rng = np.random.RandomState(seed)
+        sizes = rng.randint(1, 20, (length // batch_size,))
+        self.xs = [rng.normal(size=(s,)).astype(np.float32) for s in sizes.repeat(batch_size)]
+        self.ys = [rng.normal(size=(s,)).astype(np.float32) for s in sizes.repeat(batch_size)]
+
+    def __len__(self):
+        return len(self.xs)
+
+    def __getitem__(self, i):
+        return {"input_x": self.xs[i], "labels": self.ys[i]}
+
+
+def test_dynamic_shapes(tmp_path):
+    """Predictions and labels of different lengths are padded with -100 across batches."""
+    eval_dataset = DynamicShapesDataset()
+    trainer = Trainer(RegressionModel(a=2, b=1), TrainingArguments(str(tmp_path), report_to="none",
+                                                                   disable_tqdm=True), eval_dataset=eval_dataset)
+    trainer.evaluate()
+    preds = trainer.predict(eval_dataset)
+    for expected, seen in zip(eval_dataset.ys, preds.label_ids):
+        assert np.array_equal(expected, seen[: expected.shape[0]]) and np.all(seen[expected.shape[0]:] == -100)
+    for expected, seen in zip(eval_dataset.xs, preds.predictions):
+        assert np.allclose(2 * expected + 1, seen[: expected.shape[0]]) and np.all(seen[expected.shape[0]:] == -100)
+
+
+def test_evaluation_with_keys_to_drop(tmp_path):
+    """HF's test: GPT-2's past_key_values are dropped from predictions (keys_to_ignore_at_inference).
+    Design difference: functrain's eval forward passes use_cache=False, so ignore_keys=[] gives the
+    logits alone where HF gives (logits, past_key_values)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=100, n_positions=32, n_embd=16,
+                                                                 n_layer=1, n_head=2))
+    x = torch.randint(0, 100, (16,))
+    eval_dataset = [{"input_ids": x, "labels": x} for _ in range(8)]
+    trainer = Trainer(model, TrainingArguments(str(tmp_path), report_to="none", disable_tqdm=True),
+                      eval_dataset=eval_dataset)
+    assert isinstance(trainer.predict(eval_dataset).predictions, np.ndarray)
+    assert isinstance(trainer.predict(eval_dataset, ignore_keys=[]).predictions, np.ndarray)

@@ -35,9 +35,13 @@ def _signature(fn) -> inspect.Signature | None:
 
 
 def forward_parameters(model: Any) -> list[str]:
-    """The names of ``model.forward``'s parameters, in order ([] when it has no signature)."""
-    sig = _signature(model.forward)
-    return [] if sig is None else list(sig.parameters)
+    """The named parameters of ``model.forward``, in order (no ``*args`` / ``**kwargs``; [] when it
+    has no signature)."""
+    sig = _signature(getattr(model, "forward", model))
+    if sig is None:
+        return []
+    return [p.name for p in sig.parameters.values()
+            if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
 
 
 def forward_argument_names(model: Any) -> frozenset | None:

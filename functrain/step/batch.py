@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from functrain.adapters.outputs import forward_argument_names  # noqa: F401 (the step's name for it)
+from functrain.adapters.outputs import batch_size_of, forward_argument_names  # noqa: F401 (step's names)
 from functrain.core.metrics import IGNORE_INDEX
 
 # Model heads whose loss reads labels as class indices (float labels are a bug for them).
@@ -68,7 +68,7 @@ def make_count_items(model: nn.Module) -> Callable[[Mapping], torch.Tensor]:
 
 
 def batch_size(batch: Mapping) -> int:
-    return next(iter(batch.values())).shape[0]
+    return batch_size_of(batch)
 
 
 def split(batch: Mapping, num: int) -> list[dict]:
