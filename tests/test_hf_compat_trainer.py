@@ -414,3 +414,23 @@ def test_evaluation_with_keys_to_drop(tmp_path):
                       eval_dataset=eval_dataset)
     assert isinstance(trainer.predict(eval_dataset).predictions, np.ndarray)
     assert isinstance(trainer.predict(eval_dataset, ignore_keys=[]).predictions, np.ndarray)
+
+
+def test_hand_loop_step_reads_tuple_outputs():
+    """The pure step's default loss takes outputs[0] of a tuple; its eval step gives the rest as outputs,
+    and a batch without labels gives the whole tuple as predictions (the same adapters rules)."""
+    from functrain import TrainState, make_eval_step, make_train_step, optim
+
+    model = RegressionModel(a=1.5, b=2.5, double_output=True)
+    state = TrainState.create(model, optim.sgd(0.1), seed=0)
+    ds = RegressionDataset(length=8)
+    batch = {"input_x": torch.tensor(ds.x), "labels": torch.tensor(ds.ys[0])}
+    new_state, metrics = make_train_step(model, optim.sgd(0.1))(state, batch)
+    expected = torch.nn.functional.mse_loss(1.5 * batch["input_x"] + 2.5, batch["labels"])
+    torch.testing.assert_close(metrics["loss"], expected)
+    assert not torch.equal(new_state.params["a"], state.params["a"])
+    out = make_eval_step(model, return_outputs=True)(state, batch)
+    torch.testing.assert_close(out["loss"], expected)
+    assert isinstance(out["outputs"], tuple) and len(out["outputs"]) == 2
+    unlabeled = make_eval_step(model, return_outputs=True)(state, {"input_x": batch["input_x"]})
+    assert "loss" not in unlabeled and len(unlabeled["outputs"]) == 2

@@ -112,7 +112,8 @@ def make_train_step(
         tx: a :class:`functrain.optim.GradientTransformation`.
         loss_fn: ``loss_fn(model, batch) -> loss`` or ``(loss, aux_dict)``, called with the state's
             params and buffers bound to ``model``; ``loss`` is the MEAN over the microbatch's
-            supervised items. Default: ``model(**batch).loss``. (HF ``Trainer.compute_loss``
+            supervised items. Default: the model's own loss (``outputs["loss"]``, or ``outputs[0]`` of
+            a tuple). (HF ``Trainer.compute_loss``
             overrides have this shape.)
         accumulate: number of microbatches the batch is split into along dim 0; gradients are
             summed microbatch by microbatch (one microbatch of activations in memory at a time).
