@@ -25,12 +25,15 @@ _already_logged: set = set()
 
 
 def _unwrap(model: Any) -> Any:
-    """The user's module behind torch.compile (``_orig_mod``) / DDP (``module``) wrappers."""
+    """The user's module behind torch.compile (``_orig_mod``) / DDP (``module``) wrappers, and the
+    base model of a ``PeftModel`` (whose own forward takes ``**kwargs``), as transformers does."""
+    from functrain.adapters.peft import forward_model
+
     while True:
         inner = getattr(model, "_orig_mod", None) or (
             getattr(model, "module", None) if type(model).__name__ in ("DistributedDataParallel", "DataParallel") else None)
         if inner is None:
-            return model
+            return forward_model(model)
         model = inner
 
 

@@ -460,7 +460,13 @@ def _pin_hf_loss_function(model: nn.Module) -> None:
     the ``loss_function`` property logs a warning and falls back to ``ForCausalLMLoss`` on every
     forward; a logger call inside ``torch.compile(fullgraph=True)`` is a graph break. Setting the
     attribute to the function the property would return keeps the behaviour and the graph whole.
+    Wrapped models (a ``peft.PeftModel`` around a transformers model) get their inner model pinned.
     """
+    for m in model.modules():
+        _pin_one_loss_function(m)
+
+
+def _pin_one_loss_function(model: nn.Module) -> None:
     if "_loss_function" in vars(model) or not isinstance(type(model).__dict__.get("loss_function")
                                                          or getattr(type(model), "loss_function", None), property):
         return

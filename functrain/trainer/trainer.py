@@ -895,8 +895,10 @@ def _default_collator(processing_class):
 
 
 def _forward_parameters(model) -> list[str]:
+    from functrain.adapters.peft import forward_model  # a PeftModel's forward takes **kwargs: read its base's
+
     try:
-        return list(inspect.signature(model.forward).parameters)
+        return list(inspect.signature(forward_model(model).forward).parameters)
     except (TypeError, ValueError):
         return []
 
