@@ -66,6 +66,20 @@ def active_adapter(model) -> str:
     return names[0]
 
 
+def check_trainer_arguments(model, args) -> None:
+    """Refuse what the Trainer cannot do with a PeftModel, saying what to use instead."""
+    if not is_peft_model(model):
+        return
+    active_adapter(model)
+    if args.sharded:
+        # Sharded mode shards the state's params (here: the adapters, a few MB at most) and keeps
+        # buffers (here: the frozen base, the bulk) replicated, so it would save nothing.
+        raise ValueError("fsdp='full_shard' with a PeftModel: functrain's sharded mode shards the trainable "
+                         "params (the adapters, which are small) and keeps the frozen base replicated on every "
+                         "rank, so it saves no memory. Train adapters with plain data parallel (leave fsdp "
+                         "unset): the adapters are replicated and their gradients all-reduced")
+
+
 def write_adapter(model, folder: str) -> None:
     """``save_pretrained``: the adapter files only, as transformers' Trainer saves a PeftModel."""
     model.save_pretrained(folder)
