@@ -215,3 +215,117 @@ def test_bf16_trains_the_adapter_and_leaves_the_fp32_base_untouched(tmp_path):
 def test_sharded_mode_with_a_peft_model_is_refused_with_what_to_use(tmp_path):
     with pytest.raises(ValueError, match="fsdp='full_shard' with a PeftModel.*data parallel"):
         ft.Trainer(model=lora_model(), args=ft_args(tmp_path, fsdp="full_shard"), train_dataset=dataset())
+
+
+# -- a population of adapters over one frozen base ----------------------------------------------
+
+
+def test_population_of_lora_adapters_over_one_base_equals_separate_runs(tmp_path):
+    model = lora_model()
+    txf = ft.optim.inject_hyperparams(ft.optim.adamw)
+    hps = [dict(learning_rate=lr, weight_decay=0.01) for lr in (1e-2, 5e-3, 2e-2, 1e-3)]
+    seeds = [0, 1, 2, 3]
+    state, tx = fpeft.create_adapter_population(model, txf, hps, seeds=seeds)
+    frozen = {n: p for n, p in model.named_parameters() if not p.requires_grad}
+    assert all(state.buffers[n].data_ptr() == p.data_ptr() for n, p in frozen.items())  # ONE base, not 4
+    assert all(v.shape[0] == 4 for v in state.params.values())
+    inits = P.unstack_state(state, buffers="shared")
+    a0 = "base_model.model.transformer.h.0.attn.c_attn.lora_A.default.weight"
+    assert not torch.equal(inits[0].params[a0], inits[1].params[a0])  # seeds give different adapters
+
+    # Different data per member (in_dims="per_member"), different learning rates and seeds.
+    batches = [{k: torch.stack([batch_of(dataset(seed=10 * s + i))[k] for i in range(4)])
+                for k in ("input_ids", "labels")} for s in range(4)]
+    separate = []
+    for i in range(4):
+        member = TrainState.create(model, txf(**hps[i]), seed=seeds[i]).replace(
+            params={k: v.clone() for k, v in inits[i].params.items()},
+            opt_state=ft.tree.map(lambda x: x.clone(), inits[i].opt_state))
+        step = ft.make_train_step(model, txf(**hps[i]))
+        for b in batches:
+            member, _ = step(member, {k: v[i] for k, v in b.items()})
+        separate.append(member)
+    pop_step = P.make_population_train_step(model, tx, in_dims="per_member", buffers="shared")
+    for b in batches:
+        state, metrics = pop_step(state, b)
+    assert metrics["loss"].shape == (4,)
+    for i, member in enumerate(P.unstack_state(state, buffers="shared")):
+        for k in member.params:
+            torch.testing.assert_close(member.params[k], separate[i].params[k], atol=1e-6, rtol=0)
+    assert all(torch.equal(model.get_parameter(n), p) for n, p in frozen.items())
+
+    # Each member is its own adapter folder, loadable by peft.
+    own = adapter_params(model)
+    paths = fpeft.save_member_adapters(model, state, str(tmp_path))
+    assert [os.path.basename(p) for p in paths] == ["member-0", "member-1", "member-2", "member-3"]
+    assert all(torch.equal(own[k], v) for k, v in adapter_params(model).items())  # model left as it was
+    batch = batch_of(dataset())
+    for i, path in enumerate(paths):
+        loaded = peft.PeftModel.from_pretrained(gpt2_base(), path)
+        member_params = {k: v for k, v in separate[i].params.items()}
+        model.eval()
+        with torch.no_grad():
+            expected = torch.func.functional_call(model, member_params, (), {"input_ids": batch["input_ids"]}).logits
+        torch.testing.assert_close(logits(loaded, batch), expected, atol=1e-6, rtol=0)
+
+
+def test_shared_buffers_must_be_one_tensor():
+    model = lora_model()
+    a = TrainState.create(model, ft.optim.sgd(0.1))
+    b = TrainState.create(model, ft.optim.sgd(0.1), copy=True)
+    with pytest.raises(P.PopulationError, match="not member 0's tensor"):
+        P.stack_states([a, b], buffers="shared")
+    with pytest.raises(ValueError, match="buffers must be 'stacked'"):
+        P.stack_states([a, a], buffers="once")
+
+
+# -- other adapter types -----------------------------------------------------------------------
+
+
+def llama_base(seed=0):
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=24, bos_token_id=0, eos_token_id=0, pad_token_id=0))
+
+
+ADAPTERS = {
+    "ia3": lambda: peft.get_peft_model(gpt2_base(), peft.IA3Config(
+        target_modules=["c_attn", "mlp.c_proj"], feedforward_modules=["mlp.c_proj"], fan_in_fan_out=True)),
+    # LoHa adapts Linear/Conv layers (not GPT-2's Conv1D): a tiny Llama.
+    "loha": lambda: peft.get_peft_model(llama_base(), peft.LoHaConfig(r=4, alpha=4, target_modules=["q_proj", "v_proj"],
+                                                                       init_weights=False)),
+    "prompt_tuning": lambda: peft.get_peft_model(gpt2_base(), peft.PromptTuningConfig(task_type="CAUSAL_LM",
+                                                                                       num_virtual_tokens=4)),
+}
+
+
+@pytest.mark.parametrize("kind", list(ADAPTERS))
+def test_other_adapter_types_train_through_the_trainer_as_a_torch_loop(kind, tmp_path):
+    ds = dataset()
+    model = ADAPTERS[kind]()
+    reference = copy.deepcopy(model)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    args = ft_args(tmp_path, max_steps=4, optim="sgd", learning_rate=0.5, weight_decay=0.0, warmup_steps=0,
+                   lr_scheduler_type="constant")
+    ft.Trainer(model=model, args=args, train_dataset=ds).train()
+
+    trainable = [p for p in reference.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(trainable, lr=0.5)
+    reference.train()
+    batch = batch_of(ds)
+    for _ in range(4):
+        reference(**batch).loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        opt.step()
+        opt.zero_grad()
+    mine, theirs = adapter_params(model), adapter_params(reference)
+    assert mine and list(mine) == list(theirs)
+    start = adapter_params(ADAPTERS[kind]())
+    assert any(not torch.allclose(mine[k], start[k]) for k in mine)
+    for k in mine:
+        torch.testing.assert_close(mine[k], theirs[k], atol=1e-6, rtol=1e-5)
+    # (prompt tuning: torch's functional_call leaves lm_head.weight a new Parameter over wte's storage, because
+    # peft registers the embedding module twice; same storage, so the base is still held once.)
+    own = dict(model.named_parameters())
+    assert all(torch.equal(own[n], v) for n, v in frozen.items())
