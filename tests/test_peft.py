@@ -329,3 +329,31 @@ def test_other_adapter_types_train_through_the_trainer_as_a_torch_loop(kind, tmp
     # peft registers the embedding module twice; same storage, so the base is still held once.)
     own = dict(model.named_parameters())
     assert all(torch.equal(own[n], v) for n, v in frozen.items())
+
+
+def test_population_trainer_trains_adapters_over_one_base_as_separate_trainers(tmp_path):
+    """PopulationTrainer with a PeftModel: member i (learning rate, seed) equals an ordinary Trainer run on a
+    fresh adapter that peft initialized under that seed; each member saved as its own adapter folder."""
+    config = peft.LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True)
+    ds = dataset()
+    kw = dict(max_steps=3, learning_rate=1e-2, warmup_steps=1)
+    members = [{"learning_rate": 1e-2, "seed": 3}, {"learning_rate": 3e-2, "seed": 4}]
+    model = peft.get_peft_model(gpt2_base(), config)
+    pop = ft.PopulationTrainer(ft.Trainer(model=model, args=ft_args(tmp_path / "pop", **kw), train_dataset=ds),
+                               members)
+    pop.train()
+    paths = pop.save_member_adapters()
+    assert all(pop.state.buffers[n].data_ptr() == p.data_ptr() for n, p in model.named_parameters()
+               if not p.requires_grad)
+    batch = batch_of(ds)
+    for i, m in enumerate(members):
+        base = gpt2_base()
+        torch.manual_seed(m["seed"])
+        single = peft.get_peft_model(base, config)
+        args = ft_args(tmp_path / f"single{i}", **{**kw, "learning_rate": m["learning_rate"]})
+        ft.Trainer(model=single, args=args, train_dataset=ds).train()
+        got = pop.member_states()[i].params
+        for k, v in adapter_params(single).items():
+            torch.testing.assert_close(got[k], v, atol=1e-6, rtol=0)
+        loaded = peft.PeftModel.from_pretrained(gpt2_base(), paths[i])
+        torch.testing.assert_close(logits(loaded, batch), logits(single, batch), atol=1e-6, rtol=0)
