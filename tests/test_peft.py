@@ -357,3 +357,19 @@ def test_population_trainer_trains_adapters_over_one_base_as_separate_trainers(t
             torch.testing.assert_close(got[k], v, atol=1e-6, rtol=0)
         loaded = peft.PeftModel.from_pretrained(gpt2_base(), paths[i])
         torch.testing.assert_close(logits(loaded, batch), logits(single, batch), atol=1e-6, rtol=0)
+
+
+@pytest.mark.slow
+def test_lora_benchmark_runs_quick(tmp_path):
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "lora.json"
+    proc = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "lora.py"), "--quick", "--only",
+                           "population", "--out", str(out)], capture_output=True, text=True, timeout=900, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    pop = report["population"]
+    assert pop["members"] == 4 and pop["speedup_vs_sequential"] > 0
+    assert {"4 sequential steps", "population step", "_loadavg"} <= set(pop["results"])
