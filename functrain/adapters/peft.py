@@ -113,6 +113,7 @@ def _adapter_params_for_seed(model, adapter: str, seed: int) -> dict:
     A temporary adapter is added (peft's own init for every adapter type), read under the
     trainable adapter's names, then deleted: the base is never copied.
     """
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
     tmp = f"functrain_member_{seed}"
     config = copy.deepcopy(model.peft_config[adapter])
     with torch.random.fork_rng(devices=[]):
@@ -121,11 +122,13 @@ def _adapter_params_for_seed(model, adapter: str, seed: int) -> dict:
     try:
         own = dict(model.named_parameters())
         out = {}
-        for name, p in model.named_parameters():
-            if not p.requires_grad:
-                continue
-            fresh = name.replace(f".{adapter}.", f".{tmp}.")
-            out[name] = own[fresh].detach().clone() if fresh in own else p.detach().clone()
+        for name in names:
+            # The adapter's name is one segment of the parameter's ("...lora_A.default.weight", "...ia3_l.default").
+            fresh = ".".join(tmp if part == adapter else part for part in name.split("."))
+            if fresh not in own:
+                raise ValueError(f"trainable parameter {name!r} does not belong to adapter {adapter!r}; a population "
+                                 "of adapters trains the adapter's tensors only (no modules_to_save)")
+            out[name] = own[fresh].detach().clone()
     finally:
         model.set_adapter(adapter)
         model.delete_adapter(tmp)
