@@ -25,15 +25,12 @@ _already_logged: set = set()
 
 
 def _unwrap(model: Any) -> Any:
-    """The user's module behind torch.compile (``_orig_mod``) / DDP (``module``) wrappers, and the
-    base model of a ``PeftModel`` (whose own forward takes ``**kwargs``), as transformers does."""
-    from functrain.adapters.peft import forward_model
-
+    """The user's module behind torch.compile (``_orig_mod``) / DDP (``module``) wrappers."""
     while True:
         inner = getattr(model, "_orig_mod", None) or (
             getattr(model, "module", None) if type(model).__name__ in ("DistributedDataParallel", "DataParallel") else None)
         if inner is None:
-            return forward_model(model)
+            return model
         model = inner
 
 

@@ -38,7 +38,6 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from functrain.adapters.peft import is_peft_model, write_adapter
 from functrain.core import tree
 
 logger = logging.getLogger("functrain")
@@ -142,10 +141,8 @@ def remove_stale_temporaries(output_dir: str) -> None:
 def write_model(model, folder: str, *, processing_class=None) -> set[str]:
     """Save the model's weights (and config, tokenizer) into ``folder``; return the tensor names written."""
     os.makedirs(folder, exist_ok=True)
-    adapter_only = is_peft_model(model)
-    if adapter_only:
-        write_adapter(model, folder)
-    elif _is_pretrained(model):
+    adapter_only = saves_adapter_only(model)
+    if adapter_only or _is_pretrained(model):
         model.save_pretrained(folder)
     else:
         save_file(_dedup_state_dict(model.state_dict()), os.path.join(folder, MODEL_FILE), metadata={"format": "pt"})
@@ -154,6 +151,15 @@ def write_model(model, folder: str, *, processing_class=None) -> set[str]:
     for name in os.listdir(folder):
         _fsync_file(os.path.join(folder, name))
     return set() if adapter_only else set(_weights_index(folder))
+
+
+def saves_adapter_only(model) -> bool:
+    """True for a ``peft.PeftModel``, whose ``save_pretrained`` writes the adapter, not the base.
+
+    Duck-typed (``peft_config`` + ``save_pretrained``): io sits below ``functrain.adapters`` and
+    imports neither it nor peft.
+    """
+    return hasattr(model, "peft_config") and hasattr(model, "save_pretrained") and hasattr(model, "get_base_model")
 
 
 def _is_pretrained(model) -> bool:
@@ -186,7 +192,7 @@ def write_train_state(state, model, folder: str, *, model_keys: set[str]) -> Non
     training, the metadata says so, and loading takes them from the live model.
     """
     aliases = _alias_groups(model)
-    buffers_from_model = is_peft_model(model)
+    buffers_from_model = saves_adapter_only(model)
     tensors = {}
     for path, leaf in tree.named_leaves(state).items():
         if not isinstance(leaf, torch.Tensor):

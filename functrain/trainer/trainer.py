@@ -141,7 +141,9 @@ class Trainer(PublishMixin):
         if self.args.remove_unused_columns:
             from functrain.data.columns import remove_unused_columns
 
-            dataset = remove_unused_columns(dataset, self.model, self._label_names())
+            from functrain.adapters.peft import forward_model  # a PeftModel's forward takes **kwargs
+
+            dataset = remove_unused_columns(dataset, forward_model(self.model), self._label_names())
         return dataset
 
     def _label_names(self) -> list[str]:
