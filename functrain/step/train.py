@@ -62,8 +62,9 @@ class _LossModule(nn.Module):
         self.model = model
         self.loss_fn = loss_fn
 
-    def forward(self, batch):
-        return self.loss_fn(self.model, batch)
+    def forward(self, batch, then=None):
+        out = self.loss_fn(self.model, batch)
+        return out if then is None else then(out)
 
 
 def _prefixed(d: Mapping) -> dict:
@@ -74,6 +75,12 @@ def _autocast(policy, device_type: str):
     if policy.compute_dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device_type, dtype=policy.compute_dtype)
+
+
+def _no_autocast(policy, device_type: str):
+    if policy.compute_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, enabled=False)
 
 
 # -- hooks a distributed driver replaces ---------------------------------------------------------
@@ -187,6 +194,19 @@ def make_train_step(
         Uses ``torch.autograd.grad`` on detached copies of the params (not ``torch.func.grad``,
         which cannot run activation checkpointing: it forbids saved-tensor hooks).
         """
+        device_type = _device_type(params)
+
+        def differentiate(out):
+            # Runs inside functional_call, so activation checkpointing recomputes its regions with
+            # the state's tensors bound (after functional_call returns, the module's own are back).
+            loss, aux = _split_loss(out)
+            share = loss * weight
+            if scale is not None:
+                share = share * scale
+            with _no_autocast(policy, device_type):
+                grads = torch.autograd.grad(share, list(leaves.values()), allow_unused=True)
+            return grads, loss, aux
+
         with torch.enable_grad():
             leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
             bound = param_transform(leaves)
@@ -195,14 +215,9 @@ def make_train_step(
                 # microbatch without items (NaN loss) must contribute zeros BEFORE that, or its NaN
                 # would reach every rank. where() passes the value through and masks the gradient.
                 bound = {k: torch.where(has_items, v, v.detach()) for k, v in bound.items()}
-            with _autocast(policy, _device_type(params)):
-                out = torch.func.functional_call(loss_module, (_prefixed(bound), _prefixed(buffers)),
-                                                 (microbatch,), tie_weights=True)
-            loss, aux = _split_loss(out)
-            share = loss * weight
-            if scale is not None:
-                share = share * scale
-            grads = torch.autograd.grad(share, list(leaves.values()), allow_unused=True)
+            with _autocast(policy, device_type):
+                grads, loss, aux = torch.func.functional_call(loss_module, (_prefixed(bound), _prefixed(buffers)),
+                                                              (microbatch, differentiate), tie_weights=True)
         grads = {k: torch.zeros_like(p) if g is None else g for (k, p), g in zip(params.items(), grads)}
         return grads, loss.detach(), {k: torch.as_tensor(v).detach().float() for k, v in aux.items()}
 
@@ -460,7 +475,13 @@ def _pin_hf_loss_function(model: nn.Module) -> None:
     the ``loss_function`` property logs a warning and falls back to ``ForCausalLMLoss`` on every
     forward; a logger call inside ``torch.compile(fullgraph=True)`` is a graph break. Setting the
     attribute to the function the property would return keeps the behaviour and the graph whole.
+    Wrapped models (a ``peft.PeftModel`` around a transformers model) get their inner model pinned.
     """
+    for m in model.modules():
+        _pin_one_loss_function(m)
+
+
+def _pin_one_loss_function(model: nn.Module) -> None:
     if "_loss_function" in vars(model) or not isinstance(type(model).__dict__.get("loss_function")
                                                          or getattr(type(model), "loss_function", None), property):
         return

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import inspect
 import itertools
 import logging
 import math
@@ -103,6 +102,7 @@ class Trainer(PublishMixin):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = self._place(model)
+        _check_peft(model, self.args)
         self.optimizer, self.lr_scheduler = _check_optimizers(optimizers)
         if self.args.eval_strategy != "no" and eval_dataset is None:
             raise ValueError(f"eval_strategy={self.args.eval_strategy!r} needs an eval_dataset; pass one or set "
@@ -816,11 +816,21 @@ class Trainer(PublishMixin):
             self._push_from_checkpoint(path)
         return path
 
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Save the weights (safetensors), config and processing class, loadable by ``from_pretrained``."""
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False, *,
+                   merge_adapter: bool = False) -> None:
+        """Save the weights (safetensors), config and processing class, loadable by ``from_pretrained``.
+
+        A ``peft.PeftModel`` is saved as its adapter only (as transformers does), loadable by
+        ``PeftModel.from_pretrained(base, output_dir)``; ``merge_adapter=True`` (functrain only)
+        writes the base model with the adapter merged in (``merge_and_unload``) instead.
+        """
         output_dir = output_dir or self.args.output_dir
         self._sync_model()  # gathers sharded params on every rank
-        if fd.is_main_process():
+        if fd.is_main_process() and merge_adapter:
+            from functrain.adapters.peft import save_merged
+
+            save_merged(self.model, output_dir, processing_class=self.processing_class)
+        elif fd.is_main_process():
             ck.write_model(self.model, output_dir, processing_class=self.processing_class)
             self.args.save_to_json(os.path.join(output_dir, ck.ARGS_FILE))
         fd.barrier()
@@ -1054,6 +1064,12 @@ def _map_data_position(position: dict, global_window: int) -> dict:
                          f"a whole number of this run's global batches ({global_window} = per_device_train_batch_size "
                          "x gradient_accumulation_steps x world size); resume with a global batch that divides it")
     return {**position, "batch_index": samples // global_window}
+
+
+def _check_peft(model, args) -> None:
+    from functrain.adapters.peft import check_trainer_arguments
+
+    check_trainer_arguments(model, args)
 
 
 def _check_optimizers(optimizers):
