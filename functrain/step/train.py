@@ -131,6 +131,7 @@ def make_train_step(
     compile_kwargs: dict | None = None,
     differentiate: str = "autograd",
     rng_stream: int = 0,
+    deterministic: bool = False,
 ):
     """Build ``train_step(state, batch) -> (new_state, metrics)``, a pure function.
 
@@ -167,6 +168,9 @@ def make_train_step(
             checkpointing and DTensor params) or ``"func"`` (``torch.func.grad``: composes with
             ``torch.func.vmap``, as the population step in :mod:`functrain.population` needs; no
             activation checkpointing).
+        deterministic: run (and compile) the step with ``torch.use_deterministic_algorithms(True)``
+            (and inductor's ``deterministic`` option): a compiled step is then bitwise repeatable
+            on any thread count (see ``_deterministic_algorithms``). Eager CPU steps are already.
         rng_stream: folded into the state's key before seeding (0: the key as is). Data-parallel
             ranks pass their rank so each draws its own dropout masks from the same state.
 
@@ -238,19 +242,18 @@ def make_train_step(
         ``has_items`` is not needed here: without a param_transform, window_grads masks it.
         """
 
-        def share_of(p):
-            tensors = {**_prefixed(p), **_prefixed(buffers)}
+        def share_of(p, b):  # b: the buffers as an input, so the forward may update them (BatchNorm)
+            tensors = {**_prefixed(p), **_prefixed(b)}
             with _autocast(policy, _device_type(p)):
                 out = torch.func.functional_call(loss_module, tensors, (microbatch,), tie_weights=True)
             loss, aux = _split_loss(out)
             share = loss * weight
             if scale is not None:
                 share = share * scale
-            return share, (loss, {k: torch.as_tensor(v).float() for k, v in aux.items()},
-                           _bound_buffers(tensors, buffers))
+            return share, (loss, {k: torch.as_tensor(v).float() for k, v in aux.items()}, _bound_buffers(tensors, b))
 
         # torch.func.grad returns zeros for parameters the loss does not use.
-        grads, (loss, aux, new_buffers) = torch.func.grad(share_of, has_aux=True)(params)
+        grads, (loss, aux, new_buffers) = torch.func.grad(share_of, has_aux=True)(params, buffers)
         return grads, loss, aux, new_buffers
 
     if differentiate == "func":
@@ -323,7 +326,7 @@ def make_train_step(
             return params, old_buffers, opt_state, step, loss_scale, metrics
         return new_params, new_buffers, new_opt_state, new_step, new_loss_scale, metrics
 
-    core = _maybe_compile(train_core, compile, compile_kwargs)
+    core = _maybe_compile(train_core, compile, compile_kwargs, deterministic)
 
     def train_step(state: TrainState, batch: Mapping):
         if not isinstance(state, TrainState):
@@ -364,6 +367,7 @@ def make_eval_step(
     param_transform: Callable | None = None,
     required_keys=None,
     compile_kwargs: dict | None = None,
+    deterministic: bool = False,
 ):
     """Build ``eval_step(state, batch) -> dict``: ``loss`` (mean over the batch's items),
     ``num_items`` and, with ``return_outputs``, ``outputs``.
@@ -416,7 +420,7 @@ def make_eval_step(
             result["outputs"] = aux.get("outputs")
         return result
 
-    core = _maybe_compile(eval_core, compile, compile_kwargs)
+    core = _maybe_compile(eval_core, compile, compile_kwargs, deterministic)
 
     def eval_step(state: TrainState, batch: Mapping):
         batching.validate(batch, accumulate=1, required_keys=required_keys, model=model, forward_keys=forward_keys)
@@ -478,19 +482,52 @@ def _device_type(params: Mapping) -> str:
     return next(iter(params.values())).device.type
 
 
-def _maybe_compile(fn, compile_: bool, compile_kwargs: dict | None):
+def _maybe_compile(fn, compile_: bool, compile_kwargs: dict | None, deterministic: bool = False):
     if not compile_:
-        return fn
-    compiled = torch.compile(fn, **{"fullgraph": True, **(compile_kwargs or {})})
+        if not deterministic:
+            return fn
+
+        @functools.wraps(fn)
+        def run_eager(*args):
+            with _deterministic_algorithms():
+                return fn(*args)
+
+        return run_eager
+    kwargs = {"fullgraph": True, **(compile_kwargs or {})}
+    if deterministic and kwargs.get("backend", "inductor") == "inductor" and "mode" not in kwargs:
+        kwargs["options"] = {"deterministic": True, **kwargs.get("options", {})}
+    compiled = torch.compile(fn, **kwargs)
 
     @functools.wraps(fn)
     def run(*args):
         # Without this flag dynamo graph-breaks on torch.autograd.grad (torch 2.13).
-        with torch._dynamo.config.patch(trace_autograd_ops=True):
+        with torch._dynamo.config.patch(trace_autograd_ops=True), \
+                (_deterministic_algorithms() if deterministic else contextlib.nullcontext()):
             return compiled(*args)
 
     run.compiled = compiled
     return run
+
+
+@contextlib.contextmanager
+def _deterministic_algorithms():
+    """``torch.use_deterministic_algorithms(True)`` while the step runs (a process-wide flag, put back after).
+
+    Inductor reads the flag when it compiles: without it, accumulating scatters (``index_put_`` /
+    ``scatter_add``: the backward of an embedding lookup) become C++ loops split over the threads
+    that ``atomic_add`` into the same rows, so the order of the float additions, hence the last
+    bits, changes from run to run. With it they fall back to aten's kernels, which are
+    deterministic (CPU: serial accumulation; CUDA: sorted indices), and eager CUDA kernels
+    (cuBLAS, scatter) pick their deterministic variants too.
+    """
+    if torch.are_deterministic_algorithms_enabled():
+        yield
+        return
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(False)
 
 
 @contextlib.contextmanager

@@ -104,6 +104,7 @@ class TrainingArguments:
     include_num_input_tokens_seen: bool | str = False
     neftune_noise_alpha: float | None = None
     torch_compile: bool = False
+    full_determinism: bool = False
     eval_on_start: bool = False
     # -- distributed (see docs/distributed.md) --
     fsdp: bool | str | list | None = ""

@@ -60,6 +60,20 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def enable_full_determinism(seed: int) -> None:
+    """``full_determinism=True``: seed, and make every kernel deterministic, as
+    ``transformers.enable_full_determinism`` does (process-wide, for the rest of the process).
+
+    The train and eval steps are built with ``deterministic=True`` too, so a compiled step is
+    compiled in the same mode (see :func:`functrain.make_train_step`).
+    """
+    set_seed(seed)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":16:8")  # cuBLAS needs it for deterministic matmuls
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
 class Trainer:
     """Train, evaluate and predict with the Hugging Face ``Trainer`` arguments.
 
@@ -83,7 +97,7 @@ class Trainer:
             raise TypeError(f"args must be a functrain.TrainingArguments, got {type(self.args).__name__}")
         # Joins the process group when launched by torchrun / accelerate (no-op for one process).
         self.dist = fd.init_distributed(self.args.ddp_backend, datetime.timedelta(seconds=self.args.ddp_timeout))
-        set_seed(self.args.seed)
+        (enable_full_determinism if self.args.full_determinism else set_seed)(self.args.seed)
         self.model_init = model_init
         if model is None:
             if model_init is None:
@@ -311,6 +325,7 @@ class Trainer:
         a = self.args
         return make_train_step(self.model, tx, self._train_loss_fn(), accumulate=accumulate, precision=a.precision,
                                compile=a.torch_compile, max_grad_norm=a.max_grad_norm or None,
+                               deterministic=a.full_determinism,
                                **self._distributed_step_kwargs())
 
     # -- distributed (see functrain.distributed) -------------------------------------------------
@@ -358,6 +373,7 @@ class Trainer:
 
             self._eval_steps[key] = make_eval_step(
                 self.model, self._eval_loss_fn(), precision=self.args.precision, compile=self.args.torch_compile,
+                deterministic=self.args.full_determinism,
                 return_outputs=with_outputs, param_transform=fd.gather_params if self.args.sharded else None)
         return self._eval_steps[key]
 
