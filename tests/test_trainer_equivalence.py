@@ -177,3 +177,20 @@ def test_deterministic_step_compiles_without_atomic_adds():
     assert "atomic_add" in codes[False]
     assert "atomic_add" not in codes[True]
     assert not torch.are_deterministic_algorithms_enabled()  # the step put the process-wide flag back
+
+
+class ReadsTheModel(ft.TrainerCallback):
+    """What HF callbacks do with their ``model`` argument: read it between steps."""
+
+    def __init__(self):
+        self.stale = []
+
+    def on_step_end(self, args, state, control, model=None, train_state=None, **kw):
+        params = dict(model.named_parameters())
+        self.stale += [k for k, v in train_state.params.items() if not torch.equal(params[k], v)]
+
+
+def test_callbacks_read_the_state_through_the_model(tmp_path):
+    reader = ReadsTheModel()
+    _ours(tmp_path, callbacks=[reader], max_steps=3)
+    assert reader.stale == []

@@ -393,6 +393,22 @@ class Trainer:
             return self.train_state
         return TrainState.create(self.model, optim.identity(), seed=self.args.seed)
 
+    def _share_state_with_model(self) -> None:
+        """Point the module's parameters and buffers at the state's tensors (no copy).
+
+        Whatever reads ``self.model`` between steps (callbacks receive it, user code holds it)
+        then sees the state training has reached, never the stale tensors of an earlier one; and
+        the module no longer keeps a third copy of the weights alive. Sharded states hold shards:
+        there the module is filled by copying (``_sync_model``) on save and at the end.
+        """
+        if self.args.sharded and fd.is_distributed():
+            return
+        s = self.train_state
+        for name, t in itertools.chain(self.model.named_parameters(), self.model.named_buffers()):
+            src = s.params.get(name, s.buffers.get(name))
+            if src is not None and src is not t and src.shape == t.shape and src.dtype == t.dtype:
+                t.data = src
+
     def _sync_model(self) -> None:
         """Copy the state's params and buffers into the user's module, so it reflects training."""
         if self.train_state is None:
@@ -449,6 +465,7 @@ class Trainer:
             self.state.compute_steps(a, max_steps)
         self.train_state = state
         self.callback_handler.train_state = state
+        self._share_state_with_model()
         self.callback_handler.train_dataloader = loader
         if fd.is_main_process():
             ck.remove_stale_temporaries(a.output_dir)
@@ -513,6 +530,7 @@ class Trainer:
                 rows = _num_rows(window)
                 state, metrics = self._step_for_rows(rows)(self.train_state, window)
                 self.train_state = handler.train_state = state
+                self._share_state_with_model()
                 loss = metrics["loss"].detach().float().cpu() if metrics["loss"].device.type == "cpu" \
                     else metrics["loss"].detach().float()
                 self._loss_sum = self._loss_sum.to(loss.device) + loss
@@ -559,7 +577,8 @@ class Trainer:
                            self.interrupted, self.state.global_step)
         if a.load_best_model_at_end and self.state.best_model_checkpoint and self.interrupted is None:
             self._load_best_model()
-        self._sync_model()
+        self._share_state_with_model()
+        self._sync_model()  # sharded: gathers the shards into the module
         runtime = time.perf_counter() - start_time
         steps = self.state.global_step - start_step
         total_loss = fd.all_reduce_sum(total_loss)  # each rank holds its share of the global mean
