@@ -10,6 +10,7 @@ replaying earlier ones.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import inspect
 import itertools
@@ -34,7 +35,12 @@ from functrain.trainer.callbacks import (
     CallbackHandler, DefaultFlowCallback, ExportableState, PrinterCallback, ProgressCallback, TrainerControl,
     TrainerState,
 )
-from functrain.trainer.logging import INTEGRATION_CALLBACKS, MetricsFileCallback
+from functrain.trainer import registry
+from functrain.trainer.arg_effects import compile_kwargs, set_log_level
+from functrain.trainer.integrations import integration_callbacks
+from functrain.trainer.logging import MetricsFileCallback
+from functrain.trainer.memory import MemoryTracker
+from functrain.trainer.publish import PublishMixin
 from functrain.core.state import TrainState
 from functrain.trainer.args import TrainingArguments
 
@@ -74,7 +80,7 @@ def enable_full_determinism(seed: int) -> None:
     torch.backends.cudnn.benchmark = False
 
 
-class Trainer:
+class Trainer(PublishMixin):
     """Train, evaluate and predict with the Hugging Face ``Trainer`` arguments.
 
     Differences from transformers: ``optimizers`` takes a functrain ``GradientTransformation`` (with
@@ -95,6 +101,9 @@ class Trainer:
         self.args = args if args is not None else TrainingArguments("trainer_output")
         if not isinstance(self.args, TrainingArguments):
             raise TypeError(f"args must be a functrain.TrainingArguments, got {type(self.args).__name__}")
+        self._memory_tracker = MemoryTracker(self.args.skip_memory_metrics)
+        self._memory_tracker.start("init")
+        set_log_level(self.args)
         # Joins the process group when launched by torchrun / accelerate (no-op for one process).
         self.dist = fd.init_distributed(self.args.ddp_backend, datetime.timedelta(seconds=self.args.ddp_timeout))
         (enable_full_determinism if self.args.full_determinism else set_seed)(self.args.seed)
@@ -105,7 +114,7 @@ class Trainer:
             model = model_init()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        self.model = model
+        self.model = self._place(model)
         self.optimizer, self.lr_scheduler = _check_optimizers(optimizers)
         if self.args.eval_strategy != "no" and eval_dataset is None:
             raise ValueError(f"eval_strategy={self.args.eval_strategy!r} needs an eval_dataset; pass one or set "
@@ -124,7 +133,7 @@ class Trainer:
                 raise ValueError("gradient_checkpointing=True but the model has no gradient_checkpointing_enable()")
             model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs or {"use_reentrant": False})
-        default = [DefaultFlowCallback, MetricsFileCallback] + [INTEGRATION_CALLBACKS[n] for n in self.args.report_to]
+        default = [DefaultFlowCallback, MetricsFileCallback] + integration_callbacks(self.args.report_to)
         self.callback_handler = CallbackHandler(default + list(callbacks or []), model, processing_class)
         if fd.is_main_process():  # progress and prints on the main process only
             self.callback_handler.add_callback(PrinterCallback if self.args.disable_tqdm else ProgressCallback)
@@ -133,7 +142,15 @@ class Trainer:
         self.train_state: TrainState | None = None
         self.interrupted: int | None = None
         self._eval_steps: dict = {}
+        self._train_tokens = 0  # input tokens of this train() call (include_tokens_per_second)
         self.control = self.callback_handler.on_init_end(self.args, self.state, self.control)
+        if self.args.push_to_hub:
+            self.init_hf_repo()
+        self._memory_tracker.stop("init")
+
+    def _place(self, model: nn.Module) -> nn.Module:
+        """``use_cpu=True``: the model on the CPU even where an accelerator is present (as transformers)."""
+        return model.to(self.args.device) if self.args.use_cpu else model
 
     # -- callbacks ------------------------------------------------------------------------------
     def add_callback(self, callback):
@@ -218,15 +235,20 @@ class Trainer:
         """
         if self.train_dataset is None:
             raise ValueError("Trainer.train() needs a train_dataset")
-        from functrain.data.loader import ResumableLoader, check_not_empty
+        from functrain.data.loader import ResumableLoader, check_not_empty, has_length
+        from functrain.trainer.arg_effects import group_lengths, loader_options
 
         check_not_empty(self.train_dataset, "train_dataset")
         a = self.args
+        grouped = a.train_sampling_strategy == "group_by_length" and has_length(self.train_dataset)
         return ResumableLoader(self._prepare_dataset(self.train_dataset, "training"),
                                a.per_device_train_batch_size * a.gradient_accumulation_steps, self.data_collator,
-                               seed=a.data_seed if a.data_seed is not None else a.seed, shuffle=True,
-                               drop_last=a.dataloader_drop_last, num_workers=a.dataloader_num_workers,
-                               world_size=fd.world_size(), rank=fd.rank())
+                               seed=a.data_seed if a.data_seed is not None else a.seed,
+                               shuffle=a.train_sampling_strategy != "sequential", drop_last=a.dataloader_drop_last,
+                               world_size=fd.world_size(), rank=fd.rank(), shard_block=a.per_device_train_batch_size,
+                               group_by_length=grouped,
+                               lengths=group_lengths(self.train_dataset, a.length_column_name) if grouped else None,
+                               **loader_options(a))
 
     def get_eval_dataloader(self, eval_dataset=None, shard: bool = False):
         """Eval batches in dataset order; ``shard=True`` gives this rank its share (distributed runs)."""
@@ -237,9 +259,11 @@ class Trainer:
             raise ValueError("evaluation needs an eval_dataset (pass one to Trainer or to evaluate())")
         check_not_empty(dataset, "eval_dataset")
         world, rank = (fd.world_size(), fd.rank()) if shard else (1, 0)
+        from functrain.trainer.arg_effects import loader_options
+
         return ResumableLoader(self._prepare_dataset(dataset, "evaluation"), self.args.per_device_eval_batch_size,
                                self.data_collator, shuffle=False, drop_last=self.args.dataloader_drop_last,
-                               num_workers=self.args.dataloader_num_workers, world_size=world, rank=rank)
+                               world_size=world, rank=rank, **loader_options(self.args))
 
     def get_test_dataloader(self, test_dataset):
         return self.get_eval_dataloader(test_dataset)
@@ -255,25 +279,7 @@ class Trainer:
 
     def create_optimizer(self, schedule):
         """The functrain optimizer for ``args.optim`` (weight decay skips biases and norms, as HF)."""
-        a = self.args
-        extra = _parse_optim_args(a.optim_args)
-        mask = optim.default_weight_decay_mask(self.model) if a.weight_decay > 0 else None
-        name = a.optim
-        if name in ("adamw_torch", "adamw_torch_fused", "adamw"):
-            return optim.adamw(schedule, b1=a.adam_beta1, b2=a.adam_beta2, eps=a.adam_epsilon,
-                               weight_decay=a.weight_decay, mask=mask, **extra)
-        if name == "adam":
-            return optim.adam(schedule, b1=a.adam_beta1, b2=a.adam_beta2, eps=a.adam_epsilon, **extra)
-        if name in ("lion", "lion_32bit"):
-            return optim.lion(schedule, b1=a.adam_beta1, b2=a.adam_beta2, weight_decay=a.weight_decay, mask=mask,
-                              **extra)
-        if name == "adafactor":
-            return optim.adafactor(schedule, weight_decay=a.weight_decay, **extra) if a.weight_decay else \
-                optim.adafactor(schedule, **extra)
-        base = {"sgd": optim.sgd, "rmsprop": optim.rmsprop, "adagrad": optim.adagrad}[name](schedule, **extra)
-        if a.weight_decay > 0:  # decoupled-from-groups L2 as torch param groups do: masked, added to the grad
-            return optim.chain(optim.masked(optim.add_decayed_weights(a.weight_decay), mask), base)
-        return base
+        return registry.build_optimizer(self.args, self.model, schedule, _parse_optim_args(self.args.optim_args))
 
     def create_optimizer_and_scheduler(self, num_training_steps: int):
         if self.optimizer is not None:
@@ -291,6 +297,14 @@ class Trainer:
             labels = inputs.pop("labels")
             outputs = model(**inputs)
             loss = self.compute_loss_func(outputs, labels, num_items_in_batch=num_items_in_batch)
+        elif self.args.label_smoothing_factor > 0 and "labels" in inputs:
+            from functrain.step.batch import loss_shifts_labels
+            from functrain.trainer.label_smoothing import label_smoothed_loss
+
+            labels = inputs.pop("labels")
+            outputs = model(**inputs)
+            loss = label_smoothed_loss(outputs, labels, self.args.label_smoothing_factor,
+                                       shift_labels=loss_shifts_labels(self.model))
         else:
             outputs = model(**inputs)
             if isinstance(outputs, Mapping) and outputs.get("loss") is None:
@@ -300,7 +314,8 @@ class Trainer:
         return (loss, outputs) if return_outputs else loss
 
     def _custom_loss(self) -> bool:
-        return type(self).compute_loss is not Trainer.compute_loss or self.compute_loss_func is not None
+        return (type(self).compute_loss is not Trainer.compute_loss or self.compute_loss_func is not None
+                or self.args.label_smoothing_factor > 0)
 
     def _train_loss_fn(self):
         if not self._custom_loss():
@@ -324,9 +339,9 @@ class Trainer:
 
         a = self.args
         return make_train_step(self.model, tx, self._train_loss_fn(), accumulate=accumulate, precision=a.precision,
-                               compile=a.torch_compile, max_grad_norm=a.max_grad_norm or None,
+                               compile=a.torch_compile, compile_kwargs=compile_kwargs(a),
                                deterministic=a.full_determinism,
-                               **self._distributed_step_kwargs())
+                               max_grad_norm=a.max_grad_norm or None, **self._distributed_step_kwargs())
 
     # -- distributed (see functrain.distributed) -------------------------------------------------
     def _distributed_step_kwargs(self) -> dict:
@@ -371,10 +386,14 @@ class Trainer:
         if key not in self._eval_steps:
             from functrain.step.train import make_eval_step
 
+            from functrain.trainer.arg_effects import full_eval_params
+
+            a = self.args
             self._eval_steps[key] = make_eval_step(
-                self.model, self._eval_loss_fn(), precision=self.args.precision, compile=self.args.torch_compile,
-                deterministic=self.args.full_determinism,
-                return_outputs=with_outputs, param_transform=fd.gather_params if self.args.sharded else None)
+                self.model, self._eval_loss_fn(), precision="fp32" if a.fp16_full_eval or a.bf16_full_eval else a.precision,
+                compile=a.torch_compile, compile_kwargs=compile_kwargs(a), deterministic=a.full_determinism,
+                return_outputs=with_outputs,
+                param_transform=full_eval_params(a, fd.gather_params if a.sharded else None))
         return self._eval_steps[key]
 
     def _fresh_train_state(self, tx) -> TrainState:
@@ -429,14 +448,35 @@ class Trainer:
 
         ``resume_from_checkpoint=True`` takes the newest complete, valid checkpoint in
         ``output_dir``; a path resumes from that folder (a corrupted one is an error).
+        ``auto_find_batch_size=True`` retries with a smaller ``per_device_train_batch_size`` after
+        an out-of-memory error (accelerate's ``find_executable_batch_size``: x0.9 each time).
         """
         if kwargs:
             raise TypeError(f"train() got unexpected keyword arguments {sorted(kwargs)}")
+        self._memory_tracker.start("train")
+        try:
+            if not self.args.auto_find_batch_size:
+                return self._train(resume_from_checkpoint, ignore_keys_for_eval)
+            from accelerate.utils import find_executable_batch_size
+
+            return find_executable_batch_size(self._train_with_batch_size, self.args.per_device_train_batch_size)(
+                resume_from_checkpoint, ignore_keys_for_eval)
+        finally:
+            self._memory_tracker.stop("train")
+
+    def _train_with_batch_size(self, batch_size: int, resume_from_checkpoint, ignore_keys_for_eval) -> TrainOutput:
+        if batch_size != self.args.per_device_train_batch_size:
+            logger.warning("auto_find_batch_size: retrying with per_device_train_batch_size=%d", batch_size)
+            self.args = dataclasses.replace(self.args, per_device_train_batch_size=batch_size)
+            self.train_state = None  # the failed attempt's state; the module's tensors are untouched
+        return self._train(resume_from_checkpoint, ignore_keys_for_eval)
+
+    def _train(self, resume_from_checkpoint, ignore_keys_for_eval) -> TrainOutput:
         a = self.args
         resume_path = self._resolve_resume(resume_from_checkpoint)
         if self.model_init is not None and resume_path is None and self.train_state is None:
             set_seed(a.seed)
-            self.model = self.model_init()
+            self.model = self._place(self.model_init())
             self.callback_handler.model = self.model
         loader = self.get_train_dataloader()
         if not hasattr(loader, "__len__") or getattr(loader, "is_iterable", False):
@@ -515,6 +555,8 @@ class Trainer:
         self._log_timer = time.perf_counter()
         self._last_metrics = {}
         total_loss, total_samples = torch.zeros(()), 0
+        self._train_tokens = 0
+        stop_agreement, stop_for_signal = fd.StopAgreement(), False
         self.control = handler.on_train_begin(a, self.state, self.control)
         if a.eval_on_start and start_step == 0:
             self._evaluate(ignore_keys_for_eval)
@@ -533,6 +575,8 @@ class Trainer:
                 self._share_state_with_model()
                 loss = metrics["loss"].detach().float().cpu() if metrics["loss"].device.type == "cpu" \
                     else metrics["loss"].detach().float()
+                if a.logging_nan_inf_filter:
+                    loss = _filter_nan_inf(loss, self._loss_sum.to(loss.device), self._steps_since_log)
                 self._loss_sum = self._loss_sum.to(loss.device) + loss
                 total_loss = total_loss.to(loss.device) + loss
                 self._last_metrics = metrics
@@ -540,16 +584,20 @@ class Trainer:
                 self._samples_since_log += rows * fd.world_size()  # global throughput
                 total_samples += rows * fd.world_size()
                 self._count_tokens(window)
+                if a.include_tokens_per_second and isinstance(window, Mapping) and "input_ids" in window:
+                    self._train_tokens += window["input_ids"].numel() * fd.world_size()  # shape only: no sync
                 self.state.global_step += 1
                 self.state.epoch = epoch + loader.state.batch_index / steps_per_epoch
                 self.state.data_position = {**loader.state.to_dict(),
                                             "samples": loader.state.batch_index * self._global_window()}
                 self.control = handler.on_step_end(a, self.state, self.control)
-                if self.interrupted is not None:
+                # A signal on any rank stops every rank at the same step (one step later).
+                stop_for_signal = stop_agreement.update(self.interrupted is not None)
+                if stop_for_signal:
                     self.control.should_save = True
                     self.control.should_training_stop = True
                 self._maybe_log_save_evaluate(ignore_keys_for_eval)
-                if self.interrupted is not None:
+                if stop_for_signal:
                     interrupted_mid_epoch = True
                     break
                 if self.control.should_epoch_stop or self.control.should_training_stop:
@@ -564,18 +612,20 @@ class Trainer:
             if self.control.should_training_stop:
                 break
             epoch += 1
-        return self._finish_training(start_step, start_time, total_loss, total_samples)
+        stop_agreement.close()
+        return self._finish_training(start_step, start_time, total_loss, total_samples, stop_for_signal)
 
     def _global_window(self) -> int:
         a = self.args
         return a.per_device_train_batch_size * a.gradient_accumulation_steps * fd.world_size()
 
-    def _finish_training(self, start_step, start_time, total_loss, total_samples) -> TrainOutput:
+    def _finish_training(self, start_step, start_time, total_loss, total_samples, stop_for_signal) -> TrainOutput:
         a = self.args
-        if self.interrupted is not None:
-            logger.warning("training interrupted by signal %d at step %d; checkpoint written, exiting cleanly",
-                           self.interrupted, self.state.global_step)
-        if a.load_best_model_at_end and self.state.best_model_checkpoint and self.interrupted is None:
+        if stop_for_signal:
+            logger.warning("training interrupted by %s at step %d; checkpoint written, exiting cleanly",
+                           f"signal {self.interrupted}" if self.interrupted else "a signal on another rank",
+                           self.state.global_step)
+        if a.load_best_model_at_end and self.state.best_model_checkpoint and not stop_for_signal:
             self._load_best_model()
         self._share_state_with_model()
         self._sync_model()  # sharded: gathers the shards into the module
@@ -593,8 +643,12 @@ class Trainer:
         if a.include_num_input_tokens_seen not in (False, "no"):
             self._flush_token_count()
             metrics["num_input_tokens_seen"] = self.state.num_input_tokens_seen
+        if a.include_tokens_per_second:
+            metrics["train_tokens_per_second"] = round(self._train_tokens / runtime, 4) if runtime > 0 else 0.0
+        self._memory_tracker.stop_and_update_metrics("train", metrics)
         self.log(dict(metrics))
         self.control = self.callback_handler.on_train_end(a, self.state, self.control)
+        self._finish_current_push()
         return TrainOutput(self.state.global_step, train_loss, metrics)
 
     def _count_tokens(self, window) -> None:
@@ -721,6 +775,8 @@ class Trainer:
         if fd.is_main_process():
             ck.rotate_checkpoints(a.output_dir, a.save_total_limit, self.state.best_model_checkpoint)
         fd.barrier()  # no rank runs ahead (or resumes) before the checkpoint is complete
+        if a.push_to_hub:
+            self._push_from_checkpoint(path)
         return path
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
@@ -731,6 +787,8 @@ class Trainer:
             ck.write_model(self.model, output_dir, processing_class=self.processing_class)
             self.args.save_to_json(os.path.join(output_dir, ck.ARGS_FILE))
         fd.barrier()
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
     def save_state(self) -> None:
         """Write ``trainer_state.json`` to ``output_dir`` (main process only)."""
@@ -763,14 +821,18 @@ class Trainer:
         return self._evaluate_one(dataset, ignore_keys, metric_key_prefix)
 
     def _evaluate_one(self, dataset, ignore_keys, metric_key_prefix: str) -> dict[str, float]:
+        self._memory_tracker.start("eval")
         output = self._run_evaluation(dataset, ignore_keys, metric_key_prefix, collect=False)
+        self._memory_tracker.stop_and_update_metrics("eval", output.metrics)
         self.log(dict(output.metrics))
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, output.metrics)
         return output.metrics
 
     def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test") -> PredictionOutput:
         """Predictions (numpy), label ids and metrics on ``test_dataset``."""
+        self._memory_tracker.start("test")
         output = self._run_evaluation(test_dataset, ignore_keys, metric_key_prefix, collect=True)
+        self._memory_tracker.stop_and_update_metrics("test", output.metrics)
         self.control = self.callback_handler.on_predict(self.args, self.state, self.control, output.metrics)
         return PredictionOutput(output.predictions, output.label_ids, output.metrics)
 
@@ -886,6 +948,12 @@ def _counting_items(eval_step):
         return out
 
     return step, items
+
+
+def _filter_nan_inf(loss: torch.Tensor, loss_sum: torch.Tensor, steps_since_log: int) -> torch.Tensor:
+    """``logging_nan_inf_filter``: a non-finite step loss counts as the mean of the losses logged
+    since the last log (transformers' rule), chosen on the device: no host sync."""
+    return torch.where(torch.isfinite(loss), loss, loss_sum / (1 + steps_since_log))
 
 
 def _map_data_position(position: dict, global_window: int) -> dict:
