@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from . import batching, rng as rnglib, tree
-from .optim.base import apply_updates
+from .optim.base import apply_updates, update_with_extra_args
 from .optim.transforms import clip_factor
 from .precision import DynamicScale, dynamic_scale_init, dynamic_scale_update, get_policy, unscale
 from .state import TrainState
@@ -263,7 +263,8 @@ def make_train_step(
         metrics["grad_norm"] = grad_norm
         if max_grad_norm is not None:
             grads = tree.scale(grads, clip_factor(grad_norm, max_grad_norm))
-        updates, new_opt_state = tx.update(grads, opt_state, params)
+        # value=loss: transforms that use the objective (reduce_on_plateau, ...) get it, others don't.
+        updates, new_opt_state = update_with_extra_args(tx, grads, opt_state, params, value=loss)
         new_params = apply_updates(params, updates)
         if policy.needs_loss_scale:
             # A non-finite step changes nothing but the loss scale: params, optimizer state

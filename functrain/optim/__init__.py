@@ -46,4 +46,3 @@ from .combine import (
 from .aliases import adafactor, adagrad, adam, adamw, lion, rmsprop, sgd
 from .masks import decay_parameter_names, default_weight_decay_mask
 
-momentum = trace

@@ -44,33 +44,42 @@ def adam(learning_rate, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, *,
     )
 
 
-def sgd(learning_rate, momentum=0.0, *, nesterov: bool = False, dampening=0.0,
+def _has_momentum(momentum) -> bool:
+    return momentum is not None and not (isinstance(momentum, (int, float)) and momentum == 0)
+
+
+def sgd(learning_rate, momentum=None, nesterov: bool = False, *, dampening=0.0,
         weight_decay=0.0) -> GradientTransformation:
-    """SGD with optional momentum, matching ``torch.optim.SGD`` (L2 weight decay on the gradient)."""
-    has_momentum = not (isinstance(momentum, (int, float)) and momentum == 0)
-    if nesterov and not has_momentum:
+    """SGD with optional momentum (optax defaults: ``momentum=None``, no momentum state).
+
+    Matches ``torch.optim.SGD`` with the same arguments (``weight_decay`` is L2 added to the
+    gradient; ``dampening`` is torch's, optax has none).
+    """
+    if nesterov and not _has_momentum(momentum):
         raise ValueError("nesterov=True needs momentum > 0")
     return chain(
         _decay(weight_decay, None),
-        T.trace(momentum, nesterov=nesterov, dampening=dampening) if has_momentum else identity(),
+        T.trace(momentum, nesterov=nesterov, dampening=dampening) if _has_momentum(momentum) else identity(),
         T.scale_by_learning_rate(learning_rate),
     )
 
 
-def rmsprop(learning_rate, decay=0.99, eps=1e-8, *, centered: bool = False, momentum=0.0,
-            nesterov: bool = False, weight_decay=0.0, initial_scale=0.0) -> GradientTransformation:
-    """RMSprop matching ``torch.optim.RMSprop`` (``decay`` is torch's ``alpha``, default 0.99).
+def rmsprop(learning_rate, decay=0.9, eps=1e-8, initial_scale=0.0, eps_in_sqrt: bool = True, *,
+            centered: bool = False, momentum=None, nesterov: bool = False, weight_decay=0.0) -> GradientTransformation:
+    """RMSprop with optax's defaults (``decay=0.9``, ``eps`` inside the square root, no momentum).
 
-    ``weight_decay`` is L2 added to the gradient; ``momentum`` accumulates the preconditioned
-    gradient (``buf = momentum * buf + g / denom``) before the learning rate, as torch does.
+    ``torch.optim.RMSprop`` is ``decay=0.99, eps_in_sqrt=False`` (``decay`` is its ``alpha``); the
+    Trainer's ``optim="rmsprop"`` builds exactly that. ``weight_decay`` is L2 added to the
+    gradient; ``momentum`` accumulates the preconditioned gradient before the learning rate
+    (``buf = momentum * buf + g / denom``), as torch does (optax applies it after the learning rate;
+    the two agree unless the learning rate changes).
     """
-    has_momentum = not (isinstance(momentum, (int, float)) and momentum == 0)
-    if nesterov and not has_momentum:
+    if nesterov and not _has_momentum(momentum):
         raise ValueError("nesterov=True needs momentum > 0")
     return chain(
         _decay(weight_decay, None),
-        T.scale_by_rms(decay, eps, centered=centered, initial_scale=initial_scale),
-        T.trace(momentum, nesterov=nesterov) if has_momentum else identity(),
+        T.scale_by_rms(decay, eps, centered=centered, initial_scale=initial_scale, eps_in_sqrt=eps_in_sqrt),
+        T.trace(momentum, nesterov=nesterov) if _has_momentum(momentum) else identity(),
         T.scale_by_learning_rate(learning_rate),
     )
 

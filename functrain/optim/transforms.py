@@ -64,7 +64,22 @@ def scale_by_learning_rate(learning_rate, *, flip_sign: bool = True) -> Gradient
     return GradientTransformation(init, update)
 
 
-scale_by_schedule = scale_by_learning_rate
+class ScaleByScheduleState(NamedTuple):
+    count: torch.Tensor  # number of updates done, 0-d int64
+
+
+def scale_by_schedule(step_size_fn) -> GradientTransformation:
+    """Multiply updates by ``+step_size_fn(count)`` (optax: no sign flip; use
+    :func:`scale_by_learning_rate` for ``-learning_rate``)."""
+    if not callable(step_size_fn) or isinstance(step_size_fn, torch.Tensor):
+        raise TypeError(f"scale_by_schedule needs a function count -> step size, got {type(step_size_fn).__name__}; "
+                        "for a constant use scale()")
+
+    def update(updates, state, params=None):
+        step_size = torch.as_tensor(step_size_fn(state.count), dtype=torch.float32, device=state.count.device)
+        return tree.scale(updates, step_size), ScaleByScheduleState(safe_increment(state.count))
+
+    return GradientTransformation(lambda params: ScaleByScheduleState(counter_like(params)), update)
 
 
 # -- Adam ----------------------------------------------------------------------------------------
@@ -240,12 +255,14 @@ class ScaleByRmsState(NamedTuple):
     mu: tree.PyTree  # running average of gradients (centered=True); an empty tuple otherwise
 
 
-def scale_by_rms(decay=0.99, eps=1e-8, *, centered: bool = False, initial_scale=0.0) -> GradientTransformation:
-    """RMSprop's preconditioning as ``torch.optim.RMSprop`` computes it (``decay`` is its ``alpha``).
+def scale_by_rms(decay=0.9, eps=1e-8, *, centered: bool = False, initial_scale=0.0,
+                 eps_in_sqrt: bool = True) -> GradientTransformation:
+    """RMSprop's preconditioning (optax defaults; ``decay`` is ``torch.optim.RMSprop``'s ``alpha``).
 
-    ``nu = decay * nu + (1 - decay) * g**2``; the update is ``g / (sqrt(nu) + eps)``, or with
-    ``centered=True`` ``g / (sqrt(nu - mu**2) + eps)`` where ``mu`` averages the gradients.
-    (``eps`` is added after the square root, as in torch; optax's default puts it inside.)
+    ``nu = decay * nu + (1 - decay) * g**2``; the update is ``g / sqrt(nu + eps)`` (optax's
+    ``eps_in_sqrt=True``) or ``g / (sqrt(nu) + eps)`` (``eps_in_sqrt=False``, torch's placement).
+    With ``centered=True`` ``nu - mu**2`` replaces ``nu``, ``mu`` averaging the gradients.
+    torch's RMSprop is ``decay=0.99, eps_in_sqrt=False``.
     """
     decay = as_hyperparam(decay, "decay")
     eps = as_hyperparam(eps, "eps")
@@ -268,8 +285,11 @@ def scale_by_rms(decay=0.99, eps=1e-8, *, centered: bool = False, initial_scale=
             denom = torch._foreach_sub(nu, torch._foreach_mul(mu, mu))
         else:
             denom = nu
-        denom = torch._foreach_sqrt(denom)
-        torch._foreach_add_(denom, eps)
+        if eps_in_sqrt:
+            denom = torch._foreach_sqrt(torch._foreach_add(denom, eps))
+        else:
+            denom = torch._foreach_sqrt(denom)
+            torch._foreach_add_(denom, eps)
         out = torch._foreach_div(g, denom)
         new_state = ScaleByRmsState(tree.unflatten(treedef, nu), tree.unflatten(treedef, mu) if centered else ())
         return tree.unflatten(treedef, out), new_state
@@ -277,9 +297,9 @@ def scale_by_rms(decay=0.99, eps=1e-8, *, centered: bool = False, initial_scale=
     return GradientTransformation(init, update)
 
 
-def scale_by_stddev(decay=0.99, eps=1e-8, *, initial_scale=0.0) -> GradientTransformation:
+def scale_by_stddev(decay=0.9, eps=1e-8, *, initial_scale=0.0, eps_in_sqrt: bool = True) -> GradientTransformation:
     """Centered RMSprop preconditioning: ``scale_by_rms(..., centered=True)``."""
-    return scale_by_rms(decay, eps, centered=True, initial_scale=initial_scale)
+    return scale_by_rms(decay, eps, centered=True, initial_scale=initial_scale, eps_in_sqrt=eps_in_sqrt)
 
 
 class ScaleByRssState(NamedTuple):
