@@ -37,7 +37,7 @@ def child(quick: bool) -> dict:
     import torch
 
     import functrain as ft
-    from functrain.step import make_train_step
+    from functrain.step.train import make_train_step
 
     try:
         from .train_step import config

@@ -62,7 +62,7 @@ def main(argv=None) -> dict:
     import functrain as ft
     from functrain import Trainer, TrainerCallback, TrainingArguments
     from functrain.data.collators import default_data_collator
-    from functrain.step import make_train_step
+    from functrain.step.train import make_train_step
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")

@@ -83,9 +83,9 @@ def run_variant(variant: str, a) -> dict:
         import functrain
         from functrain.data.collators import DataCollatorForLanguageModeling
         from functrain.data.loader import ResumableLoader
-        from functrain.evaluation import evaluation_loop
-        from functrain.metrics import Accuracy
-        from functrain.step import make_eval_step
+        from functrain.trainer.evaluation import evaluation_loop
+        from functrain.core.metrics import Accuracy
+        from functrain.step.train import make_eval_step
 
         state = functrain.TrainState.create(model, functrain.optim.identity())
         step = make_eval_step(model, return_outputs=True)

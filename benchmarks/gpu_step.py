@@ -73,7 +73,7 @@ def flops_per_token(model, cfg) -> float:
 
 def functrain_contender(model, batches, compile_):
     import functrain as ft
-    from functrain.step import make_train_step
+    from functrain.step.train import make_train_step
 
     tx = ft.optim.adamw(ft.schedules.linear(LR, 0, TOTAL), weight_decay=0.0)
     step = make_train_step(model, tx, precision="bf16", compile=compile_, donate=True, max_grad_norm=1.0)

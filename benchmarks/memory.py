@@ -81,7 +81,7 @@ def child(variant: str, quick: bool, steps: int) -> dict:
             opt.zero_grad(set_to_none=True)
     else:
         import functrain as ft
-        from functrain.step import make_train_step
+        from functrain.step.train import make_train_step
 
         tx = ft.optim.adamw(1e-4, weight_decay=0.0)
         step = make_train_step(model, tx, compile=variant != "functrain donated eager",

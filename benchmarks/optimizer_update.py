@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import functrain.optim as optim  # noqa: E402
+import functrain.core.optim as optim  # noqa: E402
 from functrain import tree  # noqa: E402
 
 HP = dict(lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01)

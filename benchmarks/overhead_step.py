@@ -54,7 +54,7 @@ def make_batches(n: int, batch: int, width: int, seed: int = 0) -> list[dict]:
 
 def functrain_contender(model, batches, steps, donate: bool):
     import functrain as ft
-    from functrain.step import make_train_step
+    from functrain.step.train import make_train_step
 
     tx = ft.optim.adamw(LR, weight_decay=0.0)
     step = make_train_step(model, tx, mse_loss, compile=True, donate=donate, max_grad_norm=1.0)

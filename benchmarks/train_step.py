@@ -42,7 +42,7 @@ def config(quick: bool) -> dict:
 
 def functrain_contender(model, batches, steps):
     import functrain as ft
-    from functrain.step import make_train_step
+    from functrain.step.train import make_train_step
 
     tx = ft.optim.adamw(ft.schedules.linear(LR, 0, TOTAL_STEPS), weight_decay=0.0)
     step = make_train_step(model, tx, compile=True, donate=True, max_grad_norm=1.0)

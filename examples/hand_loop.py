@@ -24,7 +24,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import functrain as ft
-from functrain.step import make_eval_step, make_train_step
+from functrain.step.train import make_eval_step, make_train_step
 
 VOCAB = 64
 

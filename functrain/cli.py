@@ -10,7 +10,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="functrain", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    from . import demo
+    from functrain import demo
 
     demo_parser = commands.add_parser("demo", help="train a small GPT on the Python standard library")
     demo.add_arguments(demo_parser)
@@ -24,12 +24,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     if ns.command == "demo":
-        from . import demo
+        from functrain import demo
 
         demo.main_from_args(ns)
         return 0
     if ns.command == "plot":
-        from .plot import plot_run
+        from functrain.io.plot import plot_run
 
         try:
             print(plot_run(ns.run_dir, ns.out))

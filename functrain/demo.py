@@ -108,9 +108,9 @@ def generate_sample(model, config: DemoConfig) -> str:
 
 def run_demo(config: DemoConfig) -> dict:
     """Train (or resume), evaluate, plot and sample. Returns a summary dict."""
-    from .plot import plot_run
-    from .trainer import Trainer
-    from .training_args import TrainingArguments
+    from functrain.io.plot import plot_run
+    from functrain.trainer.trainer import Trainer
+    from functrain.trainer.args import TrainingArguments
 
     train_ds, eval_ds = make_datasets(config)
     model = make_model(config)

@@ -9,10 +9,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from safetensors.torch import save_file  # noqa: E402
 
 from _trainer_fixtures import make_dataset, make_model  # noqa: E402
-from functrain import checkpoint as ck  # noqa: E402
-from functrain.callbacks import TrainerCallback  # noqa: E402
-from functrain.trainer import Trainer  # noqa: E402
-from functrain.training_args import TrainingArguments  # noqa: E402
+from functrain.io import checkpoint as ck  # noqa: E402
+from functrain.trainer.callbacks import TrainerCallback  # noqa: E402
+from functrain.trainer.trainer import Trainer  # noqa: E402
+from functrain.trainer.args import TrainingArguments  # noqa: E402
 
 
 class Beacon(TrainerCallback):

@@ -114,7 +114,7 @@ def mode_trainer(out_dir, opts):
 
 
 def mode_fail(out_dir, opts):
-    from functrain.callbacks import TrainerCallback
+    from functrain.trainer.callbacks import TrainerCallback
 
     class Boom(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):

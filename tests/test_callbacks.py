@@ -1,10 +1,10 @@
 import pytest
 
-from functrain.callbacks import (
+from functrain.trainer.callbacks import (
     CallbackHandler, DefaultFlowCallback, EarlyStoppingCallback, PrinterCallback, TrainerCallback,
     TrainerControl, TrainerState,
 )
-from functrain.training_args import TrainingArguments
+from functrain.trainer.args import TrainingArguments
 
 
 def _flow(args, max_steps):

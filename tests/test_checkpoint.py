@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 import functrain as ft
-from functrain import checkpoint as ck
-from functrain.callbacks import TrainerState
-from functrain.training_args import TrainingArguments
+from functrain.io import checkpoint as ck
+from functrain.trainer.callbacks import TrainerState
+from functrain.trainer.args import TrainingArguments
 
 
 class TiedNet(nn.Module):

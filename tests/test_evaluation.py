@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 from functrain.data.collators import DataCollatorForLanguageModeling
 from functrain.data.loader import ResumableLoader
-from functrain.evaluation import EvalPrediction, evaluation_loop, pad_and_concatenate
-from functrain.metrics import Accuracy
+from functrain.trainer.evaluation import EvalPrediction, evaluation_loop, pad_and_concatenate
+from functrain.core.metrics import Accuracy
 
 
 class TinyLM(torch.nn.Module):

@@ -4,8 +4,8 @@ import transformers
 
 from functrain.data.collators import DataCollatorForSeq2Seq
 from functrain.data.loader import ResumableLoader
-from functrain.evaluation import evaluation_loop
-from functrain.generation import generate_predictions, generation_kwargs_from_args, make_generate_eval_step
+from functrain.trainer.evaluation import evaluation_loop
+from functrain.trainer.generation import generate_predictions, generation_kwargs_from_args, make_generate_eval_step
 
 
 def _t5(seed=0):
@@ -41,7 +41,7 @@ def test_generate_with_state_params_equals_direct_generate(num_beams):
 
 def test_generation_config_and_train_state():
     import functrain
-    from functrain.optim import sgd
+    from functrain.core.optim import sgd
 
     model = _t5()
     state = functrain.TrainState.create(model, sgd(0.1))

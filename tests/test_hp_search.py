@@ -5,8 +5,8 @@ import sys
 import pytest
 
 from functrain import Trainer, TrainingArguments
-from functrain import hp_search
-from functrain.population import PopulationError
+from functrain.trainer import hp_search
+from functrain.step.population import PopulationError
 from tests._trainer_fixtures import make_dataset, make_model
 
 optuna = pytest.importorskip("optuna")

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from functrain import training_args as ta
-from functrain.trainer import Trainer
-from functrain.training_args import TrainingArguments, TrainingArgumentsError
+from functrain.trainer import args as ta
+from functrain.trainer.trainer import Trainer
+from functrain.trainer.args import TrainingArguments, TrainingArgumentsError
 
 from _trainer_fixtures import make_dataset, make_model
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from functrain import tree
-from functrain.metrics import Accuracy, Average, Collection
+from functrain.core.metrics import Accuracy, Average, Collection
 
 
 def test_average_weighted_merge_equals_direct():

@@ -2,7 +2,7 @@
 
 import torch
 
-import functrain.optim as optim
+import functrain.core.optim as optim
 from functrain import tree
 
 

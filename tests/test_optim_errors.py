@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-import functrain.optim as optim
+import functrain.core.optim as optim
 
 
 def params():

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-import functrain.optim as optim
+import functrain.core.optim as optim
 
 
 def _gpt2():

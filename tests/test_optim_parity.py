@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-import functrain.optim as optim
+import functrain.core.optim as optim
 from functrain import tree
 
 STEPS = 30

@@ -4,7 +4,7 @@ import pytest
 from PIL import Image
 
 from functrain.cli import main
-from functrain.plot import FIGURE_DPI, FIGURE_SIZE_INCHES, read_log_history
+from functrain.io.plot import FIGURE_DPI, FIGURE_SIZE_INCHES, read_log_history
 
 
 def _write_run(run_dir, n=20):

@@ -5,8 +5,8 @@ import dataclasses
 import pytest
 
 from functrain import Trainer, TrainingArguments
-from functrain.population import PopulationError
-from functrain.population_trainer import PopulationTrainer
+from functrain.step.population import PopulationError
+from functrain.trainer.population import PopulationTrainer
 from tests._trainer_fixtures import make_dataset, make_model
 
 MEMBERS = [{"learning_rate": 5e-2, "seed": 1}, {"learning_rate": 1e-2, "seed": 2, "weight_decay": 0.0},

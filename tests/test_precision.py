@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from functrain import precision, tree
-from functrain.precision import DynamicScale, dynamic_scale_init, dynamic_scale_update, get_policy, scale_loss, unscale
+from functrain.core.precision import DynamicScale, dynamic_scale_init, dynamic_scale_update, get_policy, scale_loss, unscale
 
 # Steps whose input holds inf or nan: consecutive ones, isolated ones, and long finite runs
 # between them so that growth_interval=3 grows the scale several times.

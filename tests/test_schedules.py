@@ -10,7 +10,7 @@ import torch
 from transformers import TrainingArguments, get_scheduler
 
 from functrain import schedules
-from functrain.schedules import ReduceLROnPlateau, get_schedule, join_schedules
+from functrain.core.schedules import ReduceLROnPlateau, get_schedule, join_schedules
 
 PEAK = 1e-3
 TOTAL = 1000

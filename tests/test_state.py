@@ -9,9 +9,9 @@ from torch.func import functional_call
 
 import functrain as ft
 from functrain import tree
-from functrain.optim.base import EmptyState
-from functrain.optim.transforms import ScaleByAdamState, ScaleByLearningRateState
-from functrain.state import ConsumedStateError, TrainState
+from functrain.core.optim.base import EmptyState
+from functrain.core.optim.transforms import ScaleByAdamState, ScaleByLearningRateState
+from functrain.core.state import ConsumedStateError, TrainState
 
 TIED = ("transformer.wte.weight", "lm_head.weight")
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import functrain as ft
-from functrain.batching import make_count_items
-from functrain.step import make_train_step
+from functrain.step.batch import make_count_items
+from functrain.step.train import make_train_step
 from step_models import TinyGPTForCausalLM, gpt2, lm_batch
 
 # Uneven padding: rows in different microbatches (2 rows each) carry very different label counts.

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import functrain as ft
-from functrain.checkpointing import checkpoint_modules, uncheckpoint_modules
-from functrain.step import make_train_step
+from functrain.step.recompute import checkpoint_modules, uncheckpoint_modules
+from functrain.step.train import make_train_step
 from step_models import Block, TinyGPTForCausalLM, gpt2, lm_batch
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import functrain as ft
-from functrain.step import make_train_step
+from functrain.step.train import make_train_step
 from step_models import MLP, cls_batch, gpt2, lm_batch
 
 

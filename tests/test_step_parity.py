@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import functrain as ft
-from functrain.step import make_train_step
+from functrain.step.train import make_train_step
 from step_models import MLP, cls_batch, gpt2, lm_batch
 
 STEPS, LR, WD, TOTAL = 20, 3e-3, 0.01, 25

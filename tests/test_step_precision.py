@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import functrain as ft
-from functrain.precision import dynamic_scale_init, dynamic_scale_update
-from functrain.step import make_train_step
+from functrain.core.precision import dynamic_scale_init, dynamic_scale_update
+from functrain.step.train import make_train_step
 from step_models import MLP, cls_batch, gpt2, lm_batch
 
 OVERFLOW_STEPS = {2, 3, 9, 10, 11}

@@ -7,10 +7,10 @@ import signal
 import pytest
 import torch
 
-from functrain import checkpoint as ck
-from functrain.callbacks import EarlyStoppingCallback, TrainerCallback
-from functrain.trainer import Trainer
-from functrain.training_args import TrainingArguments
+from functrain.io import checkpoint as ck
+from functrain.trainer.callbacks import EarlyStoppingCallback, TrainerCallback
+from functrain.trainer.trainer import Trainer
+from functrain.trainer.args import TrainingArguments
 
 from _trainer_fixtures import make_dataset, make_model, params_of
 

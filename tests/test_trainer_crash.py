@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from functrain import checkpoint as ck
+from functrain.io import checkpoint as ck
 
 pytest.importorskip("functrain.step")
 pytest.importorskip("functrain.data")

@@ -8,7 +8,7 @@ import torch.utils.data as tud
 
 from functrain import Trainer, TrainerCallback, TrainingArguments
 from functrain.data.collators import CollateError, DataCollatorForLanguageModeling
-from functrain.metrics import Accuracy
+from functrain.core.metrics import Accuracy
 from tests._trainer_fixtures import make_dataset, make_model
 
 transformers = pytest.importorskip("transformers")

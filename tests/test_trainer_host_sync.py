@@ -4,7 +4,7 @@ Every host read of a tensor's value (``item``, ``tolist``, ``bool``, ``float``, 
 ``numpy``) is a device sync on an accelerator. They are counted by patching those methods while
 ``Trainer.train()`` runs, and attributed to the step they happen in (a callback marks the
 phases). Reads by host-only code are allowed: the RNG key lives on the CPU by design
-(``functrain/rng.py``) and the sampler's index tensors are CPU data (``functrain/data/``), so
+(``functrain/core/rng.py``) and the sampler's index tensors are CPU data (``functrain/data/``), so
 reading them never waits for a device. The last step may read (the end-of-training summary).
 """
 
@@ -60,7 +60,7 @@ def _rows(n=48):
 
 def _host_only(filename: str) -> bool:
     path = filename.replace("\\", "/")
-    return path.endswith("functrain/rng.py") or "functrain/data/" in path
+    return path.endswith("functrain/core/rng.py") or "functrain/data/" in path
 
 
 def record_host_reads(monkeypatch, phases):

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from functrain.training_args import Seq2SeqTrainingArguments, TrainingArguments, TrainingArgumentsError
+from functrain.trainer.args import Seq2SeqTrainingArguments, TrainingArguments, TrainingArgumentsError
 
 
 def test_hf_defaults(tmp_path):

@@ -13,7 +13,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from ..rng import _mix64
+from functrain.core.rng import _mix64
 
 
 def epoch_seed(seed: int, epoch: int) -> int:

@@ -29,7 +29,7 @@ from typing import Callable, NamedTuple
 import torch
 import torch.distributed as dist
 
-from . import tree
+from functrain.core import tree
 
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=10)
 _LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")

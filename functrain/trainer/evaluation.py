@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
 import numpy as np
 import torch
 
-from .metrics import Average, Collection
+from functrain.core.metrics import Average, Collection
 
 PAD_INDEX = -100
 

@@ -4,7 +4,7 @@ With ``args.predict_with_generate=True``, ``evaluate()`` (when ``compute_metrics
 ``streaming_metrics`` is set) and ``predict()`` report the ids ``model.generate`` produces instead
 of logits; the loss is still the teacher-forced loss of the pure eval step. ``generate`` is a
 stateful looping driver, so it runs eagerly on the module with the state's params bound in for the
-call (:func:`functrain.generation.generate_predictions`): the trained params are used without
+call (:func:`functrain.trainer.generation.generate_predictions`): the trained params are used without
 being copied into the module.
 
 Generation settings, as in transformers: ``generate`` kwargs given to ``evaluate()`` /
@@ -20,8 +20,8 @@ from __future__ import annotations
 import copy
 import os
 
-from .generation import generate_predictions, pad_to_length, seq2seq_padded_length
-from .trainer import PredictionOutput, Trainer
+from functrain.trainer.generation import generate_predictions, pad_to_length, seq2seq_padded_length
+from functrain.trainer.trainer import PredictionOutput, Trainer
 
 
 class Seq2SeqTrainer(Trainer):

@@ -36,7 +36,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from . import tree
+from functrain.core import tree
 
 logger = logging.getLogger("functrain")
 
@@ -48,7 +48,7 @@ RNG_FILE = "rng_state.safetensors"
 TRAINER_STATE_FILE = "trainer_state.json"
 ARGS_FILE = "training_args.json"
 MANIFEST_FILE = "manifest.json"
-SHARDED_LAYOUT_FILE = "train_state_layout.json"  # see functrain.distributed_checkpoint
+SHARDED_LAYOUT_FILE = "train_state_layout.json"  # see functrain.parallel.checkpoint
 FORMAT = "functrain.checkpoint"
 VERSION = 1
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt", ".joblib")
@@ -308,7 +308,7 @@ def verify_checkpoint(path: str, *, require_resumable: bool = True) -> dict:
         if not manifest.get("resumable"):
             raise CheckpointError(f"checkpoint {path!r} holds only the model (save_only_model=True); "
                                   "it cannot be resumed from")
-        # A sharded checkpoint (functrain.distributed_checkpoint) has per-rank files + a layout instead.
+        # A sharded checkpoint (functrain.parallel.checkpoint) has per-rank files + a layout instead.
         for needed in (STATE_FILE if SHARDED_LAYOUT_FILE not in files else SHARDED_LAYOUT_FILE, TRAINER_STATE_FILE):
             if needed not in files:
                 raise CheckpointError(f"checkpoint {path!r} has no {needed!r}; it cannot be resumed from")

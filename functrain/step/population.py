@@ -34,11 +34,13 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import batching, rng as rnglib, tree
-from .optim.base import GradientTransformation
-from .precision import get_policy
-from .state import TrainState
-from .step import _module_mode, make_eval_step, make_train_step
+from functrain.step import batch as batching
+from functrain.core import rng as rnglib
+from functrain.core import tree
+from functrain.core.optim.base import GradientTransformation
+from functrain.core.precision import get_policy
+from functrain.core.state import TrainState
+from functrain.step.train import _module_mode, make_eval_step, make_train_step
 
 __all__ = [
     "PopulationError", "stack_states", "unstack_state", "population_size", "create_population",

@@ -15,7 +15,7 @@ from typing import Callable, Mapping
 import torch
 from torch import nn
 
-from . import tree
+from functrain.core import tree
 
 LossFn = Callable[[nn.Module, Mapping[str, torch.Tensor]], torch.Tensor]
 

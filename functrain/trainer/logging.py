@@ -10,7 +10,7 @@ import json
 import math
 import os
 
-from .callbacks import TrainerCallback
+from functrain.trainer.callbacks import TrainerCallback
 
 METRICS_FILE = "metrics.jsonl"
 

@@ -9,8 +9,8 @@ import optree
 import torch
 from torch import nn
 
-from . import rng as rnglib
-from .tree import NAMESPACE
+from functrain.core import rng as rnglib
+from functrain.core.tree import NAMESPACE
 
 _FIELDS = ("step", "params", "buffers", "opt_state", "rng", "loss_scale", "extras")
 

@@ -17,11 +17,13 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from . import batching, rng as rnglib, tree
-from .optim.base import apply_updates, update_with_extra_args
-from .optim.transforms import clip_factor
-from .precision import DynamicScale, dynamic_scale_init, dynamic_scale_update, get_policy, unscale
-from .state import TrainState
+from functrain.step import batch as batching
+from functrain.core import rng as rnglib
+from functrain.core import tree
+from functrain.core.optim.base import apply_updates, update_with_extra_args
+from functrain.core.optim.transforms import clip_factor
+from functrain.core.precision import DynamicScale, dynamic_scale_init, dynamic_scale_update, get_policy, unscale
+from functrain.core.state import TrainState
 
 LossFn = Callable[[nn.Module, Mapping], Any]  # -> loss | (loss, aux dict)
 
@@ -124,7 +126,7 @@ def make_train_step(
         donate: write the new params and optimizer state into the input state's storages; the
             input state is then consumed (any use raises ``ConsumedStateError``).
         count_items: ``count_items(microbatch) -> 0-d tensor`` of supervised items; default
-            counts ``labels != -100`` as the HF Trainer does (see :mod:`functrain.batching`).
+            counts ``labels != -100`` as the HF Trainer does (see :mod:`functrain.step.batch`).
         max_grad_norm: clip gradients to this global norm before ``tx`` (as HF's
             ``max_grad_norm``); ``None``: no clipping here (``tx`` may clip itself).
         grad_reduce: applied once to the summed gradients (default identity). For data parallel,
@@ -472,7 +474,7 @@ def _pin_hf_loss_function(model: nn.Module) -> None:
 
 
 def _uses_checkpointing(model: nn.Module) -> bool:
-    from .checkpointing import is_checkpointed
+    from functrain.step.recompute import is_checkpointed
 
     return any(getattr(m, "gradient_checkpointing", False) is True or is_checkpointed(m) for m in model.modules())
 

@@ -2,7 +2,7 @@
 
 ``torch.distributed.checkpoint`` writes its ``.metadata`` file with ``pickle`` (torch 2.13), which
 functrain never loads, so a sharded checkpoint is instead, inside the usual
-``checkpoint-N/`` folder (see :mod:`functrain.checkpoint`):
+``checkpoint-N/`` folder (see :mod:`functrain.io.checkpoint`):
 
 - ``train_state-{rank:05d}-of-{world:05d}.safetensors``: the rank's local shard of every
   ``DTensor`` leaf of the TrainState, keyed by pytree path; rank 0's file also holds the
@@ -27,9 +27,9 @@ import shutil
 import torch
 from safetensors.torch import save_file
 
-from . import checkpoint as ck
-from . import distributed as fd
-from . import tree
+from functrain.io import checkpoint as ck
+from functrain.parallel import distributed as fd
+from functrain.core import tree
 
 LAYOUT_FILE = ck.SHARDED_LAYOUT_FILE
 LAYOUT_FORMAT = "functrain.sharded_train_state"
@@ -111,7 +111,7 @@ def is_sharded_checkpoint(folder: str) -> bool:
 
 
 def verify_resumable(folder: str) -> None:
-    """Like :func:`functrain.checkpoint.verify_checkpoint`, accepting a sharded train state."""
+    """Like :func:`functrain.io.checkpoint.verify_checkpoint`, accepting a sharded train state."""
     manifest = ck.verify_checkpoint(folder, require_resumable=False)
     if not manifest.get("resumable"):
         raise ck.CheckpointError(f"checkpoint {folder!r} holds only the model; it cannot be resumed from")

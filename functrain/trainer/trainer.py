@@ -27,16 +27,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import checkpoint as ck
-from . import distributed as fd
-from . import optim
-from .callbacks import (
+from functrain.io import checkpoint as ck
+from functrain.parallel import distributed as fd
+from functrain.core import optim
+from functrain.trainer.callbacks import (
     CallbackHandler, DefaultFlowCallback, ExportableState, PrinterCallback, ProgressCallback, TrainerControl,
     TrainerState,
 )
-from .logging_utils import INTEGRATION_CALLBACKS, MetricsFileCallback
-from .state import TrainState
-from .training_args import TrainingArguments
+from functrain.trainer.logging import INTEGRATION_CALLBACKS, MetricsFileCallback
+from functrain.core.state import TrainState
+from functrain.trainer.args import TrainingArguments
 
 logger = logging.getLogger("functrain")
 
@@ -134,7 +134,7 @@ class Trainer:
     # -- data -----------------------------------------------------------------------------------
     def _prepare_dataset(self, dataset, description: str):
         if self.args.remove_unused_columns:
-            from .data.columns import remove_unused_columns
+            from functrain.data.columns import remove_unused_columns
 
             dataset = remove_unused_columns(dataset, self.model, self._label_names())
         return dataset
@@ -165,7 +165,7 @@ class Trainer:
         files), so a text column, ragged lists or missing labels fail with a message naming the
         column instead of inside the first step. Random state is restored afterwards, so a collator
         that draws random numbers (MLM masking) leaves training unchanged."""
-        from .data.loader import has_length
+        from functrain.data.loader import has_length
 
         n = self.args.per_device_train_batch_size
         if has_length(dataset):
@@ -204,7 +204,7 @@ class Trainer:
         """
         if self.train_dataset is None:
             raise ValueError("Trainer.train() needs a train_dataset")
-        from .data.loader import ResumableLoader, check_not_empty
+        from functrain.data.loader import ResumableLoader, check_not_empty
 
         check_not_empty(self.train_dataset, "train_dataset")
         a = self.args
@@ -216,7 +216,7 @@ class Trainer:
 
     def get_eval_dataloader(self, eval_dataset=None, shard: bool = False):
         """Eval batches in dataset order; ``shard=True`` gives this rank its share (distributed runs)."""
-        from .data.loader import ResumableLoader, check_not_empty
+        from functrain.data.loader import ResumableLoader, check_not_empty
 
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if dataset is None:
@@ -233,7 +233,7 @@ class Trainer:
     # -- optimizer --------------------------------------------------------------------------------
     def create_scheduler(self, num_training_steps: int):
         """The learning-rate schedule for ``lr_scheduler_type`` (a pure function of the step)."""
-        from .schedules import get_schedule
+        from functrain.core.schedules import get_schedule
 
         a = self.args
         return get_schedule(a.lr_scheduler_type, a.learning_rate, num_training_steps=num_training_steps,
@@ -306,7 +306,7 @@ class Trainer:
 
     # -- steps ------------------------------------------------------------------------------------
     def _make_train_step(self, tx, accumulate: int):
-        from .step import make_train_step
+        from functrain.step.train import make_train_step
 
         a = self.args
         return make_train_step(self.model, tx, self._train_loss_fn(), accumulate=accumulate, precision=a.precision,
@@ -335,7 +335,7 @@ class Trainer:
 
     def _read_state(self, path: str, template: TrainState) -> TrainState:
         """Load a checkpoint's TrainState; sharded templates/checkpoints reshard to this run."""
-        from . import distributed_checkpoint as dck
+        from functrain.parallel import checkpoint as dck
 
         if fd.is_distributed() or dck.is_sharded_checkpoint(path):
             return dck.load_train_state(path, template, self.model)
@@ -354,7 +354,7 @@ class Trainer:
     def _get_eval_step(self, with_outputs: bool):
         key = with_outputs
         if key not in self._eval_steps:
-            from .step import make_eval_step
+            from functrain.step.train import make_eval_step
 
             self._eval_steps[key] = make_eval_step(
                 self.model, self._eval_loss_fn(), precision=self.args.precision, compile=self.args.torch_compile,
@@ -364,7 +364,7 @@ class Trainer:
     def _fresh_train_state(self, tx) -> TrainState:
         loss_scale = None
         if self.args.fp16:
-            from .precision import dynamic_scale_init
+            from functrain.core.precision import dynamic_scale_init
 
             loss_scale = dynamic_scale_init(device=next(self.model.parameters()).device)
         state = TrainState.create(self.model, tx, seed=self.args.seed, loss_scale=loss_scale)
@@ -675,7 +675,7 @@ class Trainer:
         ls = self.train_state.loss_scale
         self.state.loss_scale = float(ls.scale) if ls is not None and hasattr(ls, "scale") else None
         if self.args.sharded and fd.is_distributed() and not a.save_only_model:
-            from . import distributed_checkpoint as dck
+            from functrain.parallel import checkpoint as dck
 
             dck.save_sharded_checkpoint(a.output_dir, step, model=self.model, train_state=self.train_state,
                                         trainer_state=self.state, args=a, processing_class=self.processing_class)
@@ -740,7 +740,7 @@ class Trainer:
         return PredictionOutput(output.predictions, output.label_ids, output.metrics)
 
     def _run_evaluation(self, dataset, ignore_keys, prefix: str, collect: bool):
-        from .evaluation import evaluation_loop
+        from functrain.trainer.evaluation import evaluation_loop
 
         with_outputs = not self.args.prediction_loss_only and (
             collect or self.compute_metrics is not None or self.streaming_metrics is not None)
@@ -787,9 +787,9 @@ class Trainer:
         or ``study.optimize`` (``timeout``, ``callbacks``, ``catch``, ``gc_after_trial``).
         ``population=True``: train all trials at once as one vmapped population (search spaces of
         tensor hyperparameters only: learning_rate, weight_decay, adam_*, warmup_steps, seed). Returns a
-        ``BestRun(run_id, objective, hyperparameters)``. See :mod:`functrain.hp_search`.
+        ``BestRun(run_id, objective, hyperparameters)``. See :mod:`functrain.trainer.hp_search`.
         """
-        from .hp_search import hyperparameter_search
+        from functrain.trainer.hp_search import hyperparameter_search
 
         return hyperparameter_search(self, hp_space, compute_objective, n_trials, direction, backend, hp_name,
                                      **kwargs)
@@ -887,7 +887,7 @@ def _check_optimizers(optimizers):
 
 
 def _default_collator(processing_class):
-    from .data import collators  # noqa: F401 (submodule)
+    from functrain.data import collators  # noqa: F401 (submodule)
 
     if processing_class is not None and hasattr(processing_class, "pad"):
         return collators.DataCollatorWithPadding(processing_class)

@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import tree
+from functrain.core import tree
 
 
 class DynamicScale(NamedTuple):

@@ -9,7 +9,7 @@ evaluation during training reports the objective to optuna (``trial.report``); w
 
 The driver is a callback plus a loop over trials: nothing in the training loop knows about it.
 With ``population=True`` (and a search space of tensor hyperparameters only) all trials train at
-once as one vmapped population (:class:`functrain.population_trainer.PopulationTrainer`).
+once as one vmapped population (:class:`functrain.trainer.population.PopulationTrainer`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import inspect
 import os
 from typing import Any, Callable, NamedTuple
 
-from .callbacks import TrainerCallback
+from functrain.trainer.callbacks import TrainerCallback
 
 
 class BestRun(NamedTuple):
@@ -184,7 +184,7 @@ def _population_search(trainer, study, hp_space, compute_objective, n_trials: in
     before proposing the next (a batch of proposals, like random search), and there is no pruning:
     every member trains to the end. ``hp_space`` may only touch tensor hyperparameters.
     """
-    from .population_trainer import PopulationTrainer
+    from functrain.trainer.population import PopulationTrainer
 
     trials = [study.ask() for _ in range(n_trials)]
     members = [hp_space(t) for t in trials]

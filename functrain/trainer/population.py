@@ -20,9 +20,9 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-from . import optim
-from . import population as P
-from .evaluation import EvalPrediction, pad_and_concatenate
+from functrain.core import optim
+from functrain.step import population as P
+from functrain.trainer.evaluation import EvalPrediction, pad_and_concatenate
 
 TENSOR_HYPERPARAMETERS = ("learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon",
                           "warmup_steps", "seed")

@@ -6,7 +6,7 @@ tensors swapped in for the module's own for the duration of the call
 module keeps its parameters afterwards and nothing is copied.
 
 Generated ids are padded to the generation ``max_length`` with the pad token (as the
-Seq2SeqTrainer does); :func:`functrain.evaluation.pad_and_concatenate` pads across batches.
+Seq2SeqTrainer does); :func:`functrain.trainer.evaluation.pad_and_concatenate` pads across batches.
 """
 
 from __future__ import annotations

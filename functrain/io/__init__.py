@@ -1,0 +1,1 @@
+"""Files: atomic checksummed checkpoints and run plots."""

@@ -1,0 +1,1 @@
+"""Process launch, data-parallel reduction hooks, parameter sharding and sharded checkpoints."""
