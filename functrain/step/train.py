@@ -282,7 +282,7 @@ def make_train_step(
             new_loss_scale = loss_scale
         lr = find_learning_rate(new_opt_state)
         if lr is not None:
-            metrics["learning_rate"] = lr
+            metrics["learning_rate"] = lr * _learning_rate_scale(new_opt_state)
         metrics.update(aux)
         if donate:
             # Write the results into the input storages; inside torch.compile this fuses with the
@@ -394,6 +394,19 @@ def make_eval_step(
 
 
 # -- helpers -------------------------------------------------------------------------------------
+
+
+def _learning_rate_scale(opt_state):
+    """The product of the ``scale`` of states that scale the learning rate (``reduce_on_plateau``)."""
+    if getattr(type(opt_state), "scales_learning_rate", False):
+        return opt_state.scale
+    if isinstance(opt_state, Mapping):
+        opt_state = tuple(opt_state.values())
+    factor = 1.0
+    if isinstance(opt_state, (tuple, list)):
+        for child in opt_state:
+            factor = factor * _learning_rate_scale(child)
+    return factor
 
 
 def find_learning_rate(opt_state) -> torch.Tensor | None:

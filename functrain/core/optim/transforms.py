@@ -92,11 +92,14 @@ class ScaleByAdamState(NamedTuple):
     nu_max: tree.PyTree  # running max of nu for amsgrad; an empty tuple otherwise
 
 
-def scale_by_adam(b1=0.9, b2=0.999, eps=1e-8, *, amsgrad: bool = False) -> GradientTransformation:
+def scale_by_adam(b1=0.9, b2=0.999, eps=1e-8, *, amsgrad: bool = False,
+                  mu_dtype: torch.dtype | None = None) -> GradientTransformation:
     """Adam's preconditioning: ``mu_hat / (sqrt(nu_hat) + eps)`` with bias correction.
 
     Computed as ``torch.optim.Adam`` does (``eps`` added after dividing ``sqrt(nu)`` by
-    ``sqrt(1 - b2**t)``), so results agree with it to float rounding.
+    ``sqrt(1 - b2**t)``), so results agree with it to float rounding. ``mu_dtype`` (optax) stores
+    the first moment in that dtype (e.g. ``torch.bfloat16``, half the memory); the update itself
+    is computed in the gradients' dtype before the moment is rounded for storage.
     """
     b1 = as_hyperparam(b1, "b1")
     b2 = as_hyperparam(b2, "b2")
@@ -105,7 +108,7 @@ def scale_by_adam(b1=0.9, b2=0.999, eps=1e-8, *, amsgrad: bool = False) -> Gradi
     def init(params):
         return ScaleByAdamState(
             counter_like(params),
-            tree.zeros_like(params),
+            tree.zeros_like(params, dtype=mu_dtype),
             tree.zeros_like(params),
             tree.zeros_like(params) if amsgrad else (),
         )
@@ -115,7 +118,10 @@ def scale_by_adam(b1=0.9, b2=0.999, eps=1e-8, *, amsgrad: bool = False) -> Gradi
         g, treedef = tree.flatten(updates)
         if not g:  # e.g. an empty group of partition(): _foreach ops reject empty lists
             return updates, state._replace(count=safe_increment(state.count))
-        mu = torch._foreach_lerp(tree.leaves(state.mu), g, 1 - b1)
+        mu_in = tree.leaves(state.mu)
+        if mu_dtype is not None:
+            mu_in = [m.to(x.dtype) for m, x in zip(mu_in, g)]
+        mu = torch._foreach_lerp(mu_in, g, 1 - b1)
         nu = torch._foreach_mul(tree.leaves(state.nu), b2)
         if isinstance(b2, torch.Tensor):
             torch._foreach_add_(nu, torch._foreach_mul(torch._foreach_mul(g, g), 1 - b2))
@@ -139,7 +145,7 @@ def scale_by_adam(b1=0.9, b2=0.999, eps=1e-8, *, amsgrad: bool = False) -> Gradi
         torch._foreach_div_(out, bc1)
         new_state = ScaleByAdamState(
             count,
-            tree.unflatten(treedef, mu),
+            tree.unflatten(treedef, mu if mu_dtype is None else [m.to(mu_dtype) for m in mu]),
             tree.unflatten(treedef, nu),
             tree.unflatten(treedef, nu_max) if amsgrad else (),
         )
