@@ -60,7 +60,7 @@ from .adam_family import (
 )
 from .trust_ratio import scale_by_trust_ratio, set_to_zero
 from .muon import ScaleByMuonState, scale_by_muon
-from .plateau import ReduceLROnPlateauState, observe_plateau, reduce_on_plateau
+from .plateau import ReduceLROnPlateauState, observe_plateau, plateau_arguments_from_torch, reduce_on_plateau
 from .wrappers import MultiSteps, MultiStepsState, ParamEmaState, param_ema, with_param_ema
 from .aliases import (
     adadelta,

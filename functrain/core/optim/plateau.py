@@ -59,11 +59,16 @@ def _check(factor, patience, rtol, atol, cooldown, accumulation_size, min_scale,
 
 def reduce_on_plateau(factor: float = 0.1, patience: int = 10, rtol: float = 1e-4, atol: float = 0.0,
                       cooldown: int = 0, accumulation_size: int = 1, min_scale: float = 0.0, *,
-                      mode: str = "min", observe: str = "update") -> GradientTransformationExtraArgs:
-    """Multiply updates by a scale that drops by ``factor`` on plateaus (see the module docstring)."""
+                      mode: str = "min", min_scale_change: float = 0.0,
+                      observe: str = "update") -> GradientTransformationExtraArgs:
+    """Multiply updates by a scale that drops by ``factor`` on plateaus (see the module docstring).
+
+    ``min_scale_change``: a reduction smaller than this is skipped (torch's ``eps / lr``).
+    """
     _check(factor, patience, rtol, atol, cooldown, accumulation_size, min_scale, mode, observe)
     params = dict(factor=factor, patience=patience, rtol=rtol, atol=atol, cooldown=cooldown,
-                  accumulation_size=accumulation_size, min_scale=min_scale, mode=mode)
+                  accumulation_size=accumulation_size, min_scale=min_scale, mode=mode,
+                  min_scale_change=min_scale_change)
 
     def init(params_tree):
         device = counter_like(params_tree).device
@@ -85,7 +90,7 @@ def reduce_on_plateau(factor: float = 0.1, patience: int = 10, rtol: float = 1e-
 
 
 def _observe(state: ReduceLROnPlateauState, value, *, factor, patience, rtol, atol, cooldown, accumulation_size,
-             min_scale, mode) -> ReduceLROnPlateauState:
+             min_scale, mode, min_scale_change) -> ReduceLROnPlateauState:
     """One value into the state: optax's accumulate-then-compare, branch-free."""
     value = torch.as_tensor(value, dtype=torch.float32, device=state.avg_value.device).reshape(())
     count = state.count + 1
@@ -99,7 +104,8 @@ def _observe(state: ReduceLROnPlateauState, value, *, factor, patience, rtol, at
     plateau = torch.where(improved, torch.zeros_like(state.plateau_count), state.plateau_count + 1)
     in_cooldown = state.cooldown_count > 0
     reduce = ~in_cooldown & (plateau == patience)
-    scale = torch.where(reduce, torch.clamp(state.scale * factor, min=min_scale), state.scale)
+    reduced = torch.clamp(state.scale * factor, min=min_scale)
+    scale = torch.where(reduce & (state.scale - reduced > min_scale_change), reduced, state.scale)
     plateau = torch.where(in_cooldown | reduce, torch.zeros_like(plateau), plateau)
     cooldown_count = torch.where(in_cooldown, state.cooldown_count - 1,
                                  torch.where(reduce, torch.full_like(plateau, cooldown), torch.zeros_like(plateau)))
@@ -111,7 +117,7 @@ def _observe(state: ReduceLROnPlateauState, value, *, factor, patience, rtol, at
 
 def observe_plateau(opt_state: Any, value, factor: float = 0.1, patience: int = 10, rtol: float = 1e-4,
                     atol: float = 0.0, cooldown: int = 0, accumulation_size: int = 1, min_scale: float = 0.0, *,
-                    mode: str = "min") -> Any:
+                    mode: str = "min", min_scale_change: float = 0.0) -> Any:
     """``opt_state`` with ``value`` fed to every :class:`ReduceLROnPlateauState` in it (pure).
 
     Pass the arguments the ``reduce_on_plateau(observe="external")`` transformation was built
@@ -120,7 +126,8 @@ def observe_plateau(opt_state: Any, value, factor: float = 0.1, patience: int = 
     """
     _check(factor, patience, rtol, atol, cooldown, accumulation_size, min_scale, mode, "external")
     settings = dict(factor=factor, patience=patience, rtol=rtol, atol=atol, cooldown=cooldown,
-                    accumulation_size=accumulation_size, min_scale=min_scale, mode=mode)
+                    accumulation_size=accumulation_size, min_scale=min_scale, mode=mode,
+                    min_scale_change=min_scale_change)
     found = []
 
     def visit(node):
@@ -140,3 +147,29 @@ def observe_plateau(opt_state: Any, value, factor: float = 0.1, patience: int = 
         raise ValueError("observe_plateau: the optimizer state holds no reduce_on_plateau state; chain "
                          "optim.reduce_on_plateau(observe='external') into the optimizer")
     return out
+
+
+TORCH_ARGUMENTS = ("mode", "factor", "patience", "threshold", "threshold_mode", "cooldown", "min_lr", "eps")
+
+
+def plateau_arguments_from_torch(learning_rate: float, *, mode: str = "min", factor: float = 0.1, patience: int = 10,
+                                 threshold: float = 1e-4, threshold_mode: str = "rel", cooldown: int = 0,
+                                 min_lr: float = 0.0, eps: float = 1e-8) -> dict:
+    """``reduce_on_plateau`` arguments that reproduce ``torch.optim.lr_scheduler.ReduceLROnPlateau``
+    with these arguments (HF's ``lr_scheduler_kwargs``) on a learning rate ``learning_rate``.
+
+    torch reduces after ``patience`` bad values *beyond* the first (so ``patience + 1`` here) and
+    floors the rate at ``min_lr`` (``min_scale = min_lr / learning_rate``); a reduction smaller
+    than ``eps`` is skipped (``min_scale_change = eps / learning_rate``).
+    """
+    if threshold_mode not in ("rel", "abs"):
+        raise ValueError(f"reduce_lr_on_plateau: threshold_mode must be 'rel' or 'abs', got {threshold_mode!r}")
+    if isinstance(min_lr, (list, tuple)):
+        raise ValueError("reduce_lr_on_plateau: min_lr must be one number (functrain has one parameter group)")
+    if learning_rate <= 0:
+        raise ValueError(f"reduce_lr_on_plateau needs a learning rate > 0, got {learning_rate}")
+    if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
+        raise ValueError(f"reduce_lr_on_plateau: patience must be an int >= 0, got {patience!r}")
+    rel = threshold_mode == "rel"
+    return dict(factor=factor, patience=patience + 1, rtol=threshold if rel else 0.0, atol=0.0 if rel else threshold,
+                cooldown=cooldown, min_scale=min_lr / learning_rate, mode=mode, min_scale_change=eps / learning_rate)
