@@ -14,18 +14,17 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from functrain.core.optim.hf_names import HF_OPTIMIZERS
+
 INTERVAL_STRATEGIES = ("no", "steps", "epoch")
 SAVE_STRATEGIES = ("no", "steps", "epoch", "best")
 
-# HF optimizer names -> functrain optimizer (see Trainer.create_optimizer).
-OPTIMIZERS = (
-    "adamw_torch", "adamw_torch_fused", "adamw", "adam", "sgd", "adafactor",
-    "lion", "lion_32bit", "rmsprop", "adagrad",
-)
+# HF optimizer names -> functrain optimizer: the table in functrain.core.optim.hf_names.
+OPTIMIZERS = tuple(HF_OPTIMIZERS)
 
 SCHEDULERS = (
     "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
-    "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay",
+    "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay", "reduce_lr_on_plateau",
 )
 
 # report_to integrations functrain can drive, with the package each one needs.
@@ -213,7 +212,11 @@ class TrainingArguments:
                 setattr(self, name, int(v))
 
     def _check_best_model(self):
-        needs_metric = self.load_best_model_at_end or self.save_strategy == "best"
+        plateau = self.lr_scheduler_type == "reduce_lr_on_plateau"
+        if plateau and self.eval_strategy == "no":
+            _fail("lr_scheduler_type='reduce_lr_on_plateau' lowers the rate after evaluations, but "
+                  "eval_strategy='no'; set eval_strategy")
+        needs_metric = self.load_best_model_at_end or self.save_strategy == "best" or plateau
         if needs_metric and self.metric_for_best_model is None:
             self.metric_for_best_model = "loss"
         if self.metric_for_best_model is not None and self.greater_is_better is None:

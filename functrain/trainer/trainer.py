@@ -232,34 +232,45 @@ class Trainer:
 
     # -- optimizer --------------------------------------------------------------------------------
     def create_scheduler(self, num_training_steps: int):
-        """The learning-rate schedule for ``lr_scheduler_type`` (a pure function of the step)."""
+        """The learning-rate schedule for ``lr_scheduler_type`` (a pure function of the step).
+
+        ``reduce_lr_on_plateau`` is a constant rate here; ``create_optimizer`` chains the plateau
+        scale onto the optimizer and ``_evaluate`` feeds it (see ``_plateau_settings``).
+        """
         from functrain.core.schedules import get_schedule
 
         a = self.args
+        if a.lr_scheduler_type == "reduce_lr_on_plateau":
+            return get_schedule("constant", a.learning_rate, num_training_steps=num_training_steps)
         return get_schedule(a.lr_scheduler_type, a.learning_rate, num_training_steps=num_training_steps,
                             num_warmup_steps=a.get_warmup_steps(num_training_steps), **a.lr_scheduler_kwargs)
 
     def create_optimizer(self, schedule):
         """The functrain optimizer for ``args.optim`` (weight decay skips biases and norms, as HF)."""
+        from functrain.core.optim.hf_names import HFHyperparams, build_hf_optimizer
+
         a = self.args
-        extra = _parse_optim_args(a.optim_args)
         mask = optim.default_weight_decay_mask(self.model) if a.weight_decay > 0 else None
-        name = a.optim
-        if name in ("adamw_torch", "adamw_torch_fused", "adamw"):
-            return optim.adamw(schedule, b1=a.adam_beta1, b2=a.adam_beta2, eps=a.adam_epsilon,
-                               weight_decay=a.weight_decay, mask=mask, **extra)
-        if name == "adam":
-            return optim.adam(schedule, b1=a.adam_beta1, b2=a.adam_beta2, eps=a.adam_epsilon, **extra)
-        if name in ("lion", "lion_32bit"):
-            return optim.lion(schedule, b1=a.adam_beta1, b2=a.adam_beta2, weight_decay=a.weight_decay, mask=mask,
-                              **extra)
-        if name == "adafactor":
-            return optim.adafactor(schedule, weight_decay=a.weight_decay, **extra) if a.weight_decay else \
-                optim.adafactor(schedule, **extra)
-        base = {"sgd": optim.sgd, "rmsprop": optim.rmsprop, "adagrad": optim.adagrad}[name](schedule, **extra)
-        if a.weight_decay > 0:  # decoupled-from-groups L2 as torch param groups do: masked, added to the grad
-            return optim.chain(optim.masked(optim.add_decayed_weights(a.weight_decay), mask), base)
-        return base
+        hp = HFHyperparams(a.adam_beta1, a.adam_beta2, a.adam_epsilon, a.weight_decay, mask,
+                           _parse_optim_args(a.optim_args))
+        tx = build_hf_optimizer(a.optim, schedule, hp)
+        plateau = self._plateau_settings()
+        if plateau is not None:
+            tx = optim.chain(tx, optim.reduce_on_plateau(**plateau, observe="external"))
+        return tx
+
+    def _plateau_settings(self) -> dict | None:
+        """``reduce_on_plateau`` arguments for HF's ``reduce_lr_on_plateau`` (torch's kwargs), else None."""
+        a = self.args
+        if a.lr_scheduler_type != "reduce_lr_on_plateau":
+            return None
+        from functrain.core.optim.plateau import TORCH_ARGUMENTS
+
+        unknown = sorted(set(a.lr_scheduler_kwargs) - set(TORCH_ARGUMENTS))
+        if unknown:
+            raise ValueError(f"lr_scheduler_kwargs {unknown} are not ReduceLROnPlateau arguments; "
+                             f"expected some of {list(TORCH_ARGUMENTS)}")
+        return optim.plateau_arguments_from_torch(a.learning_rate, **a.lr_scheduler_kwargs)
 
     def create_optimizer_and_scheduler(self, num_training_steps: int):
         if self.optimizer is not None:
@@ -484,7 +495,7 @@ class Trainer:
         total_loss, total_samples = torch.zeros(()), 0
         self.control = handler.on_train_begin(a, self.state, self.control)
         if a.eval_on_start and start_step == 0:
-            self._evaluate(ignore_keys_for_eval)
+            self._evaluate(ignore_keys_for_eval, skip_scheduler=True)
         seed = position.get("seed")
         epoch = position["epoch"]
         done = self.state.global_step >= self.state.max_steps
@@ -628,8 +639,17 @@ class Trainer:
         self._log_timer = time.perf_counter()
         return logs
 
-    def _evaluate(self, ignore_keys=None) -> dict:
-        return self.evaluate(ignore_keys=ignore_keys)
+    def _evaluate(self, ignore_keys=None, skip_scheduler: bool = False) -> dict:
+        metrics = self.evaluate(ignore_keys=ignore_keys)
+        plateau = self._plateau_settings()
+        if plateau is not None and not skip_scheduler:  # HF steps ReduceLROnPlateau with the metric here
+            key = self._metric_key()
+            if key not in metrics:
+                raise KeyError(f"metric_for_best_model={self.args.metric_for_best_model!r}: {key!r} is not among the "
+                               f"evaluation metrics {sorted(metrics)}; reduce_lr_on_plateau needs it")
+            opt_state = optim.observe_plateau(self.train_state.opt_state, metrics[key], **plateau)
+            self.train_state = self.callback_handler.train_state = self.train_state.replace(opt_state=opt_state)
+        return metrics
 
     def _metric_key(self) -> str:
         key = self.args.metric_for_best_model

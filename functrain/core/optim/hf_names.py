@@ -1,0 +1,107 @@
+"""Hugging Face ``optim=`` names -> functrain optimizers: one table, read by the Trainer and by
+argument validation.
+
+Each builder makes what ``transformers.Trainer`` builds for that name: the torch optimizer's
+defaults (not optax's, where they differ: ``sgd`` has momentum 0, ``rmsprop`` decay 0.99 with
+``eps`` outside the square root), ``adam_beta1/2``/``adam_epsilon`` where HF passes them, weight
+decay only on the parameters HF decays (``mask``), and HF's ``optim_args`` (parsed to a dict)
+under torch's argument names.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+from functrain.core.optim import aliases as A
+from functrain.core.optim.base import GradientTransformation, chain
+from functrain.core.optim.combine import masked
+from functrain.core.optim.transforms import add_decayed_weights
+
+
+class HFHyperparams(NamedTuple):
+    """The ``TrainingArguments`` values an optimizer builder reads."""
+
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    weight_decay: float = 0.0
+    mask: Any = None  # which parameters get weight decay (a mask or a function of the params)
+    optim_args: dict = {}
+
+
+def _l2_masked(hp: HFHyperparams, base: GradientTransformation) -> GradientTransformation:
+    """torch's L2 ``weight_decay`` on HF's decay group only: added to the gradient, masked."""
+    if hp.weight_decay <= 0:
+        return base
+    decay = add_decayed_weights(hp.weight_decay)
+    return chain(masked(decay, hp.mask) if hp.mask is not None else decay, base)
+
+
+def _only(name: str, args: dict, allowed: tuple[str, ...]) -> dict:
+    unknown = sorted(set(args) - set(allowed))
+    if unknown:
+        raise ValueError(f"optim={name!r}: optim_args {unknown} are not understood; expected some of {list(allowed)}")
+    return args
+
+
+def _adamw(lr, hp: HFHyperparams):
+    extra = _only("adamw", hp.optim_args, ("amsgrad",))
+    return A.adamw(lr, b1=hp.adam_beta1, b2=hp.adam_beta2, eps=hp.adam_epsilon, weight_decay=hp.weight_decay,
+                   mask=hp.mask, **extra)
+
+
+def _adam(lr, hp: HFHyperparams):
+    extra = _only("adam", hp.optim_args, ("amsgrad",))
+    return A.adam(lr, b1=hp.adam_beta1, b2=hp.adam_beta2, eps=hp.adam_epsilon, **extra)
+
+
+def _lion(lr, hp: HFHyperparams):
+    _only("lion", hp.optim_args, ())
+    return A.lion(lr, b1=hp.adam_beta1, b2=hp.adam_beta2, weight_decay=hp.weight_decay, mask=hp.mask)
+
+
+def _adafactor(lr, hp: HFHyperparams):
+    extra = dict(hp.optim_args)
+    if hp.weight_decay:
+        extra["weight_decay"] = hp.weight_decay
+    return A.adafactor(lr, **extra)
+
+
+def _sgd(lr, hp: HFHyperparams):
+    """``torch.optim.SGD``: momentum 0 unless ``optim_args`` say otherwise."""
+    extra = _only("sgd", hp.optim_args, ("momentum", "dampening", "nesterov"))
+    return _l2_masked(hp, A.sgd(lr, momentum=extra.get("momentum", 0.0), nesterov=extra.get("nesterov", False),
+                                dampening=extra.get("dampening", 0.0)))
+
+
+def _rmsprop(lr, hp: HFHyperparams):
+    """``torch.optim.RMSprop``: ``alpha=0.99``, ``eps=1e-8`` added outside the square root."""
+    extra = _only("rmsprop", hp.optim_args, ("alpha", "eps", "momentum", "centered"))
+    return _l2_masked(hp, A.rmsprop(lr, decay=extra.get("alpha", 0.99), eps=extra.get("eps", 1e-8), eps_in_sqrt=False,
+                                    centered=extra.get("centered", False), momentum=extra.get("momentum", 0.0)))
+
+
+def _adagrad(lr, hp: HFHyperparams):
+    extra = _only("adagrad", hp.optim_args, ("lr_decay", "eps", "initial_accumulator_value"))
+    return _l2_masked(hp, A.adagrad(lr, **extra))
+
+
+HF_OPTIMIZERS: dict[str, Callable[[Any, HFHyperparams], GradientTransformation]] = {
+    "adamw_torch": _adamw,
+    "adamw_torch_fused": _adamw,
+    "adamw": _adamw,
+    "adam": _adam,
+    "sgd": _sgd,
+    "adafactor": _adafactor,
+    "lion": _lion,
+    "lion_32bit": _lion,
+    "rmsprop": _rmsprop,
+    "adagrad": _adagrad,
+}
+
+
+def build_hf_optimizer(name: str, learning_rate, hp: HFHyperparams) -> GradientTransformation:
+    """The optimizer ``transformers.Trainer`` would build for ``optim=name`` (see the table above)."""
+    if name not in HF_OPTIMIZERS:
+        raise ValueError(f"optim={name!r} is not a known optimizer; known: {list(HF_OPTIMIZERS)}")
+    return HF_OPTIMIZERS[name](learning_rate, hp)
