@@ -308,3 +308,61 @@ def test_param_ema_matches_torch_averaged_model():
         theirs = {n: p.detach() for n, p in ema_model.module.named_parameters()}
         assert max_rel_diff(ours, theirs) <= TOL
     assert max_rel_diff(optim.param_ema(state), params) > 10 * TOL  # an average, not the params
+
+
+# -- schedule-free, Prodigy -----------------------------------------------------------------------
+
+
+def _with_train_mode(opt):
+    opt.train()
+    return opt
+
+
+@pytest.mark.parametrize("ours, theirs", [
+    (lambda: optim.schedule_free_adamw(1e-2),
+     lambda p: __import__("schedulefree").AdamWScheduleFree(p, lr=1e-2, foreach=False)),
+    (lambda: optim.schedule_free_adamw(1e-2, 0.8, 0.99, 1e-6, weight_decay=0.1, warmup_steps=5, r=0.5,
+                                       weight_lr_power=1.5),
+     lambda p: __import__("schedulefree").AdamWScheduleFreeReference(p, lr=1e-2, betas=(0.8, 0.99), eps=1e-6,
+                                                                     weight_decay=0.1, warmup_steps=5, r=0.5,
+                                                                     weight_lr_power=1.5)),
+    (lambda: optim.schedule_free_sgd(0.1, 0.8, weight_decay=0.01, warmup_steps=3),
+     lambda p: __import__("schedulefree").SGDScheduleFree(p, lr=0.1, momentum=0.8, weight_decay=0.01, warmup_steps=3)),
+], ids=["adamw", "adamw_reference_all_options", "sgd"])
+def test_schedule_free_matches_schedulefree_package(ours, theirs):
+    tx = ours()
+    opts = []
+
+    def make(p):
+        opts.append(_with_train_mode(theirs(p)))
+        return opts[0]
+
+    assert run_parity(tx, make) <= TOL
+    # the averaged x sequence (what HF evaluates after optimizer.eval()) matches too
+    params = {k: torch.randn(s) for k, s in {"a": (3, 2)}.items()}
+    ref = [nn.Parameter(params["a"].clone())]
+    opt = _with_train_mode(theirs(ref))
+    state = tx.init(params)
+    for step in range(STEPS):
+        grads = make_grads(params, step)
+        updates, state = tx.update(grads, state, params)
+        params = optim.apply_updates(params, updates)
+        ref[0].grad = grads["a"].clone()
+        opt.step()
+    opt.eval()
+    assert max_rel_diff(optim.schedule_free_eval_params(state, params), {"a": ref[0].detach()}) <= TOL
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(),
+    dict(weight_decay=0.1, use_bias_correction=True, d_coef=2.0, d0=1e-2),
+    dict(weight_decay=0.1, decouple=False, safeguard_warmup=True, growth_rate=1.05, d0=1e-2),
+    dict(betas=(0.0, 0.99), d0=1e-2),
+], ids=str)
+def test_prodigy_matches_prodigyopt(kwargs):
+    from prodigyopt import Prodigy
+
+    kw = dict(kwargs)
+    b1, b2 = kw.pop("betas", (0.9, 0.999))
+    tx = optim.prodigy(1.0, b1, b2, **kw)
+    assert run_parity(tx, lambda p: Prodigy(p, lr=1.0, betas=(b1, b2), **kw)) <= TOL

@@ -252,7 +252,7 @@ class Trainer:
         a = self.args
         mask = optim.default_weight_decay_mask(self.model) if a.weight_decay > 0 else None
         hp = HFHyperparams(a.adam_beta1, a.adam_beta2, a.adam_epsilon, a.weight_decay, mask,
-                           _parse_optim_args(a.optim_args))
+                           _parse_optim_args(a.optim_args), int(a.warmup_steps) if a.warmup_steps >= 1 else 0)
         tx = build_hf_optimizer(a.optim, schedule, hp)
         plateau = self._plateau_settings()
         if plateau is not None:
@@ -384,8 +384,9 @@ class Trainer:
         return state
 
     def _state_for_eval(self) -> TrainState:
-        if self.train_state is not None:
-            return self.train_state
+        if self.train_state is not None:  # schedule-free: evaluate the averaged x (HF: optimizer.eval())
+            s = self.train_state
+            return s.replace(params=optim.schedule_free_eval_params(s.opt_state, s.params))
         return TrainState.create(self.model, optim.identity(), seed=self.args.seed)
 
     def _sync_model(self) -> None:

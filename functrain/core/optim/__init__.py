@@ -61,6 +61,14 @@ from .adam_family import (
 from .trust_ratio import scale_by_trust_ratio, set_to_zero
 from .muon import ScaleByMuonState, scale_by_muon
 from .plateau import ReduceLROnPlateauState, observe_plateau, plateau_arguments_from_torch, reduce_on_plateau
+from .schedule_free import (
+    ScheduleFreeState,
+    schedule_free_adamw,
+    schedule_free_eval_params,
+    schedule_free_sgd,
+    schedule_free_step,
+)
+from .prodigy import ProdigyState, prodigy
 from .wrappers import MultiSteps, MultiStepsState, ParamEmaState, param_ema, with_param_ema
 from .aliases import (
     adadelta,

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any, Callable, NamedTuple
 
 from functrain.core.optim import aliases as A
+from functrain.core.optim import schedule_free as SF
 from functrain.core.optim.base import GradientTransformation, chain
 from functrain.core.optim.combine import masked
 from functrain.core.optim.transforms import add_decayed_weights
@@ -27,6 +28,7 @@ class HFHyperparams(NamedTuple):
     weight_decay: float = 0.0
     mask: Any = None  # which parameters get weight decay (a mask or a function of the params)
     optim_args: dict = {}
+    warmup_steps: int = 0  # HF passes its warmup to the schedule-free optimizers too
 
 
 def _l2_masked(hp: HFHyperparams, base: GradientTransformation) -> GradientTransformation:
@@ -86,6 +88,22 @@ def _adagrad(lr, hp: HFHyperparams):
     return _l2_masked(hp, A.adagrad(lr, **extra))
 
 
+def _schedule_free_settings(name, hp: HFHyperparams) -> dict:
+    extra = _only(name, hp.optim_args, ("weight_lr_power", "r"))
+    return dict(weight_decay=hp.weight_decay, mask=hp.mask, warmup_steps=hp.warmup_steps,
+                weight_lr_power=float(extra.get("weight_lr_power", 2.0)), r=float(extra.get("r", 0.0)))
+
+
+def _schedule_free_adamw(lr, hp: HFHyperparams):
+    """``schedulefree.AdamWScheduleFree`` as HF builds it (its warmup on top of HF's schedule)."""
+    return SF.schedule_free_adamw(lr, hp.adam_beta1, hp.adam_beta2, hp.adam_epsilon,
+                                  **_schedule_free_settings("schedule_free_adamw", hp))
+
+
+def _schedule_free_sgd(lr, hp: HFHyperparams):
+    return SF.schedule_free_sgd(lr, **_schedule_free_settings("schedule_free_sgd", hp))
+
+
 HF_OPTIMIZERS: dict[str, Callable[[Any, HFHyperparams], GradientTransformation]] = {
     "adamw_torch": _adamw,
     "adamw_torch_fused": _adamw,
@@ -97,6 +115,8 @@ HF_OPTIMIZERS: dict[str, Callable[[Any, HFHyperparams], GradientTransformation]]
     "lion_32bit": _lion,
     "rmsprop": _rmsprop,
     "adagrad": _adagrad,
+    "schedule_free_adamw": _schedule_free_adamw,
+    "schedule_free_sgd": _schedule_free_sgd,
 }
 
 
