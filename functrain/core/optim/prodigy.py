@@ -93,7 +93,7 @@ def prodigy(learning_rate=1.0, b1=0.9, b2=0.999, beta3=None, eps=1e-8, weight_de
         out = []
         for i, (gi, pi) in enumerate(zip(g, p)):
             denom = torch.sqrt(exp_avg_sq[i]) + (new_d * eps).float()
-            direction = exp_avg[i] if b1 > 0 else gi * d.float()
+            direction = exp_avg[i] if b1 > 0 else gi * new_d.float()  # (the new d, as the package)
             u = -dlr.float() * direction / denom
             if weight_decay and decouple and flags[i]:
                 u = u - (weight_decay * dlr).float() * pi
