@@ -48,6 +48,8 @@ def _max_rel(a, b):
     ("rmsprop", None),
     ("rmsprop", "alpha=0.9,centered=True,momentum=0.5"),
     ("adagrad", "lr_decay=0.01"),
+    ("schedule_free_adamw", None),
+    ("schedule_free_sgd", "weight_lr_power=1.5,r=0.5"),
 ])
 def test_optim_names_match_hf_trainer(tmp_path, optim_name, optim_args):
     ours, theirs = _run_both(tmp_path, optim=optim_name, optim_args=optim_args, learning_rate=1e-2)
@@ -69,6 +71,19 @@ def test_reduce_lr_on_plateau_lr_trajectory_matches_hf_trainer(tmp_path, kwargs)
     assert len(hf_lr) == 8 and min(hf_lr) < COMMON["learning_rate"]  # the scheduler really reduced
     assert ours_lr == pytest.approx(hf_lr, rel=1e-6)
     assert _logged(ours, "eval_loss") == pytest.approx(_logged(theirs, "eval_loss"), rel=1e-5)
+
+
+def test_schedule_free_evaluates_the_averaged_params_like_hf(tmp_path):
+    ours, theirs = _run_both(tmp_path, optim="schedule_free_adamw", warmup_steps=2, eval_strategy="steps",
+                             eval_steps=2)
+    ours_eval, hf_eval = _logged(ours, "eval_loss"), _logged(theirs, "eval_loss")
+    assert len(hf_eval) == 4 and ours_eval == pytest.approx(hf_eval, rel=1e-5)
+    # and x differs from y, so evaluating y instead would have been caught
+    import functrain.optim as optim
+
+    s = ours.train_state
+    x = optim.schedule_free_eval_params(s.opt_state, s.params)
+    assert max(float((x[k] - s.params[k]).abs().max()) for k in x) > 1e-4
 
 
 def test_reduce_lr_on_plateau_refuses_bad_settings(tmp_path):

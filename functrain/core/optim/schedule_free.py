@@ -64,6 +64,7 @@ class ScheduleFreeState(NamedTuple):
     weight_sum: torch.Tensor  # 0-d float64
     z: tree.PyTree
     b1: torch.Tensor  # 0-d fp32, kept so schedule_free_eval_params needs no arguments
+    learning_rate: torch.Tensor  # the rate of the last update before the warmup factor, 0-d fp32 (logged)
 
 
 def schedule_free_step(learning_rate, b1=0.9, warmup_steps: int = 0, r=0.0, weight_lr_power=2.0) -> GradientTransformation:
@@ -81,7 +82,8 @@ def schedule_free_step(learning_rate, b1=0.9, warmup_steps: int = 0, r=0.0, weig
         count = counter_like(params)
         f64 = dict(dtype=torch.float64, device=count.device)
         return ScheduleFreeState(count, torch.full((), -1.0, **f64), torch.zeros((), **f64), tree.clone(params),
-                                 torch.as_tensor(b1, dtype=torch.float32, device=count.device).clone())
+                                 torch.as_tensor(b1, dtype=torch.float32, device=count.device).clone(),
+                                 base_lr(count).float())
 
     def update(updates, state, params=None):
         if params is None:
@@ -97,14 +99,16 @@ def schedule_free_step(learning_rate, b1=0.9, warmup_steps: int = 0, r=0.0, weig
         d, treedef = tree.flatten(updates)
         y, z = tree.leaves(params), tree.leaves(state.z)
         if not d:
-            return updates, state._replace(count=safe_increment(state.count), lr_max=lr_max, weight_sum=weight_sum)
+            return updates, state._replace(count=safe_increment(state.count), lr_max=lr_max, weight_sum=weight_sum,
+                                           learning_rate=base_lr(state.count).float())
         c = ckp1.float()
         step = (lr * (b1 * (1 - ckp1) - 1)).float()
         new_y = torch._foreach_add(torch._foreach_lerp(y, z, c), torch._foreach_mul(d, step))
         new_z = torch._foreach_sub(z, torch._foreach_mul(d, lr.float()))
         out = torch._foreach_sub(new_y, y)
         return tree.unflatten(treedef, out), ScheduleFreeState(safe_increment(state.count), lr_max, weight_sum,
-                                                               tree.unflatten(treedef, new_z), state.b1)
+                                                               tree.unflatten(treedef, new_z), state.b1,
+                                                               base_lr(state.count).float())
 
     return GradientTransformation(init, update)
 
