@@ -366,3 +366,29 @@ def test_prodigy_matches_prodigyopt(kwargs):
     b1, b2 = kw.pop("betas", (0.9, 0.999))
     tx = optim.prodigy(1.0, b1, b2, **kw)
     assert run_parity(tx, lambda p: Prodigy(p, lr=1.0, betas=(b1, b2), **kw)) <= TOL
+
+
+class LookaheadReference:
+    """Algorithm 1 of Zhang et al. 2019 ("Lookahead Optimizer: k steps forward, 1 step back")
+    around a torch optimizer: slow weights copied at start; every k steps phi += alpha (theta - phi),
+    theta = phi."""
+
+    def __init__(self, inner, k, alpha):
+        self.inner, self.k, self.alpha, self.t = inner, k, alpha, 0
+        self.slow = [p.detach().clone() for g in inner.param_groups for p in g["params"]]
+
+    @torch.no_grad()
+    def step(self):
+        self.inner.step()
+        self.t += 1
+        if self.t % self.k == 0:
+            fast = [p for g in self.inner.param_groups for p in g["params"]]
+            for phi, theta in zip(self.slow, fast):
+                phi.add_(theta - phi, alpha=self.alpha)
+                theta.copy_(phi)
+
+
+def test_lookahead_matches_paper():
+    tx = optim.lookahead(optim.adam(1e-2), sync_period=4, slow_step_size=0.3)
+    assert run_parity(tx, lambda p: LookaheadReference(torch.optim.Adam(p, lr=1e-2), 4, 0.3)) <= TOL
+    assert run_parity(tx, lambda p: torch.optim.Adam(p, lr=1e-2)) > 1e-3  # lookahead really changes the path

@@ -69,7 +69,15 @@ from .schedule_free import (
     schedule_free_step,
 )
 from .prodigy import ProdigyState, prodigy
-from .wrappers import MultiSteps, MultiStepsState, ParamEmaState, param_ema, with_param_ema
+from .wrappers import (
+    LookaheadState,
+    MultiSteps,
+    MultiStepsState,
+    ParamEmaState,
+    lookahead,
+    param_ema,
+    with_param_ema,
+)
 from .aliases import (
     adadelta,
     adafactor,

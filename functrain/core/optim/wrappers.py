@@ -120,3 +120,44 @@ def param_ema(opt_state) -> tree.PyTree:
         except LookupError:
             continue
     raise LookupError("no with_param_ema state in this optimizer state")
+
+
+class LookaheadState(NamedTuple):
+    count: torch.Tensor  # fast updates done, 0-d int64
+    slow: tree.PyTree  # the slow weights
+    inner_state: Any
+
+
+def lookahead(fast_optimizer, sync_period: int = 6, slow_step_size=0.5) -> GradientTransformationExtraArgs:
+    """Lookahead (Zhang et al. 2019): every ``sync_period`` fast updates, move the slow weights
+    ``slow_step_size`` of the way to the fast ones and restart the fast weights from them.
+
+    optax's ``lookahead`` carries both weight sets in the params (``LookaheadParams``); here the
+    params stay the model's (fast) weights and the slow weights live in the state, so the train
+    step and checkpoints need nothing new. The numbers are the same (optax's ``reset_state=False``).
+    """
+    if isinstance(sync_period, bool) or not isinstance(sync_period, int) or sync_period < 1:
+        raise ValueError(f"lookahead: sync_period must be an int >= 1, got {sync_period!r}")
+    slow_step_size = as_hyperparam(slow_step_size, "slow_step_size")
+
+    def init(params):
+        return LookaheadState(counter_like(params), tree.clone(params), fast_optimizer.init(params))
+
+    def update(updates, state, params=None, **extra_args):
+        if params is None:
+            raise ValueError("lookahead needs params: call update(grads, state, params)")
+        updates, inner_state = update_with_extra_args(fast_optimizer, updates, state.inner_state, params, **extra_args)
+        fast = tree.leaves(apply_updates(params, updates))
+        slow = tree.leaves(state.slow)
+        count = state.count + 1
+        sync = (count % sync_period) == 0
+        if not fast:
+            return updates, LookaheadState(count, state.slow, inner_state)
+        moved = torch._foreach_lerp(slow, fast, slow_step_size)
+        new_slow = [torch.where(sync, m, s) for m, s in zip(moved, slow)]
+        new_params = [torch.where(sync, m, f) for m, f in zip(moved, fast)]
+        out = torch._foreach_sub(new_params, tree.leaves(params))
+        treedef = tree.structure(params)
+        return tree.unflatten(treedef, out), LookaheadState(count, tree.unflatten(treedef, new_slow), inner_state)
+
+    return GradientTransformationExtraArgs(init, update)
