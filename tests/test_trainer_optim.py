@@ -73,6 +73,23 @@ def test_reduce_lr_on_plateau_lr_trajectory_matches_hf_trainer(tmp_path, kwargs)
     assert _logged(ours, "eval_loss") == pytest.approx(_logged(theirs, "eval_loss"), rel=1e-5)
 
 
+@pytest.mark.parametrize("targets", [["net.0"], r"net\.[03]", "all-linear"])
+def test_galore_adamw_matches_hf_trainer(tmp_path, targets):
+    ours, theirs = _run_both(tmp_path, optim="galore_adamw", optim_target_modules=targets, learning_rate=1e-2,
+                             optim_args="rank=2,update_proj_gap=3,scale=0.5")
+    assert _max_rel(_params(theirs.model), _params(make_model(p=0.0))) > 1e-3
+    assert _max_rel(_params(ours.model), _params(theirs.model)) <= 1e-5
+    assert _logged(ours, "learning_rate") == pytest.approx(_logged(theirs, "learning_rate"), rel=1e-6)
+
+
+def test_refused_and_incomplete_optimizer_names(tmp_path):
+    with pytest.raises(ValueError, match="galore_adamw"):
+        TrainingArguments(str(tmp_path), optim="galore_adafactor")
+    args = TrainingArguments(str(tmp_path), optim="galore_adamw", report_to="none")
+    with pytest.raises(ValueError, match="optim_target_modules"):
+        Trainer(model=make_model(), args=args, train_dataset=make_dataset()).train()
+
+
 def test_schedule_free_evaluates_the_averaged_params_like_hf(tmp_path):
     ours, theirs = _run_both(tmp_path, optim="schedule_free_adamw", warmup_steps=2, eval_strategy="steps",
                              eval_steps=2)

@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from functrain.core.optim.hf_names import HF_OPTIMIZERS
+from functrain.core.optim.hf_names import HF_OPTIMIZERS, REFUSED_HF_OPTIMIZERS
 
 INTERVAL_STRATEGIES = ("no", "steps", "epoch")
 SAVE_STRATEGIES = ("no", "steps", "epoch", "best")
@@ -97,6 +97,7 @@ class TrainingArguments:
     greater_is_better: bool | None = None
     optim: str = "adamw_torch_fused"
     optim_args: str | None = None
+    optim_target_modules: list | str | None = None
     report_to: str | list[str] | None = "none"
     gradient_checkpointing: bool | None = False
     gradient_checkpointing_kwargs: dict | str | None = None
@@ -142,6 +143,8 @@ class TrainingArguments:
             if value not in allowed:
                 _fail(f"{name}={value!r} is not valid; expected one of {list(allowed)}")
             setattr(self, name, value)
+        if self.optim in REFUSED_HF_OPTIMIZERS:
+            _fail(f"optim={self.optim!r}: {REFUSED_HF_OPTIMIZERS[self.optim]}")
         if self.optim not in OPTIMIZERS:
             _fail(f"optim={self.optim!r} is not a known optimizer; known: {list(OPTIMIZERS)}")
         sched = getattr(self.lr_scheduler_type, "value", self.lr_scheduler_type)

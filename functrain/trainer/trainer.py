@@ -252,7 +252,9 @@ class Trainer:
         a = self.args
         mask = optim.default_weight_decay_mask(self.model) if a.weight_decay > 0 else None
         hp = HFHyperparams(a.adam_beta1, a.adam_beta2, a.adam_epsilon, a.weight_decay, mask,
-                           _parse_optim_args(a.optim_args), int(a.warmup_steps) if a.warmup_steps >= 1 else 0)
+                           _parse_optim_args(a.optim_args), int(a.warmup_steps) if a.warmup_steps >= 1 else 0,
+                           frozenset(optim.galore_target_names(self.model, a.optim_target_modules))
+                           if a.optim.startswith("galore") and a.optim_target_modules is not None else frozenset())
         tx = build_hf_optimizer(a.optim, schedule, hp)
         plateau = self._plateau_settings()
         if plateau is not None:

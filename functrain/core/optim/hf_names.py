@@ -29,6 +29,7 @@ class HFHyperparams(NamedTuple):
     mask: Any = None  # which parameters get weight decay (a mask or a function of the params)
     optim_args: dict = {}
     warmup_steps: int = 0  # HF passes its warmup to the schedule-free optimizers too
+    galore_targets: frozenset = frozenset()  # parameter names from optim_target_modules (galore_targets())
 
 
 def _l2_masked(hp: HFHyperparams, base: GradientTransformation) -> GradientTransformation:
@@ -104,6 +105,20 @@ def _schedule_free_sgd(lr, hp: HFHyperparams):
     return SF.schedule_free_sgd(lr, **_schedule_free_settings("schedule_free_sgd", hp))
 
 
+def _galore_adamw(lr, hp: HFHyperparams):
+    """``galore_torch.GaLoreAdamW`` as HF builds it: only ``lr`` is passed (galore-torch's betas,
+    ``eps=1e-6``, no weight decay); ``optim_args`` give the projection settings."""
+    from functrain.core.optim.galore import galore_adamw
+
+    extra = _only("galore_adamw", hp.optim_args, ("rank", "update_proj_gap", "scale", "proj_type"))
+    if not hp.galore_targets:
+        raise ValueError("optim='galore_adamw' needs optim_target_modules (a list of module names, a regex or "
+                         "'all-linear') naming the linear layers to project")
+    return galore_adamw(lr, targets=hp.galore_targets, rank=int(extra.get("rank", 128)),
+                        update_proj_gap=int(extra.get("update_proj_gap", 200)), scale=float(extra.get("scale", 0.25)),
+                        proj_type=str(extra.get("proj_type", "std")))
+
+
 HF_OPTIMIZERS: dict[str, Callable[[Any, HFHyperparams], GradientTransformation]] = {
     "adamw_torch": _adamw,
     "adamw_torch_fused": _adamw,
@@ -117,11 +132,23 @@ HF_OPTIMIZERS: dict[str, Callable[[Any, HFHyperparams], GradientTransformation]]
     "adagrad": _adagrad,
     "schedule_free_adamw": _schedule_free_adamw,
     "schedule_free_sgd": _schedule_free_sgd,
+    "galore_adamw": _galore_adamw,
+}
+
+# HF names functrain refuses, with why and what to use instead.
+REFUSED_HF_OPTIMIZERS = {
+    "galore_adafactor": "GaLore with Adafactor is not implemented; use optim='galore_adamw'",
+    "schedule_free_radam": "schedule-free RAdam is not implemented; use optim='schedule_free_adamw'",
+    **{name: "layer-wise optimizers step inside backward hooks, which a pure train step has none of; use "
+             "optim='galore_adamw' (its memory saving comes from the low-rank moments)"
+       for name in ("galore_adamw_layerwise", "galore_adafactor_layerwise", "galore_adamw_8bit_layerwise")},
 }
 
 
 def build_hf_optimizer(name: str, learning_rate, hp: HFHyperparams) -> GradientTransformation:
     """The optimizer ``transformers.Trainer`` would build for ``optim=name`` (see the table above)."""
+    if name in REFUSED_HF_OPTIMIZERS:
+        raise ValueError(f"optim={name!r}: {REFUSED_HF_OPTIMIZERS[name]}")
     if name not in HF_OPTIMIZERS:
         raise ValueError(f"optim={name!r} is not a known optimizer; known: {list(HF_OPTIMIZERS)}")
     return HF_OPTIMIZERS[name](learning_rate, hp)
