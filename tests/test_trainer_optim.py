@@ -111,3 +111,28 @@ def test_reduce_lr_on_plateau_refuses_bad_settings(tmp_path):
     trainer = Trainer(model=make_model(), args=args, train_dataset=make_dataset(), eval_dataset=make_dataset())
     with pytest.raises(ValueError, match="verbose"):
         trainer.train()
+
+
+@pytest.mark.slow
+def test_use_liger_kernel_trains_like_the_plain_loss(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def model():
+        torch.manual_seed(0)
+        return LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32))
+
+    g = torch.Generator().manual_seed(1)
+    data = [{"input_ids": ids, "labels": ids.clone()} for ids in torch.randint(0, 96, (8, 16), generator=g)]
+    runs = {}
+    for fused in (False, True):
+        args = TrainingArguments(str(tmp_path / str(fused)), use_liger_kernel=fused, per_device_train_batch_size=4,
+                                 max_steps=4, learning_rate=0.5, optim="sgd", logging_steps=1, save_strategy="no",
+                                 report_to="none", disable_tqdm=True)
+        t = Trainer(model=model(), args=args, train_dataset=data)
+        if fused:
+            assert t._train_loss_fn() is not None
+        t.train()
+        runs[fused] = t
+    assert _logged(runs[True], "loss") == pytest.approx(_logged(runs[False], "loss"), rel=1e-5)
+    assert _max_rel(_params(runs[True].model), _params(runs[False].model)) <= 1e-5

@@ -104,6 +104,7 @@ class TrainingArguments:
     include_num_input_tokens_seen: bool | str = False
     neftune_noise_alpha: float | None = None
     torch_compile: bool = False
+    use_liger_kernel: bool = False  # functrain's pure-torch fused linear + cross-entropy (step/fused_loss.py)
     eval_on_start: bool = False
     # -- distributed (see docs/distributed.md) --
     fsdp: bool | str | list | None = ""

@@ -303,6 +303,10 @@ class Trainer:
 
     def _train_loss_fn(self):
         if not self._custom_loss():
+            if self.args.use_liger_kernel:  # HF patches Liger's kernels in; the same loss, logits never whole
+                from functrain.step.fused_loss import causal_lm_fused_loss
+
+                return causal_lm_fused_loss
             return None  # the step's default: model(**batch).loss, normalized over the window
         return lambda m, batch: self.compute_loss(m, dict(batch))
 
