@@ -34,7 +34,9 @@ from functrain.trainer.callbacks import (
     CallbackHandler, DefaultFlowCallback, ExportableState, PrinterCallback, ProgressCallback, TrainerControl,
     TrainerState,
 )
-from functrain.trainer.logging import INTEGRATION_CALLBACKS, MetricsFileCallback
+from functrain.trainer.integrations import integration_callbacks
+from functrain.trainer.logging import MetricsFileCallback
+from functrain.trainer.publish import PublishMixin
 from functrain.core.state import TrainState
 from functrain.trainer.args import TrainingArguments
 
@@ -60,7 +62,7 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-class Trainer:
+class Trainer(PublishMixin):
     """Train, evaluate and predict with the Hugging Face ``Trainer`` arguments.
 
     Differences from transformers: ``optimizers`` takes a functrain ``GradientTransformation`` (with
@@ -110,7 +112,7 @@ class Trainer:
                 raise ValueError("gradient_checkpointing=True but the model has no gradient_checkpointing_enable()")
             model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs or {"use_reentrant": False})
-        default = [DefaultFlowCallback, MetricsFileCallback] + [INTEGRATION_CALLBACKS[n] for n in self.args.report_to]
+        default = [DefaultFlowCallback, MetricsFileCallback] + integration_callbacks(self.args.report_to)
         self.callback_handler = CallbackHandler(default + list(callbacks or []), model, processing_class)
         if fd.is_main_process():  # progress and prints on the main process only
             self.callback_handler.add_callback(PrinterCallback if self.args.disable_tqdm else ProgressCallback)
@@ -120,6 +122,8 @@ class Trainer:
         self.interrupted: int | None = None
         self._eval_steps: dict = {}
         self.control = self.callback_handler.on_init_end(self.args, self.state, self.control)
+        if self.args.push_to_hub:
+            self.init_hf_repo()
 
     # -- callbacks ------------------------------------------------------------------------------
     def add_callback(self, callback):
@@ -212,7 +216,8 @@ class Trainer:
                                a.per_device_train_batch_size * a.gradient_accumulation_steps, self.data_collator,
                                seed=a.data_seed if a.data_seed is not None else a.seed, shuffle=True,
                                drop_last=a.dataloader_drop_last, num_workers=a.dataloader_num_workers,
-                               world_size=fd.world_size(), rank=fd.rank())
+                               world_size=fd.world_size(), rank=fd.rank(),
+                               shard_block=a.per_device_train_batch_size)
 
     def get_eval_dataloader(self, eval_dataset=None, shard: bool = False):
         """Eval batches in dataset order; ``shard=True`` gives this rank its share (distributed runs)."""
@@ -500,6 +505,7 @@ class Trainer:
         self._log_timer = time.perf_counter()
         self._last_metrics = {}
         total_loss, total_samples = torch.zeros(()), 0
+        stop_agreement, stop_for_signal = fd.StopAgreement(), False
         self.control = handler.on_train_begin(a, self.state, self.control)
         if a.eval_on_start and start_step == 0:
             self._evaluate(ignore_keys_for_eval, skip_scheduler=True)
@@ -529,11 +535,13 @@ class Trainer:
                 self.state.data_position = {**loader.state.to_dict(),
                                             "samples": loader.state.batch_index * self._global_window()}
                 self.control = handler.on_step_end(a, self.state, self.control)
-                if self.interrupted is not None:
+                # A signal on any rank stops every rank at the same step (one step later).
+                stop_for_signal = stop_agreement.update(self.interrupted is not None)
+                if stop_for_signal:
                     self.control.should_save = True
                     self.control.should_training_stop = True
                 self._maybe_log_save_evaluate(ignore_keys_for_eval)
-                if self.interrupted is not None:
+                if stop_for_signal:
                     interrupted_mid_epoch = True
                     break
                 if self.control.should_epoch_stop or self.control.should_training_stop:
@@ -548,18 +556,20 @@ class Trainer:
             if self.control.should_training_stop:
                 break
             epoch += 1
-        return self._finish_training(start_step, start_time, total_loss, total_samples)
+        stop_agreement.close()
+        return self._finish_training(start_step, start_time, total_loss, total_samples, stop_for_signal)
 
     def _global_window(self) -> int:
         a = self.args
         return a.per_device_train_batch_size * a.gradient_accumulation_steps * fd.world_size()
 
-    def _finish_training(self, start_step, start_time, total_loss, total_samples) -> TrainOutput:
+    def _finish_training(self, start_step, start_time, total_loss, total_samples, stop_for_signal) -> TrainOutput:
         a = self.args
-        if self.interrupted is not None:
-            logger.warning("training interrupted by signal %d at step %d; checkpoint written, exiting cleanly",
-                           self.interrupted, self.state.global_step)
-        if a.load_best_model_at_end and self.state.best_model_checkpoint and self.interrupted is None:
+        if stop_for_signal:
+            logger.warning("training interrupted by %s at step %d; checkpoint written, exiting cleanly",
+                           f"signal {self.interrupted}" if self.interrupted else "a signal on another rank",
+                           self.state.global_step)
+        if a.load_best_model_at_end and self.state.best_model_checkpoint and not stop_for_signal:
             self._load_best_model()
         self._sync_model()
         runtime = time.perf_counter() - start_time
@@ -578,6 +588,7 @@ class Trainer:
             metrics["num_input_tokens_seen"] = self.state.num_input_tokens_seen
         self.log(dict(metrics))
         self.control = self.callback_handler.on_train_end(a, self.state, self.control)
+        self._finish_current_push()
         return TrainOutput(self.state.global_step, train_loss, metrics)
 
     def _count_tokens(self, window) -> None:
@@ -713,6 +724,8 @@ class Trainer:
         if fd.is_main_process():
             ck.rotate_checkpoints(a.output_dir, a.save_total_limit, self.state.best_model_checkpoint)
         fd.barrier()  # no rank runs ahead (or resumes) before the checkpoint is complete
+        if a.push_to_hub:
+            self._push_from_checkpoint(path)
         return path
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
@@ -723,6 +736,8 @@ class Trainer:
             ck.write_model(self.model, output_dir, processing_class=self.processing_class)
             self.args.save_to_json(os.path.join(output_dir, ck.ARGS_FILE))
         fd.barrier()
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
     def save_state(self) -> None:
         """Write ``trainer_state.json`` to ``output_dir`` (main process only)."""
