@@ -19,11 +19,13 @@ from torch import nn
 IGNORE_INDEX = -100
 
 
-def _chunk_size(n_tokens: int, vocab: int, hidden: int) -> int:
-    """Liger's rule: about ``vocab / hidden`` chunks, a power of two tokens each (at least 64)."""
-    chunks = max(1, -(-vocab // max(hidden, 1)))
-    size = max(1, -(-n_tokens // chunks))
-    return max(64, 1 << (size - 1).bit_length())
+def _chunk_size(n_tokens: int, vocab: int) -> int:
+    """Tokens per chunk: a power of two whose fp32 logits take ~32 MB (8M elements), at least 64.
+
+    (Liger's GPU rule, about ``vocab / hidden`` chunks, makes chunks too small for CPU matmuls.)
+    """
+    size = max(64, 1 << max(0, ((1 << 23) // max(vocab, 1)).bit_length() - 1))
+    return min(size, max(n_tokens, 1))
 
 
 def _chunk_logits(h, weight, bias):
@@ -101,7 +103,7 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     labels = labels.reshape(-1)
     if labels.shape[0] != hidden.shape[0]:
         raise ValueError(f"fused_linear_cross_entropy: {labels.shape[0]} labels for {hidden.shape[0]} tokens")
-    chunk = chunk_size or _chunk_size(hidden.shape[0], weight.shape[0], weight.shape[1])
+    chunk = chunk_size or _chunk_size(hidden.shape[0], weight.shape[0])
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     if not needs_grad:
         return _chunked_loss(hidden, weight, bias, labels, ignore_index, chunk)
