@@ -15,7 +15,7 @@ from typing import Any, Callable, NamedTuple
 from functrain.core.optim import aliases as A
 from functrain.core.optim import schedule_free as SF
 from functrain.core.optim.base import GradientTransformation, chain
-from functrain.core.optim.combine import masked
+from functrain.core.optim.combine import masked, partition
 from functrain.core.optim.transforms import add_decayed_weights
 
 
@@ -29,7 +29,8 @@ class HFHyperparams(NamedTuple):
     mask: Any = None  # which parameters get weight decay (a mask or a function of the params)
     optim_args: dict = {}
     warmup_steps: int = 0  # HF passes its warmup to the schedule-free optimizers too
-    galore_targets: frozenset = frozenset()  # parameter names from optim_target_modules (galore_targets())
+    galore_targets: frozenset = frozenset()  # parameter names from optim_target_modules (galore_target_names())
+    decay_names: frozenset = frozenset()  # the parameters HF decays (decay_parameter_names), for Adafactor's groups
 
 
 def _l2_masked(hp: HFHyperparams, base: GradientTransformation) -> GradientTransformation:
@@ -48,26 +49,26 @@ def _only(name: str, args: dict, allowed: tuple[str, ...]) -> dict:
 
 
 def _adamw(lr, hp: HFHyperparams):
-    extra = _only("adamw", hp.optim_args, ("amsgrad",))
     return A.adamw(lr, b1=hp.adam_beta1, b2=hp.adam_beta2, eps=hp.adam_epsilon, weight_decay=hp.weight_decay,
-                   mask=hp.mask, **extra)
+                   mask=hp.mask, **hp.optim_args)
 
 
 def _adam(lr, hp: HFHyperparams):
-    extra = _only("adam", hp.optim_args, ("amsgrad",))
-    return A.adam(lr, b1=hp.adam_beta1, b2=hp.adam_beta2, eps=hp.adam_epsilon, **extra)
+    return A.adam(lr, b1=hp.adam_beta1, b2=hp.adam_beta2, eps=hp.adam_epsilon, **hp.optim_args)
 
 
 def _lion(lr, hp: HFHyperparams):
-    _only("lion", hp.optim_args, ())
-    return A.lion(lr, b1=hp.adam_beta1, b2=hp.adam_beta2, weight_decay=hp.weight_decay, mask=hp.mask)
+    return A.lion(lr, b1=hp.adam_beta1, b2=hp.adam_beta2, weight_decay=hp.weight_decay, mask=hp.mask, **hp.optim_args)
 
 
 def _adafactor(lr, hp: HFHyperparams):
-    extra = dict(hp.optim_args)
-    if hp.weight_decay:
-        extra["weight_decay"] = hp.weight_decay
-    return A.adafactor(lr, **extra)
+    """As transformers.Trainer builds it: an external lr (scale_parameter=False, relative_step=False,
+    warmup_init=False) and weight decay only on the decay parameters (its two param groups)."""
+    kw = dict(scale_parameter=False, relative_step=False, warmup_init=False, **hp.optim_args)
+    if hp.weight_decay == 0:
+        return A.adafactor(lr, **kw)
+    return partition({"decay": A.adafactor(lr, weight_decay=hp.weight_decay, **kw), "no_decay": A.adafactor(lr, **kw)},
+                     lambda name, _param: "decay" if name in hp.decay_names else "no_decay")
 
 
 def _sgd(lr, hp: HFHyperparams):
