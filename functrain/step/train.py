@@ -21,7 +21,7 @@ from functrain.adapters import outputs as hf_outputs
 from functrain.step import batch as batching
 from functrain.core import rng as rnglib
 from functrain.core import tree
-from functrain.core.optim.base import apply_updates
+from functrain.core.optim.base import apply_updates, update_with_extra_args
 from functrain.core.optim.transforms import clip_factor
 from functrain.core.precision import DynamicScale, dynamic_scale_init, dynamic_scale_update, get_policy, unscale
 from functrain.core.state import TrainState
@@ -300,7 +300,8 @@ def make_train_step(
         metrics["grad_norm"] = grad_norm
         if max_grad_norm is not None:
             grads = tree.scale(grads, clip_factor(grad_norm, max_grad_norm))
-        updates, new_opt_state = tx.update(grads, opt_state, params)
+        # value=loss: transforms that use the objective (reduce_on_plateau, ...) get it, others don't.
+        updates, new_opt_state = update_with_extra_args(tx, grads, opt_state, params, value=loss)
         new_params = apply_updates(params, updates)
         if policy.needs_loss_scale:
             # A non-finite step changes nothing but the loss scale: params, optimizer state
@@ -318,7 +319,7 @@ def make_train_step(
             new_loss_scale = loss_scale
         lr = find_learning_rate(new_opt_state)
         if lr is not None:
-            metrics["learning_rate"] = lr
+            metrics["learning_rate"] = lr * _learning_rate_scale(new_opt_state)
         metrics.update(aux)
         if donate:
             # Write the results into the input storages; inside torch.compile this fuses with the
@@ -439,6 +440,19 @@ def make_eval_step(
 
 
 # -- helpers -------------------------------------------------------------------------------------
+
+
+def _learning_rate_scale(opt_state):
+    """The product of the ``scale`` of states that scale the learning rate (``reduce_on_plateau``)."""
+    if getattr(type(opt_state), "scales_learning_rate", False):
+        return opt_state.scale
+    if isinstance(opt_state, Mapping):
+        opt_state = tuple(opt_state.values())
+    factor = 1.0
+    if isinstance(opt_state, (tuple, list)):
+        for child in opt_state:
+            factor = factor * _learning_rate_scale(child)
+    return factor
 
 
 def find_learning_rate(opt_state) -> torch.Tensor | None:
