@@ -13,12 +13,12 @@ from typing import Iterator, Sequence
 
 import torch
 
-from functrain.core.rng import _mix64
+from functrain.core.rng import mix64
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
     """A 63-bit generator seed from ``(seed, epoch)``, stable across processes (unlike ``hash``)."""
-    return _mix64((seed & ((1 << 64) - 1)) ^ _mix64(epoch)) >> 1
+    return mix64((seed & ((1 << 64) - 1)) ^ mix64(epoch)) >> 1
 
 
 def epoch_permutation(num_examples: int, seed: int, epoch: int, shuffle: bool = True) -> torch.Tensor:
