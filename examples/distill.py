@@ -67,14 +67,15 @@ def kd_loss(pair: Pair, batch, temperature: float = 2.0):
     return F.kl_div(student, teacher, log_target=True, reduction="batchmean") * temperature ** 2
 
 
-def build_frozen(seed: int = 0, lr: float = 1e-2, compile: bool = False):  # noqa: A002
+def build_frozen(seed: int = 0, lr: float = 1e-2, compile: bool | str = False):  # noqa: A002 - True or a torch.compile backend
     torch.manual_seed(seed)
     teacher = mlp(D_IN, CLASSES, width=128)  # stands in for a trained model: a fixed function
     teacher[2].weight.data.mul_(4.0)  # confident outputs, as a trained teacher's
     pair = Pair(student=mlp(D_IN, CLASSES, width=16), teacher=teacher)
     tx = ft.optim.adamw(lr)
     state = ft.TrainState.create(pair, tx, seed=seed, copy=True)
-    return ft.make_train_step(pair, tx, kd_loss, compile=compile), state
+    return ft.make_train_step(pair, tx, kd_loss, compile=bool(compile),
+                              compile_kwargs={"backend": compile} if isinstance(compile, str) else None), state
 
 
 # -- from an EMA teacher (BYOL) -------------------------------------------------------------------
@@ -101,7 +102,7 @@ def ema(teacher: dict, student: dict, decay: float) -> dict:
     return {k: decay * t + (1 - decay) * student["encoder." + k[len("teacher."):]] for k, t in teacher.items()}
 
 
-def build_ema(seed: int = 0, lr: float = 3e-3, decay: float = 0.99, compile: bool = False):  # noqa: A002
+def build_ema(seed: int = 0, lr: float = 3e-3, decay: float = 0.99, compile: bool | str = False):  # noqa: A002 - True or a torch.compile backend
     torch.manual_seed(seed)
     model = BYOL()
     tx = ft.optim.adamw(lr)
@@ -114,7 +115,7 @@ def build_ema(seed: int = 0, lr: float = 3e-3, decay: float = 0.99, compile: boo
         teacher = ema({k: v for k, v in state.buffers.items() if k.startswith("teacher.")}, new.params, decay)
         return new.replace(buffers={**g.buffers, **teacher}), {"loss": g.loss}
 
-    core = torch.compile(core, fullgraph=True) if compile else core
+    core = ft.step.compile_step(core, compile) if compile else core
 
     def byol_step(state, batch):
         with ft.rng.seeded(state.rng):  # the views' noise: a pure function of the state's key

@@ -43,7 +43,7 @@ def make_data(batch_size: int = 64, seed: int = 0):
     return data
 
 
-def build(seed: int = 0, lr: float = 2e-3, compile: bool = False):  # noqa: A002
+def build(seed: int = 0, lr: float = 2e-3, compile: bool | str = False):  # noqa: A002 - True or a torch.compile backend
     """``(step, state)``: the GAN step and the initial ``{"gen", "disc"}`` states."""
     torch.manual_seed(seed)
     gen, disc = mlp(NOISE, 2), mlp(2, 1)
@@ -72,7 +72,7 @@ def build(seed: int = 0, lr: float = 2e-3, compile: bool = False):  # noqa: A002
         metrics = {"d_loss": d_value, "g_loss": g_value, "mean_error": (fake.mean(0) - TARGET_MEAN).norm()}
         return {"gen": g, "disc": d}, metrics
 
-    return (torch.compile(gan_step, fullgraph=True) if compile else gan_step), state
+    return (ft.step.compile_step(gan_step, compile) if compile else gan_step), state
 
 
 def main(argv=None) -> ft.runner.Run:

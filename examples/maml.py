@@ -48,7 +48,7 @@ def make_data(tasks: int = 8, k: int = 10, seed: int = 0):
 
 
 def build(seed: int = 0, lr: float = 3e-3, inner_lr: float = 0.01, inner_steps: int = 1,
-          compile: bool = False):  # noqa: A002
+          compile: bool | str = False):  # noqa: A002 - True or a torch.compile backend
     torch.manual_seed(seed)
     model = make_model()
     tx = ft.optim.adam(lr)
@@ -84,7 +84,7 @@ def build(seed: int = 0, lr: float = 3e-3, inner_lr: float = 0.01, inner_steps: 
         """Query MSE after / before adaptation, on held-out tasks (no meta-update)."""
         return {"loss": meta_loss(state.params, batch).detach(), "loss_before": loss_before(state.params, batch)}
 
-    step = torch.compile(maml_step, fullgraph=True) if compile else maml_step
+    step = ft.step.compile_step(maml_step, compile) if compile else maml_step
     return step, state, {"eval_step": eval_step, "meta_loss": meta_loss, "model": model, "tx": tx}
 
 
