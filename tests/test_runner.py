@@ -4,6 +4,7 @@ import json
 import os
 import random
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +14,15 @@ from functrain.data.loader import ResumableLoader
 from functrain.io import checkpoint as ck
 from functrain.runner import Checkpoint, Evaluate, Hook, Jsonl, Log, Print, Profile, StopWhen, TensorBoard, every
 from tests.step_models import MLP
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny models on a shared 2-core machine: intra-op threads only contend.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def make_rows(n=48, seed=0):
@@ -200,3 +210,18 @@ def test_bad_input_is_refused_before_anything_runs(tmp_path):
     with pytest.raises(TypeError, match="state leaf 'count' is a int"):
         ft.run(step, bad, [], steps=1, hooks=[Checkpoint(tmp_path, every=1)])
     assert not os.listdir(tmp_path)
+
+
+def test_docs_runner_page_example_runs_trains_and_resumes(tmp_path, capsys):
+    text = (Path(__file__).resolve().parents[1] / "docs" / "runner.md").read_text()
+    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    code = code.replace("runs/ema", str(tmp_path / "ema"))
+    code = code.replace("ft.step.compile_step(train_step)", "train_step")  # compiling: tests/test_recipes.py
+    exec(compile(code, "docs/runner.md", "exec"), {})
+    rows = [json.loads(line) for line in open(tmp_path / "ema" / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == list(range(20, 201, 20))
+    assert rows[-1]["loss"] < 0.5 * rows[0]["loss"]
+    assert "200 None" in capsys.readouterr().out
+    exec(compile(code, "docs/runner.md", "exec"), {})  # again: resumes at 200, nothing left to do
+    assert len(open(tmp_path / "ema" / "metrics.jsonl").readlines()) == 10
+    assert [s for s, _ in ck.checkpoint_dirs(str(tmp_path / "ema"))] == [100, 200]
