@@ -111,13 +111,16 @@ class ResumableLoader:
         world_size, rank: data-parallel sharding.
         num_workers, pin_memory, persistent_workers, prefetch_factor: passed to ``DataLoader``.
         group_by_length: length-grouped order (``lengths`` or the ``length_column_name`` column).
+        shard_block: examples per rank per dealt block when sharding (the per-device batch size
+            gives accelerate's order, as HF's Trainer has it; see ``sampler.shard_indices``).
     """
 
     def __init__(self, dataset: Any, batch_size: int, collate_fn: Callable | None = None, *, seed: int = 0,
                  shuffle: bool = True, drop_last: bool = False, world_size: int = 1, rank: int = 0,
                  num_workers: int = 0, pin_memory: bool = False, persistent_workers: bool = False,
                  prefetch_factor: int | None = None, group_by_length: bool = False,
-                 lengths: Sequence[int] | None = None, length_column_name: str = "input_ids"):
+                 lengths: Sequence[int] | None = None, length_column_name: str = "input_ids",
+                 shard_block: int = 1):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         check_not_empty(dataset)
@@ -136,7 +139,7 @@ class ResumableLoader:
             group_lengths = _lengths_for_grouping(dataset, lengths, length_column_name) if group_by_length else None
             self.sampler = DeterministicSampler(len(dataset), seed=seed, shuffle=shuffle, world_size=world_size,
                                                 rank=rank, drop_last=drop_last, lengths=group_lengths,
-                                                batch_size=batch_size)
+                                                batch_size=batch_size, block=shard_block)
             if len(self) == 0:
                 raise ValueError(f"the dataset has {len(dataset)} examples, fewer than one batch of {batch_size} "
                                  f"per rank with drop_last=True")

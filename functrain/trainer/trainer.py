@@ -212,7 +212,8 @@ class Trainer:
                                a.per_device_train_batch_size * a.gradient_accumulation_steps, self.data_collator,
                                seed=a.data_seed if a.data_seed is not None else a.seed, shuffle=True,
                                drop_last=a.dataloader_drop_last, num_workers=a.dataloader_num_workers,
-                               world_size=fd.world_size(), rank=fd.rank())
+                               world_size=fd.world_size(), rank=fd.rank(),
+                               shard_block=a.per_device_train_batch_size)
 
     def get_eval_dataloader(self, eval_dataset=None, shard: bool = False):
         """Eval batches in dataset order; ``shard=True`` gives this rank its share (distributed runs)."""
