@@ -45,6 +45,7 @@ def test_runner_data_parallel_matches_one_process_and_resumes(tmp_path):
     logs_two, logs_one = read_jsonl(two / "metrics.jsonl"), read_jsonl(one / "metrics.jsonl")
     # One line per log (rank 0 writes), the resumed run's lines after step 4 only.
     assert [(r["step"], sorted(r)) for r in logs_two] == [(r["step"], sorted(r)) for r in logs_one]
+    assert all(isinstance(r["eval_loss"], float) for r in logs_one if "eval_loss" in r)  # finite (NaN is text)
     for x, y in zip(logs_two, logs_one):
         for key in ("loss", "eval_loss", "grad_norm"):
             if key in y:

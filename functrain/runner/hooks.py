@@ -240,7 +240,8 @@ class Evaluate(Hook):
             weight = torch.ones(()) if weight is None else weight.detach().double().cpu()
             for k, v in m.items():
                 s = sums.setdefault(k, [torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)])
-                s[0] += v.detach().double().cpu() * weight
+                # A batch without items (every label ignored) has a NaN mean and weight 0: it adds nothing.
+                s[0] += torch.where(weight > 0, v.detach().double().cpu() * weight, 0.0)
                 s[1] += weight
         names = sorted(sums)
         totals = fd.all_reduce_sum(torch.stack([torch.stack(sums[k]) for k in names])) if names else []
