@@ -126,10 +126,30 @@ def mode_fail(out_dir, opts):
     trainer.train()
 
 
+def mode_sigterm_one_rank(out_dir, opts):
+    """SIGTERM delivered to rank 1 only, at step 3: every rank must stop, save and return."""
+    import signal
+
+    from functrain.trainer.callbacks import TrainerCallback
+
+    class TermRankOne(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3 and fd.rank() == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    trainer = make_trainer(out_dir, {**opts, "save_steps": 10_000})
+    trainer.add_callback(TermRankOne())
+    trainer.train()
+    checkpoints = sorted(p for p in os.listdir(opts["output_dir"]) if p.startswith("checkpoint-"))
+    result = {"rank": fd.rank(), "global_step": trainer.state.global_step, "checkpoints": checkpoints}
+    with open(os.path.join(out_dir, f"result-{fd.rank()}.json"), "w") as f:
+        json.dump(result, f)
+
+
 if __name__ == "__main__":
     mode, out = sys.argv[1], sys.argv[2]
     options = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
-    {"steps": mode_steps, "trainer": mode_trainer, "fail": mode_fail}[mode](out, options)
+    {"steps": mode_steps, "trainer": mode_trainer, "fail": mode_fail, "sigterm": mode_sigterm_one_rank}[mode](out, options)
     fd.barrier()
     if fd.is_distributed():
         torch.distributed.destroy_process_group()

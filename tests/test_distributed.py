@@ -144,6 +144,25 @@ def test_accelerate_launch_resumes_one_process_checkpoint_on_two(tmp_path, refer
     assert ft.tree.relative_difference(final_weights(tmp_path), final_weights(reference)) <= 1e-5
 
 
+@pytest.mark.slow
+def test_two_simulated_nodes_equal_one_process(tmp_path, reference):
+    """Two torchrun agents as two "nodes" (one process each, static rendezvous on 127.0.0.1)."""
+    port = free_port()
+    opts = {"output_dir": str(tmp_path / "run"), "per_device": 3, "eval": True}
+
+    def node(rank):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank),
+               "--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port),
+               WORKER, "trainer", str(tmp_path), json.dumps(opts)]
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
+
+    nodes = [node(0), node(1)]
+    outputs = [p.communicate(timeout=LAUNCH_TIMEOUT)[0] for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    assert read_result(tmp_path)["world_size"] == 2
+    assert ft.tree.relative_difference(final_weights(tmp_path), final_weights(reference)) <= 1e-5
+
+
 # -- failures -----------------------------------------------------------------------------------------
 
 
@@ -156,6 +175,22 @@ def test_one_rank_raising_ends_every_rank(tmp_path):
     # torchrun's summary: both workers ended with a non-zero exit code (the other one stopped too).
     codes = [int(c) for c in re.findall(r"^\s*exitcode\s*:\s*(-?\d+)", log, flags=re.M)]
     assert len(codes) == 2 and all(c != 0 for c in codes), log[-3000:]
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_rank_stops_every_rank_with_a_checkpoint_that_resumes_bitwise(tmp_path):
+    opts = {"output_dir": str(tmp_path / "run"), "per_device": 3, "max_steps": 10}
+    check(torchrun("sigterm", tmp_path, opts))  # exits 0: no rank hung until ddp_timeout
+    results = [json.loads((tmp_path / f"result-{r}.json").read_text()) for r in (0, 1)]
+    # Rank 1 was signalled after step 3; the ranks agree one step later and stop together.
+    assert [r["global_step"] for r in results] == [4, 4]
+    assert results[0]["checkpoints"] == ["checkpoint-4"]
+    # The checkpoint resumes (2 ranks) to exactly the params of an uninterrupted 2-rank run.
+    check(torchrun("trainer", tmp_path, {**opts, "save_steps": 10_000, "resume": True}))
+    resumed = final_weights(tmp_path)
+    straight = tmp_path / "straight"
+    check(torchrun("trainer", straight, {**opts, "output_dir": str(straight / "run"), "save_steps": 10_000}))
+    assert all(torch.equal(resumed[k], v) for k, v in final_weights(straight).items())
 
 
 @pytest.mark.parametrize("env, message", [

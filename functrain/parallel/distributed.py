@@ -21,6 +21,7 @@ Launch helpers (:func:`init_distributed`, :func:`rank`, ...) read the variables 
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 from collections.abc import Mapping
@@ -94,30 +95,51 @@ def default_backend() -> str:
 def init_distributed(backend: str | None = None, timeout: datetime.timedelta = DEFAULT_TIMEOUT) -> DistInfo:
     """Join the process group the launcher describes (no-op for a single process or if done already).
 
-    Chooses the backend (``nccl`` on CUDA, ``gloo`` on CPU, or ``backend`` as HF's
-    ``ddp_backend``), sets this process's CUDA device to ``LOCAL_RANK``, and bounds every
-    collective by ``timeout``. Raises :class:`DistributedLaunchError` for a misconfigured launch
-    (variables missing, more processes per node than GPUs with ``nccl``).
+    The set-up is accelerate's ``PartialState`` (as HF's ``TrainingArguments`` does it): it reads
+    torchrun / ``accelerate launch`` / MPI / SLURM variables, picks ``nccl`` on CUDA and ``gloo``
+    (or ``mpi``) on CPU unless ``backend`` (HF's ``ddp_backend``) says otherwise, sets the CUDA
+    device to ``LOCAL_RANK`` and bounds every collective by ``timeout``. Checked first, with a
+    :class:`DistributedLaunchError` naming the problem: a misconfigured launch (variables missing,
+    more processes per node than GPUs, ``nccl`` without GPUs, an unknown backend). The process
+    group is destroyed at interpreter exit, before torch's own teardown.
     """
     if dist.is_available() and dist.is_initialized():
         return current_info()
-    r, world, local = read_launch_env()
-    if world == 1:
+    _, world, local = read_launch_env()
+    if world == 1 and not _mpi_launched():
         return DistInfo(0, 1, local, None, _device_for(local, None))
-    backend = backend or default_backend()
-    if backend not in ("gloo", "nccl", "mpi", "xccl", "cpu:gloo,cuda:nccl"):
+    _check_backend(backend, local)
+    from accelerate import PartialState
+
+    PartialState(cpu=not torch.cuda.is_available(), backend=backend, timeout=timeout)
+    if dist.is_initialized():
+        atexit.register(_destroy_process_group)
+    return current_info()
+
+
+def _mpi_launched() -> bool:
+    # mpirun sets these instead of torchrun's variables; accelerate's PartialState reads them.
+    return any(int(os.environ.get(v, "1") or "1") > 1 for v in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"))
+
+
+def _check_backend(backend: str | None, local_rank: int) -> None:
+    if backend is not None and backend not in ("gloo", "nccl", "mpi", "xccl", "cpu:gloo,cuda:nccl"):
         raise DistributedLaunchError(f"ddp_backend={backend!r} is not a torch.distributed backend; expected "
                                      "'nccl' (GPUs), 'gloo' (CPU) or 'mpi'")
-    if backend == "nccl":
+    if (backend or default_backend()) == "nccl":
         if not torch.cuda.is_available():
             raise DistributedLaunchError("backend 'nccl' needs CUDA GPUs, none is available; use 'gloo' on CPU")
-        if local >= torch.cuda.device_count():
+        if local_rank >= torch.cuda.device_count():
             raise DistributedLaunchError(
-                f"LOCAL_RANK={local} but this node has {torch.cuda.device_count()} GPU(s): launch at most "
+                f"LOCAL_RANK={local_rank} but this node has {torch.cuda.device_count()} GPU(s): launch at most "
                 f"{torch.cuda.device_count()} processes per node (--nproc_per_node / --num_processes)")
-        torch.cuda.set_device(local)
-    dist.init_process_group(backend=backend, timeout=timeout)
-    return current_info()
+
+
+def _destroy_process_group() -> None:
+    # A process group left to interpreter teardown can abort the process ("terminate called
+    # without an active exception") while its background threads are still joinable.
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _device_for(local_rank: int, backend: str | None) -> torch.device:
@@ -155,6 +177,42 @@ def is_main_process() -> bool:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+class StopAgreement:
+    """Every rank stops at the same step when any rank was asked to (SIGTERM to one rank only).
+
+    Each step, :meth:`update` starts an asynchronous all-reduce (MAX) of this rank's request on a
+    CPU (gloo) group and reads the previous step's result, which has long arrived: no rank waits,
+    no device syncs, and all ranks see the same answer at the same step (one step after the
+    request). One process: the local request itself.
+    """
+
+    def __init__(self):
+        self._group = None
+        self._pending = None
+        if is_distributed():
+            self._group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+
+    def update(self, requested: bool) -> bool:
+        if self._group is None:
+            return requested
+        agreed = self._finish_pending()
+        flag = torch.tensor([int(requested)], dtype=torch.int32)
+        self._pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group, async_op=True), flag)
+        return agreed
+
+    def _finish_pending(self) -> bool:
+        if self._pending is None:
+            return False
+        work, flag = self._pending
+        work.wait()
+        self._pending = None
+        return bool(flag[0])
+
+    def close(self) -> None:
+        """Complete the last all-reduce (every rank calls this at the same point)."""
+        self._finish_pending()
 
 
 # -- data parallel --------------------------------------------------------------------------------

@@ -483,6 +483,7 @@ class Trainer:
         self._log_timer = time.perf_counter()
         self._last_metrics = {}
         total_loss, total_samples = torch.zeros(()), 0
+        stop_agreement, stop_for_signal = fd.StopAgreement(), False
         self.control = handler.on_train_begin(a, self.state, self.control)
         if a.eval_on_start and start_step == 0:
             self._evaluate(ignore_keys_for_eval)
@@ -512,11 +513,13 @@ class Trainer:
                 self.state.data_position = {**loader.state.to_dict(),
                                             "samples": loader.state.batch_index * self._global_window()}
                 self.control = handler.on_step_end(a, self.state, self.control)
-                if self.interrupted is not None:
+                # A signal on any rank stops every rank at the same step (one step later).
+                stop_for_signal = stop_agreement.update(self.interrupted is not None)
+                if stop_for_signal:
                     self.control.should_save = True
                     self.control.should_training_stop = True
                 self._maybe_log_save_evaluate(ignore_keys_for_eval)
-                if self.interrupted is not None:
+                if stop_for_signal:
                     interrupted_mid_epoch = True
                     break
                 if self.control.should_epoch_stop or self.control.should_training_stop:
@@ -531,18 +534,20 @@ class Trainer:
             if self.control.should_training_stop:
                 break
             epoch += 1
-        return self._finish_training(start_step, start_time, total_loss, total_samples)
+        stop_agreement.close()
+        return self._finish_training(start_step, start_time, total_loss, total_samples, stop_for_signal)
 
     def _global_window(self) -> int:
         a = self.args
         return a.per_device_train_batch_size * a.gradient_accumulation_steps * fd.world_size()
 
-    def _finish_training(self, start_step, start_time, total_loss, total_samples) -> TrainOutput:
+    def _finish_training(self, start_step, start_time, total_loss, total_samples, stop_for_signal) -> TrainOutput:
         a = self.args
-        if self.interrupted is not None:
-            logger.warning("training interrupted by signal %d at step %d; checkpoint written, exiting cleanly",
-                           self.interrupted, self.state.global_step)
-        if a.load_best_model_at_end and self.state.best_model_checkpoint and self.interrupted is None:
+        if stop_for_signal:
+            logger.warning("training interrupted by %s at step %d; checkpoint written, exiting cleanly",
+                           f"signal {self.interrupted}" if self.interrupted else "a signal on another rank",
+                           self.state.global_step)
+        if a.load_best_model_at_end and self.state.best_model_checkpoint and not stop_for_signal:
             self._load_best_model()
         self._sync_model()
         runtime = time.perf_counter() - start_time
