@@ -89,7 +89,8 @@ def run(step: Callable, state, data, *, steps: int, hooks=()) -> Run:
     for hook in r.hooks:
         hook.on_start(r)
     stream = batches(data, r)
-    with _stop_on_signals(r):
+    agreement = fd.StopAgreement()  # a signal to one process stops all of them at the same step
+    with _signals_received() as received:
         while r.step < steps and r.stop_reason is None:
             batch = next(stream, _END)
             if batch is _END:
@@ -100,6 +101,9 @@ def run(step: Callable, state, data, *, steps: int, hooks=()) -> Run:
             for hook in r.hooks:
                 if r.step % hook.every == 0:
                     hook.on_step(r)
+            if agreement.update(bool(received)):
+                r.stop(received[0] if received else "a signal to another process")
+    agreement.close()
     for hook in r.hooks:
         hook.on_end(r)
     return r
@@ -145,20 +149,22 @@ def data_position(data) -> dict | None:
 
 
 @contextlib.contextmanager
-def _stop_on_signals(r: Run):
-    """SIGTERM / SIGINT: finish the current step, then end the run (``on_end`` checkpoints)."""
+def _signals_received():
+    """SIGTERM / SIGINT are recorded (by name) in the yielded list; the loop ends after the
+    current step and ``on_end`` checkpoints. A second Ctrl-C stops at once."""
+    received: list[str] = []
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield received
         return
 
     def handler(signum, frame):
-        if r.stop_reason is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C stops at once
-        r.stop(signal.Signals(signum).name)
+        if received and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        received.append(signal.Signals(signum).name)
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        yield
+        yield received
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
