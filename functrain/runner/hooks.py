@@ -154,6 +154,8 @@ def tensorboard_tag(key: str) -> str:
 class TensorBoard(Hook):
     """Scalars to TensorBoard event files in ``logdir`` (main process only)."""
 
+    order = 90  # closes after the other hooks' last logs (an Evaluate at the end)
+
     def __init__(self, logdir: str):
         self.logdir, self.writer = os.fspath(logdir), None
 
@@ -186,6 +188,8 @@ class Print(Hook):
 
 class ProgressBar(Hook):
     """A tqdm bar over the run's steps (main process only), showing the latest logs."""
+
+    order = 90  # closes after the other hooks' last logs
 
     def __init__(self, **tqdm_kwargs):
         self.kwargs, self.bar = tqdm_kwargs, None
