@@ -7,7 +7,6 @@ the datasets (e.g. ``eval_strategy`` without ``eval_dataset``) happen in ``Train
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -28,8 +27,7 @@ SCHEDULERS = (
     "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay",
 )
 
-# report_to integrations functrain can drive, with the package each one needs.
-INTEGRATIONS = {"tensorboard": "tensorboard"}
+HUB_STRATEGIES = ("every_save", "end", "checkpoint", "all_checkpoints")
 
 
 class TrainingArgumentsError(ValueError):
@@ -99,6 +97,15 @@ class TrainingArguments:
     optim: str = "adamw_torch_fused"
     optim_args: str | None = None
     report_to: str | list[str] | None = "none"
+    project: str = "huggingface"  # the trackio project
+    # -- the Hub (see functrain/trainer/hub.py) --
+    push_to_hub: bool = False
+    hub_model_id: str | None = None
+    hub_strategy: str = "every_save"
+    hub_token: str | None = None
+    hub_private_repo: bool | None = None
+    hub_always_push: bool = False
+    hub_revision: str | None = None
     gradient_checkpointing: bool | None = False
     gradient_checkpointing_kwargs: dict | str | None = None
     include_num_input_tokens_seen: bool | str = False
@@ -137,7 +144,7 @@ class TrainingArguments:
 
     def _check_choices(self):
         for name, allowed in (("eval_strategy", INTERVAL_STRATEGIES), ("logging_strategy", INTERVAL_STRATEGIES),
-                              ("save_strategy", SAVE_STRATEGIES)):
+                              ("save_strategy", SAVE_STRATEGIES), ("hub_strategy", HUB_STRATEGIES)):
             value = getattr(self, name)
             value = getattr(value, "value", value)  # accept enums with .value
             if value not in allowed:
@@ -266,7 +273,10 @@ class TrainingArguments:
 
     # -- serialization (JSON only) ------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+        """The fields, with tokens masked as HF does (``hub_token`` -> ``"<HUB_TOKEN>"``), so no
+        secret reaches training_args.json, a tracker or the Hub."""
+        return {f.name: f"<{f.name.upper()}>" if f.name.endswith("_token") and getattr(self, f.name) is not None
+                else getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
 
     def to_json_string(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
@@ -348,16 +358,10 @@ def _json_dict(value, name: str) -> dict:
 
 
 def _resolve_report_to(value) -> list[str]:
-    """'none'/None -> []; 'all' -> the supported integrations whose package is installed."""
-    if value is None or value == "none" or value == ["none"]:
-        return []
-    if value == "all" or value == ["all"]:
-        return [name for name, pkg in INTEGRATIONS.items() if importlib.util.find_spec(pkg) is not None]
-    names = [value] if isinstance(value, str) else list(value)
-    for n in names:
-        if n not in INTEGRATIONS:
-            _fail(f"report_to={n!r} is not supported by functrain; supported: {list(INTEGRATIONS)}, "
-                  "'all' or 'none' (metrics always go to metrics.jsonl and trainer_state.json)")
-        if importlib.util.find_spec(INTEGRATIONS[n]) is None:
-            _fail(f"report_to includes {n!r} but the {INTEGRATIONS[n]!r} package is not installed")
-    return names
+    """'none'/None -> []; 'all' -> the installed trackers; names checked (see trainer/integrations.py)."""
+    from functrain.trainer.integrations import resolve_report_to
+
+    try:
+        return resolve_report_to(value)
+    except ValueError as e:
+        _fail(str(e))

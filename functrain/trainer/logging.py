@@ -1,4 +1,5 @@
-"""Where logs go: ``metrics.jsonl`` in the output folder (always) and TensorBoard (``report_to``).
+"""Where logs go: ``metrics.jsonl`` in the output folder (always) and TensorBoard (``report_to``;
+the other trackers are in :mod:`functrain.trainer.integrations`).
 
 Both are callbacks reacting to ``on_log``; the Trainer reads metric tensors on logging steps only,
 so nothing here forces a host sync.
@@ -98,5 +99,3 @@ class TensorBoardCallback(TrainerCallback):
             self.tb_writer.close()
             self.tb_writer = None
 
-
-INTEGRATION_CALLBACKS = {"tensorboard": TensorBoardCallback}

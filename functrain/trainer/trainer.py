@@ -34,7 +34,9 @@ from functrain.trainer.callbacks import (
     CallbackHandler, DefaultFlowCallback, ExportableState, PrinterCallback, ProgressCallback, TrainerControl,
     TrainerState,
 )
-from functrain.trainer.logging import INTEGRATION_CALLBACKS, MetricsFileCallback
+from functrain.trainer.integrations import integration_callbacks
+from functrain.trainer.logging import MetricsFileCallback
+from functrain.trainer.publish import PublishMixin
 from functrain.core.state import TrainState
 from functrain.trainer.args import TrainingArguments
 
@@ -60,7 +62,7 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-class Trainer:
+class Trainer(PublishMixin):
     """Train, evaluate and predict with the Hugging Face ``Trainer`` arguments.
 
     Differences from transformers: ``optimizers`` takes a functrain ``GradientTransformation`` (with
@@ -110,7 +112,7 @@ class Trainer:
                 raise ValueError("gradient_checkpointing=True but the model has no gradient_checkpointing_enable()")
             model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs or {"use_reentrant": False})
-        default = [DefaultFlowCallback, MetricsFileCallback] + [INTEGRATION_CALLBACKS[n] for n in self.args.report_to]
+        default = [DefaultFlowCallback, MetricsFileCallback] + integration_callbacks(self.args.report_to)
         self.callback_handler = CallbackHandler(default + list(callbacks or []), model, processing_class)
         if fd.is_main_process():  # progress and prints on the main process only
             self.callback_handler.add_callback(PrinterCallback if self.args.disable_tqdm else ProgressCallback)
@@ -120,6 +122,8 @@ class Trainer:
         self.interrupted: int | None = None
         self._eval_steps: dict = {}
         self.control = self.callback_handler.on_init_end(self.args, self.state, self.control)
+        if self.args.push_to_hub:
+            self.init_hf_repo()
 
     # -- callbacks ------------------------------------------------------------------------------
     def add_callback(self, callback):
@@ -566,6 +570,7 @@ class Trainer:
             metrics["num_input_tokens_seen"] = self.state.num_input_tokens_seen
         self.log(dict(metrics))
         self.control = self.callback_handler.on_train_end(a, self.state, self.control)
+        self._finish_current_push()
         return TrainOutput(self.state.global_step, train_loss, metrics)
 
     def _count_tokens(self, window) -> None:
@@ -692,6 +697,8 @@ class Trainer:
         if fd.is_main_process():
             ck.rotate_checkpoints(a.output_dir, a.save_total_limit, self.state.best_model_checkpoint)
         fd.barrier()  # no rank runs ahead (or resumes) before the checkpoint is complete
+        if a.push_to_hub:
+            self._push_from_checkpoint(path)
         return path
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
@@ -702,6 +709,8 @@ class Trainer:
             ck.write_model(self.model, output_dir, processing_class=self.processing_class)
             self.args.save_to_json(os.path.join(output_dir, ck.ARGS_FILE))
         fd.barrier()
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
 
     def save_state(self) -> None:
         """Write ``trainer_state.json`` to ``output_dir`` (main process only)."""

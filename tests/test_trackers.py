@@ -1,0 +1,253 @@
+"""report_to trackers, read back through each tracker's own client: MLflow (local file store,
+``MlflowClient``), W&B (offline run file, wandb's protobuf records) and trackio (its local SQLite
+store). Keys and steps must equal ``trainer.state.log_history``; MLflow and W&B are also compared
+with transformers' own MLflowCallback / WandbCallback fed the same log history."""
+
+import dataclasses
+import importlib.util
+import logging
+import os
+import sys
+import uuid
+from glob import glob
+
+import pytest
+
+from functrain.trainer.args import TrainingArguments, TrainingArgumentsError
+from functrain.trainer.integrations import SINGLE_VALUE_SCALARS, rewrite_logs
+from functrain.trainer.trainer import Trainer
+
+from _trainer_fixtures import make_dataset, make_model
+
+# Checked without importing: trackio reads TRACKIO_DIR when imported (the fixture sets it first).
+pytestmark = pytest.mark.skipif(any(importlib.util.find_spec(p) is None for p in ("mlflow", "wandb", "trackio")),
+                                reason="the tracker clients are in the test extra")
+
+RUN_NAME = "functrain-tracker-test"
+_WANDB_INTERNAL = ("_step", "_runtime", "_timestamp", "_wandb/runtime")
+
+
+def _args(out, **kw):
+    base = dict(max_steps=6, per_device_train_batch_size=4, learning_rate=5e-2, logging_steps=2,
+                eval_strategy="steps", eval_steps=3, save_strategy="no", disable_tqdm=True, seed=3,
+                run_name=RUN_NAME)
+    base.update(kw)
+    return TrainingArguments(str(out), **base)
+
+
+@pytest.fixture(scope="module")
+def tracked(tmp_path_factory):
+    """One training run reporting to mlflow, wandb and trackio at once."""
+    root = tmp_path_factory.mktemp("trackers")
+    project = f"functrain-test-{uuid.uuid4().hex[:8]}"
+    env = dict(MLFLOW_TRACKING_URI=f"file://{root / 'mlruns'}", MLFLOW_ALLOW_FILE_STORE="true",
+               MLFLOW_EXPERIMENT_NAME="functrain-tests", WANDB_MODE="offline", WANDB_DIR=str(root),
+               WANDB_PROJECT="functrain-tests", WANDB_SILENT="true", TRACKIO_DIR=str(root / "trackio"))
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        trainer = Trainer(model=make_model(), args=_args(root / "out", report_to=["mlflow", "wandb", "trackio"],
+                                                         project=project),
+                          train_dataset=make_dataset(), eval_dataset=make_dataset(n=8, seed=5))
+        trainer.train()
+        trainer.predict_metrics = trainer.predict(make_dataset(n=8, seed=7)).metrics  # wandb and trackio log test/... metrics
+        import wandb
+
+        wandb.finish()  # as in HF the run stays open after train(); close it to read the files
+        yield root, project, trainer
+
+
+def _rows(trainer):
+    """(step, logs as the callbacks received them) for every log."""
+    return [(row["step"], {k: v for k, v in row.items() if k != "step"}) for row in trainer.state.log_history]
+
+
+def _step_keyed(trainer):
+    """What HF's wandb/trackio callbacks log per row: train/eval keys plus train/global_step, then
+    the predict() metrics as test/... (no step)."""
+    out = []
+    for step, logs in _rows(trainer):
+        rest = {k: v for k, v in logs.items() if k not in SINGLE_VALUE_SCALARS}
+        out.append({**rewrite_logs(rest), "train/global_step": step})
+    return out + [rewrite_logs(trainer.predict_metrics)]
+
+
+# -- MLflow ---------------------------------------------------------------------------------------
+
+def _mlflow_run(root, name):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"file://{root / 'mlruns'}")
+    exp = client.get_experiment_by_name("functrain-tests")
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.runName = '{name}'")
+    assert len(runs) == 1, [r.info.run_name for r in runs]
+    return client, runs[0]
+
+
+def test_mlflow_metrics_and_params_read_back(tracked):
+    root, _, trainer = tracked
+    client, run = _mlflow_run(root, RUN_NAME)
+    assert run.info.status == "FINISHED"  # the run was ended at on_train_end
+    keys = {k for _, logs in _rows(trainer) for k in logs}
+    assert set(run.data.metrics) == keys
+    for key in keys:
+        got = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
+        want = [(step, logs[key]) for step, logs in _rows(trainer) if key in logs]
+        assert [s for s, _ in got] == [s for s, _ in want], key
+        assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-12), key
+    params = run.data.params
+    assert params["learning_rate"] == "0.05" and params["max_steps"] == "6" and params["run_name"] == RUN_NAME
+
+
+def test_mlflow_matches_transformers_callback(tracked):
+    """transformers' MLflowCallback, given our args and the same logs, records the same run."""
+    from transformers.integrations import MLflowCallback as HFMLflowCallback
+    from transformers.trainer_callback import TrainerControl, TrainerState
+
+    root, _, trainer = tracked
+    args = dataclasses.replace(trainer.args, run_name="hf-reference")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", f"file://{root / 'mlruns'}")
+        mp.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+        mp.setenv("MLFLOW_EXPERIMENT_NAME", "functrain-tests")
+        hf, state, control = HFMLflowCallback(), TrainerState(), TrainerControl()
+        hf.on_train_begin(args, state, control, model=trainer.model)
+        for step, logs in _rows(trainer):
+            state.global_step = step
+            hf.on_log(args, state, control, logs=logs, model=trainer.model)
+        hf.on_train_end(args, state, control)
+    client, ours = _mlflow_run(root, RUN_NAME)
+    _, ref = _mlflow_run(root, "hf-reference")
+    assert set(ours.data.metrics) == set(ref.data.metrics)
+    for key in ref.data.metrics:
+        assert (sorted((m.step, m.value) for m in client.get_metric_history(ours.info.run_id, key))
+                == sorted((m.step, m.value) for m in client.get_metric_history(ref.info.run_id, key))), key
+    differ = {k for k in ref.data.params if ours.data.params.get(k) != ref.data.params[k]}
+    assert differ == {"run_name"} and set(ours.data.params) == set(ref.data.params)
+
+
+# -- W&B ------------------------------------------------------------------------------------------
+
+def _wandb_run_dir(root, name):
+    import _wandb_offline
+
+    names = {d: _wandb_offline.run_name(d) for d in glob(str(root / "wandb" / "offline-run-*"))}
+    dirs = [d for d, n in names.items() if n == name]
+    assert len(dirs) == 1, names
+    return dirs[0]
+
+
+def _wandb_history(run_dir):
+    import _wandb_offline
+
+    return [{k: v for k, v in row.items() if k not in _WANDB_INTERNAL} for row in _wandb_offline.history(run_dir)]
+
+
+def test_wandb_offline_run_read_back(tracked):
+    import _wandb_offline
+
+    root, _, trainer = tracked
+    run_dir = _wandb_run_dir(root, RUN_NAME)
+    history = _wandb_history(run_dir)
+    want = _step_keyed(trainer)
+    want[-1]["train/global_step"] = trainer.state.global_step  # define_metric(step_sync=True) fills it in
+    assert [set(r) for r in history] == [set(r) for r in want]
+    for got, expected in zip(history, want):
+        assert got == pytest.approx(expected, rel=1e-12)
+    summary = _wandb_offline.summary(run_dir)
+    final = trainer.state.log_history[-1]
+    assert summary["train_runtime"] == final["train_runtime"] and summary["train_loss"] == pytest.approx(
+        final["train_loss"])
+    config = _wandb_offline.config(run_dir)
+    assert config["learning_rate"] == 0.05 and config["run_name"] == RUN_NAME
+    assert config["model/num_parameters"] == sum(p.numel() for p in trainer.model.parameters())
+
+
+def test_wandb_matches_transformers_callback(tracked):
+    """transformers' WandbCallback, given our args and the same logs, writes the same history."""
+    import wandb
+    from transformers.integrations import WandbCallback as HFWandbCallback
+    from transformers.trainer_callback import TrainerControl, TrainerState
+
+    root, _, trainer = tracked
+    args = dataclasses.replace(trainer.args, run_name="hf-reference")
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in dict(WANDB_MODE="offline", WANDB_DIR=str(root), WANDB_SILENT="true").items():
+            mp.setenv(k, v)
+        hf, state, control = HFWandbCallback(), TrainerState(), TrainerControl()
+        hf.on_train_begin(args, state, control, model=trainer.model)
+        for step, logs in _rows(trainer):
+            state.global_step = step
+            hf.on_log(args, state, control, logs=logs, model=trainer.model)
+        hf.on_predict(args, state, control, metrics=trainer.predict_metrics)
+        ref_dir = os.path.dirname(wandb.run.dir)  # <run dir>/files
+        wandb.finish()
+    assert _wandb_history(_wandb_run_dir(root, RUN_NAME)) == _wandb_history(ref_dir)
+
+
+# -- trackio --------------------------------------------------------------------------------------
+
+def test_trackio_local_store_read_back(tracked):
+    from trackio.sqlite_storage import SQLiteStorage
+
+    root, project, trainer = tracked
+    assert (root / "trackio" / f"{project}.db").is_file()  # TRACKIO_DIR was honoured
+    rows = [{k: v for k, v in r.items() if k not in ("timestamp", "step")}
+            for r in SQLiteStorage.get_logs(project, RUN_NAME)]
+    want = _step_keyed(trainer)
+    assert [set(r) for r in rows] == [set(r) for r in want]
+    for got, expected in zip(rows, want):
+        assert got == pytest.approx(expected, rel=1e-12)
+
+
+# -- report_to resolution -------------------------------------------------------------------------
+
+def test_unknown_and_unsupported_tracker_names_are_refused():
+    with pytest.raises(TrainingArgumentsError, match="'nope' is not a known tracker; supported: "
+                                                     r"\['tensorboard', 'mlflow', 'wandb', 'trackio'\]"):
+        TrainingArguments("o", report_to=["mlflow", "nope"])
+    with pytest.raises(TrainingArgumentsError, match="'comet_ml' is a transformers integration functrain does "
+                                                     "not drive"):
+        TrainingArguments("o", report_to="comet_ml")
+
+
+def test_named_tracker_not_installed_is_refused(monkeypatch):
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # find_spec now reports it missing
+    with pytest.raises(TrainingArgumentsError, match=r"'mlflow' .*not installed: pip install 'functrain\[mlflow\]'"):
+        TrainingArguments("o", report_to="mlflow")
+
+
+def test_report_to_all_with_no_tracker_installed_trains_and_says_so_once(tmp_path, monkeypatch, caplog):
+    for package in ("tensorboard", "mlflow", "wandb", "trackio"):
+        monkeypatch.setitem(sys.modules, package, None)
+    with caplog.at_level(logging.WARNING, logger="functrain"):
+        trainer = Trainer(model=make_model(), args=_args(tmp_path, report_to="all", eval_strategy="no", max_steps=2),
+                          train_dataset=make_dataset())
+        trainer.train()
+    said = [r.getMessage() for r in caplog.records if "report_to='all'" in r.getMessage()]
+    assert said == ["report_to='all': reporting to no tracker (none is installed); not installed: "
+                    "['tensorboard', 'mlflow', 'wandb', 'trackio']"]
+    assert trainer.args.report_to == [] and trainer.state.global_step == 2
+    assert (tmp_path / "metrics.jsonl").is_file()
+
+
+def test_hub_token_is_masked_in_saved_arguments(tmp_path):
+    args = TrainingArguments(str(tmp_path), hub_token="hf_secret")
+    assert args.to_dict()["hub_token"] == "<HUB_TOKEN>" and "hf_secret" not in args.to_json_string()
+    assert args.hub_token == "hf_secret"
+
+
+def test_mlflow_logs_checkpoints_as_artifacts_with_hf_mlflow_log_artifacts(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    for k, v in dict(MLFLOW_TRACKING_URI=f"file://{tmp_path / 'mlruns'}", MLFLOW_ALLOW_FILE_STORE="true",
+                     HF_MLFLOW_LOG_ARTIFACTS="1", MLFLOW_EXPERIMENT_NAME="artifacts").items():
+        monkeypatch.setenv(k, v)
+    trainer = Trainer(model=make_model(), args=_args(tmp_path / "out", report_to="mlflow", eval_strategy="no",
+                                                     max_steps=2, save_strategy="steps", save_steps=2),
+                      train_dataset=make_dataset())
+    trainer.train()
+    client = MlflowClient(tracking_uri=f"file://{tmp_path / 'mlruns'}")
+    run, = client.search_runs([client.get_experiment_by_name("artifacts").experiment_id])
+    logged = sorted(a.path for a in client.list_artifacts(run.info.run_id, "checkpoint-2"))
+    assert logged == sorted(f"checkpoint-2/{f.name}" for f in (tmp_path / "out" / "checkpoint-2").iterdir())
