@@ -8,6 +8,8 @@ The step is :func:`functrain.make_train_step` (compiled, AdamW, clip 1.0) on the
 (fetch + collate: data loading included) for every contender. Contenders, interleaved in rounds
 of ``block`` steps under the same load (``_common.interleave``):
 
+- ``bare step``: the step alone on already-collated batches (what ``driver_overhead.py`` subtracts
+  from the Trainer, so ``run() - bare step`` compares with the Trainer's figure);
 - ``bare loop``: ``for batch in loader: state, _ = step(state, batch)``, timed per iteration;
 - ``run()``: ``functrain.run(step, state, loader, steps=block, hooks=[...])`` with a Log hook
   whose period is longer than the block (so no step reads a metric, as in the bare loop), a
@@ -51,7 +53,7 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = D.config(args.quick)
-    block, rounds = (8, 2) if args.quick else (60, args.rounds or 8)
+    block, rounds = (8, 2) if args.quick else (20, args.rounds or 24)
     torch.manual_seed(0)
     model = D.MLPRegressor(cfg["width"], cfg["layers"])
     rows = D.make_rows(cfg["batch"] * 64, cfg["width"])
@@ -63,6 +65,16 @@ def main(argv=None) -> dict:
     for batch in loader:  # compile once, outside the measurement
         shared["state"], _ = step(shared["state"], batch)
         break
+
+    collated = [b for _, b in zip(range(block), ResumableLoader(rows, cfg["batch"], seed=0))]
+
+    def bare_step() -> list[float]:
+        times = []
+        for batch in collated:
+            t0 = time.perf_counter()
+            shared["state"], _ = step(shared["state"], batch)
+            times.append(time.perf_counter() - t0)
+        return times
 
     def bare() -> list[float]:
         times, t0 = [], time.perf_counter()
@@ -95,6 +107,7 @@ def main(argv=None) -> dict:
         return go
 
     contenders = {
+        "bare step": bare_step,
         "bare loop": bare,
         "run()": with_runner(lambda: []),
         "run() + Checkpoint": with_runner(lambda: [Checkpoint(os.path.join(out_dir, "ck"), every=10**9,
@@ -106,11 +119,15 @@ def main(argv=None) -> dict:
     loads = results.pop("_loadavg")
     print(C.table(results, "bare loop"))
     bare_ms = results["bare loop"]["median_ms"]
-    summary = {name: (r["median_ms"] - bare_ms) * 1e3 for name, r in results.items() if name != "bare loop"}
+    summary = {name: (r["median_ms"] - bare_ms) * 1e3 for name, r in results.items() if name.startswith("run")}
     for name, us in summary.items():
-        print(f"{name} overhead per step: {us:.0f} us (difference of medians)")
+        print(f"{name} overhead per step over the bare loop: {us:.0f} us (difference of medians)")
+    step_ms = results["bare step"]["median_ms"]
+    vs_step = {name: (r["median_ms"] - step_ms) * 1e3 for name, r in results.items() if name != "bare step"}
+    for name, us in vs_step.items():
+        print(f"{name} minus the bare step (data loading included): {us:.0f} us")
     report = {"quick": args.quick, "config": cfg, "block": block, "rounds": rounds, "results": results,
-              "loadavg_per_round": loads, "summary": {"runner_overhead_us": summary}}
+              "loadavg_per_round": loads, "summary": {"runner_overhead_us": summary, "over_bare_step_us": vs_step}}
     if not args.skip_trainer:
         trainer = D.main(["--quick"] if args.quick else [])
         report["trainer"] = trainer["summary"]
