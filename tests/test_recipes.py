@@ -6,6 +6,7 @@ import importlib.util
 import os
 import random
 import signal
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 def load_example(name: str):
     spec = importlib.util.spec_from_file_location(f"recipe_{name}", EXAMPLES / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # torch.compile imports a traced function's module by name
     spec.loader.exec_module(module)
     return module
 
