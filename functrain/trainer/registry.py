@@ -163,7 +163,7 @@ FIELDS: dict[str, FieldStatus] = {
     # -- reproducibility
     "seed": ok(),
     "data_seed": ok(),
-    "full_determinism": not_yet("issue #21"),
+    "full_determinism": ok(),
     # -- devices and data loading
     "use_cpu": ok(),
     "accelerator_config": refused("functrain does not wrap its loaders or step in an accelerate Accelerator (the "

@@ -68,6 +68,20 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def enable_full_determinism(seed: int) -> None:
+    """``full_determinism=True``: seed, and make every kernel deterministic, as
+    ``transformers.enable_full_determinism`` does (process-wide, for the rest of the process).
+
+    The train and eval steps are built with ``deterministic=True`` too, so a compiled step is
+    compiled in the same mode (see :func:`functrain.make_train_step`).
+    """
+    set_seed(seed)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":16:8")  # cuBLAS needs it for deterministic matmuls
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
 class Trainer(PublishMixin):
     """Train, evaluate and predict with the Hugging Face ``Trainer`` arguments.
 
@@ -94,7 +108,7 @@ class Trainer(PublishMixin):
         set_log_level(self.args)
         # Joins the process group when launched by torchrun / accelerate (no-op for one process).
         self.dist = fd.init_distributed(self.args.ddp_backend, datetime.timedelta(seconds=self.args.ddp_timeout))
-        set_seed(self.args.seed)
+        (enable_full_determinism if self.args.full_determinism else set_seed)(self.args.seed)
         self.model_init = model_init
         if model is None:
             if model_init is None:
@@ -383,6 +397,7 @@ class Trainer(PublishMixin):
         a = self.args
         return make_train_step(self.model, tx, self._train_loss_fn(), accumulate=accumulate, precision=a.precision,
                                compile=a.torch_compile, compile_kwargs=compile_kwargs(a),
+                               deterministic=a.full_determinism,
                                max_grad_norm=a.max_grad_norm or None, required_keys=self._required_label_keys(),
                                **self._distributed_step_kwargs())
 
@@ -438,7 +453,8 @@ class Trainer(PublishMixin):
             self._eval_steps[key] = make_eval_step(
                 self.model, self._eval_loss_fn(with_outputs, ignore_keys),
                 precision="fp32" if a.fp16_full_eval or a.bf16_full_eval else a.precision,
-                compile=a.torch_compile, compile_kwargs=compile_kwargs(a), return_outputs=with_outputs,
+                compile=a.torch_compile, compile_kwargs=compile_kwargs(a), deterministic=a.full_determinism,
+                return_outputs=with_outputs,
                 param_transform=full_eval_params(a, fd.gather_params if a.sharded else None))
         return self._eval_steps[key]
 
@@ -457,6 +473,22 @@ class Trainer(PublishMixin):
         if self.train_state is not None:
             return self.train_state
         return TrainState.create(self.model, optim.identity(), seed=self.args.seed)
+
+    def _share_state_with_model(self) -> None:
+        """Point the module's parameters and buffers at the state's tensors (no copy).
+
+        Whatever reads ``self.model`` between steps (callbacks receive it, user code holds it)
+        then sees the state training has reached, never the stale tensors of an earlier one; and
+        the module no longer keeps a third copy of the weights alive. Sharded states hold shards:
+        there the module is filled by copying (``_sync_model``) on save and at the end.
+        """
+        if self.args.sharded and fd.is_distributed():
+            return
+        s = self.train_state
+        for name, t in itertools.chain(self.model.named_parameters(), self.model.named_buffers()):
+            src = s.params.get(name, s.buffers.get(name))
+            if src is not None and src is not t and src.shape == t.shape and src.dtype == t.dtype:
+                t.data = src
 
     def _sync_model(self) -> None:
         """Copy the state's params and buffers into the user's module, so it reflects training."""
@@ -533,6 +565,7 @@ class Trainer(PublishMixin):
             self.state.compute_steps(a, max_steps)
         self.train_state = state
         self.callback_handler.train_state = state
+        self._share_state_with_model()
         self.callback_handler.train_dataloader = loader
         if fd.is_main_process():
             ck.remove_stale_temporaries(a.output_dir)
@@ -606,6 +639,7 @@ class Trainer(PublishMixin):
                 step_fn = self._step_for_rows(rows)
                 state, metrics = step_fn(self.train_state, window)
                 self.train_state = handler.train_state = state
+                self._share_state_with_model()
                 self.control = compat.optimizer_events(handler, a, self.state, self.control, step_fn.accumulate)
                 self._flos += float(self.floating_point_ops(window))
                 loss = metrics["loss"].detach().float().cpu() if metrics["loss"].device.type == "cpu" \
@@ -662,7 +696,8 @@ class Trainer(PublishMixin):
                            self.state.global_step)
         if a.load_best_model_at_end and self.state.best_model_checkpoint and not stop_for_signal:
             self._load_best_model()
-        self._sync_model()
+        self._share_state_with_model()
+        self._sync_model()  # sharded: gathers the shards into the module
         runtime = time.perf_counter() - start_time
         self.store_flos()
         steps = self.state.global_step - start_step
