@@ -128,8 +128,9 @@ def make_train_step(
         grads, metrics = g.grads, {"loss": g.loss, "num_items": g.num_items}
         if policy.needs_loss_scale:
             grads, finite = unscale_grads(grads, loss_scale)
+        # value=loss: transforms that use the objective (reduce_on_plateau, ...) get it, others don't.
         new_params, new_opt_state, metrics["grad_norm"] = apply_update(tx, params, opt_state, grads,
-                                                                       max_grad_norm=max_grad_norm)
+                                                                       max_grad_norm=max_grad_norm, value=g.loss)
         new_step, new_loss_scale = step + 1, loss_scale
         if policy.needs_loss_scale:
             # A non-finite step changes nothing but the loss scale: params, optimizer state
@@ -141,7 +142,7 @@ def make_train_step(
             metrics["skipped"] = ~finite
         lr = find_learning_rate(new_opt_state)
         if lr is not None:
-            metrics["learning_rate"] = lr
+            metrics["learning_rate"] = lr * _learning_rate_scale(new_opt_state)
         metrics.update(g.aux)
         if donate:
             # Write the results into the input storages; inside torch.compile this fuses with the
@@ -264,6 +265,19 @@ def make_eval_step(
 # -- helpers -------------------------------------------------------------------------------------
 
 
+def _learning_rate_scale(opt_state):
+    """The product of the ``scale`` of states that scale the learning rate (``reduce_on_plateau``)."""
+    if getattr(type(opt_state), "scales_learning_rate", False):
+        return opt_state.scale
+    if isinstance(opt_state, Mapping):
+        opt_state = tuple(opt_state.values())
+    factor = 1.0
+    if isinstance(opt_state, (tuple, list)):
+        for child in opt_state:
+            factor = factor * _learning_rate_scale(child)
+    return factor
+
+
 def find_learning_rate(opt_state) -> torch.Tensor | None:
     """The learning rate recorded in an optimizer state, or ``None``.
 
@@ -358,7 +372,13 @@ def _pin_hf_loss_function(model: nn.Module) -> None:
     the ``loss_function`` property logs a warning and falls back to ``ForCausalLMLoss`` on every
     forward; a logger call inside ``torch.compile(fullgraph=True)`` is a graph break. Setting the
     attribute to the function the property would return keeps the behaviour and the graph whole.
+    Wrapped models (a ``peft.PeftModel`` around a transformers model) get their inner model pinned.
     """
+    for m in model.modules():
+        _pin_one_loss_function(m)
+
+
+def _pin_one_loss_function(model: nn.Module) -> None:
     if "_loss_function" in vars(model) or not isinstance(type(model).__dict__.get("loss_function")
                                                          or getattr(type(model), "loss_function", None), property):
         return

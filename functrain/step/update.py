@@ -15,18 +15,20 @@ All pure and traceable (no host sync): a non-finite step is skipped with ``torch
 from __future__ import annotations
 
 from functrain.core import tree
-from functrain.core.optim.base import apply_updates
+from functrain.core.optim.base import apply_updates, update_with_extra_args
 from functrain.core.optim.transforms import clip_factor
 from functrain.core.precision import dynamic_scale_update, unscale
 
 
-def apply_update(tx, params, opt_state, grads, *, max_grad_norm: float | None = None):
+def apply_update(tx, params, opt_state, grads, *, max_grad_norm: float | None = None, value=None):
     """``(new_params, new_opt_state, grad_norm)``: the global norm of ``grads`` (before clipping),
-    clipping to ``max_grad_norm`` (HF's rule; ``None``: none here), then ``tx``'s update."""
+    clipping to ``max_grad_norm`` (HF's rule; ``None``: none here), then ``tx``'s update.
+    ``value``: the loss, for transforms that take it (``reduce_on_plateau``; others ignore it)."""
     grad_norm = tree.global_norm(grads)
     if max_grad_norm is not None:
         grads = tree.scale(grads, clip_factor(grad_norm, max_grad_norm))
-    updates, new_opt_state = tx.update(grads, opt_state, params)
+    extra = {} if value is None else {"value": value}
+    updates, new_opt_state = update_with_extra_args(tx, grads, opt_state, params, **extra)
     return apply_updates(params, updates), new_opt_state, grad_norm
 
 

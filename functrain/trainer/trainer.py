@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import inspect
 import itertools
 import logging
 import math
@@ -117,6 +116,7 @@ class Trainer(PublishMixin):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = self._place(model)
+        _check_peft(model, self.args)
         self.optimizer, self.lr_scheduler = _check_optimizers(optimizers)
         if self.args.eval_strategy != "no" and eval_dataset is None:
             raise ValueError(f"eval_strategy={self.args.eval_strategy!r} needs an eval_dataset; pass one or set "
@@ -279,16 +279,39 @@ class Trainer(PublishMixin):
 
     # -- optimizer --------------------------------------------------------------------------------
     def create_scheduler(self, num_training_steps: int):
-        """The learning-rate schedule for ``lr_scheduler_type`` (a pure function of the step)."""
+        """The learning-rate schedule for ``lr_scheduler_type`` (a pure function of the step).
+
+        ``reduce_lr_on_plateau`` is a constant rate here; ``create_optimizer`` chains the plateau
+        scale onto the optimizer and ``_evaluate`` feeds it (see ``_plateau_settings``).
+        """
         from functrain.core.schedules import get_schedule
 
         a = self.args
+        if a.lr_scheduler_type == "reduce_lr_on_plateau":
+            return get_schedule("constant", a.learning_rate, num_training_steps=num_training_steps)
         return get_schedule(a.lr_scheduler_type, a.learning_rate, num_training_steps=num_training_steps,
                             num_warmup_steps=a.get_warmup_steps(num_training_steps), **a.lr_scheduler_kwargs)
 
     def create_optimizer(self, schedule):
         """The functrain optimizer for ``args.optim`` (weight decay skips biases and norms, as HF)."""
-        return registry.build_optimizer(self.args, self.model, schedule, _parse_optim_args(self.args.optim_args))
+        tx = registry.build_optimizer(self.args, self.model, schedule, _parse_optim_args(self.args.optim_args))
+        plateau = self._plateau_settings()
+        if plateau is not None:
+            tx = optim.chain(tx, optim.reduce_on_plateau(**plateau, observe="external"))
+        return tx
+
+    def _plateau_settings(self) -> dict | None:
+        """``reduce_on_plateau`` arguments for HF's ``reduce_lr_on_plateau`` (torch's kwargs), else None."""
+        a = self.args
+        if a.lr_scheduler_type != "reduce_lr_on_plateau":
+            return None
+        from functrain.core.optim.plateau import TORCH_ARGUMENTS
+
+        unknown = sorted(set(a.lr_scheduler_kwargs) - set(TORCH_ARGUMENTS))
+        if unknown:
+            raise ValueError(f"lr_scheduler_kwargs {unknown} are not ReduceLROnPlateau arguments; "
+                             f"expected some of {list(TORCH_ARGUMENTS)}")
+        return optim.plateau_arguments_from_torch(a.learning_rate, **a.lr_scheduler_kwargs)
 
     def create_optimizer_and_scheduler(self, num_training_steps: int):
         if self.optimizer is not None:
@@ -369,6 +392,10 @@ class Trainer(PublishMixin):
         """The step's loss: ``training_step`` (hence ``compute_loss``) when overridden, else the step's
         default (the model's own loss, normalized over the window)."""
         if not self._custom_loss():
+            if self.args.use_liger_kernel:  # HF patches Liger's kernels in; the same loss, logits never whole
+                from functrain.step.fused_loss import causal_lm_fused_loss
+
+                return causal_lm_fused_loss
             return None
 
         def loss_fn(m, batch):
@@ -470,8 +497,9 @@ class Trainer(PublishMixin):
         return state
 
     def _state_for_eval(self) -> TrainState:
-        if self.train_state is not None:
-            return self.train_state
+        if self.train_state is not None:  # schedule-free: evaluate the averaged x (HF: optimizer.eval())
+            s = self.train_state
+            return s.replace(params=optim.schedule_free_eval_params(s.opt_state, s.params))
         return TrainState.create(self.model, optim.identity(), seed=self.args.seed)
 
     def _share_state_with_model(self) -> None:
@@ -625,7 +653,7 @@ class Trainer(PublishMixin):
         stop_agreement, stop_for_signal = fd.StopAgreement(), False
         self.control = handler.on_train_begin(a, self.state, self.control)
         if a.eval_on_start and start_step == 0:
-            self._evaluate(ignore_keys_for_eval)
+            self._evaluate(ignore_keys_for_eval, skip_scheduler=True)
         seed = position.get("seed")
         epoch = position["epoch"]
         done = self.state.global_step >= self.state.max_steps
@@ -788,8 +816,17 @@ class Trainer(PublishMixin):
         self._log_timer = time.perf_counter()
         return logs
 
-    def _evaluate(self, ignore_keys=None) -> dict:
-        return self.evaluate(ignore_keys=ignore_keys)
+    def _evaluate(self, ignore_keys=None, skip_scheduler: bool = False) -> dict:
+        metrics = self.evaluate(ignore_keys=ignore_keys)
+        plateau = self._plateau_settings()
+        if plateau is not None and not skip_scheduler:  # HF steps ReduceLROnPlateau with the metric here
+            key = self._metric_key()
+            if key not in metrics:
+                raise KeyError(f"metric_for_best_model={self.args.metric_for_best_model!r}: {key!r} is not among the "
+                               f"evaluation metrics {sorted(metrics)}; reduce_lr_on_plateau needs it")
+            opt_state = optim.observe_plateau(self.train_state.opt_state, metrics[key], **plateau)
+            self.train_state = self.callback_handler.train_state = self.train_state.replace(opt_state=opt_state)
+        return metrics
 
     def _metric_key(self) -> str:
         key = self.args.metric_for_best_model
@@ -851,11 +888,21 @@ class Trainer(PublishMixin):
             self._push_from_checkpoint(path)
         return path
 
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Save the weights (safetensors), config and processing class, loadable by ``from_pretrained``."""
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False, *,
+                   merge_adapter: bool = False) -> None:
+        """Save the weights (safetensors), config and processing class, loadable by ``from_pretrained``.
+
+        A ``peft.PeftModel`` is saved as its adapter only (as transformers does), loadable by
+        ``PeftModel.from_pretrained(base, output_dir)``; ``merge_adapter=True`` (functrain only)
+        writes the base model with the adapter merged in (``merge_and_unload``) instead.
+        """
         output_dir = output_dir or self.args.output_dir
         self._sync_model()  # gathers sharded params on every rank
-        if fd.is_main_process():
+        if fd.is_main_process() and merge_adapter:
+            from functrain.adapters.peft import save_merged
+
+            save_merged(self.model, output_dir, processing_class=self.processing_class)
+        elif fd.is_main_process():
             ck.write_model(self.model, output_dir, processing_class=self.processing_class)
             self.args.save_to_json(os.path.join(output_dir, ck.ARGS_FILE))
         fd.barrier()
@@ -1089,6 +1136,12 @@ def _map_data_position(position: dict, global_window: int) -> dict:
                          f"a whole number of this run's global batches ({global_window} = per_device_train_batch_size "
                          "x gradient_accumulation_steps x world size); resume with a global batch that divides it")
     return {**position, "batch_index": samples // global_window}
+
+
+def _check_peft(model, args) -> None:
+    from functrain.adapters.peft import check_trainer_arguments
+
+    check_trainer_arguments(model, args)
 
 
 def _check_optimizers(optimizers):
