@@ -129,7 +129,8 @@ def main(argv=None) -> dict:
     report = {"quick": args.quick, "config": cfg, "block": block, "rounds": rounds, "results": results,
               "loadavg_per_round": loads, "summary": {"runner_overhead_us": summary, "over_bare_step_us": vs_step}}
     if not args.skip_trainer:
-        trainer = D.main(["--quick"] if args.quick else [])
+        # Its own report goes to a temporary file: benchmarks/results/driver_overhead.json is its own run's.
+        trainer = D.main((["--quick"] if args.quick else []) + ["--out", os.path.join(out_dir, "driver_overhead.json")])
         report["trainer"] = trainer["summary"]
         print(f"Trainer overhead per step (same process, driver_overhead.py): {trainer['summary']['overhead_us']:.0f} us")
     C.write_report("runner_overhead", report, args.out)
