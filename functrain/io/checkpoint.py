@@ -732,7 +732,3 @@ def load_tree(folder: str, template) -> tuple[Any, dict]:
     load_rng_state(folder)
     return state, progress
 
-
-def read_manifest(path: str) -> dict[str, Any]:
-    with open(os.path.join(path, MANIFEST_FILE), encoding="utf-8") as f:
-        return json.load(f)
