@@ -21,14 +21,14 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from functrain.core.rng import _mix64
+from functrain.core.rng import mix64
 
 
 def batch_seed(seed: int, epoch: int, batch_index: int, rank: int = 0) -> int:
     """A 63-bit seed for one batch, a pure function of its position."""
-    h = _mix64(seed & ((1 << 64) - 1))
+    h = mix64(seed & ((1 << 64) - 1))
     for part in (epoch, batch_index, rank):
-        h = _mix64(h ^ (part & ((1 << 64) - 1)))
+        h = mix64(h ^ (part & ((1 << 64) - 1)))
     return h >> 1
 
 
@@ -117,7 +117,7 @@ def _call_seeded(collate_fn, examples, seed, own_seed, own):
         random.seed(seed)
         np.random.seed(seed % 2**32)
         if own is not None:
-            own.manual_seed(_mix64(seed ^ own_seed) >> 1)
+            own.manual_seed(mix64(seed ^ own_seed) >> 1)
         try:
             return collate_fn(examples)
         finally:

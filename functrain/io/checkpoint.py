@@ -60,7 +60,7 @@ SHARDED_LAYOUT_FILE = "train_state_layout.json"  # see functrain.parallel.checkp
 FORMAT = "functrain.checkpoint"
 VERSION = 1
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt", ".joblib")
-_CHECKPOINT_RE = re.compile(rf"^{PREFIX}-(\d+)$")
+CHECKPOINT_RE = re.compile(rf"^{PREFIX}-(\d+)$")
 
 
 class CheckpointError(RuntimeError):
@@ -80,7 +80,7 @@ def checkpoint_dirs(output_dir: str) -> list[tuple[int, str]]:
         return []
     found = []
     for name in os.listdir(output_dir):
-        m = _CHECKPOINT_RE.match(name)
+        m = CHECKPOINT_RE.match(name)
         path = os.path.join(output_dir, name)
         if m and os.path.isdir(path):
             found.append((int(m.group(1)), path))
@@ -143,16 +143,16 @@ def write_checkpoint(output_dir: str, step: int, write_files, *, resumable: bool
     try:
         write_files(tmp)
         write_manifest(tmp, step=step, resumable=resumable)
-        _fsync_dir(tmp)
-        _replace_dir(tmp, final)
+        fsync_dir(tmp)
+        replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync_dir(output_dir)
+    fsync_dir(output_dir)
     return final
 
 
-def _replace_dir(src: str, dst: str) -> None:
+def replace_dir(src: str, dst: str) -> None:
     """Rename ``src`` to ``dst``; an existing ``dst`` is moved aside first, then deleted."""
     if os.path.exists(dst):
         trash = os.path.join(os.path.dirname(dst), f".trash-{os.path.basename(dst)}-{uuid.uuid4().hex[:8]}")
@@ -184,8 +184,8 @@ def write_model(model, folder: str, *, processing_class=None) -> set[str]:
     if processing_class is not None and hasattr(processing_class, "save_pretrained"):
         processing_class.save_pretrained(folder)
     for name in os.listdir(folder):
-        _fsync_file(os.path.join(folder, name))
-    return set() if adapter_only else set(_weights_index(folder))
+        fsync_file(os.path.join(folder, name))
+    return set() if adapter_only else set(weights_index(folder))
 
 
 def saves_adapter_only(model) -> bool:
@@ -227,13 +227,13 @@ def write_train_state(state, model, folder: str, *, model_keys: set[str]) -> Non
     For a PeftModel the buffers (the frozen base model) are not saved: they never change in
     training, the metadata says so, and loading takes them from the live model.
     """
-    aliases = _alias_groups(model)
+    aliases = alias_groups(model)
     buffers_from_model = saves_adapter_only(model)
     tensors = {}
     for path, leaf in tree.named_leaves(state).items():
         if not isinstance(leaf, torch.Tensor):
             raise TypeError(f"state leaf {path!r} is a {type(leaf).__name__}; only tensors can be saved (keep scalars as 0-d tensors)")
-        if _model_file_name(path, aliases, model_keys) is not None:
+        if model_file_name(path, aliases, model_keys) is not None:
             continue
         if buffers_from_model and path.startswith("buffers."):
             continue
@@ -242,7 +242,7 @@ def write_train_state(state, model, folder: str, *, model_keys: set[str]) -> Non
     if hasattr(state, "opt_state"):  # a TrainState (tree checkpoints hold any pytree)
         metadata["opt_state_structure"] = opt_state_structure(state)
     save_file(tensors, os.path.join(folder, STATE_FILE), metadata=metadata)
-    _fsync_file(os.path.join(folder, STATE_FILE))
+    fsync_file(os.path.join(folder, STATE_FILE))
 
 
 def opt_state_structure(state) -> str:
@@ -255,7 +255,7 @@ def opt_state_structure(state) -> str:
     return str(treedef)
 
 
-def _alias_groups(model) -> dict[str, list[str]]:
+def alias_groups(model) -> dict[str, list[str]]:
     """``{name: [every name of the same tensor]}`` for params and buffers (tied weights)."""
     if model is None:
         return {}
@@ -265,7 +265,7 @@ def _alias_groups(model) -> dict[str, list[str]]:
     return {n: names for names in by_id.values() for n in names}
 
 
-def _model_file_name(path: str, aliases: dict, model_keys: set[str]) -> str | None:
+def model_file_name(path: str, aliases: dict, model_keys: set[str]) -> str | None:
     """The model-file key holding the state leaf at ``path`` ("params.x.weight"), or None."""
     for prefix in ("params.", "buffers."):
         if path.startswith(prefix):
@@ -294,7 +294,7 @@ def write_rng_state(folder: str) -> None:
         "python_gauss": "" if py_gauss is None else repr(float(py_gauss)),
     }
     save_file(tensors, os.path.join(folder, RNG_FILE), metadata=metadata)
-    _fsync_file(os.path.join(folder, RNG_FILE))
+    fsync_file(os.path.join(folder, RNG_FILE))
 
 
 def write_manifest(folder: str, *, step: int, resumable: bool) -> None:
@@ -322,7 +322,7 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def _fsync_file(path: str) -> None:
+def fsync_file(path: str) -> None:
     if os.path.isfile(path):
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -331,7 +331,7 @@ def _fsync_file(path: str) -> None:
             os.close(fd)
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_dir(path: str) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:  # some platforms cannot open directories
@@ -498,7 +498,7 @@ def find_resumable_checkpoint(output_dir: str, *, require_finite: bool = False) 
 # -- loading ----------------------------------------------------------------------------------------
 
 
-def _weights_index(folder: str, listed=None) -> dict[str, str]:
+def weights_index(folder: str, listed=None) -> dict[str, str]:
     """``{tensor name: file}`` for the model weights (single file or sharded with an index).
 
     ``listed``: the manifest's files. When given (loading a checkpoint), an index is used only if
@@ -520,7 +520,7 @@ def _weights_index(folder: str, listed=None) -> dict[str, str]:
     if not check(MODEL_FILE):
         raise CheckpointError(f"{folder!r} has no {MODEL_FILE} (nor {MODEL_INDEX_FILE})"
                               + (" listed in its manifest" if listed is not None else ""))
-    with _open_safetensors(_checked(folder, MODEL_FILE, listed)) as f:
+    with open_safetensors(_checked(folder, MODEL_FILE, listed)) as f:
         return {k: MODEL_FILE for k in f.keys()}
 
 
@@ -538,7 +538,7 @@ def _listed_files(folder: str):
     return None
 
 
-def _open_safetensors(path: str):
+def open_safetensors(path: str):
     try:
         return safe_open(path, framework="pt", device="cpu")
     except Exception as e:  # safetensors raises its own error types
@@ -552,7 +552,7 @@ def _read_tensors(folder: str, wanted: dict[str, str], listed=None) -> dict[str,
         by_file.setdefault(fname, []).append(k)
     out = {}
     for fname, keys in by_file.items():
-        with _open_safetensors(_checked(folder, fname, listed)) as f:
+        with open_safetensors(_checked(folder, fname, listed)) as f:
             for k in keys:
                 out[k] = f.get_tensor(k)
     return out
@@ -564,7 +564,7 @@ def check_optimizer_structure(folder: str, template) -> None:
     listed = read_manifest(folder)["files"]
     if STATE_FILE not in listed:
         return
-    with _open_safetensors(safe_file(folder, STATE_FILE, listed)) as f:
+    with open_safetensors(safe_file(folder, STATE_FILE, listed)) as f:
         saved = (f.metadata() or {}).get("opt_state_structure")
     current = opt_state_structure(template)
     if saved is not None and saved != current:
@@ -584,7 +584,7 @@ def non_finite_tensors(folder: str, limit: int = 5) -> list[str]:
     for rel in sorted(listed):
         if not rel.endswith(".safetensors") or rel == RNG_FILE:
             continue
-        with _open_safetensors(safe_file(folder, rel, listed)) as f:
+        with open_safetensors(safe_file(folder, rel, listed)) as f:
             for key in f.keys():
                 t = f.get_tensor(key)
                 if t.is_floating_point() and not bool(torch.isfinite(t).all()):
@@ -603,12 +603,12 @@ def load_train_state(folder: str, template, model):
     Only files the manifest lists are opened.
     """
     listed = read_manifest(folder)["files"]
-    with _open_safetensors(safe_file(folder, STATE_FILE, listed)) as f:
+    with open_safetensors(safe_file(folder, STATE_FILE, listed)) as f:
         state_keys = set(f.keys())
         buffers_from_model = (f.metadata() or {}).get(BUFFERS_KEY) == "from_model"
     # An adapter checkpoint, or a tree checkpoint (model=None): no model file.
-    model_index = {} if buffers_from_model or model is None else _weights_index(folder, listed)
-    aliases = _alias_groups(model)
+    model_index = {} if buffers_from_model or model is None else weights_index(folder, listed)
+    aliases = alias_groups(model)
     wanted_model, wanted_state = {}, {}
     paths = tree.paths(template)
     for path in paths:
@@ -617,7 +617,7 @@ def load_train_state(folder: str, template, model):
         elif buffers_from_model and path.startswith("buffers."):
             continue  # the frozen base: the template's own tensor (the live model's)
         else:
-            name = _model_file_name(path, aliases, set(model_index))
+            name = model_file_name(path, aliases, set(model_index))
             if name is None:
                 raise CheckpointError(f"checkpoint {folder!r} has no tensor for {path!r} (neither in {STATE_FILE} "
                                       "nor in the model weights); was it written for a different model or optimizer?")
@@ -643,9 +643,9 @@ def load_model_weights(model, folder: str) -> None:
 
     In a checkpoint (a folder with a manifest) only listed files are read."""
     listed = _listed_files(folder)
-    index = _weights_index(folder, listed)
+    index = weights_index(folder, listed)
     tensors = _read_tensors(folder, index, listed)
-    aliases = _alias_groups(model)
+    aliases = alias_groups(model)
     own = dict(model.state_dict(keep_vars=True))
     missing = [n for n in own if not any(a in tensors for a in aliases.get(n, [n]))]
     unexpected = [n for n in tensors if n not in own]
@@ -664,7 +664,7 @@ def load_rng_state(folder: str) -> None:
     present = RNG_FILE in listed if listed is not None else os.path.lexists(os.path.join(folder, RNG_FILE))
     if not present:
         return
-    with _open_safetensors(_checked(folder, RNG_FILE, listed)) as f:
+    with open_safetensors(_checked(folder, RNG_FILE, listed)) as f:
         meta = f.metadata() or {}
         t = {k: f.get_tensor(k) for k in f.keys()}
     torch.set_rng_state(t["torch_cpu"])

@@ -114,7 +114,7 @@ def foreign_checkpoints(output_dir: str, resume_path: str | None,
     existing = ck.checkpoint_dirs(output_dir)
     superseded = resume_path is not None and _inside(resume_path, output_dir)
     if superseded:
-        match = ck._CHECKPOINT_RE.match(os.path.basename(os.path.normpath(resume_path)))
+        match = ck.CHECKPOINT_RE.match(os.path.basename(os.path.normpath(resume_path)))
         resume_step = int(match.group(1)) if match else -1
         candidates = [p for step, p in existing if step > resume_step]
         why = f"newer than the checkpoint this run resumes from ({os.path.basename(os.path.normpath(resume_path))})"

@@ -174,11 +174,11 @@ def create_population(model_init: Callable[[], nn.Module], tx_factory: Callable[
         txs.append(tx)
         states.append(TrainState.create(model, tx, seed=seed, copy=True, loss_scale=loss_scale))
     stacked = stack_states(states)
-    _check_varying_hyperparams(hyperparams, states[0].opt_state)
+    check_varying_hyperparams(hyperparams, states[0].opt_state)
     return stacked, txs[0]
 
 
-def _check_varying_hyperparams(hyperparams: list[dict], opt_state) -> None:
+def check_varying_hyperparams(hyperparams: list[dict], opt_state) -> None:
     varying = sorted({k for h in hyperparams for k in h if any(h.get(k) != hyperparams[0].get(k) for h in hyperparams)})
     injected = _injected_names(opt_state)
     static = [k for k in varying if k not in injected]

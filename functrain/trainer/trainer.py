@@ -1242,7 +1242,7 @@ def _checked_best(best: str | None, output_dir: str) -> str | None:
     if best is None:
         return None
     inside = isinstance(best, str) and os.path.dirname(os.path.realpath(best)) == os.path.realpath(output_dir)
-    if inside and ck._CHECKPOINT_RE.match(os.path.basename(os.path.normpath(best))):
+    if inside and ck.CHECKPOINT_RE.match(os.path.basename(os.path.normpath(best))):
         return best
     logger.warning("ignoring best_model_checkpoint=%r from the checkpoint: it is not a checkpoint-N folder of "
                    "output_dir %r", best, output_dir)
