@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+from functrain.adapters.outputs import batch_size_of
 from functrain.core import optim
 from functrain.step import population as P
 from functrain.trainer import registry
@@ -93,7 +94,7 @@ class PopulationTrainer:
         steps, done, total = {}, 0, None
         for epoch in range(math.ceil(max_steps / steps_per_epoch)):
             for window in loader.iter_from(epoch, 0):
-                rows = next(iter(window.values())).shape[0]
+                rows = batch_size_of(window)
                 acc = a.gradient_accumulation_steps if rows % a.gradient_accumulation_steps == 0 else 1
                 if acc not in steps:
                     steps[acc] = P.make_population_train_step(
