@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
 from functrain.core import optim
 from functrain.core.schedules import STEP_SCHEDULES
 
@@ -221,13 +223,20 @@ def field_status(name: str) -> FieldStatus:
 # -- optimizers: HF ``optim`` name -> builder(args, model, schedule, extra_kwargs) ------------------
 
 
+def _decays(a) -> bool:
+    """Whether to build the weight-decay branch. A tensor weight decay (a population member's, read
+    from the optimizer state) always takes it: its value may differ per member, and decay 0 adds
+    exactly 0 * param."""
+    return isinstance(a.weight_decay, torch.Tensor) or a.weight_decay > 0
+
+
 def _decay_labels(model):
     decay = optim.decay_parameter_names(model)
     return lambda name, _param: "decay" if name in decay else "no_decay"
 
 
 def _adamw(a, model, schedule, extra):
-    mask = optim.default_weight_decay_mask(model) if a.weight_decay > 0 else None
+    mask = optim.default_weight_decay_mask(model) if _decays(a) else None
     return optim.adamw(schedule, b1=a.adam_beta1, b2=a.adam_beta2, eps=a.adam_epsilon, weight_decay=a.weight_decay,
                        mask=mask, **extra)
 
@@ -237,7 +246,7 @@ def _adam(a, model, schedule, extra):
 
 
 def _lion(a, model, schedule, extra):
-    mask = optim.default_weight_decay_mask(model) if a.weight_decay > 0 else None
+    mask = optim.default_weight_decay_mask(model) if _decays(a) else None
     return optim.lion(schedule, b1=a.adam_beta1, b2=a.adam_beta2, weight_decay=a.weight_decay, mask=mask, **extra)
 
 
@@ -245,7 +254,7 @@ def _adafactor(a, model, schedule, extra):
     """As transformers.Trainer builds it: an external lr (scale_parameter=False, relative_step=False,
     warmup_init=False) and weight decay only on the decay parameters (its two param groups)."""
     kw = dict(scale_parameter=False, relative_step=False, warmup_init=False, **extra)
-    if a.weight_decay == 0:
+    if not _decays(a):
         return optim.adafactor(schedule, **kw)
     return optim.partition({"decay": optim.adafactor(schedule, weight_decay=a.weight_decay, **kw),
                             "no_decay": optim.adafactor(schedule, **kw)}, _decay_labels(model))
@@ -255,7 +264,7 @@ def _torch_style(make):
     """SGD/RMSprop/Adagrad with torch's param-group weight decay: masked L2 added to the gradient."""
     def build(a, model, schedule, extra):
         base = make(schedule, **extra)
-        if a.weight_decay > 0:
+        if _decays(a):
             decay = optim.masked(optim.add_decayed_weights(a.weight_decay), optim.default_weight_decay_mask(model))
             return optim.chain(decay, base)
         return base
@@ -276,10 +285,9 @@ OPTIMIZERS: dict[str, Callable[..., Any]] = {
 }
 
 
-# What PopulationTrainer can vary per member inside one vmapped step: AdamW (the names that build it)
-# with HF's linear warmup/decay, both reading their hyperparameters from the state.
-POPULATION_OPTIMIZERS: tuple[str, ...] = tuple(n for n, build in OPTIMIZERS.items() if build is _adamw)
-POPULATION_SCHEDULES: tuple[str, ...] = ("linear",)
+# PopulationTrainer builds every optimizer and schedule here with per-member tensor hyperparameters
+# (functrain.trainer.population); a warmup length that differs between members needs "linear".
+POPULATION_OPTIMIZERS: tuple[str, ...] = tuple(OPTIMIZERS)
 
 
 def build_optimizer(args, model, schedule, extra: dict | None = None):
