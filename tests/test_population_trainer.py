@@ -186,3 +186,21 @@ def test_population_refuses_what_it_cannot_build(tmp_path):
     with pytest.raises(PopulationError, match="min_lr_rate"):
         PopulationTrainer(_trainer(_args(tmp_path, lr_scheduler_type="cosine_with_min_lr",
                                          lr_scheduler_kwargs={"min_lr": 1e-5})), [{"learning_rate": 1e-2}, {}])
+
+
+def test_members_stop_early_one_by_one(tmp_path):
+    args = _args(tmp_path, max_steps=10, gradient_accumulation_steps=1, lr_scheduler_type="constant", warmup_steps=0,
+                 eval_strategy="steps", eval_steps=2, logging_steps=2)
+    members = [{"learning_rate": 1e-4, "seed": 1}, {"learning_rate": 1e-1, "seed": 2}]
+    pop = PopulationTrainer(_trainer(args), members, early_stopping_patience=2, early_stopping_threshold=0.02)
+    pop.train()
+    # Member 0 barely learns: evaluations at 4 and 6 bring no gain > 0.02, so it stops at step 6.
+    assert pop.state.step.tolist() == [6, 10]
+    slow = _trainer(dataclasses.replace(args, max_steps=6, eval_strategy="no", **members[0]))
+    slow.train()
+    assert tree.relative_difference(pop.member_states()[0].params, slow.train_state.params) < 1e-6
+    fast = _trainer(dataclasses.replace(args, eval_strategy="no", **members[1]))
+    fast.train()
+    assert tree.relative_difference(pop.member_states()[1].params, fast.train_state.params) < 1e-6
+    with pytest.raises(ValueError, match="early_stopping_patience needs evaluations"):
+        PopulationTrainer(_trainer(_args(tmp_path)), 2, early_stopping_patience=2)

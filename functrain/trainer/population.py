@@ -67,11 +67,17 @@ class PopulationTrainer:
             by ``metric_for_best_model`` of an evaluation, default ``eval_loss``); ``None``: off.
         pbt_fraction, pbt_explore, pbt_perturb: as ``fraction``, ``explore`` and ``perturb`` of
             :func:`functrain.step.pbt.exploit_and_explore`.
+        early_stopping_patience, early_stopping_threshold: HF's ``EarlyStoppingCallback`` per
+            member: a member whose ``metric_for_best_model`` did not improve by more than the
+            threshold for ``patience`` evaluations stops (its state no longer changes; it still
+            runs inside the one vmapped step). Training ends when every member has stopped. A
+            member that PBT overwrites starts again with fresh patience.
     """
 
     def __init__(self, trainer, population: int | Sequence[dict], *, pbt_interval: int | None = None,
                  pbt_fraction: float = 0.25, pbt_explore: Sequence[str] = ("learning_rate",),
-                 pbt_perturb: Sequence[float] = (0.8, 1.2)):
+                 pbt_perturb: Sequence[float] = (0.8, 1.2), early_stopping_patience: int | None = None,
+                 early_stopping_threshold: float = 0.0):
         a = trainer.args
         if isinstance(population, int):
             if population < 1:
@@ -87,9 +93,11 @@ class PopulationTrainer:
                     "without population=True)")
         self._check_optimizer_and_schedule(trainer)
         self._check_pbt(trainer, pbt_interval, pbt_explore)
+        _check_early_stopping(trainer, early_stopping_patience)
         self.trainer = trainer
         self.pbt_interval, self.pbt_fraction = pbt_interval, pbt_fraction
         self.pbt_explore, self.pbt_perturb = tuple(pbt_explore), tuple(pbt_perturb)
+        self.early_stopping_patience, self.early_stopping_threshold = early_stopping_patience, early_stopping_threshold
         self.state = None
         self.log_history: list[dict] = []
         self.pbt_schedule: list[dict] = []
@@ -187,7 +195,9 @@ class PopulationTrainer:
         steps_per_epoch, max_steps = self._max_steps(loader)
         state, tx = self._create(max_steps)
         n = len(self.members)
-        acc = {"total": torch.zeros(n), "since_log": torch.zeros(n), "logged_at": torch.zeros((), dtype=torch.int64)}
+        acc = {"total": torch.zeros(n), "since_log": torch.zeros(n), "logged_at": torch.zeros((), dtype=torch.int64),
+               "active": torch.ones(n, dtype=torch.bool), "best": torch.full((n,), math.nan),
+               "patience": torch.zeros(n, dtype=torch.int64)}
         done = 0
         path = self._resume_path(resume_from_checkpoint)
         if path is not None:
@@ -199,13 +209,16 @@ class PopulationTrainer:
         while done < max_steps:
             epoch, start = divmod(done, steps_per_epoch)
             for window in loader.iter_from(epoch, start):
-                state, metrics = self._step(steps, tx, state, window)
+                new_state, metrics = self._step(steps, tx, state, window)
+                state = new_state if bool(acc["active"].all()) else _keep_stopped(new_state, state, acc["active"])
                 done += 1
                 acc["total"] = acc["total"] + metrics["loss"]
                 acc["since_log"] = acc["since_log"] + metrics["loss"]
                 state, acc = self._after_step(state, acc, metrics, done, max_steps)
-                if done >= max_steps:
+                if done >= max_steps or not bool(acc["active"].any()):
                     break
+            if not bool(acc["active"].any()):
+                break
         self.state = state
         return {"train_loss": (acc["total"] / max(done, 1)).tolist(), "global_step": done}
 
@@ -224,10 +237,15 @@ class PopulationTrainer:
         if a.logging_steps and (done % _every(a.logging_steps, max_steps) == 0 or done == max_steps):
             self._log_members(done, acc["since_log"] / (done - int(acc["logged_at"])), metrics)
             acc = {**acc, "since_log": torch.zeros_like(acc["since_log"]), "logged_at": torch.tensor(done)}
-        if _eval_due(a, done, max_steps):
-            self._log_rows(done, self._evaluate_state(state))
-        if self.pbt_interval and done % self.pbt_interval == 0 and done < max_steps:
-            state = self._pbt_round(state, done)
+        eval_due = _eval_due(a, done, max_steps)
+        pbt_due = bool(self.pbt_interval) and done % self.pbt_interval == 0 and done < max_steps
+        results = self._evaluate_state(state) if eval_due or pbt_due else None
+        if eval_due:
+            self._log_rows(done, results)
+            if self.early_stopping_patience is not None:
+                acc = self._update_stopping(acc, results)
+        if pbt_due:
+            state, acc = self._pbt_round(state, done, results, acc)
         if _save_due(a, done, max_steps):
             self._save_checkpoint(state, acc, done)
         return state, acc
@@ -254,17 +272,33 @@ class PopulationTrainer:
             _append_jsonl(path, entries)
 
     # -- population-based training ------------------------------------------------------------
-    def _pbt_round(self, state, step: int):
+    def _scores(self, results: list[dict], what: str) -> tuple[torch.Tensor, bool]:
+        """``(scores, greater_is_better)`` of ``metric_for_best_model`` (default ``eval_loss``), as HF."""
         a = self.trainer.args
         metric = a.metric_for_best_model or "loss"
         key = metric if metric.startswith("eval_") else f"eval_{metric}"
-        results = self._evaluate_state(state)
         missing = [i for i, r in enumerate(results) if key not in r]
         if missing:
-            raise KeyError(f"PBT ranks members by {key!r} (metric_for_best_model), which members {missing}'s "
+            raise KeyError(f"{what} ranks members by {key!r} (metric_for_best_model), which members {missing}'s "
                            f"evaluation lacks; it has {sorted(results[missing[0]])}")
-        scores = torch.tensor([float(r[key]) for r in results])
         greater = bool(a.greater_is_better) if a.greater_is_better is not None else not key.endswith("loss")
+        return torch.tensor([float(r[key]) for r in results], dtype=torch.float64), greater
+
+    def _update_stopping(self, acc: dict, results: list[dict]) -> dict:
+        """HF's EarlyStoppingCallback rule per member: patience counts evaluations without an
+        improvement larger than the threshold; at ``patience`` the member stops."""
+        scores, greater = self._scores(results, "early stopping")
+        best = acc["best"]
+        gain = (scores - best) if greater else (best - scores)
+        improved = torch.isnan(best) | (gain > self.early_stopping_threshold)
+        patience = torch.where(improved, torch.zeros_like(acc["patience"]), acc["patience"] + 1)
+        active = acc["active"] & (patience < self.early_stopping_patience)
+        return {**acc, "best": torch.where(improved & acc["active"], scores.float(), best), "patience": patience,
+                "active": active}
+
+    def _pbt_round(self, state, step: int, results: list[dict], acc: dict):
+        a = self.trainer.args
+        scores, greater = self._scores(results, "PBT")
         # The key is a pure function of the seed and the step: same seed, same copy schedule (also after resuming).
         round_key = rnglib.fold_in(rnglib.key(a.seed), step)
         state, decision = pbt.exploit_and_explore(state, scores, round_key, fraction=self.pbt_fraction,
@@ -276,7 +310,11 @@ class PopulationTrainer:
                  "hyperparameters": self._current_hyperparameters(state)}
         self.pbt_schedule.append(entry)
         _append_jsonl(os.path.join(a.output_dir, PBT_FILE), [entry])
-        return state
+        # An overwritten member is a new lineage: it trains again, with fresh patience.
+        fresh = decision.sources != torch.arange(len(self.members))
+        acc = {**acc, "active": acc["active"] | fresh, "patience": torch.where(fresh, 0, acc["patience"]),
+               "best": torch.where(fresh, math.nan, acc["best"])}
+        return state, acc
 
     @staticmethod
     def _current_hyperparameters(state) -> dict:
@@ -391,6 +429,26 @@ class PopulationTrainer:
                                 for k, v in extra.items()})
             results.append(metrics)
         return results
+
+
+def _check_early_stopping(trainer, patience) -> None:
+    if patience is None:
+        return
+    if not isinstance(patience, int) or patience < 1:
+        raise ValueError(f"early_stopping_patience must be a positive int (evaluations), got {patience!r}")
+    strategy = getattr(trainer.args.eval_strategy, "value", trainer.args.eval_strategy)
+    if strategy != "steps" or trainer.eval_dataset is None:
+        raise ValueError("early_stopping_patience needs evaluations during training: eval_strategy='steps' and an "
+                         f"eval_dataset on the trainer (got eval_strategy={strategy!r})")
+
+
+def _keep_stopped(new_state, old_state, active: torch.Tensor):
+    """``new_state`` for the active members, ``old_state`` for the stopped ones (leaf-wise select)."""
+    def pick(new, old):
+        mask = active.to(new.device).view(-1, *([1] * (new.ndim - 1)))
+        return torch.where(mask, new, old)
+
+    return tree.map(pick, new_state, old_state)
 
 
 class _MemberArgs:
