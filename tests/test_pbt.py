@@ -49,6 +49,10 @@ def test_bottom_members_copy_top_members_and_perturb_their_hyperparameters():
         factor = decision.factors["learning_rate"][i].item()
         assert factor == 1.0 if i == src else factor in (0.5, 2.0)
         assert new_lr[i].item() == pytest.approx(old_lr[src].item() * factor, rel=1e-6)
+    # Shared buffers (one set for all members) are left as they are.
+    shared = state.replace(buffers={"table": torch.arange(8.0)})
+    assert torch.equal(pbt.exploit_and_explore(shared, scores, rng.key(3), buffers="shared")[0].buffers["table"],
+                       torch.arange(8.0))
     # Each member keeps its own step count and random key.
     assert torch.equal(new.step, state.step) and torch.equal(new.rng, state.rng)
     # The input state is untouched (pure function).

@@ -97,7 +97,7 @@ def _scale_hyperparams(x, factors: dict):
 
 def exploit_and_explore(state: TrainState, scores: torch.Tensor, key: torch.Tensor, *, fraction: float = 0.25,
                         explore: Sequence[str] = ("learning_rate",), perturb: Sequence[float] = (0.8, 1.2),
-                        greater_is_better: bool = False) -> tuple[TrainState, PBTDecision]:
+                        greater_is_better: bool = False, buffers: str = "stacked") -> tuple[TrainState, PBTDecision]:
     """One PBT round over a stacked state; returns ``(new_state, decision)``.
 
     Args:
@@ -108,7 +108,11 @@ def exploit_and_explore(state: TrainState, scores: torch.Tensor, key: torch.Tens
         explore: injected hyperparameter names to perturb after a copy (all must exist).
         perturb: the factors to draw from (uniformly), Jaderberg et al.'s 0.8 / 1.2 by default.
         greater_is_better: whether a higher score is better (accuracy) or lower (loss).
+        buffers: ``"stacked"`` (each member's own, copied with its params) or ``"shared"`` (one
+            set for all members, e.g. a frozen base model under adapters: left as it is).
     """
+    if buffers not in ("stacked", "shared"):
+        raise ValueError(f"buffers must be 'stacked' or 'shared', got {buffers!r}")
     n = state.step.shape[0] if isinstance(state, TrainState) and state.step.ndim == 1 else None
     if n is None:
         raise ValueError("exploit_and_explore needs a stacked TrainState (stack_states), "
@@ -134,7 +138,8 @@ def exploit_and_explore(state: TrainState, scores: torch.Tensor, key: torch.Tens
         return x.index_select(0, sources.to(x.device))
 
     new_state = state.replace(
-        params=tree.map(take, state.params), buffers=tree.map(take, state.buffers),
+        params=tree.map(take, state.params),
+        buffers=tree.map(take, state.buffers) if buffers == "stacked" else state.buffers,
         opt_state=_scale_hyperparams(tree.map(take, state.opt_state), factors),
         loss_scale=None if state.loss_scale is None else tree.map(take, state.loss_scale))
     return new_state, PBTDecision(sources, factors)
