@@ -104,6 +104,7 @@ def _run(lrs, use_pbt, steps=60, interval=6, seed=0):
     return evaluate(state, held_out)["loss"], schedule
 
 
+@pytest.mark.slow
 def test_pbt_beats_the_best_fixed_member_with_a_bad_learning_rate_spread():
     lrs = [1e-5, 3e-5, 1e-4, 3e-4]  # all far too small for this task
     fixed, _ = _run(lrs, use_pbt=False)
