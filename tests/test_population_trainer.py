@@ -99,6 +99,7 @@ def test_every_other_registry_optimizer_equals_trainer_runs(tmp_path, optim):
 
 
 def _pbt_trainer(tmp_path, **kw):
+    kw.setdefault("report_to", "tensorboard")
     args = _args(tmp_path, max_steps=8, gradient_accumulation_steps=1, logging_steps=2, eval_strategy="steps",
                  eval_steps=4, save_strategy="steps", save_steps=3, **kw)
     members = [{"learning_rate": lr, "seed": i} for i, lr in enumerate([1e-3, 3e-2, 1e-1, 3e-1])]
@@ -121,6 +122,16 @@ def test_population_logs_one_series_per_member_and_the_pbt_schedule(tmp_path):
     # The state holds what the schedule says: the last round's hyperparameters.
     lrs = [h["learning_rate"] for h in pop.member_hyperparameters()]
     assert lrs == pytest.approx(pop.pbt_schedule[-1]["hyperparameters"]["learning_rate"])
+    # TensorBoard: one run (one series) per member, HF's tag names.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    for m in range(4):
+        events = EventAccumulator(str(tmp_path / "runs" / f"member-{m}"))
+        events.Reload()
+        got = [(e.step, e.value) for e in events.Scalars("train/loss")]
+        want = [(e["step"], e["loss"]) for e in pop.log_history if e["member"] == m and "loss" in e]
+        assert [s for s, _ in got] == [s for s, _ in want]
+        assert [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-6)
+        assert [e.step for e in events.Scalars("eval/loss")] == [4, 8]
     # Same seed, same copy schedule.
     again = _pbt_trainer(tmp_path / "again")
     again.train()
@@ -183,6 +194,8 @@ def test_population_refuses_what_it_cannot_build(tmp_path):
     no_eval = Trainer(args=_args(tmp_path), model_init=lambda: make_model(p=0.0), train_dataset=make_dataset(40))
     with pytest.raises(ValueError, match="pbt_interval needs an eval_dataset"):
         PopulationTrainer(no_eval, 2, pbt_interval=2)
+    with pytest.raises(ValueError, match=r"report_to \['wandb'\] is not supported for populations"):
+        PopulationTrainer(_trainer(_args(tmp_path, report_to="wandb")), 2)
     with pytest.raises(PopulationError, match="min_lr_rate"):
         PopulationTrainer(_trainer(_args(tmp_path, lr_scheduler_type="cosine_with_min_lr",
                                          lr_scheduler_kwargs={"min_lr": 1e-5})), [{"learning_rate": 1e-2}, {}])

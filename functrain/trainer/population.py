@@ -14,7 +14,8 @@ works: the optimizer is the Trainer's own (``registry.build_optimizer``) built b
 ``warmup_steps`` that differs between members needs ``lr_scheduler_type="linear"``.
 
 The driver logs one series per member (``log_history`` rows with a ``member`` key, also written to
-``output_dir/population_log.jsonl``), evaluates every ``eval_steps`` (``eval_strategy="steps"``),
+``output_dir/population_log.jsonl`` and, with ``report_to="tensorboard"``, to
+``logging_dir/member-i``), evaluates every ``eval_steps`` (``eval_strategy="steps"``),
 saves the whole population every ``save_steps`` (``checkpoint-N/population_state.safetensors``;
 ``train(resume_from_checkpoint=...)`` continues bitwise), saves any member as an HF-loadable folder
 (:meth:`save_model`) and, with ``pbt_interval``, runs population-based training
@@ -43,6 +44,7 @@ from functrain.step import pbt
 from functrain.step import population as P
 from functrain.trainer import registry
 from functrain.trainer.evaluation import EvalPrediction, pad_and_concatenate
+from functrain.trainer.integrations import rewrite_logs
 
 TENSOR_HYPERPARAMETERS = ("learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon",
                           "warmup_steps", "seed")
@@ -92,6 +94,7 @@ class PopulationTrainer:
                     f"{list(TENSOR_HYPERPARAMETERS)}. Run such trials one by one (Trainer.hyperparameter_search "
                     "without population=True)")
         self._check_optimizer_and_schedule(trainer)
+        _check_report_to(a.report_to)
         self._check_pbt(trainer, pbt_interval, pbt_explore)
         _check_early_stopping(trainer, early_stopping_patience)
         self.trainer = trainer
@@ -101,6 +104,7 @@ class PopulationTrainer:
         self.state = None
         self.log_history: list[dict] = []
         self.pbt_schedule: list[dict] = []
+        self._tb_writers: dict[int, object] = {}
 
     # -- validation ---------------------------------------------------------------------------
     def _check_optimizer_and_schedule(self, trainer) -> None:
@@ -220,6 +224,7 @@ class PopulationTrainer:
             if not bool(acc["active"].any()):
                 break
         self.state = state
+        self._close_writers()
         return {"train_loss": (acc["total"] / max(done, 1)).tolist(), "global_step": done}
 
     def _step(self, steps: dict, tx, state, window):
@@ -262,6 +267,27 @@ class PopulationTrainer:
         entries = [{"member": i, "step": step, **row} for i, row in enumerate(rows)]
         self.log_history.extend(entries)
         _append_jsonl(os.path.join(self.trainer.args.output_dir, LOG_FILE), entries)
+        if "tensorboard" in (self.trainer.args.report_to or []):
+            for i, row in enumerate(rows):
+                self._tensorboard_row(i, step, row)
+
+    def _tensorboard_row(self, member: int, step: int, row: dict) -> None:
+        """Member i's scalars under ``logging_dir/member-i`` (one run, hence one series, per member),
+        with HF's tag names (``train/loss``, ``eval/loss``)."""
+        if member not in self._tb_writers:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb_writers[member] = SummaryWriter(os.path.join(self.trainer.args.logging_dir, f"member-{member}"))
+        writer = self._tb_writers[member]
+        for tag, value in rewrite_logs(row).items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                writer.add_scalar(tag, value, step)
+        writer.flush()
+
+    def _close_writers(self) -> None:
+        for writer in self._tb_writers.values():
+            writer.close()
+        self._tb_writers = {}
 
     def _rewrite_logs(self) -> None:
         out = self.trainer.args.output_dir
@@ -429,6 +455,14 @@ class PopulationTrainer:
                                 for k, v in extra.items()})
             results.append(metrics)
         return results
+
+
+def _check_report_to(report_to) -> None:
+    other = [r for r in (report_to or []) if r != "tensorboard"]
+    if other:
+        raise ValueError(f"PopulationTrainer logs one series per member to TensorBoard (report_to='tensorboard') "
+                         f"and to output_dir/{LOG_FILE}; report_to {other} is not supported for populations: "
+                         "use report_to='none' or 'tensorboard'")
 
 
 def _check_early_stopping(trainer, patience) -> None:
