@@ -35,6 +35,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from functrain.adapters.outputs import batch_size_of
+from functrain.adapters.peft import is_peft_model
 from functrain.core import rng as rnglib
 from functrain.core import tree
 from functrain.core.optim import inject_hyperparams
@@ -42,7 +43,7 @@ from functrain.core.schedules import get_schedule
 from functrain.io import checkpoint as ck
 from functrain.step import pbt
 from functrain.step import population as P
-from functrain.trainer import registry
+from functrain.trainer import adapter_population, registry
 from functrain.trainer.evaluation import EvalPrediction, pad_and_concatenate
 from functrain.trainer.integrations import rewrite_logs
 
@@ -102,6 +103,7 @@ class PopulationTrainer:
         self.pbt_explore, self.pbt_perturb = tuple(pbt_explore), tuple(pbt_perturb)
         self.early_stopping_patience, self.early_stopping_threshold = early_stopping_patience, early_stopping_threshold
         self.state = None
+        self._buffers = "stacked"  # "shared" for adapters over one frozen base (see _create)
         self.log_history: list[dict] = []
         self.pbt_schedule: list[dict] = []
         self._tb_writers: dict[int, object] = {}
@@ -113,6 +115,10 @@ class PopulationTrainer:
             raise P.PopulationError("PopulationTrainer builds each member's optimizer from args.optim (its "
                                     "hyperparameters must be tensors in the state); a Trainer given optimizers=... "
                                     "cannot be a population: set args.optim instead")
+        if a.optim in registry.POPULATION_REFUSED:
+            raise P.PopulationError(f"optim={a.optim!r} cannot train as a population: "
+                                    f"{registry.POPULATION_REFUSED[a.optim]}; use one of "
+                                    f"{list(registry.POPULATION_OPTIMIZERS)} or train the runs one by one")
         if a.optim not in registry.POPULATION_OPTIMIZERS:
             raise P.PopulationError(f"PopulationTrainer supports optim in {list(registry.POPULATION_OPTIMIZERS)}, "
                                     f"got optim={a.optim!r}")
@@ -180,6 +186,11 @@ class PopulationTrainer:
         model_init = t.model_init or _copy_of(t.model)
         hps = [self._hyperparams(m, max_steps) for m in self.members]
         seeds = [m.get("seed", t.args.seed) for m in self.members]
+        if is_peft_model(t.model) and t.model_init is None:
+            # N adapters over the one frozen base (a copy per member would copy the base N times).
+            self._buffers = "shared"
+            return adapter_population.create_adapter_population(t.model, self._tx_factory(max_steps, hps), hps,
+                                                                seeds=seeds)
         return P.create_population(model_init, self._tx_factory(max_steps, hps), hps, seeds=seeds)
 
     def _max_steps(self, loader) -> tuple[int, int]:
@@ -214,7 +225,9 @@ class PopulationTrainer:
             epoch, start = divmod(done, steps_per_epoch)
             for window in loader.iter_from(epoch, start):
                 new_state, metrics = self._step(steps, tx, state, window)
-                state = new_state if bool(acc["active"].all()) else _keep_stopped(new_state, state, acc["active"])
+                if not bool(acc["active"].all()):
+                    new_state = _keep_stopped(new_state, state, acc["active"], self._buffers)
+                state = new_state
                 done += 1
                 acc["total"] = acc["total"] + metrics["loss"]
                 acc["since_log"] = acc["since_log"] + metrics["loss"]
@@ -234,7 +247,7 @@ class PopulationTrainer:
         if k not in steps:
             steps[k] = P.make_population_train_step(t.model, tx, t._train_loss_fn(), accumulate=k,
                                                     precision=a.precision, max_grad_norm=a.max_grad_norm or None,
-                                                    compile=a.torch_compile)
+                                                    compile=a.torch_compile, buffers=self._buffers)
         return steps[k](state, window)
 
     def _after_step(self, state, acc, metrics, done: int, max_steps: int):
@@ -329,7 +342,7 @@ class PopulationTrainer:
         round_key = rnglib.fold_in(rnglib.key(a.seed), step)
         state, decision = pbt.exploit_and_explore(state, scores, round_key, fraction=self.pbt_fraction,
                                                   explore=self.pbt_explore, perturb=self.pbt_perturb,
-                                                  greater_is_better=greater)
+                                                  greater_is_better=greater, buffers=self._buffers)
         entry = {"step": step, "copies": {str(d): s for d, s in decision.copies().items()},
                  "scores": scores.tolist(),
                  "factors": {k: v.tolist() for k, v in decision.factors.items()},
@@ -408,7 +421,7 @@ class PopulationTrainer:
             raise IndexError(f"member must be an int in [0, {n}), got {member!r}")
         t = self.trainer
         output_dir = output_dir or os.path.join(t.args.output_dir, f"member-{member}")
-        one = P.unstack_state(self.state)[member]
+        one = self.member_states()[member]
         model = copy.deepcopy(t.model)
         missing, _ = model.load_state_dict({**one.params, **one.buffers}, strict=False)
         tied = {name for name, _ in model.named_parameters(remove_duplicate=False)} - set(one.params)
@@ -421,7 +434,18 @@ class PopulationTrainer:
         """The N trained members as ordinary :class:`TrainState` s."""
         if self.state is None:
             raise RuntimeError("call train() first")
-        return P.unstack_state(self.state)
+        return P.unstack_state(self.state, buffers=self._buffers)
+
+    def save_member_adapters(self, output_dir: str | None = None) -> list[str]:
+        """PEFT members: each trained adapter as its own folder ``output_dir/member-{i}`` (adapter files
+        as ``save_model`` writes them, loadable by ``PeftModel.from_pretrained``)."""
+        if self.state is None:
+            raise RuntimeError("call train() first")
+        if self._buffers != "shared":
+            raise TypeError("save_member_adapters needs a population of peft adapters (a PeftModel given to the "
+                            "Trainer without model_init); save other members from member_states()")
+        return adapter_population.save_member_adapters(self.trainer.model, self.state,
+                                                       output_dir or self.trainer.args.output_dir)
 
     # -- evaluation ---------------------------------------------------------------------------
     def evaluate(self, eval_dataset=None, metric_key_prefix: str = "eval") -> list[dict]:
@@ -435,7 +459,7 @@ class PopulationTrainer:
         loader = t.get_eval_dataloader(eval_dataset)
         with_outputs = t.compute_metrics is not None
         step = P.make_population_eval_step(t.model, t._eval_loss_fn(), precision=t.args.precision,
-                                           return_outputs=with_outputs)
+                                           return_outputs=with_outputs, buffers=self._buffers)
         loss_sum, items, outputs, labels = 0.0, 0, [], []
         for batch in loader:
             out = step(state, batch)
@@ -476,12 +500,16 @@ def _check_early_stopping(trainer, patience) -> None:
                          f"eval_dataset on the trainer (got eval_strategy={strategy!r})")
 
 
-def _keep_stopped(new_state, old_state, active: torch.Tensor):
-    """``new_state`` for the active members, ``old_state`` for the stopped ones (leaf-wise select)."""
+def _keep_stopped(new_state, old_state, active: torch.Tensor, buffers: str):
+    """``new_state`` for the active members, ``old_state`` for the stopped ones (leaf-wise select;
+    shared buffers are not per member and stay as they are)."""
     def pick(new, old):
         mask = active.to(new.device).view(-1, *([1] * (new.ndim - 1)))
         return torch.where(mask, new, old)
 
+    if buffers == "shared":
+        kept = tree.map(pick, new_state.replace(buffers={}), old_state.replace(buffers={}))
+        return kept.replace(buffers=new_state.buffers)
     return tree.map(pick, new_state, old_state)
 
 
