@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
 from functrain.core import optim
 from functrain.core.optim import hf_names
 from functrain.core.schedules import STEP_SCHEDULES
@@ -229,14 +231,21 @@ def field_status(name: str) -> FieldStatus:
 # each name); this adapts TrainingArguments and the model to it.
 
 
+def _decays(a) -> bool:
+    """Whether to build the weight-decay branch. A tensor weight decay (a population member's, read
+    from the optimizer state) always takes it: its value may differ per member, and decay 0 adds
+    exactly 0 * param."""
+    return isinstance(a.weight_decay, torch.Tensor) or a.weight_decay > 0
+
+
 def _hf_hyperparams(a, model, extra: dict) -> hf_names.HFHyperparams:
     galore = a.optim.startswith("galore") and a.optim_target_modules is not None
     return hf_names.HFHyperparams(
         a.adam_beta1, a.adam_beta2, a.adam_epsilon, a.weight_decay,
-        optim.default_weight_decay_mask(model) if a.weight_decay > 0 else None, dict(extra),
+        optim.default_weight_decay_mask(model) if _decays(a) else None, dict(extra),
         int(a.warmup_steps) if a.warmup_steps >= 1 else 0,  # HF hands warmup_steps to schedule-free optimizers
         frozenset(optim.galore_target_names(model, a.optim_target_modules)) if galore else frozenset(),
-        frozenset(optim.decay_parameter_names(model)) if a.weight_decay > 0 else frozenset())
+        frozenset(optim.decay_parameter_names(model)) if _decays(a) else frozenset())
 
 
 def _from_table(name: str):
@@ -252,11 +261,14 @@ OPTIMIZERS: dict[str, Callable[..., Any]] = {name: _from_table(name) for name in
 OPTIMIZERS_REFUSED: dict[str, str] = dict(hf_names.REFUSED_HF_OPTIMIZERS)
 
 
-# What PopulationTrainer can vary per member inside one vmapped step: AdamW (the names that build it)
-# with HF's linear warmup/decay, both reading their hyperparameters from the state.
-POPULATION_OPTIMIZERS: tuple[str, ...] = tuple(n for n, build in OPTIMIZERS.items()
-                                               if build.hf_builder is hf_names.HF_OPTIMIZERS["adamw"])
-POPULATION_SCHEDULES: tuple[str, ...] = ("linear",)
+# PopulationTrainer builds these with per-member tensor hyperparameters (functrain.trainer.population;
+# each tested equal to Trainer runs); a warmup length that differs between members needs "linear".
+POPULATION_REFUSED: dict[str, str] = {
+    "schedule_free_adamw": "schedule-free optimizers are not tested as populations (their warmup is read from args)",
+    "schedule_free_sgd": "schedule-free optimizers are not tested as populations (their warmup is read from args)",
+    "galore_adamw": "GaLore's projection refresh (torch.cond) is not tested under vmap",
+}
+POPULATION_OPTIMIZERS: tuple[str, ...] = tuple(n for n in OPTIMIZERS if n not in POPULATION_REFUSED)
 
 
 def build_optimizer(args, model, schedule, extra: dict | None = None):

@@ -1131,7 +1131,8 @@ class Trainer(PublishMixin):
         trial. Extra keyword arguments go to ``optuna.create_study`` (``sampler``, ``pruner``, ...)
         or ``study.optimize`` (``timeout``, ``callbacks``, ``catch``, ``gc_after_trial``).
         ``population=True``: train all trials at once as one vmapped population (search spaces of
-        tensor hyperparameters only: learning_rate, weight_decay, adam_*, warmup_steps, seed). Returns a
+        tensor hyperparameters only: learning_rate, weight_decay, adam_*, warmup_steps, seed); with
+        ``pbt_interval=k`` also population-based training (pruning by replacement). Returns a
         ``BestRun(run_id, objective, hyperparameters)``. See :mod:`functrain.trainer.hp_search`.
         """
         from functrain.trainer.hp_search import hyperparameter_search
