@@ -160,9 +160,8 @@ class PopulationTrainer:
 
     def _tx_factory(self, max_steps: int, hps: list[dict]):
         t, a = self.trainer, self.trainer.args
-        from functrain.trainer.trainer import _parse_optim_args  # the Trainer's own optim_args parser
 
-        extra = _parse_optim_args(a.optim_args)
+        extra = registry.parse_optim_args(a.optim_args)
         warmup_varies = len({h["num_warmup_steps"] for h in hps}) > 1
 
         def schedule_for(learning_rate, num_warmup_steps):
@@ -205,7 +204,7 @@ class PopulationTrainer:
         ``resume_from_checkpoint``: a ``checkpoint-N`` folder written by this driver, or ``True``
         for the latest one in ``output_dir``; training continues bitwise as if uninterrupted.
         """
-        t, a = self.trainer, self.trainer.args
+        t = self.trainer
         loader = t.get_train_dataloader()
         steps_per_epoch, max_steps = self._max_steps(loader)
         state, tx = self._create(max_steps)

@@ -271,6 +271,28 @@ POPULATION_REFUSED: dict[str, str] = {
 POPULATION_OPTIMIZERS: tuple[str, ...] = tuple(n for n in OPTIMIZERS if n not in POPULATION_REFUSED)
 
 
+def parse_optim_args(text: str | None) -> dict:
+    """HF's ``optim_args`` string ``"k1=v1,k2=v2"`` -> kwargs (numbers and booleans parsed)."""
+    if not text:
+        return {}
+    out = {}
+    for item in text.split(","):
+        if "=" not in item:
+            raise ValueError(f"optim_args must look like 'key=value,key2=value2', got {text!r}")
+        k, v = (s.strip() for s in item.split("=", 1))
+        if v.lower() in ("true", "false"):
+            out[k] = v.lower() == "true"
+        else:
+            try:
+                out[k] = int(v)
+            except ValueError:
+                try:
+                    out[k] = float(v)
+                except ValueError:
+                    out[k] = v
+    return out
+
+
 def build_optimizer(args, model, schedule, extra: dict | None = None):
     """The functrain optimizer for ``args.optim`` (weight decay skips biases and norms, as HF)."""
     return OPTIMIZERS[args.optim](args, model, schedule, dict(extra or {}))

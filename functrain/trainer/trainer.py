@@ -298,7 +298,7 @@ class Trainer(PublishMixin):
 
     def create_optimizer(self, schedule):
         """The functrain optimizer for ``args.optim`` (weight decay skips biases and norms, as HF)."""
-        tx = registry.build_optimizer(self.args, self.model, schedule, _parse_optim_args(self.args.optim_args))
+        tx = registry.build_optimizer(self.args, self.model, schedule, registry.parse_optim_args(self.args.optim_args))
         plateau = self._plateau_settings()
         if plateau is not None:
             tx = optim.chain(tx, optim.reduce_on_plateau(**plateau, observe="external"))
@@ -705,7 +705,6 @@ class Trainer(PublishMixin):
         self.control = handler.on_train_begin(a, self.state, self.control)
         if a.eval_on_start and start_step == 0:
             self._evaluate(ignore_keys_for_eval, skip_scheduler=True)
-        seed = position.get("seed")
         epoch = position["epoch"]
         done = self.state.global_step >= self.state.max_steps
         while epoch < num_epochs and not done:
@@ -1331,25 +1330,3 @@ def _num_rows(batch) -> int:
     if rows is not None:
         return rows
     raise TypeError(f"a training batch must be a dict of tensors, got {type(batch).__name__}")
-
-
-def _parse_optim_args(text: str | None) -> dict:
-    """HF's ``optim_args`` string ``"k1=v1,k2=v2"`` -> kwargs (numbers and booleans parsed)."""
-    if not text:
-        return {}
-    out = {}
-    for item in text.split(","):
-        if "=" not in item:
-            raise ValueError(f"optim_args must look like 'key=value,key2=value2', got {text!r}")
-        k, v = (s.strip() for s in item.split("=", 1))
-        if v.lower() in ("true", "false"):
-            out[k] = v.lower() == "true"
-        else:
-            try:
-                out[k] = int(v)
-            except ValueError:
-                try:
-                    out[k] = float(v)
-                except ValueError:
-                    out[k] = v
-    return out
