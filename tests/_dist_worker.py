@@ -86,9 +86,54 @@ def mode_steps(out_dir, opts):
     result["bf16_sharded_vs_ddp"] = ft.tree.relative_difference(bf_sh_full, bf_ddp.params)
     result["bf16_vs_fp32"] = ft.tree.relative_difference(bf_ddp.params, ref.params)
     result["bf16_master_dtype"] = str(next(iter(bf_sh_full.values())).dtype)
+    result.update(sharded_in_use(model, tx, batches, r, world))
     if r == 0:
         with open(os.path.join(out_dir, "result.json"), "w") as f:
             json.dump(result, f)
+
+
+def sharded_in_use(model, tx, batches, r, world):
+    """Per-unit gathers (FSDP semantics in use) == one process, from a state whose params differ
+    from the module's own tensors; counts the all-gathers of one step (the backward re-gathers)."""
+    from functrain.parallel import fsdp
+
+    g = torch.Generator().manual_seed(7)
+    base = ft.TrainState.create(model, tx, copy=True)
+    start = base.replace(params={k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.params.items()})
+    start = start.replace(opt_state=tx.init(start.params))
+    ref, ref_m = run_steps(ft.make_train_step(model, tx, accumulate=2), start, batches, 0, 1)
+    hooks = fsdp.sharded_in_use_hooks(model)
+    step = ft.make_train_step(model, tx, accumulate=2, **hooks)
+    sharded, m = run_steps(step, fd.shard_state(start), batches, r, world)
+    out = {"in_use_units": list(hooks["param_transform"].units),
+           "in_use": ft.tree.relative_difference(fd.unshard_state(sharded.params), ref.params),
+           "in_use_metrics": {k: float(v) for k, v in fd.reduce_metrics(m).items()},
+           "in_use_ref_metrics": {k: float(v) for k, v in ref_m.items()},
+           "module_unchanged": all(torch.equal(p, base.params[k]) for k, p in model.named_parameters())}
+    with GatherCount() as in_use:
+        step(fd.shard_state(start), {k: v[r::world] for k, v in batches[1].items()})
+    with GatherCount() as before_forward:
+        ft.make_train_step(model, tx, accumulate=2, **fd.sharded_hooks())(
+            fd.shard_state(start), {k: v[r::world] for k, v in batches[1].items()})
+    out["gathers_in_use"], out["gathers_before_forward"] = in_use.count, before_forward.count
+    bf_ddp, _ = run_steps(ft.make_train_step(model, tx, accumulate=2, precision="bf16",
+                                             **dict(zip(("grad_reduce", "count_reduce"), fd.data_parallel_hooks()))),
+                          start, batches, r, world)
+    bf_in_use, _ = run_steps(ft.make_train_step(model, tx, accumulate=2, precision="bf16", **hooks),
+                             fd.shard_state(start), batches, r, world)
+    out["bf16_in_use_vs_ddp"] = ft.tree.relative_difference(fd.unshard_state(bf_in_use.params), bf_ddp.params)
+    return out
+
+
+class GatherCount(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts all-gather collectives issued under it."""
+
+    count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if "all_gather" in func.name():
+            self.count += 1
+        return func(*args, **(kwargs or {}))
 
 
 def make_trainer(out_dir, opts):

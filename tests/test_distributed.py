@@ -90,6 +90,17 @@ def test_step_parity_ddp_and_sharded(tmp_path):
     assert r["bf16_master_dtype"] == "torch.float32"
     assert r["bf16_sharded_vs_ddp"] <= 1e-6
     assert 0 < r["bf16_vs_fp32"] < 5e-2
+    # Per-unit gathers (FSDP semantics in use), from a state unlike the module's own tensors.
+    assert r["in_use_units"] == ["fc1", "fc2"]
+    assert r["in_use"] <= 1e-5
+    assert r["module_unchanged"]
+    for key in ("loss", "num_items", "grad_norm"):
+        assert r["in_use_metrics"][key] == pytest.approx(r["in_use_ref_metrics"][key], rel=1e-5)
+    # Each unit gathers in forward and again in backward (recomputed, not kept): 2 microbatches x
+    # 4 tensors x 2, where gathering everything before the forward does it once.
+    assert r["gathers_before_forward"] == 8
+    assert r["gathers_in_use"] == 16
+    assert r["bf16_in_use_vs_ddp"] <= 1e-6
 
 
 # -- the Trainer: sharded run, resume across world sizes --------------------------------------------

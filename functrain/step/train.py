@@ -133,9 +133,12 @@ def make_train_step(
             an all-reduce SUM: each rank's gradients are already divided by the GLOBAL count.
         count_reduce: applied once to the local item count of the window (default identity);
             for data parallel, an all-reduce SUM.
-        param_transform: ``{name: param} -> {name: tensor}`` applied to the (differentiable)
-            params right before they are bound to the model (default identity). Sharded mode
-            (:func:`functrain.distributed.gather_params`) all-gathers ``DTensor`` shards here, so
+        param_transform: ``(params, has_items) -> params`` applied to the (differentiable)
+            params right before they are bound to the model (default identity); ``has_items`` is
+            a 0-d bool, False for a microbatch without supervised items, whose gradients a
+            transform that reduces across ranks must zero before reducing. Sharded mode
+            (:func:`functrain.distributed.gather_params`, or per unit
+            :func:`functrain.parallel.fsdp.shard_in_use`) all-gathers ``DTensor`` shards, so
             gradients come back sharded; the optimizer update still sees the state's own tensors.
         required_keys: batch keys the loss needs (checked before the step runs). Default:
             ``("labels",)`` with the default loss, none with a custom ``loss_fn``.
@@ -192,12 +195,10 @@ def make_train_step(
         """
         with torch.enable_grad():
             leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
-            bound = param_transform(leaves)
-            if transform_params:
-                # The transform's backward may reduce gradients across ranks (sharded mode): a
-                # microbatch without items (NaN loss) must contribute zeros BEFORE that, or its NaN
-                # would reach every rank. where() passes the value through and masks the gradient.
-                bound = {k: torch.where(has_items, v, v.detach()) for k, v in bound.items()}
+            # The transform's backward may reduce gradients across ranks (sharded mode): it gets
+            # has_items, since a microbatch without items (NaN loss) must contribute zeros BEFORE
+            # that reduction, or its NaN would reach every rank.
+            bound = param_transform(leaves, has_items) if transform_params else leaves
             with _autocast(policy, _device_type(params)):
                 out = torch.func.functional_call(loss_module, (_prefixed(bound), _prefixed(buffers)),
                                                  (microbatch,), tie_weights=True)
