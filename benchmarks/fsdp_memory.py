@@ -28,6 +28,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 try:
@@ -113,12 +114,13 @@ def run_variant(variant: str, cfg: dict, quick: bool) -> list[dict]:
            "PYTHONPATH": str(C.ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(cfg["world"]), "--master_port",
-           str(_free_port()), __file__, "--rank-of", variant] + (["--quick"] if quick else [])
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=C.ROOT, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{variant} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-    return [json.loads(line[len("RESULT "):]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    with tempfile.TemporaryDirectory() as out:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(cfg["world"]), "--master_port",
+               str(_free_port()), __file__, "--rank-of", variant, "--results", out] + (["--quick"] if quick else [])
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=C.ROOT, env=env)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{variant} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+        return [json.loads(f.read_text()) for f in sorted(Path(out).glob("rank*.json"))]
 
 
 def main(argv=None) -> dict:
@@ -126,11 +128,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--rank-of", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--results", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     cfg = config(args.quick)
     if args.rank_of:
-        print("RESULT " + json.dumps(rank_main(args.rank_of, cfg)), flush=True)
+        result = rank_main(args.rank_of, cfg)
+        (Path(args.results) / f"rank{result['rank']}.json").write_text(json.dumps(result))
         return {}
     rounds = args.rounds or (1 if args.quick else 2)
     print(f"fsdp_memory: {cfg}, {rounds} rounds, MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD}", flush=True)

@@ -122,7 +122,29 @@ def sharded_in_use(model, tx, batches, r, world):
     bf_in_use, _ = run_steps(ft.make_train_step(model, tx, accumulate=2, precision="bf16", **hooks),
                              fd.shard_state(start), batches, r, world)
     out["bf16_in_use_vs_ddp"] = ft.tree.relative_difference(fd.unshard_state(bf_in_use.params), bf_ddp.params)
+    out.update(state_from_meta(tx))
     return out
+
+
+def state_from_meta(tx):
+    """A sharded state built module by module from a meta-device model == the eager model's."""
+    from torch import nn
+
+    from functrain.parallel import fsdp
+
+    def build():
+        return nn.Sequential(nn.Linear(8, 15), nn.Tanh(), nn.Linear(15, 4))
+
+    torch.manual_seed(11)
+    eager = build()
+    torch.manual_seed(11)
+    with torch.device("meta"):
+        skeleton = build()
+    state = fsdp.sharded_state_from_meta(skeleton, tx)
+    return {"meta_state_equal": all(torch.equal(fd.to_local_full(state.params[k]), v)
+                                    for k, v in eager.state_dict().items()),
+            "meta_state_sharded": all(fd.is_dtensor(p) for p in state.params.values()),
+            "meta_module_stays_meta": all(p.is_meta for p in skeleton.parameters())}
 
 
 class GatherCount(torch.utils._python_dispatch.TorchDispatchMode):

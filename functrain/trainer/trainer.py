@@ -326,12 +326,22 @@ class Trainer(PublishMixin):
         # Each rank draws its own dropout masks (the state's key is the same on every rank).
         stream = {"rng_stream": fd.rank()}
         if self.args.sharded:
-            return {**fd.sharded_hooks(), **stream}
+            _, count_reduce = fd.data_parallel_hooks()
+            return {"param_transform": self._sharded_transform(), "count_reduce": count_reduce, **stream}
         if not self.args.average_tokens_across_devices:  # HF's opt-out: per-rank mean, ranks averaged
             grad_reduce, _ = fd.per_rank_mean_hooks()
             return {"grad_reduce": grad_reduce, **stream}
         grad_reduce, count_reduce = fd.data_parallel_hooks()
         return {"grad_reduce": grad_reduce, "count_reduce": count_reduce, **stream}
+
+    def _sharded_transform(self):
+        """Sharded mode gathers each unit's params where it runs (FSDP semantics in use); units are
+        ``fsdp_config['transformer_layer_cls_to_wrap']`` blocks or the model's ``_no_split_modules``."""
+        from functrain.parallel.fsdp import shard_in_use
+
+        config = getattr(self.args, "fsdp_config", None)
+        wrap = config.get("transformer_layer_cls_to_wrap") if isinstance(config, Mapping) else None
+        return shard_in_use(self.model, [wrap] if isinstance(wrap, str) else wrap)
 
     def _mark_process(self, state: TrainerState) -> TrainerState:
         state.is_world_process_zero = fd.is_main_process()
@@ -363,7 +373,8 @@ class Trainer(PublishMixin):
 
             self._eval_steps[key] = make_eval_step(
                 self.model, self._eval_loss_fn(), precision=self.args.precision, compile=self.args.torch_compile,
-                return_outputs=with_outputs, param_transform=fd.gather_params if self.args.sharded else None)
+                return_outputs=with_outputs,
+                param_transform=self._sharded_transform() if self.args.sharded and fd.is_distributed() else None)
         return self._eval_steps[key]
 
     def _fresh_train_state(self, tx) -> TrainState:
