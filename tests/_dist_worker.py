@@ -158,6 +158,60 @@ class GatherCount(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def mode_gather(out_dir, opts):
+    """Distributed evaluation primitives: each rank evaluates its share of 23 variable-length
+    examples (batches of 4, HF's dealing); the gathered arrays, loss and streaming metric must be
+    exactly one process's."""
+    import numpy as np
+
+    from functrain.core.metrics import Accuracy, Average, Collection
+    from functrain.data.loader import ResumableLoader
+    from functrain.parallel.gather import EvalShard
+    from functrain.trainer.evaluation import pad_and_concatenate
+
+    fd.init_distributed()
+    g = torch.Generator().manual_seed(0)
+    data = []
+    for i in range(23):
+        t = int(torch.randint(2, 9, (1,), generator=g))
+        data.append({"input_ids": torch.randint(1, 50, (t,), generator=g).tolist(), "idx": i})
+    w = torch.randn(50, 5, generator=g)
+
+    def collate(rows):
+        t = max(len(r["input_ids"]) for r in rows)
+        ids = torch.tensor([r["input_ids"] + [0] * (t - len(r["input_ids"])) for r in rows])
+        labels = torch.where(ids > 0, ids % 5, -100)
+        return {"input_ids": ids, "labels": labels, "idx": torch.tensor([r["idx"] for r in rows])}
+
+    def evaluate(batches):
+        preds, labels, idx = [], [], []
+        loss, stream = Average.empty(), Collection({})
+        for b in batches:
+            logits = w[b["input_ids"]]
+            mask = b["labels"] != -100
+            per_token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), b["labels"], reduction="none")
+            loss = loss.merge(Average.from_mean(per_token[mask].mean(), mask.sum()))
+            stream = stream.merge({"accuracy": Accuracy.from_batch(logits.argmax(-1), b["labels"])})
+            preds.append(logits.numpy()), labels.append(b["labels"].numpy()), idx.append(b["idx"].numpy())
+        return preds, labels, idx, loss, stream
+
+    one = evaluate(ResumableLoader(data, 4, collate, shuffle=False))
+    shard = EvalShard(len(data), 4)
+    loader = ResumableLoader(data, 4, collate, shuffle=False, world_size=fd.world_size(), rank=fd.rank(),
+                             shard_block=4)
+    preds, labels, idx, loss, stream = evaluate(shard.batches(loader))
+    preds, labels, idx = (pad_and_concatenate(shard.gather_batches(x)) for x in (preds, labels, idx))
+    loss, stream = shard.merge(loss), shard.merge(stream)
+    result = {"predictions_equal": bool(np.array_equal(preds, pad_and_concatenate(one[0]))),
+              "labels_equal": bool(np.array_equal(labels, pad_and_concatenate(one[1]))),
+              "order": pad_and_concatenate(idx).tolist(),
+              "loss": float(loss.compute()), "loss_one": float(one[3].compute()),
+              "accuracy": float(stream.compute()["accuracy"]), "accuracy_one": float(one[4].compute()["accuracy"]),
+              "forwarded": shard.forwarded, "forwarded_total": shard.total(shard.forwarded)}
+    with open(os.path.join(out_dir, f"result-{fd.rank()}.json"), "w") as f:
+        json.dump(result, f)
+
+
 def make_trainer(out_dir, opts):
     from _trainer_fixtures import make_dataset, make_model
 
@@ -216,7 +270,8 @@ def mode_sigterm_one_rank(out_dir, opts):
 if __name__ == "__main__":
     mode, out = sys.argv[1], sys.argv[2]
     options = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
-    {"steps": mode_steps, "trainer": mode_trainer, "fail": mode_fail, "sigterm": mode_sigterm_one_rank}[mode](out, options)
+    {"steps": mode_steps, "trainer": mode_trainer, "fail": mode_fail, "sigterm": mode_sigterm_one_rank,
+     "gather": mode_gather}[mode](out, options)
     fd.barrier()
     if fd.is_distributed():
         torch.distributed.destroy_process_group()

@@ -241,3 +241,21 @@ def test_single_process_helpers_and_args():
         ft.TrainingArguments("o", fsdp="full_shard offload")
     with pytest.raises(ValueError, match="ddp_backend"):
         ft.TrainingArguments("o", ddp_backend="tcp")
+
+
+# -- distributed evaluation -------------------------------------------------------------------------
+
+
+def test_each_rank_evaluates_its_share_and_gathers_the_single_process_arrays(tmp_path):
+    """23 variable-length examples in batches of 4 on 2 ranks (HF's dealing, tail padded by
+    wrapping): gathered predictions/labels, eval loss and a streaming metric equal one process's."""
+    check(torchrun("gather", tmp_path))
+    results = [json.load(open(tmp_path / f"result-{r}.json")) for r in range(2)]
+    for r in results:
+        assert r["predictions_equal"] and r["labels_equal"]
+        assert r["order"] == list(range(23))  # dataset order, padding duplicates dropped
+        assert r["loss"] == pytest.approx(r["loss_one"], rel=1e-12)
+        assert r["accuracy"] == r["accuracy_one"]
+        assert r["forwarded_total"] == 23
+    # Blocks of 4 dealt round-robin: rank 0 takes rows 0-3, 8-11, 16-19; rank 1 4-7, 12-15, 20-22.
+    assert [r["forwarded"] for r in results] == [12, 11]
