@@ -219,7 +219,7 @@ def make_trainer(out_dir, opts):
         opts["output_dir"], max_steps=opts.get("max_steps", 10), per_device_train_batch_size=opts["per_device"],
         gradient_accumulation_steps=2, learning_rate=1e-2, weight_decay=0.1, lr_scheduler_type="linear",
         warmup_steps=2, save_strategy="steps", save_steps=opts.get("save_steps", 5), logging_steps=5,
-        report_to="none", disable_tqdm=True, fsdp=opts.get("fsdp", ""), seed=3,
+        report_to="none", disable_tqdm=True, fsdp=opts.get("fsdp", ""), fsdp_config=opts.get("fsdp_config"), seed=3,
         eval_strategy="steps" if opts.get("eval") else "no", eval_steps=5, per_device_eval_batch_size=3)
     return ft.Trainer(model=make_model(p=0.0), args=args, train_dataset=make_dataset(n=48),
                       eval_dataset=make_dataset(n=14, seed=5) if opts.get("eval") else None)
@@ -231,7 +231,14 @@ def mode_trainer(out_dir, opts):
     trainer.save_model(os.path.join(out_dir, "final"))
     if fd.is_main_process():
         with open(os.path.join(out_dir, "result.json"), "w") as f:
-            json.dump({"world_size": fd.world_size(), "log_history": trainer.state.log_history}, f)
+            json.dump({"world_size": fd.world_size(), "log_history": trainer.state.log_history,
+                       "units": _units_of(trainer.model)}, f)
+
+
+def _units_of(model):
+    from functrain.parallel import fsdp
+
+    return [name for name, m in model.named_modules() if fsdp.is_unit(m)]
 
 
 def mode_fail(out_dir, opts):

@@ -120,7 +120,9 @@ def reference(tmp_path_factory):
 def test_sharded_trainer_matches_one_process_and_resumes_on_one(tmp_path, reference):
     out2 = tmp_path / "two"
     check(torchrun("trainer", out2, {"output_dir": str(out2 / "run"), "per_device": 3, "fsdp": "full_shard",
+                                     "fsdp_config": {"transformer_layer_cls_to_wrap": ["Sequential"]},
                                      "eval": True}))
+    assert read_result(out2)["units"] == ["net"]  # fsdp_config's class is the one unit, gathered where used
     ref = final_weights(reference)
     assert ft.tree.relative_difference(final_weights(out2), ref) <= 1e-5
     # Logged train loss and eval loss (reduced over ranks, weighted by items) equal the 1-process ones.

@@ -67,3 +67,20 @@ def test_sharded_state_from_meta_refuses_what_it_cannot_build():
         model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
     with pytest.raises(ValueError, match="it has buffers"):
         fsdp.sharded_state_from_meta(model, ft.optim.adamw(1e-2))
+
+
+def test_fsdp_config_names_the_units_and_refuses_what_it_cannot_do(tmp_path):
+    a = ft.TrainingArguments("o", fsdp="full_shard", fsdp_config={"fsdp_transformer_layer_cls_to_wrap": "GPT2Block",
+                                                                  "backward_prefetch": "backward_pre"})
+    assert a.fsdp_config["transformer_layer_cls_to_wrap"] == ["GPT2Block"]
+    path = tmp_path / "fsdp.json"
+    path.write_text('{"transformer_layer_cls_to_wrap": ["BertLayer"], "min_num_params": 0}')
+    assert ft.TrainingArguments("o", fsdp=True, fsdp_config=str(path)).fsdp_config == {
+        "transformer_layer_cls_to_wrap": ["BertLayer"], "min_num_params": 0}
+    for config, match in [({"offload_params": True}, "offload"),
+                          ({"activation_checkpointing": True}, "gradient_checkpointing=True"),
+                          ({"reshard_after_forward": False}, "SHARD_GRAD_OP"),
+                          ({"limit_all_gatherz": True}, "not known"),
+                          ({"transformer_layer_cls_to_wrap": 3}, "class name or a list")]:
+        with pytest.raises(ValueError, match=match):
+            ft.TrainingArguments("o", fsdp=True, fsdp_config=config)

@@ -366,6 +366,7 @@ _BY_NAME: dict[str, tuple[Callable[..., Schedule], bool]] = {
     "cosine_warmup_with_min_lr": (cosine_warmup_with_min_lr, True),
     "warmup_stable_decay": (warmup_stable_decay, True),
 }
+STEP_SCHEDULES: tuple[str, ...] = tuple(_BY_NAME)  # every name get_schedule accepts
 # HF names that are not a function of the step; the driver handles them.
 _NOT_STEP_FUNCTIONS = {
     "reduce_lr_on_plateau": "it depends on eval metrics: use functrain.schedules.ReduceLROnPlateau in the driver",

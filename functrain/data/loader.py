@@ -109,7 +109,8 @@ class ResumableLoader:
         shuffle: ``False`` for evaluation (dataset order).
         drop_last: drop the last incomplete batch (and the tail not divisible across ranks).
         world_size, rank: data-parallel sharding.
-        num_workers, pin_memory, persistent_workers, prefetch_factor: passed to ``DataLoader``.
+        num_workers, pin_memory, persistent_workers, prefetch_factor, multiprocessing_context,
+            in_order: passed to ``DataLoader``.
         group_by_length: length-grouped order (``lengths`` or the ``length_column_name`` column).
         shard_block: examples per rank per dealt block when sharding (the per-device batch size
             gives accelerate's order, as HF's Trainer has it; see ``sampler.shard_indices``).
@@ -118,9 +119,9 @@ class ResumableLoader:
     def __init__(self, dataset: Any, batch_size: int, collate_fn: Callable | None = None, *, seed: int = 0,
                  shuffle: bool = True, drop_last: bool = False, world_size: int = 1, rank: int = 0,
                  num_workers: int = 0, pin_memory: bool = False, persistent_workers: bool = False,
-                 prefetch_factor: int | None = None, group_by_length: bool = False,
-                 lengths: Sequence[int] | None = None, length_column_name: str = "input_ids",
-                 shard_block: int = 1):
+                 prefetch_factor: int | None = None, multiprocessing_context=None, in_order: bool = True,
+                 group_by_length: bool = False, lengths: Sequence[int] | None = None,
+                 length_column_name: str = "input_ids", shard_block: int = 1):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         check_not_empty(dataset)
@@ -130,8 +131,9 @@ class ResumableLoader:
         self.world_size, self.rank = world_size, rank
         self.loader_kwargs = dict(num_workers=num_workers, pin_memory=pin_memory,
                                   persistent_workers=persistent_workers and num_workers > 0)
-        if prefetch_factor is not None and num_workers > 0:
-            self.loader_kwargs["prefetch_factor"] = prefetch_factor
+        if num_workers > 0:  # torch refuses these without worker processes
+            self.loader_kwargs.update(prefetch_factor=prefetch_factor, multiprocessing_context=multiprocessing_context,
+                                      in_order=in_order)
         self.state = LoaderState(seed=seed)
         self.is_iterable = not has_length(dataset)
         self.sampler = None

@@ -229,3 +229,59 @@ def _check_meta_model(model: nn.Module) -> None:
     if problems:
         raise ValueError(f"sharded_state_from_meta cannot build {type(model).__name__}: " + "; ".join(problems)
                          + ". Build the model whole and call functrain.distributed.shard_state instead")
+
+
+# HF's fsdp_config keys ("fsdp_" prefix optional), by what functrain does with them.
+_CONFIG_NO_EFFECT = frozenset({
+    # Scheduling and checkpoint formats of torch's FSDP module: same numbers, nothing to act on.
+    "backward_prefetch", "forward_prefetch", "limit_all_gathers", "use_orig_params", "sync_module_states",
+    "cpu_ram_efficient_loading", "state_dict_type", "version", "auto_wrap_policy",
+    # Size-based wrapping: functrain makes every module with params of its own a unit (smaller).
+    "min_num_params"})
+_CONFIG_REFUSED_IF_TRUE = {
+    "offload_params": "CPU offload of parameters is not implemented",
+    "cpu_offload": "CPU offload of parameters is not implemented",
+    "activation_checkpointing": "set gradient_checkpointing=True in TrainingArguments instead",
+    "xla": "XLA FSDP is not implemented (functrain runs torch.distributed DTensor sharding)",
+    "xla_fsdp_grad_ckpt": "XLA FSDP is not implemented",
+}
+
+
+def normalize_fsdp_config(config) -> dict | None:
+    """HF's ``fsdp_config`` (a dict or a JSON file path) checked and with ``fsdp_`` prefixes removed.
+
+    Used: ``transformer_layer_cls_to_wrap`` (a class name or a list: the units of
+    :func:`shard_in_use`). Keys of torch's FSDP module that cannot change functrain's numbers are
+    accepted; offload, XLA, ``activation_checkpointing`` and ``reshard_after_forward=False`` are
+    refused with what to use instead; unknown keys are an error.
+    """
+    if config is None:
+        return None
+    if isinstance(config, str):
+        import json
+
+        with open(config) as f:
+            config = json.load(f)
+    if not isinstance(config, Mapping):
+        raise ValueError(f"fsdp_config must be a dict or the path of a JSON file, got {type(config).__name__}")
+    out = {(k[len("fsdp_"):] if k.startswith("fsdp_") else k): v for k, v in config.items()}
+    for key, value in out.items():
+        if key in _CONFIG_REFUSED_IF_TRUE and value:
+            raise ValueError(f"fsdp_config[{key!r}]={value!r}: {_CONFIG_REFUSED_IF_TRUE[key]}")
+        if key == "reshard_after_forward" and value is False:
+            raise ValueError("fsdp_config['reshard_after_forward']=False (SHARD_GRAD_OP) is not implemented: "
+                             "functrain frees gathered params after each unit (FULL_SHARD); drop the key")
+        known = key in _CONFIG_NO_EFFECT or key in _CONFIG_REFUSED_IF_TRUE or key in (
+            "transformer_layer_cls_to_wrap", "reshard_after_forward", "xla_fsdp_settings")
+        if not known:
+            raise ValueError(f"fsdp_config key {key!r} is not known; functrain uses 'transformer_layer_cls_to_wrap' "
+                             f"and accepts {sorted(_CONFIG_NO_EFFECT)} (no effect on its sharding)")
+    if out.get("xla_fsdp_settings"):
+        raise ValueError("fsdp_config['xla_fsdp_settings']: XLA FSDP is not implemented")
+    wrap = out.get("transformer_layer_cls_to_wrap")
+    if isinstance(wrap, str):
+        out["transformer_layer_cls_to_wrap"] = [wrap]
+    elif wrap is not None and not (isinstance(wrap, (list, tuple)) and all(isinstance(c, str) for c in wrap)):
+        raise ValueError(f"fsdp_config['transformer_layer_cls_to_wrap'] must be a class name or a list of them, "
+                         f"got {wrap!r}")
+    return out

@@ -1,5 +1,7 @@
 """TrainingArguments: the Hugging Face names and defaults, validated when constructed.
 
+Every field of transformers 5.x's TrainingArguments is accepted; what each does here (works,
+refused, warned about and ignored, not implemented yet) is in :data:`functrain.trainer.registry.FIELDS`.
 Everything here is plain data (saved as ``training_args.json``, never pickled). Checks that need
 the datasets (e.g. ``eval_strategy`` without ``eval_dataset``) happen in ``Trainer.__init__``.
 """
@@ -8,26 +10,29 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
+from functrain.trainer import registry
+from functrain.trainer.args_setters import ArgumentSetters
+from functrain.trainer.launch import apply_launch_env
+
 INTERVAL_STRATEGIES = ("no", "steps", "epoch")
 SAVE_STRATEGIES = ("no", "steps", "epoch", "best")
-
-# HF optimizer names -> functrain optimizer (see Trainer.create_optimizer).
-OPTIMIZERS = (
-    "adamw_torch", "adamw_torch_fused", "adamw", "adam", "sgd", "adafactor",
-    "lion", "lion_32bit", "rmsprop", "adagrad",
-)
-
-SCHEDULERS = (
-    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
-    "inverse_sqrt", "cosine_with_min_lr", "warmup_stable_decay",
-)
+LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR,
+              "critical": logging.CRITICAL, "passive": -1}
+SAMPLING_STRATEGIES = ("random", "sequential", "group_by_length")
+TORCH_COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 HUB_STRATEGIES = ("every_save", "end", "checkpoint", "all_checkpoints")
+
+logger = logging.getLogger("functrain")
+_warned_fields: set[str] = set()
 
 
 class TrainingArgumentsError(ValueError):
@@ -39,7 +44,7 @@ def _fail(msg: str):
 
 
 @dataclass
-class TrainingArguments:
+class TrainingArguments(ArgumentSetters):
     """The arguments of :class:`functrain.Trainer`, with the Hugging Face names and defaults.
 
     ``logging_steps``, ``eval_steps`` and ``save_steps`` may be a float in (0, 1): a fraction of
@@ -97,29 +102,87 @@ class TrainingArguments:
     optim: str = "adamw_torch_fused"
     optim_args: str | None = None
     report_to: str | list[str] | None = "none"
-    project: str = "huggingface"  # the trackio project
-    # -- the Hub (see functrain/trainer/hub.py) --
-    push_to_hub: bool = False
-    hub_model_id: str | None = None
-    hub_strategy: str = "every_save"
-    hub_token: str | None = None
-    hub_private_repo: bool | None = None
-    hub_always_push: bool = False
-    hub_revision: str | None = None
-    gradient_checkpointing: bool | None = False
+    gradient_checkpointing: bool | None = None
     gradient_checkpointing_kwargs: dict | str | None = None
-    include_num_input_tokens_seen: bool | str = False
+    include_num_input_tokens_seen: bool | str = "no"
     neftune_noise_alpha: float | None = None
     torch_compile: bool = False
     eval_on_start: bool = False
     # -- distributed (see docs/distributed.md) --
-    fsdp: bool | str | list | None = ""
+    fsdp: bool | str | list | None = None
     ddp_backend: str | None = None
     ddp_timeout: int = 1800
     average_tokens_across_devices: bool = True
+    # -- the rest of transformers 5.x's fields (status of each: functrain.trainer.registry.FIELDS) --
+    optim_target_modules: str | list[str] | None = None
+    label_smoothing_factor: float = 0.0
+    bf16_full_eval: bool = False
+    fp16_full_eval: bool = False
+    tf32: bool | None = None
+    activation_checkpointing: bool | None = None
+    activation_checkpointing_kwargs: dict | str | None = None
+    torch_compile_backend: str | None = None
+    torch_compile_mode: str | None = None
+    use_liger_kernel: bool = False
+    liger_kernel_config: dict | None = None
+    use_cache: bool = False
+    torch_empty_cache_steps: int | None = None
+    auto_find_batch_size: bool = False
+    log_on_each_node: bool = True
+    log_level: str = "passive"
+    log_level_replica: str = "warning"
+    project: str = "huggingface"
+    trackio_space_id: str | None = None
+    trackio_bucket_id: str | None = None
+    trackio_static_space_id: str | None = None
+    eval_do_concat_batches: bool = True
+    eval_use_gather_object: bool = False
+    include_for_metrics: list[str] = field(default_factory=list)
+    batch_eval_metrics: bool = False
+    save_on_each_node: bool = False
+    enable_jit_checkpoint: bool = False
+    push_to_hub: bool = False
+    hub_token: str | None = None
+    hub_private_repo: bool | None = None
+    hub_model_id: str | None = None
+    hub_strategy: str = "every_save"
+    hub_always_push: bool = False
+    hub_revision: str | None = None
+    ignore_data_skip: bool = False
+    restore_callback_states_from_checkpoint: bool = False
+    full_determinism: bool = False
+    use_cpu: bool = False
+    accelerator_config: dict | str | None = None
+    parallelism_config: Any = None
+    dataloader_pin_memory: bool = True
+    dataloader_persistent_workers: bool = False
+    dataloader_prefetch_factor: int | None = None
+    dataloader_multiprocessing_context: str | None = None
+    dataloader_in_order: bool = True
+    train_sampling_strategy: str = "random"
+    length_column_name: str = "length"
+    ddp_find_unused_parameters: bool | None = None
+    ddp_bucket_cap_mb: int | None = None
+    ddp_broadcast_buffers: bool | None = None
+    ddp_static_graph: bool | None = None
+    fsdp_config: dict | str | None = None
+    deepspeed: dict | str | None = None
+    debug: str | list = ""
+    skip_memory_metrics: bool = True
+    resume_from_checkpoint: str | None = None
+    local_rank: int = -1
+    # -- transformers 4.x names older scripts still pass --
+    group_by_length: bool = False
+    include_tokens_per_second: bool = False
 
     # -- validation -------------------------------------------------------------------------------
     def __post_init__(self):
+        _check_field_statuses(self)
+        apply_launch_env(self)
+        if self.gradient_checkpointing is None:  # transformers 5's new name wins where the old one is unset
+            self.gradient_checkpointing = self.activation_checkpointing
+        if self.gradient_checkpointing_kwargs is None:
+            self.gradient_checkpointing_kwargs = self.activation_checkpointing_kwargs
         if self.output_dir is None:
             self.output_dir = "trainer_output"
         self.output_dir = os.fspath(self.output_dir)
@@ -140,6 +203,7 @@ class TrainingArguments:
         self._check_numbers()
         self._check_intervals()
         self._check_best_model()
+        self._normalize_hf_fields()
         self.report_to = _resolve_report_to(self.report_to)
 
     def _check_choices(self):
@@ -150,15 +214,19 @@ class TrainingArguments:
             if value not in allowed:
                 _fail(f"{name}={value!r} is not valid; expected one of {list(allowed)}")
             setattr(self, name, value)
-        if self.optim not in OPTIMIZERS:
-            _fail(f"optim={self.optim!r} is not a known optimizer; known: {list(OPTIMIZERS)}")
+        self.optim = getattr(self.optim, "value", self.optim)
+        if self.optim not in registry.OPTIMIZERS:
+            _fail(f"optim={self.optim!r} is not a known optimizer; known: {list(registry.OPTIMIZERS)}")
         sched = getattr(self.lr_scheduler_type, "value", self.lr_scheduler_type)
-        if sched not in SCHEDULERS:
-            _fail(f"lr_scheduler_type={sched!r} is not a known schedule; known: {list(SCHEDULERS)}")
+        if sched in registry.SCHEDULES_NOT_YET:
+            _fail(f"lr_scheduler_type={sched!r} is not implemented yet: {registry.SCHEDULES_NOT_YET[sched]}")
+        if sched not in registry.SCHEDULES:
+            _fail(f"lr_scheduler_type={sched!r} is not a known schedule; known: {list(registry.SCHEDULES)}")
         self.lr_scheduler_type = sched
         if self.fp16 and self.bf16:
             _fail("fp16=True and bf16=True were both given; choose one mixed-precision mode")
         self.fsdp = _normalize_fsdp(self.fsdp)
+        self.fsdp_config = _normalize_fsdp_config(self.fsdp_config)
         if self.ddp_backend not in (None, "gloo", "nccl", "mpi", "xccl"):
             _fail(f"ddp_backend={self.ddp_backend!r} is not supported; expected None (nccl on GPUs, gloo on CPU), "
                   "'gloo', 'nccl', 'mpi' or 'xccl'")
@@ -246,6 +314,44 @@ class TrainingArguments:
                 _fail("load_best_model_at_end=True requires save_steps to be a multiple of eval_steps, "
                       f"got save_steps={self.save_steps}, eval_steps={self.eval_steps}")
 
+    def _normalize_hf_fields(self):
+        """The fields transformers 5.x added; same derived values as transformers' ``__post_init__``."""
+        if self.eval_strategy != "no":
+            self.do_eval = True
+        for name in ("log_level", "log_level_replica"):
+            if getattr(self, name) not in LOG_LEVELS:
+                _fail(f"{name}={getattr(self, name)!r} is not a log level; expected one of {list(LOG_LEVELS)}")
+        if self.group_by_length:
+            self.train_sampling_strategy = "group_by_length"
+        if self.train_sampling_strategy not in SAMPLING_STRATEGIES:
+            _fail(f"train_sampling_strategy={self.train_sampling_strategy!r} is not supported; expected one of "
+                  f"{list(SAMPLING_STRATEGIES)} ('batch_rebalance' is not implemented yet)")
+        if self.torch_compile_backend is not None or self.torch_compile_mode is not None:
+            self.torch_compile = True  # as transformers: naming a backend or mode asks for compilation
+        if self.torch_compile and self.torch_compile_backend is None:
+            self.torch_compile_backend = "inductor"
+        if self.torch_compile_mode not in TORCH_COMPILE_MODES:
+            _fail(f"torch_compile_mode={self.torch_compile_mode!r} is not a torch.compile mode; expected one of "
+                  f"{list(TORCH_COMPILE_MODES)}")
+        if self.fp16_full_eval and self.bf16_full_eval:
+            _fail("fp16_full_eval=True and bf16_full_eval=True were both given; choose one evaluation dtype")
+        if not 0 <= self.label_smoothing_factor < 1:
+            _fail(f"label_smoothing_factor must be in [0, 1), got {self.label_smoothing_factor}")
+        if self.eval_accumulation_steps is not None and (
+                isinstance(self.eval_accumulation_steps, bool) or not isinstance(self.eval_accumulation_steps, int)
+                or self.eval_accumulation_steps < 1):
+            _fail(f"eval_accumulation_steps must be a positive int or None, got {self.eval_accumulation_steps!r}")
+        if self.dataloader_prefetch_factor is not None and self.dataloader_num_workers == 0:
+            _fail("dataloader_prefetch_factor can only be set when data is loaded in worker processes "
+                  "(dataloader_num_workers > 0), as in torch's DataLoader")
+        tokens = {True: "all", False: "no"}.get(self.include_num_input_tokens_seen, self.include_num_input_tokens_seen)
+        if tokens not in ("all", "no", "non_padding"):
+            _fail(f"include_num_input_tokens_seen must be 'all', 'non_padding', 'no' or a bool, got {tokens!r}")
+        self.include_num_input_tokens_seen = tokens
+        if self.use_cpu:
+            self.dataloader_pin_memory = False  # as transformers
+        _apply_tf32(self.tf32)
+
     # -- derived values ---------------------------------------------------------------------------
     @property
     def train_batch_size(self) -> int:
@@ -263,6 +369,52 @@ class TrainingArguments:
     @property
     def precision(self) -> str:
         return "bf16" if self.bf16 else "fp16" if self.fp16 else "fp32"
+
+    # -- what transformers code reads off the arguments ---------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        """This process's device: CPU with ``use_cpu`` or without CUDA, else ``cuda:LOCAL_RANK``."""
+        if self.use_cpu or not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda", self.local_process_index)
+
+    @property
+    def n_gpu(self) -> int:
+        """GPUs this process drives: 0 or 1 (functrain never uses ``nn.DataParallel``)."""
+        return 0 if self.device.type == "cpu" else 1
+
+    @property
+    def world_size(self) -> int:
+        return _launch()[1]
+
+    @property
+    def process_index(self) -> int:
+        return _launch()[0]
+
+    @property
+    def local_process_index(self) -> int:
+        return _launch()[2]
+
+    @property
+    def should_log(self) -> bool:
+        """Whether this process logs (every node's main process with ``log_on_each_node``)."""
+        return (self.local_process_index if self.log_on_each_node else self.process_index) == 0
+
+    @property
+    def should_save(self) -> bool:
+        """Whether this process writes checkpoints (``save_on_each_node``: every node's main process)."""
+        return (self.local_process_index if self.save_on_each_node else self.process_index) == 0
+
+    def get_process_log_level(self) -> int:
+        """``log_level`` on processes that log, else ``log_level_replica``; ``"passive"`` keeps the
+        ``functrain`` logger's current level (transformers keeps its own library's)."""
+        level = LOG_LEVELS[self.log_level if self.should_log else self.log_level_replica]
+        return logger.getEffectiveLevel() if level == -1 else level
+
+    def to_sanitized_dict(self) -> dict[str, Any]:
+        """Flat values for TensorBoard's hparams (others as ``str``), as transformers."""
+        d = {**self.to_dict(), "train_batch_size": self.train_batch_size, "eval_batch_size": self.eval_batch_size}
+        return {k: v if type(v) in (bool, int, float, str, torch.Tensor) else str(v) for k, v in d.items()}
 
     def get_warmup_steps(self, num_training_steps: int) -> int:
         """Warmup steps: ``warmup_steps`` if >= 1, else a ratio (``warmup_steps`` or ``warmup_ratio``)."""
@@ -323,6 +475,15 @@ class Seq2SeqTrainingArguments(TrainingArguments):
 _FSDP_OPTIONS = ("full_shard", "auto_wrap")
 
 
+def _normalize_fsdp_config(value):
+    from functrain.parallel.fsdp import normalize_fsdp_config
+
+    try:
+        return normalize_fsdp_config(value)
+    except (ValueError, OSError) as e:
+        _fail(str(e))
+
+
 def _normalize_fsdp(value) -> str:
     """HF's ``fsdp`` (True, "full_shard auto_wrap", a list, ""/False/None) -> a space-separated string."""
     if value is None or value is False:
@@ -337,6 +498,27 @@ def _normalize_fsdp(value) -> str:
     if words and "full_shard" not in words:
         _fail(f"fsdp={value!r} needs 'full_shard' (the sharding strategy functrain implements)")
     return " ".join(words)
+
+
+def _launch() -> tuple[int, int, int]:
+    """``(rank, world_size, local_rank)``: the process group's once joined, else the launcher's variables."""
+    from functrain.parallel import distributed as fd
+
+    if fd.is_distributed():
+        info = fd.current_info()
+        return info.rank, info.world_size, info.local_rank
+    return fd.read_launch_env()
+
+
+def _apply_tf32(tf32: bool | None) -> None:
+    """Set TF32 matmuls as transformers does: True needs an Ampere-or-newer CUDA GPU; None leaves torch's setting."""
+    available = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
+    if tf32 and not available:
+        _fail("tf32=True needs a CUDA GPU with TF32 (Ampere or newer), and none is available; leave tf32 unset "
+              "(None) or set it to False")
+    if tf32 is not None and available:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
 
 
 def _is_multiple(a: float, b: float) -> bool:
@@ -365,3 +547,32 @@ def _resolve_report_to(value) -> list[str]:
         return resolve_report_to(value)
     except ValueError as e:
         _fail(str(e))
+
+
+def _default_of(f: dataclasses.Field):
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def _check_field_statuses(args) -> None:
+    """Refuse fields functrain cannot or does not yet honour; warn once about harmlessly ignored ones."""
+    for f in dataclasses.fields(args):
+        if not f.init:
+            continue
+        value = getattr(args, f.name)
+        value = getattr(value, "value", value)  # HF enums
+        if value == _default_of(f) or (f.name == "debug" and not value):
+            continue
+        status = registry.field_status(f.name)
+        if status.status == registry.REFUSED:
+            _fail(f"{f.name}={value!r} is not supported by functrain: {status.why}")
+        if status.status == registry.NOT_YET:
+            note = f" ({status.why})" if status.why else ""
+            _fail(f"{f.name}={value!r} is not implemented yet in functrain{note}; leave it at its default "
+                  f"{_default_of(f)!r}")
+        if status.status == registry.IGNORED and f.name not in _warned_fields:
+            _warned_fields.add(f.name)
+            logger.warning("TrainingArguments.%s=%r is ignored: %s", f.name, value, status.why)

@@ -20,6 +20,7 @@ import inspect
 import os
 from typing import Any, Callable, NamedTuple
 
+from functrain.trainer import registry
 from functrain.trainer.callbacks import TrainerCallback
 
 
@@ -87,6 +88,11 @@ def trial_arguments(args, hp: dict, run_dir: str | None):
         raise ValueError(f"hyperparameter(s) {unknown} are not TrainingArguments fields; hp_space may only "
                          f"return TrainingArguments names (e.g. learning_rate, num_train_epochs, seed, "
                          "per_device_train_batch_size, weight_decay, warmup_steps)")
+    unsupported = sorted(k for k in hp if registry.field_status(k).status != registry.SUPPORTED)
+    if unsupported:
+        raise ValueError(f"hyperparameter(s) {unsupported} cannot be searched: functrain does not support them "
+                         f"({', '.join(registry.field_status(k).status for k in unsupported)}); see "
+                         "functrain.trainer.registry.FIELDS")
     changes = {}
     for k, v in hp.items():
         old = getattr(args, k)

@@ -22,6 +22,7 @@ from typing import Sequence
 
 from functrain.core import optim
 from functrain.step import population as P
+from functrain.trainer import registry
 from functrain.trainer.evaluation import EvalPrediction, pad_and_concatenate
 
 TENSOR_HYPERPARAMETERS = ("learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon",
@@ -52,9 +53,10 @@ class PopulationTrainer:
                     f"member {i}: {bad} cannot vary inside one vmapped graph; a population may vary only "
                     f"{list(TENSOR_HYPERPARAMETERS)}. Run such trials one by one (Trainer.hyperparameter_search "
                     "without population=True)")
-        if a.optim not in ("adamw_torch", "adamw_torch_fused", "adamw") or a.lr_scheduler_type != "linear":
-            raise P.PopulationError(f"PopulationTrainer supports optim='adamw_torch' with lr_scheduler_type='linear', "
-                                    f"got optim={a.optim!r}, lr_scheduler_type={a.lr_scheduler_type!r}")
+        if a.optim not in registry.POPULATION_OPTIMIZERS or a.lr_scheduler_type not in registry.POPULATION_SCHEDULES:
+            supported = " or ".join(f"lr_scheduler_type={n!r}" for n in registry.POPULATION_SCHEDULES)
+            raise P.PopulationError(f"PopulationTrainer supports optim in {list(registry.POPULATION_OPTIMIZERS)} with "
+                                    f"{supported}, got optim={a.optim!r}, lr_scheduler_type={a.lr_scheduler_type!r}")
         self.trainer = trainer
         self.state = None
 

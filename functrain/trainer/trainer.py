@@ -10,6 +10,7 @@ replaying earlier ones.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import inspect
 import itertools
@@ -34,8 +35,11 @@ from functrain.trainer.callbacks import (
     CallbackHandler, DefaultFlowCallback, ExportableState, PrinterCallback, ProgressCallback, TrainerControl,
     TrainerState,
 )
+from functrain.trainer import registry
+from functrain.trainer.arg_effects import compile_kwargs, set_log_level
 from functrain.trainer.integrations import integration_callbacks
 from functrain.trainer.logging import MetricsFileCallback
+from functrain.trainer.memory import MemoryTracker
 from functrain.trainer.publish import PublishMixin
 from functrain.core.state import TrainState
 from functrain.trainer.args import TrainingArguments
@@ -83,6 +87,9 @@ class Trainer(PublishMixin):
         self.args = args if args is not None else TrainingArguments("trainer_output")
         if not isinstance(self.args, TrainingArguments):
             raise TypeError(f"args must be a functrain.TrainingArguments, got {type(self.args).__name__}")
+        self._memory_tracker = MemoryTracker(self.args.skip_memory_metrics)
+        self._memory_tracker.start("init")
+        set_log_level(self.args)
         # Joins the process group when launched by torchrun / accelerate (no-op for one process).
         self.dist = fd.init_distributed(self.args.ddp_backend, datetime.timedelta(seconds=self.args.ddp_timeout))
         set_seed(self.args.seed)
@@ -93,7 +100,7 @@ class Trainer(PublishMixin):
             model = model_init()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        self.model = model
+        self.model = self._place(model)
         self.optimizer, self.lr_scheduler = _check_optimizers(optimizers)
         if self.args.eval_strategy != "no" and eval_dataset is None:
             raise ValueError(f"eval_strategy={self.args.eval_strategy!r} needs an eval_dataset; pass one or set "
@@ -121,9 +128,15 @@ class Trainer(PublishMixin):
         self.train_state: TrainState | None = None
         self.interrupted: int | None = None
         self._eval_steps: dict = {}
+        self._train_tokens = 0  # input tokens of this train() call (include_tokens_per_second)
         self.control = self.callback_handler.on_init_end(self.args, self.state, self.control)
         if self.args.push_to_hub:
             self.init_hf_repo()
+        self._memory_tracker.stop("init")
+
+    def _place(self, model: nn.Module) -> nn.Module:
+        """``use_cpu=True``: the model on the CPU even where an accelerator is present (as transformers)."""
+        return model.to(self.args.device) if self.args.use_cpu else model
 
     # -- callbacks ------------------------------------------------------------------------------
     def add_callback(self, callback):
@@ -208,16 +221,20 @@ class Trainer(PublishMixin):
         """
         if self.train_dataset is None:
             raise ValueError("Trainer.train() needs a train_dataset")
-        from functrain.data.loader import ResumableLoader, check_not_empty
+        from functrain.data.loader import ResumableLoader, check_not_empty, has_length
+        from functrain.trainer.arg_effects import group_lengths, loader_options
 
         check_not_empty(self.train_dataset, "train_dataset")
         a = self.args
+        grouped = a.train_sampling_strategy == "group_by_length" and has_length(self.train_dataset)
         return ResumableLoader(self._prepare_dataset(self.train_dataset, "training"),
                                a.per_device_train_batch_size * a.gradient_accumulation_steps, self.data_collator,
-                               seed=a.data_seed if a.data_seed is not None else a.seed, shuffle=True,
-                               drop_last=a.dataloader_drop_last, num_workers=a.dataloader_num_workers,
-                               world_size=fd.world_size(), rank=fd.rank(),
-                               shard_block=a.per_device_train_batch_size)
+                               seed=a.data_seed if a.data_seed is not None else a.seed,
+                               shuffle=a.train_sampling_strategy != "sequential", drop_last=a.dataloader_drop_last,
+                               world_size=fd.world_size(), rank=fd.rank(), shard_block=a.per_device_train_batch_size,
+                               group_by_length=grouped,
+                               lengths=group_lengths(self.train_dataset, a.length_column_name) if grouped else None,
+                               **loader_options(a))
 
     def get_eval_dataloader(self, eval_dataset=None, shard: bool = False):
         """Eval batches in dataset order; ``shard=True`` gives this rank its share (distributed runs)."""
@@ -228,9 +245,11 @@ class Trainer(PublishMixin):
             raise ValueError("evaluation needs an eval_dataset (pass one to Trainer or to evaluate())")
         check_not_empty(dataset, "eval_dataset")
         world, rank = (fd.world_size(), fd.rank()) if shard else (1, 0)
+        from functrain.trainer.arg_effects import loader_options
+
         return ResumableLoader(self._prepare_dataset(dataset, "evaluation"), self.args.per_device_eval_batch_size,
                                self.data_collator, shuffle=False, drop_last=self.args.dataloader_drop_last,
-                               num_workers=self.args.dataloader_num_workers, world_size=world, rank=rank)
+                               world_size=world, rank=rank, **loader_options(self.args))
 
     def get_test_dataloader(self, test_dataset):
         return self.get_eval_dataloader(test_dataset)
@@ -246,25 +265,7 @@ class Trainer(PublishMixin):
 
     def create_optimizer(self, schedule):
         """The functrain optimizer for ``args.optim`` (weight decay skips biases and norms, as HF)."""
-        a = self.args
-        extra = _parse_optim_args(a.optim_args)
-        mask = optim.default_weight_decay_mask(self.model) if a.weight_decay > 0 else None
-        name = a.optim
-        if name in ("adamw_torch", "adamw_torch_fused", "adamw"):
-            return optim.adamw(schedule, b1=a.adam_beta1, b2=a.adam_beta2, eps=a.adam_epsilon,
-                               weight_decay=a.weight_decay, mask=mask, **extra)
-        if name == "adam":
-            return optim.adam(schedule, b1=a.adam_beta1, b2=a.adam_beta2, eps=a.adam_epsilon, **extra)
-        if name in ("lion", "lion_32bit"):
-            return optim.lion(schedule, b1=a.adam_beta1, b2=a.adam_beta2, weight_decay=a.weight_decay, mask=mask,
-                              **extra)
-        if name == "adafactor":
-            return optim.adafactor(schedule, weight_decay=a.weight_decay, **extra) if a.weight_decay else \
-                optim.adafactor(schedule, **extra)
-        base = {"sgd": optim.sgd, "rmsprop": optim.rmsprop, "adagrad": optim.adagrad}[name](schedule, **extra)
-        if a.weight_decay > 0:  # decoupled-from-groups L2 as torch param groups do: masked, added to the grad
-            return optim.chain(optim.masked(optim.add_decayed_weights(a.weight_decay), mask), base)
-        return base
+        return registry.build_optimizer(self.args, self.model, schedule, _parse_optim_args(self.args.optim_args))
 
     def create_optimizer_and_scheduler(self, num_training_steps: int):
         if self.optimizer is not None:
@@ -282,6 +283,14 @@ class Trainer(PublishMixin):
             labels = inputs.pop("labels")
             outputs = model(**inputs)
             loss = self.compute_loss_func(outputs, labels, num_items_in_batch=num_items_in_batch)
+        elif self.args.label_smoothing_factor > 0 and "labels" in inputs:
+            from functrain.step.batch import loss_shifts_labels
+            from functrain.trainer.label_smoothing import label_smoothed_loss
+
+            labels = inputs.pop("labels")
+            outputs = model(**inputs)
+            loss = label_smoothed_loss(outputs, labels, self.args.label_smoothing_factor,
+                                       shift_labels=loss_shifts_labels(self.model))
         else:
             outputs = model(**inputs)
             if isinstance(outputs, Mapping) and outputs.get("loss") is None:
@@ -291,7 +300,8 @@ class Trainer(PublishMixin):
         return (loss, outputs) if return_outputs else loss
 
     def _custom_loss(self) -> bool:
-        return type(self).compute_loss is not Trainer.compute_loss or self.compute_loss_func is not None
+        return (type(self).compute_loss is not Trainer.compute_loss or self.compute_loss_func is not None
+                or self.args.label_smoothing_factor > 0)
 
     def _train_loss_fn(self):
         if not self._custom_loss():
@@ -315,8 +325,8 @@ class Trainer(PublishMixin):
 
         a = self.args
         return make_train_step(self.model, tx, self._train_loss_fn(), accumulate=accumulate, precision=a.precision,
-                               compile=a.torch_compile, max_grad_norm=a.max_grad_norm or None,
-                               **self._distributed_step_kwargs())
+                               compile=a.torch_compile, compile_kwargs=compile_kwargs(a),
+                               max_grad_norm=a.max_grad_norm or None, **self._distributed_step_kwargs())
 
     # -- distributed (see functrain.distributed) -------------------------------------------------
     def _distributed_step_kwargs(self) -> dict:
@@ -339,9 +349,7 @@ class Trainer(PublishMixin):
         ``fsdp_config['transformer_layer_cls_to_wrap']`` blocks or the model's ``_no_split_modules``."""
         from functrain.parallel.fsdp import shard_in_use
 
-        config = getattr(self.args, "fsdp_config", None)
-        wrap = config.get("transformer_layer_cls_to_wrap") if isinstance(config, Mapping) else None
-        return shard_in_use(self.model, [wrap] if isinstance(wrap, str) else wrap)
+        return shard_in_use(self.model, (self.args.fsdp_config or {}).get("transformer_layer_cls_to_wrap"))
 
     def _mark_process(self, state: TrainerState) -> TrainerState:
         state.is_world_process_zero = fd.is_main_process()
@@ -371,10 +379,14 @@ class Trainer(PublishMixin):
         if key not in self._eval_steps:
             from functrain.step.train import make_eval_step
 
+            from functrain.trainer.arg_effects import full_eval_params
+
+            a = self.args
             self._eval_steps[key] = make_eval_step(
-                self.model, self._eval_loss_fn(), precision=self.args.precision, compile=self.args.torch_compile,
-                return_outputs=with_outputs,
-                param_transform=self._sharded_transform() if self.args.sharded and fd.is_distributed() else None)
+                self.model, self._eval_loss_fn(), precision="fp32" if a.fp16_full_eval or a.bf16_full_eval else a.precision,
+                compile=a.torch_compile, compile_kwargs=compile_kwargs(a), return_outputs=with_outputs,
+                param_transform=full_eval_params(a, self._sharded_transform() if a.sharded and fd.is_distributed()
+                                                 else None))
         return self._eval_steps[key]
 
     def _fresh_train_state(self, tx) -> TrainState:
@@ -413,14 +425,35 @@ class Trainer(PublishMixin):
 
         ``resume_from_checkpoint=True`` takes the newest complete, valid checkpoint in
         ``output_dir``; a path resumes from that folder (a corrupted one is an error).
+        ``auto_find_batch_size=True`` retries with a smaller ``per_device_train_batch_size`` after
+        an out-of-memory error (accelerate's ``find_executable_batch_size``: x0.9 each time).
         """
         if kwargs:
             raise TypeError(f"train() got unexpected keyword arguments {sorted(kwargs)}")
+        self._memory_tracker.start("train")
+        try:
+            if not self.args.auto_find_batch_size:
+                return self._train(resume_from_checkpoint, ignore_keys_for_eval)
+            from accelerate.utils import find_executable_batch_size
+
+            return find_executable_batch_size(self._train_with_batch_size, self.args.per_device_train_batch_size)(
+                resume_from_checkpoint, ignore_keys_for_eval)
+        finally:
+            self._memory_tracker.stop("train")
+
+    def _train_with_batch_size(self, batch_size: int, resume_from_checkpoint, ignore_keys_for_eval) -> TrainOutput:
+        if batch_size != self.args.per_device_train_batch_size:
+            logger.warning("auto_find_batch_size: retrying with per_device_train_batch_size=%d", batch_size)
+            self.args = dataclasses.replace(self.args, per_device_train_batch_size=batch_size)
+            self.train_state = None  # the failed attempt's state; the module's tensors are untouched
+        return self._train(resume_from_checkpoint, ignore_keys_for_eval)
+
+    def _train(self, resume_from_checkpoint, ignore_keys_for_eval) -> TrainOutput:
         a = self.args
         resume_path = self._resolve_resume(resume_from_checkpoint)
         if self.model_init is not None and resume_path is None and self.train_state is None:
             set_seed(a.seed)
-            self.model = self.model_init()
+            self.model = self._place(self.model_init())
             self.callback_handler.model = self.model
         loader = self.get_train_dataloader()
         if not hasattr(loader, "__len__") or getattr(loader, "is_iterable", False):
@@ -498,6 +531,7 @@ class Trainer(PublishMixin):
         self._log_timer = time.perf_counter()
         self._last_metrics = {}
         total_loss, total_samples = torch.zeros(()), 0
+        self._train_tokens = 0
         stop_agreement, stop_for_signal = fd.StopAgreement(), False
         self.control = handler.on_train_begin(a, self.state, self.control)
         if a.eval_on_start and start_step == 0:
@@ -516,6 +550,8 @@ class Trainer(PublishMixin):
                 self.train_state = handler.train_state = state
                 loss = metrics["loss"].detach().float().cpu() if metrics["loss"].device.type == "cpu" \
                     else metrics["loss"].detach().float()
+                if a.logging_nan_inf_filter:
+                    loss = _filter_nan_inf(loss, self._loss_sum.to(loss.device), self._steps_since_log)
                 self._loss_sum = self._loss_sum.to(loss.device) + loss
                 total_loss = total_loss.to(loss.device) + loss
                 self._last_metrics = metrics
@@ -523,6 +559,8 @@ class Trainer(PublishMixin):
                 self._samples_since_log += rows * fd.world_size()  # global throughput
                 total_samples += rows * fd.world_size()
                 self._count_tokens(window)
+                if a.include_tokens_per_second and isinstance(window, Mapping) and "input_ids" in window:
+                    self._train_tokens += window["input_ids"].numel() * fd.world_size()  # shape only: no sync
                 self.state.global_step += 1
                 self.state.epoch = epoch + loader.state.batch_index / steps_per_epoch
                 self.state.data_position = {**loader.state.to_dict(),
@@ -579,6 +617,9 @@ class Trainer(PublishMixin):
         if a.include_num_input_tokens_seen not in (False, "no"):
             self._flush_token_count()
             metrics["num_input_tokens_seen"] = self.state.num_input_tokens_seen
+        if a.include_tokens_per_second:
+            metrics["train_tokens_per_second"] = round(self._train_tokens / runtime, 4) if runtime > 0 else 0.0
+        self._memory_tracker.stop_and_update_metrics("train", metrics)
         self.log(dict(metrics))
         self.control = self.callback_handler.on_train_end(a, self.state, self.control)
         self._finish_current_push()
@@ -754,14 +795,18 @@ class Trainer(PublishMixin):
         return self._evaluate_one(dataset, ignore_keys, metric_key_prefix)
 
     def _evaluate_one(self, dataset, ignore_keys, metric_key_prefix: str) -> dict[str, float]:
+        self._memory_tracker.start("eval")
         output = self._run_evaluation(dataset, ignore_keys, metric_key_prefix, collect=False)
+        self._memory_tracker.stop_and_update_metrics("eval", output.metrics)
         self.log(dict(output.metrics))
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, output.metrics)
         return output.metrics
 
     def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test") -> PredictionOutput:
         """Predictions (numpy), label ids and metrics on ``test_dataset``."""
+        self._memory_tracker.start("test")
         output = self._run_evaluation(test_dataset, ignore_keys, metric_key_prefix, collect=True)
+        self._memory_tracker.stop_and_update_metrics("test", output.metrics)
         self.control = self.callback_handler.on_predict(self.args, self.state, self.control, output.metrics)
         return PredictionOutput(output.predictions, output.label_ids, output.metrics)
 
@@ -877,6 +922,12 @@ def _counting_items(eval_step):
         return out
 
     return step, items
+
+
+def _filter_nan_inf(loss: torch.Tensor, loss_sum: torch.Tensor, steps_since_log: int) -> torch.Tensor:
+    """``logging_nan_inf_filter``: a non-finite step loss counts as the mean of the losses logged
+    since the last log (transformers' rule), chosen on the device: no host sync."""
+    return torch.where(torch.isfinite(loss), loss, loss_sum / (1 + steps_since_log))
 
 
 def _map_data_position(position: dict, global_window: int) -> dict:

@@ -1,0 +1,344 @@
+"""Every name an HF script can hand functrain, in one place: optimizers, schedules, integrations, fields.
+
+Argument validation (:mod:`functrain.trainer.args`), the Trainer, PopulationTrainer,
+hyperparameter search and the README read these tables; nothing else keeps a list of names.
+
+``FIELDS`` gives every ``TrainingArguments`` field (transformers 5.x's, plus a few older names
+scripts still pass) a status, one line each:
+
+* ``ok()``: works through the Trainer (each has a Trainer-level test).
+* ``refused(why)``: cannot apply to functrain; a non-default value is an error saying why and
+  what to use instead.
+* ``ignored(why)``: a non-default value is accepted with one warning; only where ignoring it
+  cannot change results (the reason says why).
+* ``not_yet(note)``: not implemented yet; a non-default value is an error, so nothing is silently
+  ignored. Implementing the field is then a one-line change here: ``not_yet(...)`` -> ``ok()``.
+
+Run ``python -m functrain.trainer.fields_readme`` to rewrite the README's field list from this table.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from functrain.core import optim
+from functrain.core.schedules import STEP_SCHEDULES
+
+SUPPORTED, REFUSED, IGNORED, NOT_YET = "supported", "refused", "ignored", "not implemented yet"
+
+
+@dataclass(frozen=True)
+class FieldStatus:
+    status: str
+    why: str = ""
+
+
+def ok(why: str = "") -> FieldStatus:
+    return FieldStatus(SUPPORTED, why)
+
+
+def refused(why: str) -> FieldStatus:
+    return FieldStatus(REFUSED, why)
+
+
+def ignored(why: str) -> FieldStatus:
+    return FieldStatus(IGNORED, why)
+
+
+def not_yet(note: str = "") -> FieldStatus:
+    return FieldStatus(NOT_YET, note)
+
+
+_LIGER = ("Liger kernels replace the model's modules at run time, which functrain does not do; use torch_compile=True "
+          "for fused kernels")
+_DDP_MODULE = ("functrain reduces gradients inside the pure step, not through torch's "
+               "DistributedDataParallel module, so this DDP knob has nothing to act on and cannot change results")
+
+FIELDS: dict[str, FieldStatus] = {
+    # -- output and phases (HF's Trainer does not read do_*/resume_from_checkpoint either: scripts do)
+    "output_dir": ok(),
+    "do_train": ok("read by your script, as in transformers"),
+    "do_eval": ok("read by your script; set to True when eval_strategy != 'no', as in transformers"),
+    "do_predict": ok("read by your script, as in transformers"),
+    "resume_from_checkpoint": ok("read by your script: trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)"),
+    "overwrite_output_dir": not_yet("transformers 4.x name; issue #15"),
+    # -- batch and steps
+    "per_device_train_batch_size": ok(),
+    "per_device_eval_batch_size": ok(),
+    "gradient_accumulation_steps": ok(),
+    "auto_find_batch_size": ok(),
+    "num_train_epochs": ok(),
+    "max_steps": ok(),
+    "average_tokens_across_devices": ok(),
+    # -- optimizer and schedule
+    "learning_rate": ok(),
+    "lr_scheduler_type": ok(),
+    "lr_scheduler_kwargs": ok(),
+    "warmup_steps": ok(),
+    "warmup_ratio": ok("transformers 4.x name, kept for older scripts"),
+    "optim": ok(),
+    "optim_args": ok(),
+    "optim_target_modules": not_yet("GaLore / APOLLO target modules; issue #17"),
+    "weight_decay": ok(),
+    "adam_beta1": ok(),
+    "adam_beta2": ok(),
+    "adam_epsilon": ok(),
+    "max_grad_norm": ok(),
+    "label_smoothing_factor": ok(),
+    # -- precision and compilation
+    "bf16": ok(),
+    "fp16": ok(),
+    "bf16_full_eval": ok("evaluation with the params cast to bf16 (also during train(), where transformers casts only "
+                         "outside it)"),
+    "fp16_full_eval": ok("as bf16_full_eval, in fp16"),
+    "tf32": ok("True needs a CUDA GPU with TF32 (Ampere or newer); refused elsewhere, as in transformers"),
+    "torch_compile": ok(),
+    "torch_compile_backend": ok(),
+    "torch_compile_mode": ok(),
+    "use_liger_kernel": refused(_LIGER),
+    "liger_kernel_config": refused(_LIGER),
+    "gradient_checkpointing": ok(),
+    "gradient_checkpointing_kwargs": ok(),
+    "activation_checkpointing": ok("transformers 5 name of gradient_checkpointing"),
+    "activation_checkpointing_kwargs": ok("transformers 5 name of gradient_checkpointing_kwargs"),
+    "use_cache": ignored("functrain's train step always calls transformers models with use_cache=False (a KV "
+                         "cache has no use in a training forward), so the value cannot change results"),
+    "neftune_noise_alpha": ok(),
+    "torch_empty_cache_steps": ignored("emptying the CUDA caching allocator only returns cached memory to the "
+                                       "device; it cannot change results"),
+    # -- logging
+    "logging_dir": ok("transformers 4.x name, kept for older scripts"),
+    "logging_strategy": ok(),
+    "logging_steps": ok(),
+    "logging_first_step": ok(),
+    "log_on_each_node": ok(),
+    "logging_nan_inf_filter": ok(),
+    "include_num_input_tokens_seen": ok(),
+    "include_tokens_per_second": ok("transformers 4.x name, kept for older scripts"),
+    "log_level": ok(),
+    "log_level_replica": ok(),
+    "disable_tqdm": ok(),
+    "report_to": ok(),
+    "run_name": ok(),
+    "project": ok(),
+    "trackio_space_id": refused("functrain's trackio integration writes the local store only (TRACKIO_DIR); sync it to a Space with trackio's own tools"),
+    "trackio_bucket_id": refused("functrain's trackio integration writes the local store only (TRACKIO_DIR); sync it to a Space with trackio's own tools"),
+    "trackio_static_space_id": refused("functrain's trackio integration writes the local store only (TRACKIO_DIR); sync it to a Space with trackio's own tools"),
+    "skip_memory_metrics": ok(),
+    # -- evaluation
+    "eval_strategy": ok(),
+    "eval_steps": ok(),
+    "eval_delay": ok(),
+    "prediction_loss_only": ok(),
+    "eval_on_start": ok(),
+    "eval_do_concat_batches": not_yet("issue #13 (evaluation outputs)"),
+    "eval_use_gather_object": not_yet("issue #13 (evaluation outputs)"),
+    "eval_accumulation_steps": ok("predictions move to the host every eval_accumulation_steps batches"),
+    "include_for_metrics": not_yet("issue #13 (evaluation outputs)"),
+    "batch_eval_metrics": not_yet("issue #13 (evaluation outputs)"),
+    # -- checkpoints
+    "save_strategy": ok(),
+    "save_steps": ok(),
+    "save_total_limit": ok(),
+    "save_only_model": ok(),
+    "save_on_each_node": not_yet("multi-node without a shared file system"),
+    "enable_jit_checkpoint": not_yet("issue #15 (functrain already checkpoints on SIGTERM/SIGINT)"),
+    "load_best_model_at_end": ok(),
+    "metric_for_best_model": ok(),
+    "greater_is_better": ok(),
+    "ignore_data_skip": not_yet("issue #15"),
+    "restore_callback_states_from_checkpoint": not_yet("issue #15"),
+    # -- Hub
+    "push_to_hub": ok(),
+    "hub_token": ok(),
+    "hub_private_repo": ok(),
+    "hub_model_id": ok(),
+    "hub_strategy": ok(),
+    "hub_always_push": ok(),
+    "hub_revision": ok(),
+    # -- reproducibility
+    "seed": ok(),
+    "data_seed": ok(),
+    "full_determinism": not_yet("issue #21"),
+    # -- devices and data loading
+    "use_cpu": ok(),
+    "accelerator_config": refused("functrain does not wrap its loaders or step in an accelerate Accelerator (the "
+                                  "step is one pure compiled function); split_batches, dispatch_batches, "
+                                  "even_batches etc. have no equivalent. Leave it unset"),
+    "parallelism_config": refused("tensor/context/sequence parallelism are not implemented; use "
+                                  "fsdp='full_shard' or data parallelism (docs/distributed.md)"),
+    "dataloader_drop_last": ok(),
+    "dataloader_num_workers": ok(),
+    "dataloader_pin_memory": ok(),
+    "dataloader_persistent_workers": ok(),
+    "dataloader_prefetch_factor": ok(),
+    "dataloader_multiprocessing_context": ok(),
+    "dataloader_in_order": ok(),
+    "remove_unused_columns": ok(),
+    "label_names": ok(),
+    "train_sampling_strategy": ok("'random', 'sequential' or 'group_by_length'; 'batch_rebalance' not yet"),
+    "group_by_length": ok("transformers 4.x name of train_sampling_strategy='group_by_length'"),
+    "length_column_name": ok(),
+    # -- distributed
+    "ddp_backend": ok(),
+    "ddp_timeout": ok(),
+    "ddp_find_unused_parameters": ignored(_DDP_MODULE),
+    "ddp_bucket_cap_mb": ignored(_DDP_MODULE),
+    "ddp_static_graph": ignored(_DDP_MODULE),
+    "ddp_broadcast_buffers": not_yet("buffers (e.g. BatchNorm statistics) are kept per rank"),
+    "fsdp": ok("'full_shard' (and 'auto_wrap'); see docs/distributed.md"),
+    "fsdp_config": ok(),
+    "deepspeed": refused("DeepSpeed runs its own engine around a torch.optim optimizer; functrain's step is one "
+                         "pure function of its state. Use fsdp='full_shard' (ZeRO-3-like sharding of params, "
+                         "gradients and optimizer state)"),
+    "local_rank": ignored("the launcher's LOCAL_RANK environment variable is what functrain reads (as accelerate "
+                          "does); the field only mirrors it"),
+    "debug": refused("DebugOption 'underflow_overflow' / 'tpu_metrics_debug' are not implemented; use "
+                     "torch.autograd.detect_anomaly() or a callback reading train_state"),
+    # -- Seq2SeqTrainingArguments
+    "sortish_sampler": ignored("transformers' Seq2SeqTrainer does not read it either (only its removed legacy "
+                               "Seq2SeqDataset scripts did), so ignoring it gives transformers' results; use "
+                               "train_sampling_strategy='group_by_length' for length-grouped batches"),
+    "predict_with_generate": ok(),
+    "generation_max_length": ok(),
+    "generation_num_beams": ok(),
+    "generation_config": ok(),
+}
+
+
+def field_status(name: str) -> FieldStatus:
+    try:
+        return FIELDS[name]
+    except KeyError:
+        raise KeyError(f"TrainingArguments field {name!r} has no entry in functrain.trainer.registry.FIELDS; "
+                       "every field needs one") from None
+
+
+# -- optimizers: HF ``optim`` name -> builder(args, model, schedule, extra_kwargs) ------------------
+
+
+def _decay_labels(model):
+    decay = optim.decay_parameter_names(model)
+    return lambda name, _param: "decay" if name in decay else "no_decay"
+
+
+def _adamw(a, model, schedule, extra):
+    mask = optim.default_weight_decay_mask(model) if a.weight_decay > 0 else None
+    return optim.adamw(schedule, b1=a.adam_beta1, b2=a.adam_beta2, eps=a.adam_epsilon, weight_decay=a.weight_decay,
+                       mask=mask, **extra)
+
+
+def _adam(a, model, schedule, extra):
+    return optim.adam(schedule, b1=a.adam_beta1, b2=a.adam_beta2, eps=a.adam_epsilon, **extra)
+
+
+def _lion(a, model, schedule, extra):
+    mask = optim.default_weight_decay_mask(model) if a.weight_decay > 0 else None
+    return optim.lion(schedule, b1=a.adam_beta1, b2=a.adam_beta2, weight_decay=a.weight_decay, mask=mask, **extra)
+
+
+def _adafactor(a, model, schedule, extra):
+    """As transformers.Trainer builds it: an external lr (scale_parameter=False, relative_step=False,
+    warmup_init=False) and weight decay only on the decay parameters (its two param groups)."""
+    kw = dict(scale_parameter=False, relative_step=False, warmup_init=False, **extra)
+    if a.weight_decay == 0:
+        return optim.adafactor(schedule, **kw)
+    return optim.partition({"decay": optim.adafactor(schedule, weight_decay=a.weight_decay, **kw),
+                            "no_decay": optim.adafactor(schedule, **kw)}, _decay_labels(model))
+
+
+def _torch_style(make):
+    """SGD/RMSprop/Adagrad with torch's param-group weight decay: masked L2 added to the gradient."""
+    def build(a, model, schedule, extra):
+        base = make(schedule, **extra)
+        if a.weight_decay > 0:
+            decay = optim.masked(optim.add_decayed_weights(a.weight_decay), optim.default_weight_decay_mask(model))
+            return optim.chain(decay, base)
+        return base
+    return build
+
+
+OPTIMIZERS: dict[str, Callable[..., Any]] = {
+    "adamw_torch": _adamw,
+    "adamw_torch_fused": _adamw,
+    "adamw": _adamw,
+    "adam": _adam,
+    "lion": _lion,
+    "lion_32bit": _lion,
+    "adafactor": _adafactor,
+    "sgd": _torch_style(optim.sgd),
+    "rmsprop": _torch_style(optim.rmsprop),
+    "adagrad": _torch_style(optim.adagrad),
+}
+
+
+# What PopulationTrainer can vary per member inside one vmapped step: AdamW (the names that build it)
+# with HF's linear warmup/decay, both reading their hyperparameters from the state.
+POPULATION_OPTIMIZERS: tuple[str, ...] = tuple(n for n, build in OPTIMIZERS.items() if build is _adamw)
+POPULATION_SCHEDULES: tuple[str, ...] = ("linear",)
+
+
+def build_optimizer(args, model, schedule, extra: dict | None = None):
+    """The functrain optimizer for ``args.optim`` (weight decay skips biases and norms, as HF)."""
+    return OPTIMIZERS[args.optim](args, model, schedule, dict(extra or {}))
+
+
+# -- learning-rate schedules ---------------------------------------------------------------------
+
+# Every step-function schedule of functrain.schedules.get_schedule, by HF name.
+SCHEDULES: tuple[str, ...] = tuple(STEP_SCHEDULES)
+# HF names that are not a function of the step, with why they are not available.
+SCHEDULES_NOT_YET: dict[str, str] = {
+    "reduce_lr_on_plateau": "it depends on eval metrics (issue #17)",
+    "greedy": "it depends on the training loss (not implemented)",
+}
+
+# -- report_to integrations: the table lives with the tracker callbacks ------------------------------
+
+from functrain.trainer.integrations import INTEGRATIONS  # noqa: E402  (name -> package + callback)
+
+
+# -- the README's list -----------------------------------------------------------------------------
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+_BEGIN, _END = "<!-- fields:begin (python -m functrain.trainer.fields_readme) -->", "<!-- fields:end -->"
+
+
+def readme_fields_markdown() -> str:
+    """The README section listing every field by status, generated from :data:`FIELDS`."""
+    def names(status):
+        return [n for n, s in FIELDS.items() if s.status == status]
+
+    def bullets(status):
+        return "\n".join(f"- `{n}`: {FIELDS[n].why}" if FIELDS[n].why else f"- `{n}`" for n in names(status))
+
+    supported = ", ".join(
+        f"`{n}`" + (" (" + ", ".join(f"`{o}`" for o in OPTIMIZERS) + ")" if n == "optim" else "")
+        + (" (" + ", ".join(f"`{s}`" for s in SCHEDULES) + ")" if n == "lr_scheduler_type" else "")
+        + (" (" + ", ".join(f"`{i}`" for i in INTEGRATIONS) + ", `all`, `none`)" if n == "report_to" else "")
+        for n in names(SUPPORTED))
+    return "\n".join([
+        _BEGIN,
+        f"Supported `TrainingArguments` fields: {supported}.",
+        "",
+        "Refused when set (why, and what to use instead):",
+        bullets(REFUSED),
+        "",
+        "Accepted with a warning and ignored (ignoring them cannot change results):",
+        bullets(IGNORED),
+        "",
+        "Not implemented yet (an error when set to a non-default value):",
+        bullets(NOT_YET),
+        _END,
+    ])
+
+
+def readme_with_fields(text: str) -> str:
+    pattern = re.compile(re.escape(_BEGIN) + ".*?" + re.escape(_END), flags=re.S)
+    if not pattern.search(text):
+        raise ValueError(f"README has no {_BEGIN!r} ... {_END!r} section")
+    return pattern.sub(lambda _: readme_fields_markdown(), text)
+
