@@ -212,6 +212,47 @@ def mode_gather(out_dir, opts):
         json.dump(result, f)
 
 
+def mode_evaluate(out_dir, opts):
+    """evaluate() and predict() with compute_metrics (optionally after training, sharded); writes
+    what compute_metrics saw, the metrics, the predictions and the rows this rank ran forward on."""
+    import numpy as np
+    from safetensors.torch import load_file
+
+    from _trainer_fixtures import make_dataset, make_model
+
+    seen = []
+
+    def compute_metrics(p):
+        seen.append({"predictions": p.predictions.tolist(), "label_ids": p.label_ids.tolist()})
+        return {"accuracy": float((p.predictions.argmax(-1) == p.label_ids).mean()), "rows": len(p.label_ids)}
+
+    args = ft.TrainingArguments(out_dir, max_steps=opts.get("train_steps") or 1, per_device_train_batch_size=3,
+                                per_device_eval_batch_size=4, learning_rate=1e-2, report_to="none", disable_tqdm=True,
+                                save_strategy="no", fsdp=opts.get("fsdp", ""), seed=3)
+    model = make_model(p=0.0)
+    if opts.get("init_from"):
+        model.load_state_dict(load_file(opts["init_from"]))
+    rows = {"n": 0}
+    model.register_forward_pre_hook(lambda m, a, kw: rows.__setitem__("n", rows["n"] + len(kw["x"])),
+                                    with_kwargs=True)
+    trainer = ft.Trainer(model=model, args=args, train_dataset=make_dataset(n=24), compute_metrics=compute_metrics,
+                         eval_dataset=make_dataset(n=opts["n"], seed=5))
+    if opts.get("train_steps"):
+        trainer.train()
+        trainer.save_model(os.path.join(out_dir, "final"))
+        rows["n"] = 0
+    metrics = trainer.evaluate()
+    pred = trainer.predict(make_dataset(n=opts["n"], seed=6))
+    drop = ("eval_runtime", "eval_samples_per_second", "eval_steps_per_second", "test_runtime",
+            "test_samples_per_second", "test_steps_per_second")
+    result = {"eval": {k: v for k, v in metrics.items() if k not in drop and k != "epoch"},
+              "test": {k: v for k, v in pred.metrics.items() if k not in drop},
+              "predictions": np.asarray(pred.predictions).tolist(), "label_ids": np.asarray(pred.label_ids).tolist(),
+              "seen": seen, "rows_forwarded": rows["n"]}
+    with open(os.path.join(out_dir, f"result-{fd.rank()}.json"), "w") as f:
+        json.dump(result, f)
+
+
 def make_trainer(out_dir, opts):
     from _trainer_fixtures import make_dataset, make_model
 
@@ -278,7 +319,7 @@ if __name__ == "__main__":
     mode, out = sys.argv[1], sys.argv[2]
     options = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
     {"steps": mode_steps, "trainer": mode_trainer, "fail": mode_fail, "sigterm": mode_sigterm_one_rank,
-     "gather": mode_gather}[mode](out, options)
+     "gather": mode_gather, "evaluate": mode_evaluate}[mode](out, options)
     fd.barrier()
     if fd.is_distributed():
         torch.distributed.destroy_process_group()

@@ -59,7 +59,7 @@ def run_here(mode, out_dir, opts):
     sys.path.insert(0, HERE)
     import _dist_worker
 
-    {"trainer": _dist_worker.mode_trainer}[mode](str(out_dir), opts)
+    {"trainer": _dist_worker.mode_trainer, "evaluate": _dist_worker.mode_evaluate}[mode](str(out_dir), opts)
 
 
 def final_weights(out_dir):
@@ -261,3 +261,29 @@ def test_each_rank_evaluates_its_share_and_gathers_the_single_process_arrays(tmp
         assert r["forwarded_total"] == 23
     # Blocks of 4 dealt round-robin: rank 0 takes rows 0-3, 8-11, 16-19; rank 1 4-7, 12-15, 20-22.
     assert [r["forwarded"] for r in results] == [12, 11]
+
+
+@pytest.mark.parametrize("n, opts", [(23, {}), (17, {"fsdp": "full_shard", "train_steps": 2})],
+                         ids=["data_parallel", "sharded_after_training"])
+def test_evaluate_and_predict_on_two_ranks_give_the_single_process_results(tmp_path, n, opts):
+    """Each rank runs forward on its share; compute_metrics, metrics and predictions equal one
+    process's exactly. (17 rows in batches of 4: rank 1's last batch is padding only; sharded, it
+    still runs its gathers and is dropped.)"""
+    check(torchrun("evaluate", tmp_path, {"n": n, **opts}))
+    ranks = [json.load(open(tmp_path / f"result-{r}.json")) for r in range(2)]
+    init = str(tmp_path / "final" / "model.safetensors") if opts.get("train_steps") else None
+    os.makedirs(tmp_path / "one")
+    run_here("evaluate", tmp_path / "one", {"n": n, "init_from": init})
+    one = json.load(open(tmp_path / "one" / "result-0.json"))
+    assert one["rows_forwarded"] == 2 * n
+    for r in ranks:
+        assert r["seen"] == one["seen"]  # compute_metrics got the single-process arrays
+        assert r["predictions"] == one["predictions"] and r["label_ids"] == one["label_ids"]
+        assert r["test"]["test_accuracy"] == one["test"]["test_accuracy"]
+        assert r["eval"]["eval_accuracy"] == one["eval"]["eval_accuracy"] and r["eval"]["eval_rows"] == n
+        assert r["eval"]["eval_loss"] == pytest.approx(one["eval"]["eval_loss"], rel=1e-6)
+    # Per-device batches of 4 dealt round-robin, for evaluate + predict: each rank forwarded its
+    # share (23: 12 + 11 rows each time); 17: 9 + 8, and rank 1's padding-only batch of 4 runs
+    # (sharded) with its result dropped.
+    expected = [2 * 12, 2 * 11] if n == 23 else [2 * 9, 2 * (8 + 4)]
+    assert [r["rows_forwarded"] for r in ranks] == expected

@@ -148,6 +148,7 @@ def evaluation_loop(
     ignore_keys: Sequence[str] = ("past_key_values",),
     include_inputs_for_metrics: bool = False,
     collect_predictions: bool | None = None,
+    across_ranks=None,
 ) -> EvalLoopOutput:
     """Evaluate ``eval_step`` on every batch of ``loader``.
 
@@ -164,6 +165,9 @@ def evaluation_loop(
             (:mod:`functrain.metrics`), merged over batches; nothing else is kept.
         collect_predictions: keep predictions even without ``compute_metrics`` (``predict()``);
             default: only when ``compute_metrics`` is given.
+        across_ranks: a :class:`functrain.parallel.gather.EvalShard` when each rank evaluated its
+            share (``loader`` gives this rank's batches): per-batch arrays are gathered in dataset
+            order and the loss and streaming metrics merged over ranks before ``compute_metrics``.
 
     Returns:
         :class:`EvalLoopOutput` with numpy ``predictions``/``label_ids`` (``None`` if not kept),
@@ -199,6 +203,11 @@ def evaluation_loop(
                 labels.append(_to_numpy(batch_labels))
             if include_inputs_for_metrics and "input_ids" in batch:
                 inputs.append(_to_numpy(batch["input_ids"]))
+    if across_ranks is not None:  # every rank then holds what one process would have
+        preds, labels, inputs = (across_ranks.gather_batches(x) for x in (preds, labels, inputs))
+        loss, stream = across_ranks.merge(loss), across_ranks.merge(stream)
+        has_loss = across_ranks.total(int(has_loss)) > 0
+        num_samples, num_batches = across_ranks.total(num_samples), across_ranks.total(num_batches)
     if num_batches == 0:
         raise ValueError("the evaluation loader produced no batches (empty eval dataset?)")
 

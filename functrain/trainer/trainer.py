@@ -249,7 +249,8 @@ class Trainer(PublishMixin):
 
         return ResumableLoader(self._prepare_dataset(dataset, "evaluation"), self.args.per_device_eval_batch_size,
                                self.data_collator, shuffle=False, drop_last=self.args.dataloader_drop_last,
-                               world_size=world, rank=rank, **loader_options(self.args))
+                               world_size=world, rank=rank, shard_block=self.args.per_device_eval_batch_size,
+                               **loader_options(self.args))
 
     def get_test_dataloader(self, test_dataset):
         return self.get_eval_dataloader(test_dataset)
@@ -815,31 +816,48 @@ class Trainer(PublishMixin):
 
         with_outputs = not self.args.prediction_loss_only and (
             collect or self.compute_metrics is not None or self.streaming_metrics is not None)
-        # Loss-only evaluation is split across ranks and reduced below; predictions and
-        # compute_metrics see the whole set on every rank (no gather of predictions yet).
-        shard = fd.is_distributed() and not with_outputs
+        # Each rank evaluates its share (HF's dealing of per-device batches); the loop gathers the
+        # results in dataset order, so compute_metrics sees the single-process arrays.
+        # (A dataset without a length is evaluated whole on every rank.)
+        target = dataset if dataset is not None else self.eval_dataset
+        shard = fd.is_distributed() and hasattr(target, "__len__")
         loader = self.get_eval_dataloader(dataset, shard=shard)
         eval_step = self._get_eval_step(with_outputs)
-        if shard:
-            eval_step, items = _counting_items(eval_step)
+        state = self._state_for_eval()
+        across_ranks = self._eval_shard(loader) if shard else None
+        batches = loader
+        if across_ranks is not None:
+            # With sharded params a batch of padding duplicates still runs (every rank must issue
+            # the same gathers); its result is dropped.
+            ghost = (lambda batch: eval_step(state, batch)) if self.args.sharded else None
+            batches = across_ranks.batches(loader, ghost=ghost)
         self.callback_handler.eval_dataloader = loader
         kwargs = {}
         if ignore_keys is not None:
             kwargs["ignore_keys"] = ignore_keys
-        output = evaluation_loop(eval_step, self._state_for_eval(), self._with_prediction_step_events(loader),
+        output = evaluation_loop(eval_step, state, self._with_prediction_step_events(batches),
                                  compute_metrics=self.compute_metrics,
                                  preprocess_logits_for_metrics=self.preprocess_logits_for_metrics,
                                  streaming_metrics=self.streaming_metrics,
                                  prediction_loss_only=self.args.prediction_loss_only, metric_key_prefix=prefix,
-                                 label_names=self._label_names(), collect_predictions=collect or None, **kwargs)
+                                 label_names=self._label_names(), collect_predictions=collect or None,
+                                 across_ranks=across_ranks, **kwargs)
         metrics = output.metrics
-        if shard and f"{prefix}_loss" in metrics:  # mean over all ranks' items, weighted by items
-            metrics[f"{prefix}_loss"] = fd.weighted_mean(metrics[f"{prefix}_loss"], float(items["n"]))
         runtime = metrics.get(f"{prefix}_runtime")
         if runtime:
             metrics.setdefault(f"{prefix}_samples_per_second", round(output.num_samples / runtime, 3))
             metrics.setdefault(f"{prefix}_steps_per_second", round(len(loader) / runtime, 3))
         return output
+
+    def _eval_shard(self, loader):
+        """This rank's share of the eval set (padding duplicates of the last round cut off)."""
+        from functrain.parallel.gather import EvalShard
+
+        per, world = self.args.per_device_eval_batch_size, fd.world_size()
+        n = len(loader.dataset)
+        if self.args.dataloader_drop_last:  # whole rounds only, as the sharded loader drops
+            n -= n % (per * world)
+        return EvalShard(n, per)
 
     def _with_prediction_step_events(self, loader):
         for batch in loader:
@@ -909,19 +927,6 @@ def _restore_signal_handlers(previous) -> None:
 
 
 # -- helpers --------------------------------------------------------------------------------------
-
-
-def _counting_items(eval_step):
-    """Wrap ``eval_step`` to also sum its ``num_items`` (the weight of this rank's eval loss)."""
-    items = {"n": torch.zeros((), dtype=torch.float64)}
-
-    def step(state, batch):
-        out = eval_step(state, batch)
-        if out.get("num_items") is not None:
-            items["n"] = items["n"] + out["num_items"].detach().double().cpu()
-        return out
-
-    return step, items
 
 
 def _filter_nan_inf(loss: torch.Tensor, loss_sum: torch.Tensor, steps_since_log: int) -> torch.Tensor:
