@@ -22,6 +22,8 @@ def test_units_follow_no_split_modules_and_own_params():
     assert not any(u.startswith("transformer.h.0.") for u in plan.units)
     assert plan.loose == frozenset()
     assert fsdp.shard_in_use(model) is plan  # applied once
+    with pytest.raises(ValueError, match="cannot be re-planned"):
+        fsdp.shard_in_use(model, wrap=["GPT2Attention"])
 
 
 def test_explicit_wrap_classes_and_loose_params():

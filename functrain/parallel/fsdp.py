@@ -68,9 +68,10 @@ class ShardedUnits:
     parameters (those of no unit, for the whole step) and leaves the units' shards to the units.
     """
 
-    def __init__(self, units: Sequence[str], loose: frozenset):
+    def __init__(self, units: Sequence[str], loose: frozenset, blocks: tuple = ()):
         self.units = tuple(units)
         self.loose = loose
+        self.blocks = blocks
         self.has_items = None
 
     def __call__(self, params: Mapping, has_items=None) -> dict:
@@ -91,10 +92,15 @@ def shard_in_use(model: nn.Module, wrap: Sequence[str] | None = None) -> Sharded
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if isinstance(vars(model).get(_PLAN), ShardedUnits):
-        return vars(model)[_PLAN]
-    units, loose = _plan_units(model, _block_names(model, wrap))
-    plan = ShardedUnits(units, frozenset(loose))
+    blocks = _block_names(model, wrap)
+    done = vars(model).get(_PLAN)
+    if isinstance(done, ShardedUnits):
+        if done.blocks != tuple(blocks):
+            raise ValueError(f"{type(model).__name__} already has units {list(done.units)} (blocks {list(done.blocks)}); "
+                             f"it cannot be re-planned with blocks {blocks}: build a fresh model")
+        return done
+    units, loose = _plan_units(model, blocks)
+    plan = ShardedUnits(units, frozenset(loose), tuple(blocks))
     for name in units:
         _wrap_unit(model.get_submodule(name), plan)
     vars(model)[_PLAN] = plan
