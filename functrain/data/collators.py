@@ -20,7 +20,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-LABEL_PAD_TOKEN_ID = -100
+from functrain.core.metrics import IGNORE_INDEX
+
+LABEL_PAD_TOKEN_ID = IGNORE_INDEX
 
 # Sequence columns the padding collators pad, with the value used to pad them. ``None`` means
 # "the pad token id". HF's ``tokenizer.pad`` pads exactly these.

@@ -12,11 +12,12 @@ raw ``image`` column still sees it.
 
 from __future__ import annotations
 
-import inspect
 import logging
 from typing import Any, Iterable, Sequence
 
 import torch.utils.data as tud
+
+from functrain.adapters.outputs import forward_parameters
 
 logger = logging.getLogger("functrain.data")
 
@@ -36,11 +37,7 @@ def _unwrap(model: Any) -> Any:
 
 def signature_columns(model: Any, label_names: Sequence[str] | None = None) -> list[str]:
     """The column names a batch may carry for ``model``: ``forward``'s named parameters plus labels."""
-    model = _unwrap(model)
-    forward = getattr(model, "forward", model)
-    params = inspect.signature(forward).parameters.values()
-    names = [p.name for p in params
-             if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    names = forward_parameters(_unwrap(model))
     for extra in (*LABEL_COLUMNS, *(label_names or ())):
         if extra not in names:
             names.append(extra)

@@ -4,7 +4,9 @@ A checkpoint holds
 
 - ``model.safetensors`` (+ ``config.json`` ...): the weights under the names the model's
   ``state_dict`` uses, written by ``save_pretrained`` for transformers models (tied weights once),
-  so ``AutoModel...from_pretrained(folder)`` loads it;
+  so ``AutoModel...from_pretrained(folder)`` loads it; for a ``peft.PeftModel``, the adapter only
+  (``adapter_config.json``, ``adapter_model.safetensors``), as transformers writes it: the frozen
+  base is in neither file and comes back from the model on resume;
 - ``train_state.safetensors``: every other leaf of the :class:`~functrain.TrainState` (optimizer
   state, step, rng key, loss scale, extras, and any param the model file lacks), keyed by its
   pytree path (:func:`functrain.tree.paths`);
@@ -48,6 +50,7 @@ RNG_FILE = "rng_state.safetensors"
 TRAINER_STATE_FILE = "trainer_state.json"
 ARGS_FILE = "training_args.json"
 MANIFEST_FILE = "manifest.json"
+BUFFERS_KEY = "buffers"  # train_state metadata: "from_model" when buffers are not in the file (PEFT)
 SHARDED_LAYOUT_FILE = "train_state_layout.json"  # see functrain.parallel.checkpoint
 FORMAT = "functrain.checkpoint"
 VERSION = 1
@@ -138,7 +141,8 @@ def remove_stale_temporaries(output_dir: str) -> None:
 def write_model(model, folder: str, *, processing_class=None) -> set[str]:
     """Save the model's weights (and config, tokenizer) into ``folder``; return the tensor names written."""
     os.makedirs(folder, exist_ok=True)
-    if _is_pretrained(model):
+    adapter_only = saves_adapter_only(model)
+    if adapter_only or _is_pretrained(model):
         model.save_pretrained(folder)
     else:
         save_file(_dedup_state_dict(model.state_dict()), os.path.join(folder, MODEL_FILE), metadata={"format": "pt"})
@@ -146,7 +150,16 @@ def write_model(model, folder: str, *, processing_class=None) -> set[str]:
         processing_class.save_pretrained(folder)
     for name in os.listdir(folder):
         _fsync_file(os.path.join(folder, name))
-    return set(_weights_index(folder))
+    return set() if adapter_only else set(_weights_index(folder))
+
+
+def saves_adapter_only(model) -> bool:
+    """True for a ``peft.PeftModel``, whose ``save_pretrained`` writes the adapter, not the base.
+
+    Duck-typed (``peft_config`` + ``save_pretrained``): io sits below ``functrain.adapters`` and
+    imports neither it nor peft.
+    """
+    return hasattr(model, "peft_config") and hasattr(model, "save_pretrained") and hasattr(model, "get_base_model")
 
 
 def _is_pretrained(model) -> bool:
@@ -173,16 +186,24 @@ def _dedup_state_dict(sd: dict) -> dict:
 
 
 def write_train_state(state, model, folder: str, *, model_keys: set[str]) -> None:
-    """Save every TrainState leaf not already in the model file, keyed by its pytree path."""
+    """Save every TrainState leaf not already in the model file, keyed by its pytree path.
+
+    For a PeftModel the buffers (the frozen base model) are not saved: they never change in
+    training, the metadata says so, and loading takes them from the live model.
+    """
     aliases = _alias_groups(model)
+    buffers_from_model = saves_adapter_only(model)
     tensors = {}
     for path, leaf in tree.named_leaves(state).items():
         if not isinstance(leaf, torch.Tensor):
             raise TypeError(f"TrainState leaf {path!r} is a {type(leaf).__name__}; only tensors can be saved")
         if _model_file_name(path, aliases, model_keys) is not None:
             continue
+        if buffers_from_model and path.startswith("buffers."):
+            continue
         tensors[path] = leaf.detach().contiguous().cpu()
-    save_file(tensors, os.path.join(folder, STATE_FILE), metadata={"format": FORMAT})
+    metadata = {"format": FORMAT, **({BUFFERS_KEY: "from_model"} if buffers_from_model else {})}
+    save_file(tensors, os.path.join(folder, STATE_FILE), metadata=metadata)
     _fsync_file(os.path.join(folder, STATE_FILE))
 
 
@@ -382,15 +403,18 @@ def load_train_state(folder: str, template, model):
     The template gives the tree structure (so NamedTuple types come back exactly), and each
     leaf's shape, dtype and device; a mismatch is a clear error naming the leaf.
     """
-    model_index = _weights_index(folder)
-    aliases = _alias_groups(model)
     with _open_safetensors(os.path.join(folder, STATE_FILE)) as f:
         state_keys = set(f.keys())
+        buffers_from_model = (f.metadata() or {}).get(BUFFERS_KEY) == "from_model"
+    model_index = {} if buffers_from_model else _weights_index(folder)  # an adapter checkpoint: no model file
+    aliases = _alias_groups(model)
     wanted_model, wanted_state = {}, {}
     paths = tree.paths(template)
     for path in paths:
         if path in state_keys:
             wanted_state[path] = STATE_FILE
+        elif buffers_from_model and path.startswith("buffers."):
+            continue  # the frozen base: the template's own tensor (the live model's)
         else:
             name = _model_file_name(path, aliases, set(model_index))
             if name is None:
@@ -401,6 +425,9 @@ def load_train_state(folder: str, template, model):
     from_model = _read_tensors(folder, {name: model_index[name] for name in wanted_model.values()})
     leaves = []
     for path, ref in zip(paths, tree.leaves(template)):
+        if path not in from_state and path not in wanted_model:
+            leaves.append(ref)
+            continue
         t = from_state[path] if path in from_state else from_model[wanted_model[path]]
         if t.shape != ref.shape or t.dtype != ref.dtype:
             raise CheckpointError(f"checkpoint {folder!r}: {path!r} is {t.dtype}{list(t.shape)}, the current "

@@ -12,14 +12,14 @@ items is ``labels.ne(-100).sum()``, taken over ``batch["shift_labels"]`` when pr
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping
 from typing import Callable
 
 import torch
 from torch import nn
 
-IGNORE_INDEX = -100
+from functrain.adapters.outputs import batch_size_of, forward_argument_names  # noqa: F401 (step's names)
+from functrain.core.metrics import IGNORE_INDEX
 
 # Model heads whose loss reads labels as class indices (float labels are a bug for them).
 _INDEX_LABEL_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForMaskedLM", "ForTokenClassification",
@@ -68,7 +68,7 @@ def make_count_items(model: nn.Module) -> Callable[[Mapping], torch.Tensor]:
 
 
 def batch_size(batch: Mapping) -> int:
-    return next(iter(batch.values())).shape[0]
+    return batch_size_of(batch)
 
 
 def split(batch: Mapping, num: int) -> list[dict]:
@@ -149,14 +149,3 @@ def _check_label_dtype(model: nn.Module, labels: torch.Tensor) -> None:
     if wants_index:
         raise TypeError(f"labels have dtype {labels.dtype}, but {name} expects integer class indices "
                         f"(torch.long, with {IGNORE_INDEX} for ignored positions)")
-
-
-def forward_argument_names(model: nn.Module) -> frozenset | None:
-    """The keyword names ``model.forward`` accepts, or ``None`` if it takes ``**kwargs``."""
-    try:
-        params = inspect.signature(model.forward).parameters.values()
-    except (TypeError, ValueError):
-        return None
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-        return None
-    return frozenset(p.name for p in params if p.kind is not inspect.Parameter.VAR_POSITIONAL)

@@ -17,6 +17,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from functrain.adapters import outputs as hf_outputs
 from functrain.step import batch as batching
 from functrain.core import rng as rnglib
 from functrain.core import tree
@@ -32,21 +33,16 @@ LossFn = Callable[[nn.Module, Mapping], Any]  # -> loss | (loss, aux dict)
 
 
 def default_loss_fn(model: nn.Module, batch: Mapping) -> torch.Tensor:
-    """``model(**batch).loss``: the model's own loss (transformers models given ``labels``)."""
-    out = model(**batch, **_no_cache_kwargs(model, batch))
-    loss = out["loss"] if isinstance(out, Mapping) else getattr(out, "loss", None)
-    if loss is None:
-        raise ValueError(f"{type(model).__name__} returned no loss; pass labels in the batch or give "
-                         "make_train_step a loss_fn(model, batch)")
+    """The model's own loss: ``outputs["loss"]`` of a dict / ``ModelOutput``, ``outputs[0]`` of a tuple
+    (HF's convention; see :mod:`functrain.adapters.outputs`)."""
+    out = model(**batch, **hf_outputs.no_cache_kwargs(model, batch))
+    loss = hf_outputs.loss_of(out)
+    if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
+        found = f"keys {list(out.keys())}" if isinstance(out, Mapping) else f"a {type(out).__name__}"
+        raise ValueError(f"{type(model).__name__} returned no loss ({found}; the loss is outputs['loss'] of a dict "
+                         "or outputs[0] of a tuple); pass labels in the batch or give make_train_step a "
+                         "loss_fn(model, batch)")
     return loss
-
-
-def _no_cache_kwargs(model: nn.Module, batch: Mapping) -> dict:
-    # A KV cache is useless in training/eval forward passes, costs memory and is an object the
-    # compiler would have to trace; transformers models take use_cache=False.
-    if "use_cache" not in batch and hasattr(getattr(model, "config", None), "use_cache"):
-        return {"use_cache": False}
-    return {}
 
 
 def _split_loss(out) -> tuple[torch.Tensor, dict]:
@@ -66,8 +62,9 @@ class _LossModule(nn.Module):
         self.model = model
         self.loss_fn = loss_fn
 
-    def forward(self, batch):
-        return self.loss_fn(self.model, batch)
+    def forward(self, batch, then=None):
+        out = self.loss_fn(self.model, batch)
+        return out if then is None else then(out)
 
 
 def _prefixed(d: Mapping) -> dict:
@@ -78,6 +75,12 @@ def _autocast(policy, device_type: str):
     if policy.compute_dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device_type, dtype=policy.compute_dtype)
+
+
+def _no_autocast(policy, device_type: str):
+    if policy.compute_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, enabled=False)
 
 
 # -- hooks a distributed driver replaces ---------------------------------------------------------
@@ -116,7 +119,8 @@ def make_train_step(
         tx: a :class:`functrain.optim.GradientTransformation`.
         loss_fn: ``loss_fn(model, batch) -> loss`` or ``(loss, aux_dict)``, called with the state's
             params and buffers bound to ``model``; ``loss`` is the MEAN over the microbatch's
-            supervised items. Default: ``model(**batch).loss``. (HF ``Trainer.compute_loss``
+            supervised items. Default: the model's own loss (``outputs["loss"]``, or ``outputs[0]`` of
+            a tuple). (HF ``Trainer.compute_loss``
             overrides have this shape.)
         accumulate: number of microbatches the batch is split into along dim 0; gradients are
             summed microbatch by microbatch (one microbatch of activations in memory at a time).
@@ -193,20 +197,28 @@ def make_train_step(
         Uses ``torch.autograd.grad`` on detached copies of the params (not ``torch.func.grad``,
         which cannot run activation checkpointing: it forbids saved-tensor hooks).
         """
+        device_type = _device_type(params)
+
+        def differentiate(out):
+            # Runs inside functional_call, so activation checkpointing recomputes its regions with
+            # the state's tensors bound (after functional_call returns, the module's own are back).
+            loss, aux = _split_loss(out)
+            share = loss * weight
+            if scale is not None:
+                share = share * scale
+            with _no_autocast(policy, device_type):
+                grads = torch.autograd.grad(share, list(leaves.values()), allow_unused=True)
+            return grads, loss, aux
+
         with torch.enable_grad():
             leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
             # The transform's backward may reduce gradients across ranks (sharded mode): it gets
             # has_items, since a microbatch without items (NaN loss) must contribute zeros BEFORE
             # that reduction, or its NaN would reach every rank.
             bound = param_transform(leaves, has_items) if transform_params else leaves
-            with _autocast(policy, _device_type(params)):
-                out = torch.func.functional_call(loss_module, (_prefixed(bound), _prefixed(buffers)),
-                                                 (microbatch,), tie_weights=True)
-            loss, aux = _split_loss(out)
-            share = loss * weight
-            if scale is not None:
-                share = share * scale
-            grads = torch.autograd.grad(share, list(leaves.values()), allow_unused=True)
+            with _autocast(policy, device_type):
+                grads, loss, aux = torch.func.functional_call(loss_module, (_prefixed(bound), _prefixed(buffers)),
+                                                              (microbatch, differentiate), tie_weights=True)
         grads = {k: torch.zeros_like(p) if g is None else g for (k, p), g in zip(params.items(), grads)}
         return grads, loss.detach(), {k: torch.as_tensor(v).detach().float() for k, v in aux.items()}
 
@@ -338,9 +350,11 @@ def make_eval_step(
 
     The model runs in eval mode under ``torch.no_grad``. With the default loss ``outputs`` is
     what HF's ``prediction_step`` calls logits: the model output entries other than ``loss`` and
-    the config's ``keys_to_ignore_at_inference`` (a tensor if there is one, else a tuple). With a
-    custom ``loss_fn``, return ``(loss, {"outputs": ...})`` to get outputs.
-    A batch without ``labels`` (default loss) gives only ``outputs``.
+    the config's ``keys_to_ignore_at_inference`` (a tensor if there is one, else a tuple; a tuple
+    output's first entry is the loss when the batch has the model's labels; see
+    :mod:`functrain.adapters.outputs`). With a custom ``loss_fn``, return
+    ``(loss, {"outputs": ..., "labels": ...})`` to get outputs (and the labels to report).
+    A batch without the model's labels (default loss) gives only ``outputs``.
     ``param_transform`` is applied to the params before binding them (as in make_train_step).
     """
     if not isinstance(model, nn.Module):
@@ -351,14 +365,13 @@ def make_eval_step(
     required_keys = tuple(required_keys) if required_keys is not None else ()
     forward_keys = None if user_loss else batching.forward_argument_names(model)
     _pin_hf_loss_function(model)
-    ignore = set(getattr(getattr(model, "config", None), "keys_to_ignore_at_inference", None) or ())
+    ignore = hf_outputs.ignore_keys_of(model)
+    label_names = hf_outputs.find_labels(model)
 
     def default_eval_fn(m, batch):
-        out = m(**batch, **_no_cache_kwargs(m, batch))
-        items = out.items() if isinstance(out, Mapping) else [("logits", out)]
-        kept = [v for k, v in items if k != "loss" and k not in ignore and isinstance(v, torch.Tensor)]
-        outputs = kept[0] if len(kept) == 1 else tuple(kept)
-        loss = out.get("loss") if isinstance(out, Mapping) else None
+        out = m(**batch, **hf_outputs.no_cache_kwargs(m, batch))
+        has_labels = hf_outputs.labels_of(batch, label_names) is not None
+        loss, outputs = hf_outputs.split_outputs(out, has_labels, ignore)
         return loss, {"outputs": outputs}
 
     loss_module = _LossModule(model, loss_fn or default_eval_fn)
@@ -375,10 +388,12 @@ def make_eval_step(
             result["loss"] = loss.float()
             result["num_items"] = count_items(batch)
         for k, v in aux.items():
-            if k != "outputs":
+            if k not in ("outputs", "labels"):
                 result[k] = torch.as_tensor(v).float()
         if return_outputs:
             result["outputs"] = aux.get("outputs")
+            if aux.get("labels") is not None:  # labels as the loss_fn saw them (label_ids)
+                result["labels"] = aux["labels"]
         return result
 
     core = _maybe_compile(eval_core, compile, compile_kwargs)
@@ -461,7 +476,13 @@ def _pin_hf_loss_function(model: nn.Module) -> None:
     the ``loss_function`` property logs a warning and falls back to ``ForCausalLMLoss`` on every
     forward; a logger call inside ``torch.compile(fullgraph=True)`` is a graph break. Setting the
     attribute to the function the property would return keeps the behaviour and the graph whole.
+    Wrapped models (a ``peft.PeftModel`` around a transformers model) get their inner model pinned.
     """
+    for m in model.modules():
+        _pin_one_loss_function(m)
+
+
+def _pin_one_loss_function(model: nn.Module) -> None:
     if "_loss_function" in vars(model) or not isinstance(type(model).__dict__.get("loss_function")
                                                          or getattr(type(model), "loss_function", None), property):
         return

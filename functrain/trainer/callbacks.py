@@ -26,7 +26,7 @@ class TrainerState:
     position in the data (``data_position``) and the fp16 loss scale, for exact resume.
     """
 
-    epoch: float | None = None
+    epoch: float = 0.0  # as transformers 5 (callbacks read it before training starts)
     global_step: int = 0
     max_steps: int = 0
     logging_steps: int = 500
@@ -228,7 +228,12 @@ class DefaultFlowCallback(TrainerCallback):
             control.should_save = True
         if state.global_step >= state.max_steps:
             control.should_training_stop = True
-            if args.save_strategy not in ("no", "best"):
+            # As transformers 5: a step-based run also evaluates and saves at its last step (an
+            # epoch-based one does both at the epoch's end, so not here: no second save).
+            if (args.eval_strategy == "steps" and state.global_step % state.eval_steps != 0
+                    and args.eval_delay <= state.global_step):
+                control.should_evaluate = True
+            if args.save_strategy == "steps":
                 control.should_save = True
         return control
 

@@ -25,9 +25,10 @@ from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
 import numpy as np
 import torch
 
+from functrain.adapters.outputs import IGNORE_INDEX, batch_size_of, labels_of, predictions_of
 from functrain.core.metrics import Average, Collection
 
-PAD_INDEX = -100
+PAD_INDEX = IGNORE_INDEX  # predictions of different lengths are padded with it, as in transformers
 
 
 class EvalPrediction:
@@ -63,15 +64,12 @@ class EvalLoopOutput(NamedTuple):
 
 
 def logits_from_outputs(outputs: Any, ignore_keys: Sequence[str] = ("past_key_values",)) -> Any:
-    """The prediction tensors in model outputs (HF rule): everything but ``loss`` and ``ignore_keys``;
-    one tensor when there is one."""
-    if outputs is None or isinstance(outputs, torch.Tensor):
-        return outputs
-    if isinstance(outputs, Mapping) or hasattr(outputs, "items"):
-        values = tuple(v for k, v in outputs.items() if k not in ("loss", *ignore_keys) and v is not None)
-    else:
-        values = tuple(outputs)
-    return values[0] if len(values) == 1 else values
+    """The prediction tensors in an eval step's ``outputs``: a dict / ``ModelOutput`` loses ``loss``
+    and ``ignore_keys`` (the HF rule, :func:`functrain.adapters.predictions_of`); a tensor or a
+    tuple of predictions (what the Trainer's steps return) is kept as it is."""
+    if isinstance(outputs, Mapping):
+        return predictions_of(outputs, ignore_keys, has_loss=True)
+    return outputs
 
 
 def _to_numpy(x):
@@ -109,20 +107,6 @@ def pad_and_concatenate(arrays: list, padding_index: int = PAD_INDEX):
     return out
 
 
-def _labels_of(batch: Mapping, label_names: Sequence[str]):
-    present = [batch[n] for n in label_names if n in batch and batch[n] is not None]
-    if not present:
-        return None
-    return present[0] if len(present) == 1 else tuple(present)
-
-
-def _batch_size(batch) -> int:
-    for v in batch.values() if isinstance(batch, Mapping) else batch:
-        if isinstance(v, torch.Tensor) and v.ndim > 0:
-            return int(v.shape[0])
-    return 0
-
-
 # -- the loop -------------------------------------------------------------------------------------
 
 
@@ -147,24 +131,40 @@ def evaluation_loop(
     streaming_metrics: Callable | None = None,
     ignore_keys: Sequence[str] = ("past_key_values",),
     include_inputs_for_metrics: bool = False,
+    include_for_metrics: Sequence[str] = (),
+    batch_eval_metrics: bool = False,
+    eval_do_concat_batches: bool = True,
+    main_input_name: str = "input_ids",
     collect_predictions: bool | None = None,
+    on_batch_end: Callable[[], None] | None = None,
     across_ranks=None,
 ) -> EvalLoopOutput:
     """Evaluate ``eval_step`` on every batch of ``loader``.
 
     Args:
-        eval_step: ``eval_step(state, batch) -> {"loss", "num_items", "outputs"?}``.
+        eval_step: ``eval_step(state, batch) -> {"loss", "num_items", "outputs"?, "labels"?}``.
         compute_metrics: HF-style ``fn(EvalPrediction) -> dict``; makes the loop keep
             (preprocessed) predictions and labels on the CPU.
         preprocess_logits_for_metrics: ``fn(logits, labels) -> tensor`` applied per batch on the
             device before moving to the CPU (keep an argmax, not 32k-wide logits).
         prediction_loss_only: keep nothing but the loss.
         metric_key_prefix: ``"eval"``, ``"test"`` (predict) or ``"eval_{name}"``.
-        label_names: batch keys holding labels (given to ``compute_metrics`` as ``label_ids``).
+        label_names: batch keys holding labels (given to ``compute_metrics`` as ``label_ids``; a
+            tuple when there are several, e.g. QA's start and end positions).
         streaming_metrics: ``fn(batch, outputs) -> {name: metric}`` of mergeable metrics
             (:mod:`functrain.metrics`), merged over batches; nothing else is kept.
+        include_for_metrics: HF's ``include_for_metrics``: ``"inputs"`` (the batch's
+            ``main_input_name``) and/or ``"loss"`` (each example's batch loss) go into the
+            ``EvalPrediction`` as ``inputs`` / ``losses``. ``include_inputs_for_metrics=True`` is
+            the older spelling of ``["inputs"]``.
+        batch_eval_metrics: call ``compute_metrics(EvalPrediction of one batch (tensors),
+            compute_result=is_last_batch)`` batch by batch; the metrics are its last result.
+            Predictions are then kept only when ``collect_predictions`` (``predict()``) asks.
+        eval_do_concat_batches: ``False`` keeps ``predictions``/``label_ids`` as lists of
+            per-batch arrays instead of concatenating them.
         collect_predictions: keep predictions even without ``compute_metrics`` (``predict()``);
             default: only when ``compute_metrics`` is given.
+        on_batch_end: called after each batch (the Trainer fires ``on_prediction_step`` there).
         across_ranks: a :class:`functrain.parallel.gather.EvalShard` when each rank evaluated its
             share (``loader`` gives this rank's batches): per-batch arrays are gathered in dataset
             order and the loss and streaming metrics merged over ranks before ``compute_metrics``.
@@ -174,54 +174,86 @@ def evaluation_loop(
         ``metrics`` (``f"{prefix}_loss"`` = supervised-item-weighted mean loss over the whole set,
         streaming metrics, ``compute_metrics`` results, ``f"{prefix}_runtime"``) and ``num_samples``.
     """
-    keep = (compute_metrics is not None if collect_predictions is None else collect_predictions)
-    keep = keep and not prediction_loss_only
+    include = set(include_for_metrics) | ({"inputs"} if include_inputs_for_metrics else set())
+    batched = batch_eval_metrics and compute_metrics is not None
+    keep = compute_metrics is not None if collect_predictions is None else collect_predictions
+    keep = keep and not prediction_loss_only and not (batched and not collect_predictions)
+    wants_outputs = (keep or batched) and not prediction_loss_only
     start = time.perf_counter()
     loss = Average.empty()
     has_loss = False
     stream = Collection({})
-    preds, labels, inputs = [], [], []
+    preds, labels, inputs, losses = [], [], [], []
+    metrics: dict = {}
     num_samples = num_batches = 0
-    for batch in loader:
+    for batch, is_last in _with_last_flag(loader):
         out = eval_step(state, batch)
         num_batches += 1
-        num_samples += _batch_size(batch)
+        rows = batch_size_of(batch) or 0
+        num_samples += rows
         if out.get("loss") is not None:
             has_loss = True
             loss = loss.merge(Average.from_mean(out["loss"], out["num_items"]))
         outputs = out.get("outputs")
         if streaming_metrics is not None:
             stream = stream.merge(streaming_metrics(batch, outputs))
-        if keep:
-            batch_labels = out["labels"] if out.get("labels") is not None else _labels_of(batch, label_names)
+        if wants_outputs:
+            batch_labels = out["labels"] if out.get("labels") is not None else labels_of(batch, label_names)
             logits = logits_from_outputs(outputs, ignore_keys)
             if logits is not None and preprocess_logits_for_metrics is not None:
                 logits = preprocess_logits_for_metrics(logits, batch_labels)
-            if logits is not None:
-                preds.append(_to_numpy(logits))
-            if batch_labels is not None:
-                labels.append(_to_numpy(batch_labels))
-            if include_inputs_for_metrics and "input_ids" in batch:
-                inputs.append(_to_numpy(batch["input_ids"]))
+            batch_inputs = batch.get(main_input_name) if "inputs" in include else None
+            batch_losses = (out["loss"].detach().float().reshape(1).repeat(rows)
+                            if "loss" in include and out.get("loss") is not None else None)
+            if keep:
+                _append_numpy(preds, logits)
+                _append_numpy(labels, batch_labels)
+                _append_numpy(inputs, batch_inputs)
+                _append_numpy(losses, batch_losses)
+            if batched and logits is not None and batch_labels is not None:
+                metrics = compute_metrics(EvalPrediction(logits, batch_labels, inputs=batch_inputs,
+                                                         losses=batch_losses), compute_result=is_last) or {}
+        if on_batch_end is not None:
+            on_batch_end()
     if across_ranks is not None:  # every rank then holds what one process would have
-        preds, labels, inputs = (across_ranks.gather_batches(x) for x in (preds, labels, inputs))
+        preds, labels, inputs, losses = (across_ranks.gather_batches(x) for x in (preds, labels, inputs, losses))
         loss, stream = across_ranks.merge(loss), across_ranks.merge(stream)
         has_loss = across_ranks.total(int(has_loss)) > 0
         num_samples, num_batches = across_ranks.total(num_samples), across_ranks.total(num_batches)
     if num_batches == 0:
         raise ValueError("the evaluation loader produced no batches (empty eval dataset?)")
 
-    predictions = pad_and_concatenate(preds) if preds else None
-    label_ids = pad_and_concatenate(labels) if labels else None
-    metrics: dict = {}
+    gather = pad_and_concatenate if eval_do_concat_batches else list
+    predictions = gather(preds) if preds else None
+    label_ids = gather(labels) if labels else None
+    metrics = dict(metrics)
     if has_loss:
         metrics["loss"] = loss.compute()
     metrics.update(stream.compute())
-    if compute_metrics is not None and predictions is not None and label_ids is not None:
-        eval_inputs = pad_and_concatenate(inputs) if inputs else None
-        metrics.update(compute_metrics(EvalPrediction(predictions, label_ids, inputs=eval_inputs)))
+    if compute_metrics is not None and not batched and predictions is not None and label_ids is not None:
+        metrics.update(compute_metrics(EvalPrediction(predictions, label_ids, inputs=gather(inputs) if inputs else None,
+                                                      losses=gather(losses) if losses else None)))
     runtime = time.perf_counter() - start
     metrics["runtime"] = round(runtime, 4)
     metrics["samples_per_second"] = round(num_samples / runtime, 3) if runtime > 0 else float("inf")
     metrics["steps_per_second"] = round(num_batches / runtime, 3) if runtime > 0 else float("inf")
     return EvalLoopOutput(predictions, label_ids, _prefixed(metrics, metric_key_prefix), num_samples)
+
+
+def _append_numpy(store: list, value) -> None:
+    if value is not None:
+        store.append(_to_numpy(value))
+
+
+def _with_last_flag(loader: Iterable):
+    """``(batch, is_last)`` pairs: one batch of look-ahead, so the last batch is known when it runs
+    (``batch_eval_metrics`` computes the result there), also for loaders without a length."""
+    it = iter(loader)
+    try:
+        current = next(it)
+    except StopIteration:
+        return
+    for upcoming in it:
+        yield current, False
+        current = upcoming
+    yield current, True

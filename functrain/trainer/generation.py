@@ -16,6 +16,8 @@ from typing import Any, Callable, Mapping
 import torch
 from torch.nn.utils.stateless import _reparametrize_module
 
+from functrain.adapters.outputs import find_labels, labels_of
+
 
 def state_tensors(state: Any) -> dict:
     """``{name: tensor}`` of everything the module needs: a TrainState's params and buffers, or a dict."""
@@ -104,9 +106,11 @@ def make_generate_eval_step(model: torch.nn.Module, eval_step: Callable | None =
     teacher-forced forward; predictions come from ``generate``.
     """
 
+    label_names = find_labels(model)
+
     def step(state, batch):
         result = {}
-        if eval_step is not None and batch.get("labels") is not None:
+        if eval_step is not None and labels_of(batch, label_names) is not None:
             out = eval_step(state, batch)
             result = {"loss": out["loss"], "num_items": out["num_items"]}
         result["outputs"] = generate_predictions(model, state, batch, generation_kwargs)

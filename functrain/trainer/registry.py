@@ -134,11 +134,11 @@ FIELDS: dict[str, FieldStatus] = {
     "eval_delay": ok(),
     "prediction_loss_only": ok(),
     "eval_on_start": ok(),
-    "eval_do_concat_batches": not_yet("issue #13 (evaluation outputs)"),
+    "eval_do_concat_batches": ok("False: predictions/label_ids as lists of per-batch arrays"),
     "eval_use_gather_object": not_yet("issue #13 (evaluation outputs)"),
     "eval_accumulation_steps": ok("predictions move to the host every eval_accumulation_steps batches"),
-    "include_for_metrics": not_yet("issue #13 (evaluation outputs)"),
-    "batch_eval_metrics": not_yet("issue #13 (evaluation outputs)"),
+    "include_for_metrics": ok("'inputs' and/or 'loss' go into the EvalPrediction"),
+    "batch_eval_metrics": ok("compute_metrics(eval_pred, compute_result=is_last_batch) batch by batch"),
     # -- checkpoints
     "save_strategy": ok(),
     "save_steps": ok(),
@@ -150,7 +150,8 @@ FIELDS: dict[str, FieldStatus] = {
     "metric_for_best_model": ok(),
     "greater_is_better": ok(),
     "ignore_data_skip": not_yet("issue #15"),
-    "restore_callback_states_from_checkpoint": not_yet("issue #15"),
+    "restore_callback_states_from_checkpoint": ok("True: stateful callbacks rebuilt from the checkpoint's "
+                                                     "constructor args; their attributes are restored either way"),
     # -- Hub
     "push_to_hub": ok(),
     "hub_token": ok(),

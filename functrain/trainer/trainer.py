@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import inspect
 import itertools
 import logging
 import math
@@ -28,9 +27,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from functrain.adapters import outputs as hf_outputs
 from functrain.io import checkpoint as ck
 from functrain.parallel import distributed as fd
 from functrain.core import optim
+from functrain.trainer import compat
 from functrain.trainer.callbacks import (
     CallbackHandler, DefaultFlowCallback, ExportableState, PrinterCallback, ProgressCallback, TrainerControl,
     TrainerState,
@@ -101,6 +102,7 @@ class Trainer(PublishMixin):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = self._place(model)
+        _check_peft(model, self.args)
         self.optimizer, self.lr_scheduler = _check_optimizers(optimizers)
         if self.args.eval_strategy != "no" and eval_dataset is None:
             raise ValueError(f"eval_strategy={self.args.eval_strategy!r} needs an eval_dataset; pass one or set "
@@ -153,29 +155,30 @@ class Trainer(PublishMixin):
         if self.args.remove_unused_columns:
             from functrain.data.columns import remove_unused_columns
 
-            dataset = remove_unused_columns(dataset, self.model, self._label_names())
+            dataset = remove_unused_columns(dataset, self.model, self.label_names)
         return dataset
 
-    def _label_names(self) -> list[str]:
-        if self.args.label_names is not None:
-            return list(self.args.label_names)
-        params = _forward_parameters(self.model)
-        if "start_positions" in params and "end_positions" in params:
-            return ["start_positions", "end_positions"]
-        return ["labels"] if ("labels" in params or not params) else [p for p in params if "label" in p]
+    @property
+    def label_names(self) -> list[str]:
+        """``args.label_names``, else the model's forward arguments naming labels (HF's ``find_labels``:
+        ``labels``, ``start_positions``/``end_positions`` for QA, ...)."""
+        return hf_outputs.label_names_of(self.model, self.args.label_names)
 
     def _required_label_keys(self) -> list[str]:
         """Batch keys the training loss cannot do without (empty when a custom loss decides)."""
-        if type(self).compute_loss is not Trainer.compute_loss:
-            return []  # a user's compute_loss may need anything, or nothing
+        if self._overrides("compute_loss") or self._overrides("training_step"):
+            return []  # a user's compute_loss / training_step may need anything, or nothing
         if self.compute_loss_func is not None:
             return ["labels"]  # compute_loss pops them for compute_loss_func
-        params = _forward_parameters(self.model)
         if self.args.label_names is not None:
             return list(self.args.label_names)
-        if "return_loss" in params:  # CLIP-style models compute a loss without labels
+        if "return_loss" in hf_outputs.forward_parameters(self.model):  # CLIP-style: a loss without labels
             return []
-        return [n for n in self._label_names() if n in params]
+        names = self.label_names
+        return ["labels"] if "labels" in names else names
+
+    def _overrides(self, method: str) -> bool:
+        return getattr(type(self), method) is not getattr(Trainer, method)
 
     def _check_first_batch(self, dataset) -> None:
         """Collate the first training batch once, before anything runs (no state, no callbacks, no
@@ -184,6 +187,8 @@ class Trainer(PublishMixin):
         that draws random numbers (MLM masking) leaves training unchanged."""
         from functrain.data.loader import has_length
 
+        if dataset is None:  # a subclass's loader of ready batches: nothing to collate here
+            return
         n = self.args.per_device_train_batch_size
         if has_length(dataset):
             examples = [dataset[i] for i in range(min(n, len(dataset)))]
@@ -195,6 +200,8 @@ class Trainer(PublishMixin):
         py_state, np_state = random.getstate(), np.random.get_state()
         own = getattr(self.data_collator, "generator", None)  # e.g. a seeded MLM collator's generator
         own_state = own.get_state() if isinstance(own, torch.Generator) else None
+        # transformers' seeded collators create their generator on the first call: make it again then
+        lazily_seeded = own is None and getattr(self.data_collator, "seed", None) is not None
         with torch.random.fork_rng(devices=[]):
             try:
                 batch = self.data_collator(examples)
@@ -203,6 +210,8 @@ class Trainer(PublishMixin):
                 np.random.set_state(np_state)
                 if own_state is not None:
                     own.set_state(own_state)
+                elif lazily_seeded:
+                    self.data_collator.generator = None
         if not isinstance(batch, Mapping):
             raise TypeError(f"the data_collator must return a dict of tensors, got {type(batch).__name__}")
         missing = [k for k in self._required_label_keys() if k not in batch]
@@ -280,9 +289,9 @@ class Trainer(PublishMixin):
         Override it in a subclass to change the loss: the override runs inside the pure step with the
         state's params bound to ``model``.
         """
-        if self.compute_loss_func is not None:
+        if self.compute_loss_func is not None and "labels" in inputs:
             labels = inputs.pop("labels")
-            outputs = model(**inputs)
+            outputs = model(**inputs, **hf_outputs.no_cache_kwargs(model, inputs))
             loss = self.compute_loss_func(outputs, labels, num_items_in_batch=num_items_in_batch)
         elif self.args.label_smoothing_factor > 0 and "labels" in inputs:
             from functrain.step.batch import loss_shifts_labels
@@ -293,30 +302,78 @@ class Trainer(PublishMixin):
             loss = label_smoothed_loss(outputs, labels, self.args.label_smoothing_factor,
                                        shift_labels=loss_shifts_labels(self.model))
         else:
-            outputs = model(**inputs)
+            outputs = model(**inputs, **hf_outputs.no_cache_kwargs(model, inputs))
             if isinstance(outputs, Mapping) and outputs.get("loss") is None:
                 raise ValueError(f"the model returned no loss (keys: {list(outputs.keys())}); pass labels in the "
                                  "batch or override compute_loss / give compute_loss_func")
-            loss = outputs["loss"] if isinstance(outputs, Mapping) else outputs[0]
+            loss = hf_outputs.loss_of(outputs)  # outputs["loss"], or outputs[0] of a tuple
         return (loss, outputs) if return_outputs else loss
 
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """The loss of one microbatch, as HF's ``training_step`` (an override point).
+
+        functrain differentiates what this returns inside the pure step, so an override returns the
+        loss with its graph (the MEAN over the microbatch's items) and calls no ``backward``; the
+        step weights microbatches by their item counts, hence ``num_items_in_batch`` is ``None``
+        there. The default is ``compute_loss(model, inputs)``.
+        """
+        if num_items_in_batch is None:  # older compute_loss overrides take no num_items_in_batch
+            return self.compute_loss(model, inputs)
+        return self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+
+    def prediction_step(self, model, inputs, prediction_loss_only: bool, ignore_keys=None):
+        """``(loss, logits, labels)`` of one eval batch, as HF's ``prediction_step`` (an override point).
+
+        Runs inside the pure eval step (params bound to ``model``, no grad). The loss is computed
+        only when the batch has every one of :attr:`label_names`; ``logits`` are the model outputs
+        but the loss and ``ignore_keys`` (default: the config's ``keys_to_ignore_at_inference``);
+        ``labels`` a tensor, or a tuple for several label names (QA's start and end positions).
+        """
+        labels = hf_outputs.labels_of(inputs, self.label_names)
+        return_loss = inputs.get("return_loss")
+        if return_loss is None:
+            return_loss = hf_outputs.can_return_loss(model)
+        loss_without_labels = not self.label_names and return_loss
+        if ignore_keys is None:
+            ignore_keys = hf_outputs.ignore_keys_of(self.model)
+        if labels is not None or loss_without_labels:
+            loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
+            loss = loss.detach().mean()
+            logits = hf_outputs.predictions_of(outputs, ignore_keys, has_loss=True)
+        else:
+            loss = None
+            outputs = model(**inputs, **hf_outputs.no_cache_kwargs(model, inputs))
+            logits = hf_outputs.predictions_of(outputs, ignore_keys, has_loss=False)
+        if prediction_loss_only:
+            return loss, None, None
+        return loss, logits, labels
+
     def _custom_loss(self) -> bool:
-        return (type(self).compute_loss is not Trainer.compute_loss or self.compute_loss_func is not None
-                or self.args.label_smoothing_factor > 0)
+        return (self._overrides("compute_loss") or self._overrides("training_step")
+                or self.compute_loss_func is not None or self.args.label_smoothing_factor > 0)
 
     def _train_loss_fn(self):
-        if not self._custom_loss():
-            return None  # the step's default: model(**batch).loss, normalized over the window
-        return lambda m, batch: self.compute_loss(m, dict(batch))
-
-    def _eval_loss_fn(self):
+        """The step's loss: ``training_step`` (hence ``compute_loss``) when overridden, else the step's
+        default (the model's own loss, normalized over the window)."""
         if not self._custom_loss():
             return None
-        ignore = set(getattr(getattr(self.model, "config", None), "keys_to_ignore_at_inference", None) or ())
+
+        def loss_fn(m, batch):
+            loss = self.training_step(m, dict(batch), None)
+            if isinstance(loss, torch.Tensor) and not loss.requires_grad and torch.is_grad_enabled():
+                raise ValueError(f"{type(self).__name__}.training_step returned a loss without a graph: functrain "
+                                 "differentiates the returned loss itself, so return it undetached and do not call "
+                                 "backward() in training_step")
+            return loss
+
+        return loss_fn
+
+    def _eval_loss_fn(self, with_outputs: bool = True, ignore_keys=None):
+        """The eval step's function: :meth:`prediction_step` (HF's rules, or a subclass's override)."""
 
         def fn(m, batch):
-            loss, outputs = self.compute_loss(m, dict(batch), return_outputs=True)
-            return loss, {"outputs": _logits_of(outputs, ignore)}
+            loss, logits, labels = self.prediction_step(m, dict(batch), not with_outputs, ignore_keys=ignore_keys)
+            return loss, {"outputs": logits, "labels": labels}
 
         return fn
 
@@ -327,7 +384,8 @@ class Trainer(PublishMixin):
         a = self.args
         return make_train_step(self.model, tx, self._train_loss_fn(), accumulate=accumulate, precision=a.precision,
                                compile=a.torch_compile, compile_kwargs=compile_kwargs(a),
-                               max_grad_norm=a.max_grad_norm or None, **self._distributed_step_kwargs())
+                               max_grad_norm=a.max_grad_norm or None, required_keys=self._required_label_keys(),
+                               **self._distributed_step_kwargs())
 
     # -- distributed (see functrain.distributed) -------------------------------------------------
     def _distributed_step_kwargs(self) -> dict:
@@ -372,11 +430,14 @@ class Trainer(PublishMixin):
             per = self.args.per_device_train_batch_size
             acc = next(k for k in range(1, rows + 1) if rows % k == 0 and rows // k <= per)
         if acc not in self._train_steps:
-            self._train_steps[acc] = self._make_train_step(self._tx, acc)
+            step = self._make_train_step(self._tx, acc)
+            step.accumulate = acc  # read by the loop for HF's on_substep_end events
+            self._train_steps[acc] = step
         return self._train_steps[acc]
 
     def _get_eval_step(self, with_outputs: bool):
-        key = with_outputs
+        ignore_keys = getattr(self, "_eval_ignore_keys", None)  # set per evaluate()/predict() call
+        key = (with_outputs, None if ignore_keys is None else tuple(ignore_keys))
         if key not in self._eval_steps:
             from functrain.step.train import make_eval_step
 
@@ -384,7 +445,8 @@ class Trainer(PublishMixin):
 
             a = self.args
             self._eval_steps[key] = make_eval_step(
-                self.model, self._eval_loss_fn(), precision="fp32" if a.fp16_full_eval or a.bf16_full_eval else a.precision,
+                self.model, self._eval_loss_fn(with_outputs, ignore_keys),
+                precision="fp32" if a.fp16_full_eval or a.bf16_full_eval else a.precision,
                 compile=a.torch_compile, compile_kwargs=compile_kwargs(a), return_outputs=with_outputs,
                 param_transform=full_eval_params(a, self._sharded_transform() if a.sharded and fd.is_distributed()
                                                  else None))
@@ -452,11 +514,9 @@ class Trainer(PublishMixin):
     def _train(self, resume_from_checkpoint, ignore_keys_for_eval) -> TrainOutput:
         a = self.args
         resume_path = self._resolve_resume(resume_from_checkpoint)
-        if self.model_init is not None and resume_path is None and self.train_state is None:
-            set_seed(a.seed)
-            self.model = self._place(self.model_init())
-            self.callback_handler.model = self.model
-        loader = self.get_train_dataloader()
+        if self.model_init is not None:  # HF re-initializes on every train(), seeded (a resume loads over it)
+            self._reinitialize_model()
+        loader = compat.as_train_loader(self.get_train_dataloader())
         if not hasattr(loader, "__len__") or getattr(loader, "is_iterable", False):
             if a.max_steps <= 0:
                 raise ValueError(f"the train_dataset ({type(self.train_dataset).__name__}) has no length (a "
@@ -465,7 +525,7 @@ class Trainer(PublishMixin):
             steps_per_epoch = a.max_steps
         else:
             steps_per_epoch = max(len(loader), 1)
-        self._check_first_batch(loader.dataset)
+        self._check_first_batch(getattr(loader, "dataset", None))
         max_steps = a.max_steps if a.max_steps > 0 else math.ceil(a.num_train_epochs * steps_per_epoch)
         num_epochs = math.ceil(max_steps / steps_per_epoch)
         self._tx = self.create_optimizer_and_scheduler(max_steps)
@@ -496,6 +556,13 @@ class Trainer(PublishMixin):
             if neftune is not None:
                 neftune.remove()
 
+    def _reinitialize_model(self) -> None:
+        set_seed(self.args.seed)
+        self.model = self._place(self.model_init())
+        self.callback_handler.model = self.model
+        self.train_state = None
+        self._eval_steps = {}  # they were built for the previous model
+
     def _resolve_resume(self, resume_from_checkpoint):
         if resume_from_checkpoint is None or resume_from_checkpoint is False:
             return None
@@ -513,10 +580,8 @@ class Trainer(PublishMixin):
     def _load_checkpoint(self, path: str, template: TrainState) -> TrainState:
         state = self._read_state(path, template)
         self.state = self._mark_process(TrainerState.load_from_json(os.path.join(path, ck.TRAINER_STATE_FILE)))
-        for cb in self.callback_handler.callbacks:
-            saved = self.state.stateful_callbacks.get(type(cb).__name__)
-            if isinstance(cb, ExportableState) and saved is not None:
-                cb.restore(saved.get("attributes", {}))
+        compat.restore_callbacks(self.callback_handler, self.state.stateful_callbacks,
+                                 rebuild=bool(getattr(self.args, "restore_callback_states_from_checkpoint", False)))
         ck.load_rng_state(path)
         return state
 
@@ -531,6 +596,7 @@ class Trainer(PublishMixin):
         self._pending_tokens = None
         self._log_timer = time.perf_counter()
         self._last_metrics = {}
+        self._flos = 0.0
         total_loss, total_samples = torch.zeros(()), 0
         self._train_tokens = 0
         stop_agreement, stop_for_signal = fd.StopAgreement(), False
@@ -547,8 +613,11 @@ class Trainer(PublishMixin):
             for window in loader.iter_from(epoch, start_batch):
                 self.control = handler.on_step_begin(a, self.state, self.control)
                 rows = _num_rows(window)
-                state, metrics = self._step_for_rows(rows)(self.train_state, window)
+                step_fn = self._step_for_rows(rows)
+                state, metrics = step_fn(self.train_state, window)
                 self.train_state = handler.train_state = state
+                self.control = compat.optimizer_events(handler, a, self.state, self.control, step_fn.accumulate)
+                self._flos += float(self.floating_point_ops(window))
                 loss = metrics["loss"].detach().float().cpu() if metrics["loss"].device.type == "cpu" \
                     else metrics["loss"].detach().float()
                 if a.logging_nan_inf_filter:
@@ -605,6 +674,7 @@ class Trainer(PublishMixin):
             self._load_best_model()
         self._sync_model()
         runtime = time.perf_counter() - start_time
+        self.store_flos()
         steps = self.state.global_step - start_step
         total_loss = fd.all_reduce_sum(total_loss)  # each rank holds its share of the global mean
         train_loss = float(total_loss / steps) if steps > 0 else float("nan")
@@ -612,6 +682,7 @@ class Trainer(PublishMixin):
             "train_runtime": round(runtime, 4),
             "train_samples_per_second": round(total_samples / runtime, 3) if runtime > 0 else 0.0,
             "train_steps_per_second": round(steps / runtime, 3) if runtime > 0 else 0.0,
+            "total_flos": self.state.total_flos,
             "train_loss": train_loss,
             "epoch": self.state.epoch,
         }
@@ -732,6 +803,7 @@ class Trainer(PublishMixin):
             if self.state.best_global_step == step or os.path.isdir(best_dir):
                 self.state.best_model_checkpoint = best_dir
         self._flush_token_count()
+        self.store_flos()
         self.state.stateful_callbacks = {type(cb).__name__: cb.state() for cb in self.callback_handler.callbacks
                                          if isinstance(cb, ExportableState)}
         self.state.pending_log = {"loss_sum": float(self._loss_sum), "steps": self._steps_since_log,
@@ -754,11 +826,21 @@ class Trainer(PublishMixin):
             self._push_from_checkpoint(path)
         return path
 
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Save the weights (safetensors), config and processing class, loadable by ``from_pretrained``."""
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False, *,
+                   merge_adapter: bool = False) -> None:
+        """Save the weights (safetensors), config and processing class, loadable by ``from_pretrained``.
+
+        A ``peft.PeftModel`` is saved as its adapter only (as transformers does), loadable by
+        ``PeftModel.from_pretrained(base, output_dir)``; ``merge_adapter=True`` (functrain only)
+        writes the base model with the adapter merged in (``merge_and_unload``) instead.
+        """
         output_dir = output_dir or self.args.output_dir
         self._sync_model()  # gathers sharded params on every rank
-        if fd.is_main_process():
+        if fd.is_main_process() and merge_adapter:
+            from functrain.adapters.peft import save_merged
+
+            save_merged(self.model, output_dir, processing_class=self.processing_class)
+        elif fd.is_main_process():
             ck.write_model(self.model, output_dir, processing_class=self.processing_class)
             self.args.save_to_json(os.path.join(output_dir, ck.ARGS_FILE))
         fd.barrier()
@@ -817,11 +899,13 @@ class Trainer(PublishMixin):
         with_outputs = not self.args.prediction_loss_only and (
             collect or self.compute_metrics is not None or self.streaming_metrics is not None)
         # Each rank evaluates its share (HF's dealing of per-device batches); the loop gathers the
-        # results in dataset order, so compute_metrics sees the single-process arrays.
-        # (A dataset without a length is evaluated whole on every rank.)
+        # results in dataset order, so compute_metrics sees the single-process arrays. (A dataset
+        # without a length, or batch_eval_metrics, is evaluated whole on every rank.)
         target = dataset if dataset is not None else self.eval_dataset
-        shard = fd.is_distributed() and hasattr(target, "__len__")
-        loader = self.get_eval_dataloader(dataset, shard=shard)
+        shard = fd.is_distributed() and hasattr(target, "__len__") and not self.args.batch_eval_metrics
+        # (shard only when asked: a subclass may override get_eval_dataloader(eval_dataset) as in HF)
+        loader = self.get_eval_dataloader(dataset, shard=True) if shard else self.get_eval_dataloader(dataset)
+        self._eval_ignore_keys = ignore_keys
         eval_step = self._get_eval_step(with_outputs)
         state = self._state_for_eval()
         across_ranks = self._eval_shard(loader) if shard else None
@@ -832,21 +916,14 @@ class Trainer(PublishMixin):
             ghost = (lambda batch: eval_step(state, batch)) if self.args.sharded else None
             batches = across_ranks.batches(loader, ghost=ghost)
         self.callback_handler.eval_dataloader = loader
-        kwargs = {}
-        if ignore_keys is not None:
-            kwargs["ignore_keys"] = ignore_keys
-        output = evaluation_loop(eval_step, state, self._with_prediction_step_events(batches),
+        output = evaluation_loop(eval_step, state, batches,
                                  compute_metrics=self.compute_metrics,
                                  preprocess_logits_for_metrics=self.preprocess_logits_for_metrics,
                                  streaming_metrics=self.streaming_metrics,
                                  prediction_loss_only=self.args.prediction_loss_only, metric_key_prefix=prefix,
-                                 label_names=self._label_names(), collect_predictions=collect or None,
-                                 across_ranks=across_ranks, **kwargs)
-        metrics = output.metrics
-        runtime = metrics.get(f"{prefix}_runtime")
-        if runtime:
-            metrics.setdefault(f"{prefix}_samples_per_second", round(output.num_samples / runtime, 3))
-            metrics.setdefault(f"{prefix}_steps_per_second", round(len(loader) / runtime, 3))
+                                 label_names=self.label_names, collect_predictions=collect or None,
+                                 on_batch_end=self._on_prediction_step, across_ranks=across_ranks,
+                                 **self._evaluation_options())
         return output
 
     def _eval_shard(self, loader):
@@ -859,10 +936,61 @@ class Trainer(PublishMixin):
             n -= n % (per * world)
         return EvalShard(n, per)
 
-    def _with_prediction_step_events(self, loader):
-        for batch in loader:
-            yield batch
-            self.control = self.callback_handler.on_prediction_step(self.args, self.state, self.control)
+    def _on_prediction_step(self) -> None:
+        self.control = self.callback_handler.on_prediction_step(self.args, self.state, self.control)
+
+    def _evaluation_options(self) -> dict:
+        """HF's evaluation fields (``include_for_metrics``, ``batch_eval_metrics``,
+        ``eval_do_concat_batches``) for :func:`functrain.trainer.evaluation.evaluation_loop`."""
+        a = self.args
+        include = list(getattr(a, "include_for_metrics", None) or [])
+        unknown = sorted(set(include) - {"inputs", "loss"})
+        if unknown:
+            raise ValueError(f"include_for_metrics={include}: {unknown} not supported; use 'inputs' and/or 'loss'")
+        return {"include_for_metrics": include,
+                "batch_eval_metrics": bool(getattr(a, "batch_eval_metrics", False)),
+                "eval_do_concat_batches": bool(getattr(a, "eval_do_concat_batches", True)),
+                "main_input_name": getattr(self.model, "main_input_name", "input_ids")}
+
+    # -- HF helper methods ------------------------------------------------------------------------
+    def is_world_process_zero(self) -> bool:
+        """True on the process that writes files (rank 0 of all machines)."""
+        return fd.is_main_process()
+
+    def is_local_process_zero(self) -> bool:
+        """True on the first process of this machine."""
+        return self.dist.local_rank == 0
+
+    def get_num_trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
+    def get_learning_rates(self) -> list[float]:
+        """The current learning rate (one entry: functrain's optimizer has one schedule for all params).
+        Raises before training, as HF does without an optimizer."""
+        from functrain.step.train import find_learning_rate
+
+        lr = None if self.train_state is None else find_learning_rate(self.train_state.opt_state)
+        if lr is None:
+            raise ValueError("no learning rate yet: call train() first (the optimizer state holds the schedule's value)")
+        return [float(lr)]
+
+    def num_examples(self, dataloader) -> int:
+        """Examples in ``dataloader``'s dataset (HF: else batches x per-device batch size)."""
+        try:
+            return len(dataloader.dataset)
+        except (AttributeError, TypeError):
+            return len(dataloader) * self.args.per_device_train_batch_size
+
+    def floating_point_ops(self, inputs) -> int:
+        """FLOPs of one forward + backward on ``inputs`` (HF's ``6 * tokens * parameters``); override it
+        for other models. Summed into ``state.total_flos`` and the ``total_flos`` train metric."""
+        return compat.floating_point_ops(self.model, inputs)
+
+    def store_flos(self) -> None:
+        """Add the FLOPs counted since the last call (all processes) to ``state.total_flos``."""
+        flos = getattr(self, "_flos", 0.0)
+        self.state.total_flos += float(fd.all_reduce_sum(torch.tensor(flos, dtype=torch.float64)))
+        self._flos = 0.0
 
     # -- hyperparameter search -------------------------------------------------------------------
     def hyperparameter_search(self, hp_space=None, compute_objective=None, n_trials: int = 20,
@@ -951,6 +1079,12 @@ def _map_data_position(position: dict, global_window: int) -> dict:
     return {**position, "batch_index": samples // global_window}
 
 
+def _check_peft(model, args) -> None:
+    from functrain.adapters.peft import check_trainer_arguments
+
+    check_trainer_arguments(model, args)
+
+
 def _check_optimizers(optimizers):
     if not isinstance(optimizers, (tuple, list)) or len(optimizers) != 2:
         raise TypeError("optimizers must be a pair (optimizer, scheduler), e.g. (functrain.optim.adamw(...), None)")
@@ -976,30 +1110,11 @@ def _default_collator(processing_class):
     return collators.default_data_collator
 
 
-def _forward_parameters(model) -> list[str]:
-    try:
-        return list(inspect.signature(model.forward).parameters)
-    except (TypeError, ValueError):
-        return []
-
-
 def _num_rows(batch) -> int:
-    if isinstance(batch, Mapping):
-        for v in batch.values():
-            if isinstance(v, torch.Tensor) and v.ndim > 0:
-                return v.shape[0]
+    rows = hf_outputs.batch_size_of(batch) if isinstance(batch, Mapping) else None
+    if rows is not None:
+        return rows
     raise TypeError(f"a training batch must be a dict of tensors, got {type(batch).__name__}")
-
-
-def _logits_of(outputs, ignore: set):
-    """The prediction part of a model output, as HF's ``prediction_step`` picks it."""
-    if isinstance(outputs, Mapping):
-        kept = [v for k, v in outputs.items() if k != "loss" and k not in ignore and isinstance(v, torch.Tensor)]
-        return kept[0] if len(kept) == 1 else tuple(kept)
-    if isinstance(outputs, (tuple, list)):
-        kept = [v for v in outputs[1:] if isinstance(v, torch.Tensor)]
-        return kept[0] if len(kept) == 1 else tuple(kept)
-    return outputs
 
 
 def _parse_optim_args(text: str | None) -> dict:
