@@ -86,3 +86,10 @@ def test_fsdp_config_names_the_units_and_refuses_what_it_cannot_do(tmp_path):
                           ({"transformer_layer_cls_to_wrap": 3}, "class name or a list")]:
         with pytest.raises(ValueError, match=match):
             ft.TrainingArguments("o", fsdp=True, fsdp_config=config)
+
+
+def test_compile_with_accumulation_and_per_unit_recompute_is_a_clear_error():
+    model = MLP()
+    with pytest.raises(ValueError, match="compile=True with accumulate > 1 cannot use ShardedUnits"):
+        ft.make_train_step(model, ft.optim.adamw(1e-2), accumulate=2, compile=True,
+                           param_transform=fsdp.shard_in_use(model))

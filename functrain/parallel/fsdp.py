@@ -68,6 +68,8 @@ class ShardedUnits:
     parameters (those of no unit, for the whole step) and leaves the units' shards to the units.
     """
 
+    recomputes = True  # each unit's forward is redone in backward (make_train_step checks compile limits)
+
     def __init__(self, units: Sequence[str], loose: frozenset, blocks: tuple = ()):
         self.units = tuple(units)
         self.loose = loose

@@ -187,6 +187,12 @@ def make_train_step(
         raise ValueError("compile=True with accumulate > 1 cannot use activation checkpointing in torch "
                          f"{torch.__version__} (one recompute region per graph); use accumulate=1 with a "
                          "bigger batch, compile=False, or disable checkpointing")
+    if compile and accumulate > 1 and getattr(param_transform, "recomputes", False):
+        # A transform that recomputes in backward (per-unit sharded gathers) hits the same limit.
+        raise ValueError(f"compile=True with accumulate > 1 cannot use {type(param_transform).__name__} in torch "
+                         f"{torch.__version__} (it recomputes each unit in backward; one recompute region per "
+                         "graph): use accumulate=1, compile=False, or gather before the forward "
+                         "(functrain.distributed.sharded_hooks())")
     _pin_hf_loss_function(model)
     loss_module = _LossModule(model, loss_fn)
 

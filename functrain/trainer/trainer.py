@@ -385,10 +385,10 @@ class Trainer(PublishMixin):
         return make_train_step(self.model, tx, self._train_loss_fn(), accumulate=accumulate, precision=a.precision,
                                compile=a.torch_compile, compile_kwargs=compile_kwargs(a),
                                max_grad_norm=a.max_grad_norm or None, required_keys=self._required_label_keys(),
-                               **self._distributed_step_kwargs())
+                               **self._distributed_step_kwargs(accumulate))
 
     # -- distributed (see functrain.distributed) -------------------------------------------------
-    def _distributed_step_kwargs(self) -> dict:
+    def _distributed_step_kwargs(self, accumulate: int = 1) -> dict:
         """The step's hooks for this run: none for one process, DDP all-reduces, or sharded gathers."""
         if not fd.is_distributed():
             return {}
@@ -396,18 +396,24 @@ class Trainer(PublishMixin):
         stream = {"rng_stream": fd.rank()}
         if self.args.sharded:
             _, count_reduce = fd.data_parallel_hooks()
-            return {"param_transform": self._sharded_transform(), "count_reduce": count_reduce, **stream}
+            return {"param_transform": self._sharded_transform(accumulate), "count_reduce": count_reduce, **stream}
         if not self.args.average_tokens_across_devices:  # HF's opt-out: per-rank mean, ranks averaged
             grad_reduce, _ = fd.per_rank_mean_hooks()
             return {"grad_reduce": grad_reduce, **stream}
         grad_reduce, count_reduce = fd.data_parallel_hooks()
         return {"grad_reduce": grad_reduce, "count_reduce": count_reduce, **stream}
 
-    def _sharded_transform(self):
+    def _sharded_transform(self, accumulate: int = 1):
         """Sharded mode gathers each unit's params where it runs (FSDP semantics in use); units are
         ``fsdp_config['transformer_layer_cls_to_wrap']`` blocks or the model's ``_no_split_modules``."""
         from functrain.parallel.fsdp import shard_in_use
 
+        if self.args.torch_compile and accumulate > 1:
+            logger.warning("fsdp with torch_compile and %d microbatches: torch %s compiles one recompute region per "
+                           "graph, so params are gathered before the forward (a full replica during the step) "
+                           "instead of unit by unit; use gradient_accumulation_steps=1 for per-unit gathers",
+                           accumulate, torch.__version__)
+            return fd.gather_params
         return shard_in_use(self.model, (self.args.fsdp_config or {}).get("transformer_layer_cls_to_wrap"))
 
     def _mark_process(self, state: TrainerState) -> TrainerState:
