@@ -122,8 +122,25 @@ def sharded_in_use(model, tx, batches, r, world):
     bf_in_use, _ = run_steps(ft.make_train_step(model, tx, accumulate=2, precision="bf16", **hooks),
                              fd.shard_state(start), batches, r, world)
     out["bf16_in_use_vs_ddp"] = ft.tree.relative_difference(fd.unshard_state(bf_in_use.params), bf_ddp.params)
+    # A loss whose backward is NaN on a microbatch without items (0/0): rank 0's empty microbatch
+    # must be masked inside the units, before the reduce-scatter, or every rank gets the NaN.
+    ref_masked, _ = run_steps(ft.make_train_step(model, tx, _masked_mean_loss, accumulate=2), start, batches[:2], 0, 1)
+    masked, _ = run_steps(ft.make_train_step(model, tx, _masked_mean_loss, accumulate=2, **hooks),
+                          fd.shard_state(start), batches[:2], r, world)
+    out["in_use_empty_microbatch"] = ft.tree.relative_difference(fd.unshard_state(masked.params), ref_masked.params)
+    masked, _ = run_steps(ft.make_train_step(model, tx, _masked_mean_loss, accumulate=2, **fd.sharded_hooks()),
+                          fd.shard_state(start), batches[:2], r, world)
+    out["before_forward_empty_microbatch"] = ft.tree.relative_difference(fd.unshard_state(masked.params),
+                                                                         ref_masked.params)
     out.update(state_from_meta(tx))
     return out
+
+
+def _masked_mean_loss(model, batch):
+    labels = batch["labels"]
+    per_row = torch.nn.functional.cross_entropy(model(batch["x"])["logits"], labels.clamp_min(0), reduction="none")
+    mask = (labels != -100).float()
+    return (per_row * mask).sum() / mask.sum()
 
 
 def state_from_meta(tx):
