@@ -399,15 +399,18 @@ def make_population_train_step(
         batching.validate(b, accumulate=accumulate, required_keys=required, model=model, forward_keys=forward_keys)
 
     def member_no_scale(params, buffers, opt_state, step, batch):
-        params, opt_state, step, _, metrics = core(params, buffers, opt_state, step, None, batch)
-        return params, opt_state, step, metrics
+        params, buffers, opt_state, step, _, metrics = core(params, buffers, opt_state, step, None, batch)
+        return params, buffers, opt_state, step, metrics
 
     def run(params, buffers, opt_state, step, loss_scale, batch):
         if loss_scale is None:
-            fn = torch.func.vmap(member_no_scale, in_dims=(0, buffer_dim, 0, 0, batch_dim), randomness="different")
-            p, o, s, m = fn(params, buffers, opt_state, step, batch)
-            return p, o, s, None, m
-        fn = torch.func.vmap(core, in_dims=(0, buffer_dim, 0, 0, 0, batch_dim), randomness="different")
+            fn = torch.func.vmap(member_no_scale, in_dims=(0, buffer_dim, 0, 0, batch_dim),
+                                 out_dims=(0, buffer_dim, 0, 0, 0), randomness="different")
+            p, b, o, s, m = fn(params, buffers, opt_state, step, batch)
+            return p, b, o, s, None, m
+        # Shared buffers stay unbatched on the way out too (a member updating one is a vmap error).
+        fn = torch.func.vmap(core, in_dims=(0, buffer_dim, 0, 0, 0, batch_dim),
+                             out_dims=(0, buffer_dim, 0, 0, 0, 0), randomness="different")
         return fn(params, buffers, opt_state, step, loss_scale, batch)
 
     compiled = _compile(run, compile, compile_kwargs)
@@ -421,10 +424,10 @@ def make_population_train_step(
                                   "functrain.precision.dynamic_scale_init() to each member before stacking")
         with _explain_vmap_errors(model, "trained", "train the members sequentially with functrain.make_train_step"), \
                 rnglib.seeded(_population_key(state.rng)), _module_mode(model, training=True), _per_tensor_foreach():
-            params, opt_state, step, loss_scale, metrics = compiled(
+            params, buffers, opt_state, step, loss_scale, metrics = compiled(
                 state.params, state.buffers, state.opt_state, state.step, loss_scale, batch)
-        new_state = state.replace(params=params, opt_state=opt_state, step=step, loss_scale=loss_scale,
-                                  rng=rnglib.next_key(state.rng))
+        new_state = state.replace(params=params, buffers={**state.buffers, **buffers}, opt_state=opt_state, step=step,
+                                  loss_scale=loss_scale, rng=rnglib.next_key(state.rng))
         return new_state, metrics
 
     population_step.member_step = inner  # the ordinary step the members follow (differentiate="func")

@@ -21,7 +21,7 @@ from functrain.adapters import outputs as hf_outputs
 from functrain.step import batch as batching
 from functrain.core import rng as rnglib
 from functrain.core import tree
-from functrain.core.optim.base import apply_updates
+from functrain.core.optim.base import apply_updates, update_with_extra_args
 from functrain.core.optim.transforms import clip_factor
 from functrain.core.precision import DynamicScale, dynamic_scale_init, dynamic_scale_update, get_policy, unscale
 from functrain.core.state import TrainState
@@ -62,9 +62,31 @@ class _LossModule(nn.Module):
         self.model = model
         self.loss_fn = loss_fn
 
-    def forward(self, batch, then=None):
-        out = self.loss_fn(self.model, batch)
-        return out if then is None else then(out)
+    def forward(self, batch):
+        return self.loss_fn(self.model, batch)
+
+
+class _LossAndGradModule(_LossModule):
+    """Runs the loss AND its backward while ``functional_call`` binds the state's tensors.
+
+    Activation checkpointing recomputes forward regions during the backward by reading the
+    module's attributes again; once ``functional_call`` returns, those are the module's own
+    (stale) tensors, not the state's. Taking the gradient inside the binding makes every
+    recomputation see the tensors that were bound for the forward.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, policy):
+        super().__init__(model, loss_fn)
+        self.policy = policy
+
+    def forward(self, batch, leaves: list, weight, scale):
+        with _autocast(self.policy, leaves[0].device.type):  # the forward only, as torch.amp advises
+            loss, aux = _split_loss(self.loss_fn(self.model, batch))
+        share = loss * weight
+        if scale is not None:
+            share = share * scale
+        grads = torch.autograd.grad(share, leaves, allow_unused=True)
+        return grads, loss, aux
 
 
 def _prefixed(d: Mapping) -> dict:
@@ -111,6 +133,7 @@ def make_train_step(
     compile_kwargs: dict | None = None,
     differentiate: str = "autograd",
     rng_stream: int = 0,
+    deterministic: bool = False,
 ):
     """Build ``train_step(state, batch) -> (new_state, metrics)``, a pure function.
 
@@ -151,6 +174,9 @@ def make_train_step(
             checkpointing and DTensor params) or ``"func"`` (``torch.func.grad``: composes with
             ``torch.func.vmap``, as the population step in :mod:`functrain.population` needs; no
             activation checkpointing).
+        deterministic: run (and compile) the step with ``torch.use_deterministic_algorithms(True)``
+            (and inductor's ``deterministic`` option): a compiled step is then bitwise repeatable
+            on any thread count (see ``_deterministic_algorithms``). Eager CPU steps are already.
         rng_stream: folded into the state's key before seeding (0: the key as is). Data-parallel
             ranks pass their rank so each draws its own dropout masks from the same state.
 
@@ -194,39 +220,31 @@ def make_train_step(
                          "graph): use accumulate=1, compile=False, or gather before the forward "
                          "(functrain.distributed.sharded_hooks())")
     _pin_hf_loss_function(model)
+    buffer_names = _buffer_names(model)
     loss_module = _LossModule(model, loss_fn)
+    grad_module = _LossAndGradModule(model, loss_fn, policy)
 
     def micro_grads(params, buffers, microbatch, weight, scale, has_items):
-        """Gradients of this microbatch's share of the window loss (times the fp16 loss scale).
+        """Gradients of this microbatch's share of the window loss (times the fp16 loss scale),
+        and the buffers after its forward (e.g. BatchNorm running statistics).
 
         weight = count_k / total_count, so the shares sum to the mean over the whole window.
         Uses ``torch.autograd.grad`` on detached copies of the params (not ``torch.func.grad``,
-        which cannot run activation checkpointing: it forbids saved-tensor hooks).
+        which cannot run activation checkpointing: it forbids saved-tensor hooks), taken inside
+        the binding (``_LossAndGradModule``) so recomputed regions use the state's tensors.
         """
-        device_type = _device_type(params)
-
-        def differentiate(out):
-            # Runs inside functional_call, so activation checkpointing recomputes its regions with
-            # the state's tensors bound (after functional_call returns, the module's own are back).
-            loss, aux = _split_loss(out)
-            share = loss * weight
-            if scale is not None:
-                share = share * scale
-            with _no_autocast(policy, device_type):
-                grads = torch.autograd.grad(share, list(leaves.values()), allow_unused=True)
-            return grads, loss, aux
-
         with torch.enable_grad():
             leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
             # The transform's backward may reduce gradients across ranks (sharded mode): it gets
             # has_items, since a microbatch without items (NaN loss) must contribute zeros BEFORE
             # that reduction, or its NaN would reach every rank.
             bound = param_transform(leaves, has_items) if transform_params else leaves
-            with _autocast(policy, device_type):
-                grads, loss, aux = torch.func.functional_call(loss_module, (_prefixed(bound), _prefixed(buffers)),
-                                                              (microbatch, differentiate), tie_weights=True)
+            tensors = {**_prefixed(bound), **_prefixed(buffers)}
+            grads, loss, aux = torch.func.functional_call(
+                grad_module, tensors, (microbatch, list(leaves.values()), weight, scale), tie_weights=True)
         grads = {k: torch.zeros_like(p) if g is None else g for (k, p), g in zip(params.items(), grads)}
-        return grads, loss.detach(), {k: torch.as_tensor(v).detach().float() for k, v in aux.items()}
+        aux = {k: torch.as_tensor(v).detach().float() for k, v in aux.items()}
+        return grads, loss.detach(), aux, _bound_buffers(tensors, buffers)
 
     def micro_grads_func(params, buffers, microbatch, weight, scale, has_items):
         """Same contract as ``micro_grads`` with ``torch.func.grad`` (pure: composes with vmap).
@@ -234,25 +252,26 @@ def make_train_step(
         ``has_items`` is not needed here: without a param_transform, window_grads masks it.
         """
 
-        def share_of(p):
+        def share_of(p, b):  # b: the buffers as an input, so the forward may update them (BatchNorm)
+            tensors = {**_prefixed(p), **_prefixed(b)}
             with _autocast(policy, _device_type(p)):
-                out = torch.func.functional_call(loss_module, (_prefixed(p), _prefixed(buffers)), (microbatch,),
-                                                 tie_weights=True)
+                out = torch.func.functional_call(loss_module, tensors, (microbatch,), tie_weights=True)
             loss, aux = _split_loss(out)
             share = loss * weight
             if scale is not None:
                 share = share * scale
-            return share, (loss, {k: torch.as_tensor(v).float() for k, v in aux.items()})
+            return share, (loss, {k: torch.as_tensor(v).float() for k, v in aux.items()}, _bound_buffers(tensors, b))
 
         # torch.func.grad returns zeros for parameters the loss does not use.
-        grads, (loss, aux) = torch.func.grad(share_of, has_aux=True)(params)
-        return grads, loss, aux
+        grads, (loss, aux, new_buffers) = torch.func.grad(share_of, has_aux=True)(params, buffers)
+        return grads, loss, aux, new_buffers
 
     if differentiate == "func":
         micro_grads = micro_grads_func  # noqa: F811 - chosen once, at build time
 
     def window_grads(params, buffers, batch, scale):
-        """Summed gradients of the window mean loss, one microbatch at a time."""
+        """Summed gradients of the window mean loss, one microbatch at a time, and the buffers
+        after the last microbatch (each microbatch's forward starts from the previous one's)."""
         microbatches = batching.split(batch, accumulate)
         counts = [count_items(mb) for mb in microbatches]
         # (a) the single place the window's item count is formed (and reduced across ranks).
@@ -263,7 +282,7 @@ def make_train_step(
             weight = count.float() / denom
             # A microbatch with no supervised items contributes nothing (its mean is 0/0 = NaN).
             has_items = count > 0
-            g, mb_loss, mb_aux = micro_grads(params, buffers, mb, weight, scale, has_items)
+            g, mb_loss, mb_aux, buffers = micro_grads(params, buffers, mb, weight, scale, has_items)
             if not transform_params:  # (with a transform, g may already hold other ranks' sums)
                 g = tree.map(lambda x: torch.where(has_items, x, 0.0), g)
             grads = g if grads is None else tree.add(grads, g)
@@ -271,11 +290,15 @@ def make_train_step(
             for k, v in mb_aux.items():
                 aux[k] = aux.get(k, 0.0) + torch.where(has_items, v * weight, 0.0)
         # (b) the single place gradients are reduced across ranks.
-        return grad_reduce(grads), loss, total, aux
+        return grad_reduce(grads), loss, total, aux, buffers
 
     def train_core(params, buffers, opt_state, step, loss_scale, batch):
         scale = loss_scale.scale if policy.needs_loss_scale else None
-        grads, loss, total, aux = window_grads(params, buffers, batch, scale)
+        # The module's buffers (BatchNorm running statistics, ...) are outputs of the step: the
+        # forward updates copies, so the input state's buffers never change.
+        old_buffers = _module_buffers(buffers, buffer_names)
+        grads, loss, total, aux, buffers = window_grads(params, {**buffers, **tree.clone(old_buffers)}, batch, scale)
+        new_buffers = _module_buffers(buffers, buffer_names)
         metrics = {"loss": loss, "num_items": total}
         if policy.needs_loss_scale:
             grads = unscale(grads, loss_scale)
@@ -284,13 +307,16 @@ def make_train_step(
         metrics["grad_norm"] = grad_norm
         if max_grad_norm is not None:
             grads = tree.scale(grads, clip_factor(grad_norm, max_grad_norm))
-        updates, new_opt_state = tx.update(grads, opt_state, params)
+        # value=loss: transforms that use the objective (reduce_on_plateau, ...) get it, others don't.
+        updates, new_opt_state = update_with_extra_args(tx, grads, opt_state, params, value=loss)
         new_params = apply_updates(params, updates)
         if policy.needs_loss_scale:
             # A non-finite step changes nothing but the loss scale: params, optimizer state
             # (hence the schedule position) and the step counter keep their values.
             new_params = tree.where(finite, new_params, params)
             new_opt_state = tree.where(finite, new_opt_state, opt_state)
+            if old_buffers:
+                new_buffers = tree.where(finite, new_buffers, old_buffers)
             new_step = step + finite.to(step.dtype)
             new_loss_scale = dynamic_scale_update(loss_scale, finite)
             metrics["loss_scale"] = new_loss_scale.scale
@@ -300,16 +326,18 @@ def make_train_step(
             new_loss_scale = loss_scale
         lr = find_learning_rate(new_opt_state)
         if lr is not None:
-            metrics["learning_rate"] = lr
+            metrics["learning_rate"] = lr * _learning_rate_scale(new_opt_state)
         metrics.update(aux)
         if donate:
             # Write the results into the input storages; inside torch.compile this fuses with the
             # computation, so no second copy of params/optimizer state is ever alive.
             tree.copy_((params, opt_state, step, loss_scale), (new_params, new_opt_state, new_step, new_loss_scale))
-            return params, opt_state, step, loss_scale, metrics
-        return new_params, new_opt_state, new_step, new_loss_scale, metrics
+            if old_buffers:  # (dynamo cannot flatten an empty dict here)
+                tree.copy_(old_buffers, new_buffers)
+            return params, old_buffers, opt_state, step, loss_scale, metrics
+        return new_params, new_buffers, new_opt_state, new_step, new_loss_scale, metrics
 
-    core = _maybe_compile(train_core, compile, compile_kwargs)
+    core = _maybe_compile(train_core, compile, compile_kwargs, deterministic)
 
     def train_step(state: TrainState, batch: Mapping):
         if not isinstance(state, TrainState):
@@ -323,10 +351,10 @@ def make_train_step(
             raise TypeError(f"precision='fp16' needs state.loss_scale to be a DynamicScale, got {type(loss_scale).__name__}")
         key = rnglib.fold_in(state.rng, rng_stream) if rng_stream else state.rng
         with rnglib.seeded(key), _module_mode(model, training=True):
-            params, opt_state, step, loss_scale, metrics = core(
+            params, buffers, opt_state, step, loss_scale, metrics = core(
                 state.params, state.buffers, state.opt_state, state.step, loss_scale, dict(batch))
-        new_state = state.replace(params=params, opt_state=opt_state, step=step, loss_scale=loss_scale,
-                                  rng=rnglib.next_key(state.rng))
+        new_state = state.replace(params=params, buffers={**state.buffers, **buffers}, opt_state=opt_state, step=step,
+                                  loss_scale=loss_scale, rng=rnglib.next_key(state.rng))
         if donate:
             state.mark_consumed("a train_step built with donate=True")
         return new_state, metrics
@@ -350,6 +378,7 @@ def make_eval_step(
     param_transform: Callable | None = None,
     required_keys=None,
     compile_kwargs: dict | None = None,
+    deterministic: bool = False,
 ):
     """Build ``eval_step(state, batch) -> dict``: ``loss`` (mean over the batch's items),
     ``num_items`` and, with ``return_outputs``, ``outputs``.
@@ -381,10 +410,13 @@ def make_eval_step(
         return loss, {"outputs": outputs}
 
     loss_module = _LossModule(model, loss_fn or default_eval_fn)
+    buffer_names = _buffer_names(model)
 
     param_transform = param_transform or _identity
 
     def eval_core(params, buffers, batch):
+        # Copies of the module's buffers: even a forward that writes them leaves the state as it was.
+        buffers = {**buffers, **tree.clone(_module_buffers(buffers, buffer_names))}
         with torch.no_grad(), _autocast(policy, _device_type(params)):
             out = torch.func.functional_call(loss_module, (_prefixed(param_transform(params)), _prefixed(buffers)),
                                              (batch,), tie_weights=True)
@@ -402,7 +434,7 @@ def make_eval_step(
                 result["labels"] = aux["labels"]
         return result
 
-    core = _maybe_compile(eval_core, compile, compile_kwargs)
+    core = _maybe_compile(eval_core, compile, compile_kwargs, deterministic)
 
     def eval_step(state: TrainState, batch: Mapping):
         batching.validate(batch, accumulate=1, required_keys=required_keys, model=model, forward_keys=forward_keys)
@@ -415,6 +447,19 @@ def make_eval_step(
 
 
 # -- helpers -------------------------------------------------------------------------------------
+
+
+def _learning_rate_scale(opt_state):
+    """The product of the ``scale`` of states that scale the learning rate (``reduce_on_plateau``)."""
+    if getattr(type(opt_state), "scales_learning_rate", False):
+        return opt_state.scale
+    if isinstance(opt_state, Mapping):
+        opt_state = tuple(opt_state.values())
+    factor = 1.0
+    if isinstance(opt_state, (tuple, list)):
+        for child in opt_state:
+            factor = factor * _learning_rate_scale(child)
+    return factor
 
 
 def find_learning_rate(opt_state) -> torch.Tensor | None:
@@ -444,23 +489,72 @@ def find_learning_rate(opt_state) -> torch.Tensor | None:
     return None
 
 
+def _buffer_names(model: nn.Module) -> tuple:
+    """Names of the module's registered buffers: the state tensors a forward may write (frozen
+    parameters, also in ``state.buffers``, are inputs only and are never copied)."""
+    return tuple(name for name, _ in model.named_buffers())
+
+
+def _module_buffers(buffers: Mapping, names: tuple) -> dict:
+    return {k: buffers[k] for k in names if k in buffers}
+
+
+def _bound_buffers(bound: Mapping, buffers: Mapping) -> dict:
+    """The buffers ``functional_call`` left in ``bound`` (it writes back tensors the forward
+    reassigned, e.g. ``self.count = self.count + 1``; in-place updates are already there)."""
+    return {k: bound["model." + k] for k in buffers}
+
+
 def _device_type(params: Mapping) -> str:
     return next(iter(params.values())).device.type
 
 
-def _maybe_compile(fn, compile_: bool, compile_kwargs: dict | None):
+def _maybe_compile(fn, compile_: bool, compile_kwargs: dict | None, deterministic: bool = False):
     if not compile_:
-        return fn
-    compiled = torch.compile(fn, **{"fullgraph": True, **(compile_kwargs or {})})
+        if not deterministic:
+            return fn
+
+        @functools.wraps(fn)
+        def run_eager(*args):
+            with _deterministic_algorithms():
+                return fn(*args)
+
+        return run_eager
+    kwargs = {"fullgraph": True, **(compile_kwargs or {})}
+    if deterministic and kwargs.get("backend", "inductor") == "inductor" and "mode" not in kwargs:
+        kwargs["options"] = {"deterministic": True, **kwargs.get("options", {})}
+    compiled = torch.compile(fn, **kwargs)
 
     @functools.wraps(fn)
     def run(*args):
         # Without this flag dynamo graph-breaks on torch.autograd.grad (torch 2.13).
-        with torch._dynamo.config.patch(trace_autograd_ops=True):
+        with torch._dynamo.config.patch(trace_autograd_ops=True), \
+                (_deterministic_algorithms() if deterministic else contextlib.nullcontext()):
             return compiled(*args)
 
     run.compiled = compiled
     return run
+
+
+@contextlib.contextmanager
+def _deterministic_algorithms():
+    """``torch.use_deterministic_algorithms(True)`` while the step runs (a process-wide flag, put back after).
+
+    Inductor reads the flag when it compiles: without it, accumulating scatters (``index_put_`` /
+    ``scatter_add``: the backward of an embedding lookup) become C++ loops split over the threads
+    that ``atomic_add`` into the same rows, so the order of the float additions, hence the last
+    bits, changes from run to run. With it they fall back to aten's kernels, which are
+    deterministic (CPU: serial accumulation; CUDA: sorted indices), and eager CUDA kernels
+    (cuBLAS, scatter) pick their deterministic variants too.
+    """
+    if torch.are_deterministic_algorithms_enabled():
+        yield
+        return
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(False)
 
 
 @contextlib.contextmanager
