@@ -268,6 +268,7 @@ def test_each_rank_evaluates_its_share_and_gathers_the_single_process_arrays(tmp
     assert [r["forwarded"] for r in results] == [12, 11]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n, opts", [(23, {}), (17, {"fsdp": "full_shard", "train_steps": 2})],
                          ids=["data_parallel", "sharded_after_training"])
 def test_evaluate_and_predict_on_two_ranks_give_the_single_process_results(tmp_path, n, opts):
