@@ -1,10 +1,11 @@
 """The pure training step: ``train_step(state, batch) -> (new_state, metrics)``.
 
-Read :func:`make_train_step` top to bottom: ``_train_core`` is every operation that touches the
-state, in order (split the window, count items, per-microbatch gradients, reduce, unscale,
-norm, clip, optimizer update, loss-scale bookkeeping, donation copy). The returned
-``train_step`` wraps it with what cannot be traced: batch validation (host metadata only), the
-explicit RNG key and the module's train/eval mode. See ``docs/step.md``.
+Read :func:`make_train_step` top to bottom: ``train_core`` is every operation that touches the
+state, in order, as the public blocks: the window's gradients (:func:`functrain.step.make_grad_fn`:
+split, count items, per-microbatch gradients, reduce), then :mod:`functrain.step.update`
+(unscale, norm, clip, optimizer update, loss-scale bookkeeping), then the donation copy. The
+returned ``train_step`` wraps it with what cannot be traced: batch validation (host metadata
+only), the explicit RNG key and the module's train/eval mode. See ``docs/step.md``.
 """
 
 from __future__ import annotations
@@ -12,104 +13,23 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Mapping
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch import nn
 
 from functrain.adapters import outputs as hf_outputs
-from functrain.step import batch as batching
 from functrain.core import rng as rnglib
 from functrain.core import tree
-from functrain.core.optim.base import apply_updates, update_with_extra_args
-from functrain.core.optim.transforms import clip_factor
-from functrain.core.precision import DynamicScale, dynamic_scale_init, dynamic_scale_update, get_policy, unscale
+from functrain.core.precision import DynamicScale, dynamic_scale_init, get_policy
 from functrain.core.state import TrainState
+from functrain.step import batch as batching
+from functrain.step.grads import (
+    LossFn, LossModule, autocast, buffer_names, default_loss_fn, device_type, make_grad_fn, module_buffers_of, prefixed,
+)
+from functrain.step.update import apply_update, keep_if_finite, unscale_grads
 
-LossFn = Callable[[nn.Module, Mapping], Any]  # -> loss | (loss, aux dict)
-
-
-# -- the loss ------------------------------------------------------------------------------------
-
-
-def default_loss_fn(model: nn.Module, batch: Mapping) -> torch.Tensor:
-    """The model's own loss: ``outputs["loss"]`` of a dict / ``ModelOutput``, ``outputs[0]`` of a tuple
-    (HF's convention; see :mod:`functrain.adapters.outputs`)."""
-    out = model(**batch, **hf_outputs.no_cache_kwargs(model, batch))
-    loss = hf_outputs.loss_of(out)
-    if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
-        found = f"keys {list(out.keys())}" if isinstance(out, Mapping) else f"a {type(out).__name__}"
-        raise ValueError(f"{type(model).__name__} returned no loss ({found}; the loss is outputs['loss'] of a dict "
-                         "or outputs[0] of a tuple); pass labels in the batch or give make_train_step a "
-                         "loss_fn(model, batch)")
-    return loss
-
-
-def _split_loss(out) -> tuple[torch.Tensor, dict]:
-    loss, aux = (out if isinstance(out, tuple) else (out, {}))
-    if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
-        raise TypeError(f"loss_fn must return a 0-d tensor (or (loss, aux_dict)), got {loss!r:.80}")
-    if not isinstance(aux, Mapping):
-        raise TypeError(f"loss_fn's aux must be a dict of tensors, got {type(aux).__name__}")
-    return loss.float(), dict(aux)
-
-
-class _LossModule(nn.Module):
-    """Holds the user's model so ``functional_call`` can bind state tensors to it (``model.*``)."""
-
-    def __init__(self, model: nn.Module, loss_fn: LossFn):
-        super().__init__()
-        self.model = model
-        self.loss_fn = loss_fn
-
-    def forward(self, batch):
-        return self.loss_fn(self.model, batch)
-
-
-class _LossAndGradModule(_LossModule):
-    """Runs the loss AND its backward while ``functional_call`` binds the state's tensors.
-
-    Activation checkpointing recomputes forward regions during the backward by reading the
-    module's attributes again; once ``functional_call`` returns, those are the module's own
-    (stale) tensors, not the state's. Taking the gradient inside the binding makes every
-    recomputation see the tensors that were bound for the forward.
-    """
-
-    def __init__(self, model: nn.Module, loss_fn: LossFn, policy):
-        super().__init__(model, loss_fn)
-        self.policy = policy
-
-    def forward(self, batch, leaves: list, weight, scale):
-        with _autocast(self.policy, leaves[0].device.type):  # the forward only, as torch.amp advises
-            loss, aux = _split_loss(self.loss_fn(self.model, batch))
-        share = loss * weight
-        if scale is not None:
-            share = share * scale
-        grads = torch.autograd.grad(share, leaves, allow_unused=True)
-        return grads, loss, aux
-
-
-def _prefixed(d: Mapping) -> dict:
-    return {"model." + k: v for k, v in d.items()}
-
-
-def _autocast(policy, device_type: str):
-    if policy.compute_dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device_type, dtype=policy.compute_dtype)
-
-
-def _no_autocast(policy, device_type: str):
-    if policy.compute_dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device_type, enabled=False)
-
-
-# -- hooks a distributed driver replaces ---------------------------------------------------------
-
-
-def _identity(x):
-    return x
+__all__ = ["default_loss_fn", "find_learning_rate", "make_eval_step", "make_train_step"]
 
 
 # -- the train step ------------------------------------------------------------------------------
@@ -187,27 +107,10 @@ def make_train_step(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not (isinstance(accumulate, int) and accumulate >= 1):
-        raise ValueError(f"accumulate must be an int >= 1, got {accumulate!r}")
     policy = get_policy(precision)
     user_loss = loss_fn is not None
-    loss_fn = loss_fn or default_loss_fn
-    count_items = count_items or batching.make_count_items(model)
-    grad_reduce = grad_reduce or _identity
-    count_reduce = count_reduce or _identity
-    transform_params = param_transform is not None
-    param_transform = param_transform or _identity
     required_keys = tuple(required_keys) if required_keys is not None else (() if user_loss else ("labels",))
     forward_keys = None if user_loss else batching.forward_argument_names(model)
-    if differentiate not in ("autograd", "func"):
-        raise ValueError(f"differentiate must be 'autograd' or 'func', got {differentiate!r}")
-    _check_checkpointing(model)
-    if differentiate == "func" and transform_params:
-        raise ValueError("differentiate='func' (vmapped populations) does not support param_transform "
-                         "(sharded DTensor params need torch.autograd.grad)")
-    if differentiate == "func" and _uses_checkpointing(model):
-        raise ValueError("differentiate='func' (torch.func.grad, used by vmapped populations) cannot run activation "
-                         "checkpointing (it forbids saved-tensor hooks); disable checkpointing for this model")
     if compile and accumulate > 1 and _uses_checkpointing(model):
         # torch 2.13 AOTAutograd rematerializes only one backward region per compiled graph.
         raise ValueError("compile=True with accumulate > 1 cannot use activation checkpointing in torch "
@@ -219,115 +122,37 @@ def make_train_step(
                          f"{torch.__version__} (it recomputes each unit in backward; one recompute region per "
                          "graph): use accumulate=1, compile=False, or gather before the forward "
                          "(functrain.distributed.sharded_hooks())")
-    _pin_hf_loss_function(model)
-    buffer_names = _buffer_names(model)
-    loss_module = _LossModule(model, loss_fn)
-    grad_module = _LossAndGradModule(model, loss_fn, policy)
-
-    def micro_grads(params, buffers, microbatch, weight, scale, has_items):
-        """Gradients of this microbatch's share of the window loss (times the fp16 loss scale),
-        and the buffers after its forward (e.g. BatchNorm running statistics).
-
-        weight = count_k / total_count, so the shares sum to the mean over the whole window.
-        Uses ``torch.autograd.grad`` on detached copies of the params (not ``torch.func.grad``,
-        which cannot run activation checkpointing: it forbids saved-tensor hooks), taken inside
-        the binding (``_LossAndGradModule``) so recomputed regions use the state's tensors.
-        """
-        with torch.enable_grad():
-            leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
-            # The transform's backward may reduce gradients across ranks (sharded mode): it gets
-            # has_items, since a microbatch without items (NaN loss) must contribute zeros BEFORE
-            # that reduction, or its NaN would reach every rank.
-            bound = param_transform(leaves, has_items) if transform_params else leaves
-            tensors = {**_prefixed(bound), **_prefixed(buffers)}
-            grads, loss, aux = torch.func.functional_call(
-                grad_module, tensors, (microbatch, list(leaves.values()), weight, scale), tie_weights=True)
-        grads = {k: torch.zeros_like(p) if g is None else g for (k, p), g in zip(params.items(), grads)}
-        aux = {k: torch.as_tensor(v).detach().float() for k, v in aux.items()}
-        return grads, loss.detach(), aux, _bound_buffers(tensors, buffers)
-
-    def micro_grads_func(params, buffers, microbatch, weight, scale, has_items):
-        """Same contract as ``micro_grads`` with ``torch.func.grad`` (pure: composes with vmap).
-
-        ``has_items`` is not needed here: without a param_transform, window_grads masks it.
-        """
-
-        def share_of(p, b):  # b: the buffers as an input, so the forward may update them (BatchNorm)
-            tensors = {**_prefixed(p), **_prefixed(b)}
-            with _autocast(policy, _device_type(p)):
-                out = torch.func.functional_call(loss_module, tensors, (microbatch,), tie_weights=True)
-            loss, aux = _split_loss(out)
-            share = loss * weight
-            if scale is not None:
-                share = share * scale
-            return share, (loss, {k: torch.as_tensor(v).float() for k, v in aux.items()}, _bound_buffers(tensors, b))
-
-        # torch.func.grad returns zeros for parameters the loss does not use.
-        grads, (loss, aux, new_buffers) = torch.func.grad(share_of, has_aux=True)(params, buffers)
-        return grads, loss, aux, new_buffers
-
-    if differentiate == "func":
-        micro_grads = micro_grads_func  # noqa: F811 - chosen once, at build time
-
-    def window_grads(params, buffers, batch, scale):
-        """Summed gradients of the window mean loss, one microbatch at a time, and the buffers
-        after the last microbatch (each microbatch's forward starts from the previous one's)."""
-        microbatches = batching.split(batch, accumulate)
-        counts = [count_items(mb) for mb in microbatches]
-        # (a) the single place the window's item count is formed (and reduced across ranks).
-        total = count_reduce(torch.stack(counts).sum())
-        denom = total.float().clamp_min(1.0)
-        grads, loss, aux = None, torch.zeros((), device=denom.device), {}
-        for mb, count in zip(microbatches, counts):
-            weight = count.float() / denom
-            # A microbatch with no supervised items contributes nothing (its mean is 0/0 = NaN).
-            has_items = count > 0
-            g, mb_loss, mb_aux, buffers = micro_grads(params, buffers, mb, weight, scale, has_items)
-            if not transform_params:  # (with a transform, g may already hold other ranks' sums)
-                g = tree.map(lambda x: torch.where(has_items, x, 0.0), g)
-            grads = g if grads is None else tree.add(grads, g)
-            loss = loss + torch.where(has_items, mb_loss * weight, 0.0)
-            for k, v in mb_aux.items():
-                aux[k] = aux.get(k, 0.0) + torch.where(has_items, v * weight, 0.0)
-        # (b) the single place gradients are reduced across ranks.
-        return grad_reduce(grads), loss, total, aux, buffers
+    # The blocks (functrain.step.grads / .update): gradients of the window, the update, the loss scale.
+    grad_fn = make_grad_fn(model, loss_fn, accumulate=accumulate, precision=precision, count_items=count_items,
+                           grad_reduce=grad_reduce, count_reduce=count_reduce, param_transform=param_transform,
+                           differentiate=differentiate)
+    module_buffers = buffer_names(model)
 
     def train_core(params, buffers, opt_state, step, loss_scale, batch):
         scale = loss_scale.scale if policy.needs_loss_scale else None
+        g = grad_fn(params, buffers, batch, scale)
         # The module's buffers (BatchNorm running statistics, ...) are outputs of the step: the
-        # forward updates copies, so the input state's buffers never change.
-        old_buffers = _module_buffers(buffers, buffer_names)
-        grads, loss, total, aux, buffers = window_grads(params, {**buffers, **tree.clone(old_buffers)}, batch, scale)
-        new_buffers = _module_buffers(buffers, buffer_names)
-        metrics = {"loss": loss, "num_items": total}
+        # forward updated copies, so the input state's buffers never change.
+        old_buffers, new_buffers = module_buffers_of(buffers, module_buffers), module_buffers_of(g.buffers, module_buffers)
+        grads, metrics = g.grads, {"loss": g.loss, "num_items": g.num_items}
         if policy.needs_loss_scale:
-            grads = unscale(grads, loss_scale)
-            finite = tree.all_finite(grads)
-        grad_norm = tree.global_norm(grads)
-        metrics["grad_norm"] = grad_norm
-        if max_grad_norm is not None:
-            grads = tree.scale(grads, clip_factor(grad_norm, max_grad_norm))
+            grads, finite = unscale_grads(grads, loss_scale)
         # value=loss: transforms that use the objective (reduce_on_plateau, ...) get it, others don't.
-        updates, new_opt_state = update_with_extra_args(tx, grads, opt_state, params, value=loss)
-        new_params = apply_updates(params, updates)
+        new_params, new_opt_state, metrics["grad_norm"] = apply_update(tx, params, opt_state, grads,
+                                                                       max_grad_norm=max_grad_norm, value=g.loss)
+        new_step, new_loss_scale = step + 1, loss_scale
         if policy.needs_loss_scale:
             # A non-finite step changes nothing but the loss scale: params, optimizer state
-            # (hence the schedule position) and the step counter keep their values.
-            new_params = tree.where(finite, new_params, params)
-            new_opt_state = tree.where(finite, new_opt_state, opt_state)
-            if old_buffers:
-                new_buffers = tree.where(finite, new_buffers, old_buffers)
-            new_step = step + finite.to(step.dtype)
-            new_loss_scale = dynamic_scale_update(loss_scale, finite)
+            # (hence the schedule position), buffers and the step counter keep their values.
+            (new_params, new_opt_state, new_buffers, new_step), new_loss_scale = keep_if_finite(
+                finite, (new_params, new_opt_state, new_buffers, new_step), (params, opt_state, old_buffers, step),
+                loss_scale)
             metrics["loss_scale"] = new_loss_scale.scale
             metrics["skipped"] = ~finite
-        else:
-            new_step = step + 1
-            new_loss_scale = loss_scale
         lr = find_learning_rate(new_opt_state)
         if lr is not None:
             metrics["learning_rate"] = lr * _learning_rate_scale(new_opt_state)
-        metrics.update(aux)
+        metrics.update(g.aux)
         if donate:
             # Write the results into the input storages; inside torch.compile this fuses with the
             # computation, so no second copy of params/optimizer state is ever alive.
@@ -409,16 +234,16 @@ def make_eval_step(
         loss, outputs = hf_outputs.split_outputs(out, has_labels, ignore)
         return loss, {"outputs": outputs}
 
-    loss_module = _LossModule(model, loss_fn or default_eval_fn)
-    buffer_names = _buffer_names(model)
+    loss_module = LossModule(model, loss_fn or default_eval_fn)
+    module_buffers = buffer_names(model)
 
-    param_transform = param_transform or _identity
+    param_transform = param_transform or (lambda params: params)
 
     def eval_core(params, buffers, batch):
         # Copies of the module's buffers: even a forward that writes them leaves the state as it was.
-        buffers = {**buffers, **tree.clone(_module_buffers(buffers, buffer_names))}
-        with torch.no_grad(), _autocast(policy, _device_type(params)):
-            out = torch.func.functional_call(loss_module, (_prefixed(param_transform(params)), _prefixed(buffers)),
+        buffers = {**buffers, **tree.clone(module_buffers_of(buffers, module_buffers))}
+        with torch.no_grad(), autocast(policy, device_type(params)):
+            out = torch.func.functional_call(loss_module, (prefixed(param_transform(params)), prefixed(buffers)),
                                              (batch,), tie_weights=True)
         loss, aux = out if isinstance(out, tuple) else (out, {})
         result = {}
@@ -487,26 +312,6 @@ def find_learning_rate(opt_state) -> torch.Tensor | None:
         if found is not None:
             return found
     return None
-
-
-def _buffer_names(model: nn.Module) -> tuple:
-    """Names of the module's registered buffers: the state tensors a forward may write (frozen
-    parameters, also in ``state.buffers``, are inputs only and are never copied)."""
-    return tuple(name for name, _ in model.named_buffers())
-
-
-def _module_buffers(buffers: Mapping, names: tuple) -> dict:
-    return {k: buffers[k] for k in names if k in buffers}
-
-
-def _bound_buffers(bound: Mapping, buffers: Mapping) -> dict:
-    """The buffers ``functional_call`` left in ``bound`` (it writes back tensors the forward
-    reassigned, e.g. ``self.count = self.count + 1``; in-place updates are already there)."""
-    return {k: bound["model." + k] for k in buffers}
-
-
-def _device_type(params: Mapping) -> str:
-    return next(iter(params.values())).device.type
 
 
 def _maybe_compile(fn, compile_: bool, compile_kwargs: dict | None, deterministic: bool = False):
