@@ -53,6 +53,7 @@ def make_train_step(
     compile_kwargs: dict | None = None,
     differentiate: str = "autograd",
     rng_stream: int = 0,
+    skip_non_finite: bool = False,
     deterministic: bool = False,
 ):
     """Build ``train_step(state, batch) -> (new_state, metrics)``, a pure function.
@@ -99,6 +100,9 @@ def make_train_step(
             on any thread count (see ``_deterministic_algorithms``). Eager CPU steps are already.
         rng_stream: folded into the state's key before seeding (0: the key as is). Data-parallel
             ranks pass their rank so each draws its own dropout masks from the same state.
+        skip_non_finite: when the window's loss or any gradient is NaN/Inf, keep params, optimizer
+            state and step unchanged and report ``skipped`` (fp16 always does this, for its loss
+            scale). Decided on the device: no host sync.
 
     Metrics (0-d tensors, never read on the host by the step): ``loss`` (mean over the
     supervised items of the whole window), ``grad_norm`` (global norm before clipping),
@@ -137,6 +141,8 @@ def make_train_step(
         grads, metrics = g.grads, {"loss": g.loss, "num_items": g.num_items}
         if policy.needs_loss_scale:
             grads, finite = unscale_grads(grads, loss_scale)
+        elif skip_non_finite:
+            finite = torch.isfinite(g.loss) & tree.all_finite(grads)
         # value=loss: transforms that use the objective (reduce_on_plateau, ...) get it, others don't.
         new_params, new_opt_state, metrics["grad_norm"] = apply_update(tx, params, opt_state, grads,
                                                                        max_grad_norm=max_grad_norm, value=g.loss)
@@ -148,6 +154,12 @@ def make_train_step(
                 finite, (new_params, new_opt_state, new_buffers, new_step), (params, opt_state, old_buffers, step),
                 loss_scale)
             metrics["loss_scale"] = new_loss_scale.scale
+            metrics["skipped"] = ~finite
+        elif skip_non_finite:
+            new_params = tree.where(finite, new_params, params)
+            new_opt_state = tree.where(finite, new_opt_state, opt_state)
+            new_buffers = tree.where(finite, new_buffers, old_buffers)
+            new_step = step + finite.to(step.dtype)
             metrics["skipped"] = ~finite
         lr = find_learning_rate(new_opt_state)
         if lr is not None:

@@ -65,7 +65,8 @@ FIELDS: dict[str, FieldStatus] = {
     "do_eval": ok("read by your script; set to True when eval_strategy != 'no', as in transformers"),
     "do_predict": ok("read by your script, as in transformers"),
     "resume_from_checkpoint": ok("read by your script: trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)"),
-    "overwrite_output_dir": not_yet("transformers 4.x name; issue #15"),
+    "overwrite_output_dir": ok("transformers 4.x name; stricter than transformers: a run next to another run's "
+                               "checkpoints is refused unless True, which deletes them (docs/reliability.md)"),
     # -- batch and steps
     "per_device_train_batch_size": ok(),
     "per_device_eval_batch_size": ok(),
@@ -151,7 +152,10 @@ FIELDS: dict[str, FieldStatus] = {
     "load_best_model_at_end": ok(),
     "metric_for_best_model": ok(),
     "greater_is_better": ok(),
-    "ignore_data_skip": not_yet("issue #15"),
+    "ignore_data_skip": ok(),
+    "non_finite_policy": ok("functrain's own: 'skip' (default) or 'stop' on a NaN/Inf loss or gradient "
+                            "(docs/reliability.md)"),
+    "resume_allow_non_finite": ok("functrain's own: resume from a checkpoint holding NaN/Inf values"),
     "restore_callback_states_from_checkpoint": ok("True: stateful callbacks rebuilt from the checkpoint's "
                                                      "constructor args; their attributes are restored either way"),
     # -- Hub
