@@ -99,9 +99,188 @@ def mode_steps(out_dir, opts):
     result["bf16_sharded_vs_ddp"] = ft.tree.relative_difference(bf_sh_full, bf_ddp.params)
     result["bf16_vs_fp32"] = ft.tree.relative_difference(bf_ddp.params, ref.params)
     result["bf16_master_dtype"] = str(next(iter(bf_sh_full.values())).dtype)
+    result.update(sharded_in_use(model, tx, batches, r, world))
     if r == 0:
         with open(os.path.join(out_dir, "result.json"), "w") as f:
             json.dump(result, f)
+
+
+def sharded_in_use(model, tx, batches, r, world):
+    """Per-unit gathers (FSDP semantics in use) == one process, from a state whose params differ
+    from the module's own tensors; counts the all-gathers of one step (the backward re-gathers)."""
+    from functrain.parallel import fsdp
+
+    g = torch.Generator().manual_seed(7)
+    base = ft.TrainState.create(model, tx, copy=True)
+    start = base.replace(params={k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.params.items()})
+    start = start.replace(opt_state=tx.init(start.params))
+    ref, ref_m = run_steps(ft.make_train_step(model, tx, accumulate=2), start, batches, 0, 1)
+    hooks = fsdp.sharded_in_use_hooks(model)
+    step = ft.make_train_step(model, tx, accumulate=2, **hooks)
+    sharded, m = run_steps(step, fd.shard_state(start), batches, r, world)
+    out = {"in_use_units": list(hooks["param_transform"].units),
+           "in_use": ft.tree.relative_difference(fd.unshard_state(sharded.params), ref.params),
+           "in_use_metrics": {k: float(v) for k, v in fd.reduce_metrics(m).items()},
+           "in_use_ref_metrics": {k: float(v) for k, v in ref_m.items()},
+           "module_unchanged": all(torch.equal(p, base.params[k]) for k, p in model.named_parameters())}
+    with GatherCount() as in_use:
+        step(fd.shard_state(start), {k: v[r::world] for k, v in batches[1].items()})
+    with GatherCount() as before_forward:
+        ft.make_train_step(model, tx, accumulate=2, **fd.sharded_hooks())(
+            fd.shard_state(start), {k: v[r::world] for k, v in batches[1].items()})
+    out["gathers_in_use"], out["gathers_before_forward"] = in_use.count, before_forward.count
+    bf_ddp, _ = run_steps(ft.make_train_step(model, tx, accumulate=2, precision="bf16",
+                                             **dict(zip(("grad_reduce", "count_reduce"), fd.data_parallel_hooks()))),
+                          start, batches, r, world)
+    bf_in_use, _ = run_steps(ft.make_train_step(model, tx, accumulate=2, precision="bf16", **hooks),
+                             fd.shard_state(start), batches, r, world)
+    out["bf16_in_use_vs_ddp"] = ft.tree.relative_difference(fd.unshard_state(bf_in_use.params), bf_ddp.params)
+    # A loss whose backward is NaN on a microbatch without items (0/0): rank 0's empty microbatch
+    # must be masked inside the units, before the reduce-scatter, or every rank gets the NaN.
+    ref_masked, _ = run_steps(ft.make_train_step(model, tx, _masked_mean_loss, accumulate=2), start, batches[:2], 0, 1)
+    masked, _ = run_steps(ft.make_train_step(model, tx, _masked_mean_loss, accumulate=2, **hooks),
+                          fd.shard_state(start), batches[:2], r, world)
+    out["in_use_empty_microbatch"] = ft.tree.relative_difference(fd.unshard_state(masked.params), ref_masked.params)
+    masked, _ = run_steps(ft.make_train_step(model, tx, _masked_mean_loss, accumulate=2, **fd.sharded_hooks()),
+                          fd.shard_state(start), batches[:2], r, world)
+    out["before_forward_empty_microbatch"] = ft.tree.relative_difference(fd.unshard_state(masked.params),
+                                                                         ref_masked.params)
+    out.update(state_from_meta(tx))
+    return out
+
+
+def _masked_mean_loss(model, batch):
+    labels = batch["labels"]
+    per_row = torch.nn.functional.cross_entropy(model(batch["x"])["logits"], labels.clamp_min(0), reduction="none")
+    mask = (labels != -100).float()
+    return (per_row * mask).sum() / mask.sum()
+
+
+def state_from_meta(tx):
+    """A sharded state built module by module from a meta-device model == the eager model's."""
+    from torch import nn
+
+    from functrain.parallel import fsdp
+
+    def build():
+        return nn.Sequential(nn.Linear(8, 15), nn.Tanh(), nn.Linear(15, 4))
+
+    torch.manual_seed(11)
+    eager = build()
+    torch.manual_seed(11)
+    with torch.device("meta"):
+        skeleton = build()
+    state = fsdp.sharded_state_from_meta(skeleton, tx)
+    return {"meta_state_equal": all(torch.equal(fd.to_local_full(state.params[k]), v)
+                                    for k, v in eager.state_dict().items()),
+            "meta_state_sharded": all(fd.is_dtensor(p) for p in state.params.values()),
+            "meta_module_stays_meta": all(p.is_meta for p in skeleton.parameters())}
+
+
+class GatherCount(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts all-gather collectives issued under it."""
+
+    count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if "all_gather" in func.name():
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def mode_gather(out_dir, opts):
+    """Distributed evaluation primitives: each rank evaluates its share of 23 variable-length
+    examples (batches of 4, HF's dealing); the gathered arrays, loss and streaming metric must be
+    exactly one process's."""
+    import numpy as np
+
+    from functrain.core.metrics import Accuracy, Average, Collection
+    from functrain.data.loader import ResumableLoader
+    from functrain.parallel.gather import EvalShard
+    from functrain.trainer.evaluation import pad_and_concatenate
+
+    fd.init_distributed()
+    g = torch.Generator().manual_seed(0)
+    data = []
+    for i in range(23):
+        t = int(torch.randint(2, 9, (1,), generator=g))
+        data.append({"input_ids": torch.randint(1, 50, (t,), generator=g).tolist(), "idx": i})
+    w = torch.randn(50, 5, generator=g)
+
+    def collate(rows):
+        t = max(len(r["input_ids"]) for r in rows)
+        ids = torch.tensor([r["input_ids"] + [0] * (t - len(r["input_ids"])) for r in rows])
+        labels = torch.where(ids > 0, ids % 5, -100)
+        return {"input_ids": ids, "labels": labels, "idx": torch.tensor([r["idx"] for r in rows])}
+
+    def evaluate(batches):
+        preds, labels, idx = [], [], []
+        loss, stream = Average.empty(), Collection({})
+        for b in batches:
+            logits = w[b["input_ids"]]
+            mask = b["labels"] != -100
+            per_token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), b["labels"], reduction="none")
+            loss = loss.merge(Average.from_mean(per_token[mask].mean(), mask.sum()))
+            stream = stream.merge({"accuracy": Accuracy.from_batch(logits.argmax(-1), b["labels"])})
+            preds.append(logits.numpy()), labels.append(b["labels"].numpy()), idx.append(b["idx"].numpy())
+        return preds, labels, idx, loss, stream
+
+    one = evaluate(ResumableLoader(data, 4, collate, shuffle=False))
+    shard = EvalShard(len(data), 4)
+    loader = ResumableLoader(data, 4, collate, shuffle=False, world_size=fd.world_size(), rank=fd.rank(),
+                             shard_block=4)
+    preds, labels, idx, loss, stream = evaluate(shard.batches(loader))
+    preds, labels, idx = (pad_and_concatenate(shard.gather_batches(x)) for x in (preds, labels, idx))
+    loss, stream = shard.merge(loss), shard.merge(stream)
+    result = {"predictions_equal": bool(np.array_equal(preds, pad_and_concatenate(one[0]))),
+              "labels_equal": bool(np.array_equal(labels, pad_and_concatenate(one[1]))),
+              "order": pad_and_concatenate(idx).tolist(),
+              "loss": float(loss.compute()), "loss_one": float(one[3].compute()),
+              "accuracy": float(stream.compute()["accuracy"]), "accuracy_one": float(one[4].compute()["accuracy"]),
+              "forwarded": shard.forwarded, "forwarded_total": shard.total(shard.forwarded)}
+    with open(os.path.join(out_dir, f"result-{fd.rank()}.json"), "w") as f:
+        json.dump(result, f)
+
+
+def mode_evaluate(out_dir, opts):
+    """evaluate() and predict() with compute_metrics (optionally after training, sharded); writes
+    what compute_metrics saw, the metrics, the predictions and the rows this rank ran forward on."""
+    import numpy as np
+    from safetensors.torch import load_file
+
+    from _trainer_fixtures import make_dataset, make_model
+
+    seen = []
+
+    def compute_metrics(p):
+        seen.append({"predictions": p.predictions.tolist(), "label_ids": p.label_ids.tolist()})
+        return {"accuracy": float((p.predictions.argmax(-1) == p.label_ids).mean()), "rows": len(p.label_ids)}
+
+    args = ft.TrainingArguments(out_dir, max_steps=opts.get("train_steps") or 1, per_device_train_batch_size=3,
+                                per_device_eval_batch_size=4, learning_rate=1e-2, report_to="none", disable_tqdm=True,
+                                save_strategy="no", fsdp=opts.get("fsdp", ""), seed=3)
+    model = make_model(p=0.0)
+    if opts.get("init_from"):
+        model.load_state_dict(load_file(opts["init_from"]))
+    rows = {"n": 0}
+    model.register_forward_pre_hook(lambda m, a, kw: rows.__setitem__("n", rows["n"] + len(kw["x"])),
+                                    with_kwargs=True)
+    trainer = ft.Trainer(model=model, args=args, train_dataset=make_dataset(n=24), compute_metrics=compute_metrics,
+                         eval_dataset=make_dataset(n=opts["n"], seed=5))
+    if opts.get("train_steps"):
+        trainer.train()
+        trainer.save_model(os.path.join(out_dir, "final"))
+        rows["n"] = 0
+    metrics = trainer.evaluate()
+    pred = trainer.predict(make_dataset(n=opts["n"], seed=6))
+    drop = ("eval_runtime", "eval_samples_per_second", "eval_steps_per_second", "test_runtime",
+            "test_samples_per_second", "test_steps_per_second")
+    result = {"eval": {k: v for k, v in metrics.items() if k not in drop and k != "epoch"},
+              "test": {k: v for k, v in pred.metrics.items() if k not in drop},
+              "predictions": np.asarray(pred.predictions).tolist(), "label_ids": np.asarray(pred.label_ids).tolist(),
+              "seen": seen, "rows_forwarded": rows["n"]}
+    with open(os.path.join(out_dir, f"result-{fd.rank()}.json"), "w") as f:
+        json.dump(result, f)
 
 
 def make_trainer(out_dir, opts):
@@ -111,7 +290,7 @@ def make_trainer(out_dir, opts):
         opts["output_dir"], max_steps=opts.get("max_steps", 10), per_device_train_batch_size=opts["per_device"],
         gradient_accumulation_steps=2, learning_rate=1e-2, weight_decay=0.1, lr_scheduler_type="linear",
         warmup_steps=2, save_strategy="steps", save_steps=opts.get("save_steps", 5), logging_steps=5,
-        report_to="none", disable_tqdm=True, fsdp=opts.get("fsdp", ""), seed=3,
+        report_to="none", disable_tqdm=True, fsdp=opts.get("fsdp", ""), fsdp_config=opts.get("fsdp_config"), seed=3,
         eval_strategy="steps" if opts.get("eval") else "no", eval_steps=5, per_device_eval_batch_size=3)
     return ft.Trainer(model=make_model(p=0.0), args=args, train_dataset=make_dataset(n=48),
                       eval_dataset=make_dataset(n=14, seed=5) if opts.get("eval") else None)
@@ -123,7 +302,14 @@ def mode_trainer(out_dir, opts):
     trainer.save_model(os.path.join(out_dir, "final"))
     if fd.is_main_process():
         with open(os.path.join(out_dir, "result.json"), "w") as f:
-            json.dump({"world_size": fd.world_size(), "log_history": trainer.state.log_history}, f)
+            json.dump({"world_size": fd.world_size(), "log_history": trainer.state.log_history,
+                       "units": _units_of(trainer.model)}, f)
+
+
+def _units_of(model):
+    from functrain.parallel import fsdp
+
+    return [name for name, m in model.named_modules() if fsdp.is_unit(m)]
 
 
 def mode_fail(out_dir, opts):
@@ -162,7 +348,8 @@ def mode_sigterm_one_rank(out_dir, opts):
 if __name__ == "__main__":
     mode, out = sys.argv[1], sys.argv[2]
     options = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
-    {"steps": mode_steps, "trainer": mode_trainer, "fail": mode_fail, "sigterm": mode_sigterm_one_rank}[mode](out, options)
+    {"steps": mode_steps, "trainer": mode_trainer, "fail": mode_fail, "sigterm": mode_sigterm_one_rank,
+     "gather": mode_gather, "evaluate": mode_evaluate}[mode](out, options)
     fd.barrier()
     if fd.is_distributed():
         torch.distributed.destroy_process_group()

@@ -188,6 +188,9 @@ def test_set_helpers_validate_before_changing_anything():
     ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_RESHARD_AFTER_FORWARD": "true"}, {},
      {"fsdp": "full_shard"}),
     ({"ACCELERATE_USE_FSDP": "true", "FSDP_SHARDING_STRATEGY": "NO_SHARD"}, {}, {"fsdp": ""}),
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
+      "FSDP_TRANSFORMER_CLS_TO_WRAP": "GPT2Block,BertLayer"}, {},
+     {"fsdp": "full_shard auto_wrap", "fsdp_config": {"transformer_layer_cls_to_wrap": ["GPT2Block", "BertLayer"]}}),
     ({"ACCELERATE_USE_FSDP": "true", "FSDP_SHARDING_STRATEGY": "SHARD_GRAD_OP"}, {"fsdp": "full_shard"},
      {"fsdp": "full_shard"}),  # the script's fsdp wins over the launcher's
 ])

@@ -59,7 +59,7 @@ def run_here(mode, out_dir, opts):
     sys.path.insert(0, HERE)
     import _dist_worker
 
-    {"trainer": _dist_worker.mode_trainer}[mode](str(out_dir), opts)
+    {"trainer": _dist_worker.mode_trainer, "evaluate": _dist_worker.mode_evaluate}[mode](str(out_dir), opts)
 
 
 def final_weights(out_dir):
@@ -93,6 +93,21 @@ def test_step_parity_ddp_and_sharded(tmp_path):
     assert r["bf16_master_dtype"] == "torch.float32"
     assert r["bf16_sharded_vs_ddp"] <= 1e-6
     assert 0 < r["bf16_vs_fp32"] < 5e-2
+    # Per-unit gathers (FSDP semantics in use), from a state unlike the module's own tensors.
+    assert r["in_use_units"] == ["fc1", "fc2"]
+    assert r["in_use"] <= 1e-5
+    assert r["module_unchanged"]
+    for key in ("loss", "num_items", "grad_norm"):
+        assert r["in_use_metrics"][key] == pytest.approx(r["in_use_ref_metrics"][key], rel=1e-5)
+    # Each unit gathers in forward and again in backward (recomputed, not kept): 2 microbatches x
+    # 4 tensors x 2, where gathering everything before the forward does it once.
+    assert r["gathers_before_forward"] == 8
+    assert r["gathers_in_use"] == 16
+    assert r["bf16_in_use_vs_ddp"] <= 1e-6
+    # A microbatch whose loss has a NaN gradient (0/0, no items) is masked before the reduce-scatter.
+    assert r["in_use_empty_microbatch"] <= 1e-5 and r["before_forward_empty_microbatch"] <= 1e-5
+    # Start-up without the whole model: shards built module by module from a meta-device model.
+    assert r["meta_state_equal"] and r["meta_state_sharded"] and r["meta_module_stays_meta"]
 
 
 # -- the Trainer: sharded run, resume across world sizes --------------------------------------------
@@ -110,7 +125,9 @@ def reference(tmp_path_factory):
 def test_sharded_trainer_matches_one_process_and_resumes_on_one(tmp_path, reference):
     out2 = tmp_path / "two"
     check(torchrun("trainer", out2, {"output_dir": str(out2 / "run"), "per_device": 3, "fsdp": "full_shard",
+                                     "fsdp_config": {"transformer_layer_cls_to_wrap": ["Sequential"]},
                                      "eval": True}))
+    assert read_result(out2)["units"] == ["net"]  # fsdp_config's class is the one unit, gathered where used
     ref = final_weights(reference)
     assert ft.tree.relative_difference(final_weights(out2), ref) <= 1e-5
     # Logged train loss and eval loss (reduced over ranks, weighted by items) equal the 1-process ones.
@@ -231,3 +248,48 @@ def test_single_process_helpers_and_args():
         ft.TrainingArguments("o", fsdp="full_shard offload")
     with pytest.raises(ValueError, match="ddp_backend"):
         ft.TrainingArguments("o", ddp_backend="tcp")
+
+
+# -- distributed evaluation -------------------------------------------------------------------------
+
+
+def test_each_rank_evaluates_its_share_and_gathers_the_single_process_arrays(tmp_path):
+    """23 variable-length examples in batches of 4 on 2 ranks (HF's dealing, tail padded by
+    wrapping): gathered predictions/labels, eval loss and a streaming metric equal one process's."""
+    check(torchrun("gather", tmp_path))
+    results = [json.load(open(tmp_path / f"result-{r}.json")) for r in range(2)]
+    for r in results:
+        assert r["predictions_equal"] and r["labels_equal"]
+        assert r["order"] == list(range(23))  # dataset order, padding duplicates dropped
+        assert r["loss"] == pytest.approx(r["loss_one"], rel=1e-12)
+        assert r["accuracy"] == r["accuracy_one"]
+        assert r["forwarded_total"] == 23
+    # Blocks of 4 dealt round-robin: rank 0 takes rows 0-3, 8-11, 16-19; rank 1 4-7, 12-15, 20-22.
+    assert [r["forwarded"] for r in results] == [12, 11]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n, opts", [(23, {}), (17, {"fsdp": "full_shard", "train_steps": 2})],
+                         ids=["data_parallel", "sharded_after_training"])
+def test_evaluate_and_predict_on_two_ranks_give_the_single_process_results(tmp_path, n, opts):
+    """Each rank runs forward on its share; compute_metrics, metrics and predictions equal one
+    process's exactly. (17 rows in batches of 4: rank 1's last batch is padding only; sharded, it
+    still runs its gathers and is dropped.)"""
+    check(torchrun("evaluate", tmp_path, {"n": n, **opts}))
+    ranks = [json.load(open(tmp_path / f"result-{r}.json")) for r in range(2)]
+    init = str(tmp_path / "final" / "model.safetensors") if opts.get("train_steps") else None
+    os.makedirs(tmp_path / "one")
+    run_here("evaluate", tmp_path / "one", {"n": n, "init_from": init})
+    one = json.load(open(tmp_path / "one" / "result-0.json"))
+    assert one["rows_forwarded"] == 2 * n
+    for r in ranks:
+        assert r["seen"] == one["seen"]  # compute_metrics got the single-process arrays
+        assert r["predictions"] == one["predictions"] and r["label_ids"] == one["label_ids"]
+        assert r["test"]["test_accuracy"] == one["test"]["test_accuracy"]
+        assert r["eval"]["eval_accuracy"] == one["eval"]["eval_accuracy"] and r["eval"]["eval_rows"] == n
+        assert r["eval"]["eval_loss"] == pytest.approx(one["eval"]["eval_loss"], rel=1e-6)
+    # Per-device batches of 4 dealt round-robin, for evaluate + predict: each rank forwarded its
+    # share (23: 12 + 11 rows each time); 17: 9 + 8, and rank 1's padding-only batch of 4 runs
+    # (sharded) with its result dropped.
+    expected = [2 * 12, 2 * 11] if n == 23 else [2 * 9, 2 * (8 + 4)]
+    assert [r["rows_forwarded"] for r in ranks] == expected

@@ -1,7 +1,8 @@
 """Sharded checkpoints: per-rank safetensors + a JSON layout, loadable on any number of processes.
 
-``torch.distributed.checkpoint`` writes its ``.metadata`` file with ``pickle`` (torch 2.13), which
-functrain never loads, so a sharded checkpoint is instead, inside the usual
+``torch.distributed.checkpoint``'s default storage pickles its ``.metadata`` file; its
+pickle-free ``HuggingFaceStorageWriter`` is not atomic and cannot consolidate integer tensors in
+torch 2.13 (docs/distributed.md, "Checkpoints"). A sharded checkpoint is instead, inside the usual
 ``checkpoint-N/`` folder (see :mod:`functrain.io.checkpoint`):
 
 - ``train_state-{rank:05d}-of-{world:05d}.safetensors``: the rank's local shard of every

@@ -356,20 +356,30 @@ def unshard_state(state):
     return tree.map(to_local_full, state)
 
 
-def gather_params(params: Mapping) -> dict:
-    """``param_transform`` for sharded mode: all-gather each ``DTensor`` param for compute.
+def gather_param(p, has_items=None):
+    """The full tensor of a ``DTensor`` shard for compute (anything else is returned as is).
 
     ``to_local(grad_placements=[Partial("sum")])`` makes the backward reduce-scatter the
-    gradients with SUM: each rank's gradient is already divided by the global item count, so
-    the sum is the gradient of the global mean (``Partial("avg")`` would divide it by N again).
+    gradient with SUM: each rank's gradient is already divided by the global item count, so the
+    sum is the gradient of the global mean (``Partial("avg")`` would divide it by N again).
+    ``has_items`` False (a microbatch without supervised items) zeroes the gradient before the
+    reduce-scatter: where() passes the value through and masks the gradient.
     """
+    if not is_dtensor(p):
+        return p
     _, Partial, Replicate, _ = _dtensor()
-    out = {}
-    for k, p in params.items():
-        if is_dtensor(p):
-            p = p.redistribute(p.device_mesh, [Replicate()]).to_local(grad_placements=[Partial("sum")])
-        out[k] = p
-    return out
+    full = p.redistribute(p.device_mesh, [Replicate()]).to_local(grad_placements=[Partial("sum")])
+    if has_items is not None:
+        full = torch.where(has_items, full, full.detach())
+    return full
+
+
+def gather_params(params: Mapping, has_items=None) -> dict:
+    """``param_transform`` for sharded mode: every ``DTensor`` param all-gathered before the
+    forward (:func:`gather_param`), so the gathered copies live through forward and backward.
+    Per unit, where used: :func:`functrain.parallel.fsdp.shard_in_use`.
+    """
+    return {k: gather_param(p, has_items) for k, p in params.items()}
 
 
 def sharded_hooks(group=None) -> dict:

@@ -53,8 +53,10 @@ def make_grad_fn(model: nn.Module, loss_fn: LossFn | None = None, *, accumulate:
         count_items: ``microbatch -> 0-d tensor`` of supervised items (default: labels != -100).
         grad_reduce, count_reduce: applied once to the summed gradients / the window's count
             (data parallel: all-reduce SUMs, :func:`functrain.distributed.data_parallel_hooks`).
-        param_transform: applied to the differentiable params before binding (sharded mode:
-            :func:`functrain.distributed.gather_params`; its backward reduce-scatters).
+        param_transform: ``(params, has_items) -> params`` applied to the differentiable params
+            before binding (sharded mode: :func:`functrain.distributed.gather_params` or
+            :func:`functrain.parallel.fsdp.shard_in_use`; its backward reduce-scatters, after
+            zeroing the gradients of a microbatch without items, ``has_items`` False).
         differentiate: ``"autograd"`` (``torch.autograd.grad``; activation checkpointing and
             DTensor params work) or ``"func"`` (``torch.func.grad``: composes with ``vmap``).
     ``scale`` multiplies the loss before differentiation (the fp16 loss scale).
@@ -175,10 +177,10 @@ def _micro_autograd(bound, params, buffers, mb, weight, scale, has_items, transf
         leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
         bound_params = leaves
         if transform is not None:
-            # The transform's backward may reduce gradients across ranks (sharded mode): a
-            # microbatch without items (NaN loss) must contribute zeros BEFORE that, or its NaN
-            # would reach every rank. where() passes the value through and masks the gradient.
-            bound_params = {k: torch.where(has_items, v, v.detach()) for k, v in transform(leaves).items()}
+            # The transform's backward may reduce gradients across ranks (sharded mode): it gets
+            # has_items, since a microbatch without items (NaN loss) must contribute zeros BEFORE
+            # that reduction, or its NaN would reach every rank.
+            bound_params = transform(leaves, has_items)
         tensors = {**prefixed(bound_params), **prefixed(buffers)}
         grads, loss, aux = torch.func.functional_call(
             bound, tensors, (mb, device_type(params), list(leaves.values()), weight, scale), tie_weights=True)

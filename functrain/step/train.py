@@ -81,9 +81,12 @@ def make_train_step(
             an all-reduce SUM: each rank's gradients are already divided by the GLOBAL count.
         count_reduce: applied once to the local item count of the window (default identity);
             for data parallel, an all-reduce SUM.
-        param_transform: ``{name: param} -> {name: tensor}`` applied to the (differentiable)
-            params right before they are bound to the model (default identity). Sharded mode
-            (:func:`functrain.distributed.gather_params`) all-gathers ``DTensor`` shards here, so
+        param_transform: ``(params, has_items) -> params`` applied to the (differentiable)
+            params right before they are bound to the model (default identity); ``has_items`` is
+            a 0-d bool, False for a microbatch without supervised items, whose gradients a
+            transform that reduces across ranks must zero before reducing. Sharded mode
+            (:func:`functrain.distributed.gather_params`, or per unit
+            :func:`functrain.parallel.fsdp.shard_in_use`) all-gathers ``DTensor`` shards, so
             gradients come back sharded; the optimizer update still sees the state's own tensors.
         required_keys: batch keys the loss needs (checked before the step runs). Default:
             ``("labels",)`` with the default loss, none with a custom ``loss_fn``.
@@ -117,6 +120,12 @@ def make_train_step(
         raise ValueError("compile=True with accumulate > 1 cannot use activation checkpointing in torch "
                          f"{torch.__version__} (one recompute region per graph); use accumulate=1 with a "
                          "bigger batch, compile=False, or disable checkpointing")
+    if compile and accumulate > 1 and getattr(param_transform, "recomputes", False):
+        # A transform that recomputes in backward (per-unit sharded gathers) hits the same limit.
+        raise ValueError(f"compile=True with accumulate > 1 cannot use {type(param_transform).__name__} in torch "
+                         f"{torch.__version__} (it recomputes each unit in backward; one recompute region per "
+                         "graph): use accumulate=1, compile=False, or gather before the forward "
+                         "(functrain.distributed.sharded_hooks())")
     # The blocks (functrain.step.grads / .update): gradients of the window, the update, the loss scale.
     grad_fn = make_grad_fn(model, loss_fn, accumulate=accumulate, precision=precision, count_items=count_items,
                            grad_reduce=grad_reduce, count_reduce=count_reduce, param_transform=param_transform,

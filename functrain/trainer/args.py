@@ -239,6 +239,7 @@ class TrainingArguments(ArgumentSetters):
         if self.fp16 and self.bf16:
             _fail("fp16=True and bf16=True were both given; choose one mixed-precision mode")
         self.fsdp = _normalize_fsdp(self.fsdp)
+        self.fsdp_config = _normalize_fsdp_config(self.fsdp_config)
         if self.ddp_backend not in (None, "gloo", "nccl", "mpi", "xccl"):
             _fail(f"ddp_backend={self.ddp_backend!r} is not supported; expected None (nccl on GPUs, gloo on CPU), "
                   "'gloo', 'nccl', 'mpi' or 'xccl'")
@@ -494,6 +495,15 @@ class Seq2SeqTrainingArguments(TrainingArguments):
 # HF's fsdp options functrain implements: full_shard (params, grads and optimizer state sharded).
 # "auto_wrap" / "offload" are accepted names in HF; sharding here is per tensor, so auto_wrap is a no-op.
 _FSDP_OPTIONS = ("full_shard", "auto_wrap")
+
+
+def _normalize_fsdp_config(value):
+    from functrain.parallel.fsdp import normalize_fsdp_config
+
+    try:
+        return normalize_fsdp_config(value)
+    except (ValueError, OSError) as e:
+        _fail(str(e))
 
 
 def _normalize_fsdp(value) -> str:

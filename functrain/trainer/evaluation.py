@@ -137,6 +137,7 @@ def evaluation_loop(
     main_input_name: str = "input_ids",
     collect_predictions: bool | None = None,
     on_batch_end: Callable[[], None] | None = None,
+    across_ranks=None,
 ) -> EvalLoopOutput:
     """Evaluate ``eval_step`` on every batch of ``loader``.
 
@@ -164,6 +165,9 @@ def evaluation_loop(
         collect_predictions: keep predictions even without ``compute_metrics`` (``predict()``);
             default: only when ``compute_metrics`` is given.
         on_batch_end: called after each batch (the Trainer fires ``on_prediction_step`` there).
+        across_ranks: a :class:`functrain.parallel.gather.EvalShard` when each rank evaluated its
+            share (``loader`` gives this rank's batches): per-batch arrays are gathered in dataset
+            order and the loss and streaming metrics merged over ranks before ``compute_metrics``.
 
     Returns:
         :class:`EvalLoopOutput` with numpy ``predictions``/``label_ids`` (``None`` if not kept),
@@ -211,6 +215,11 @@ def evaluation_loop(
                                                          losses=batch_losses), compute_result=is_last) or {}
         if on_batch_end is not None:
             on_batch_end()
+    if across_ranks is not None:  # every rank then holds what one process would have
+        preds, labels, inputs, losses = (across_ranks.gather_batches(x) for x in (preds, labels, inputs, losses))
+        loss, stream = across_ranks.merge(loss), across_ranks.merge(stream)
+        has_loss = across_ranks.total(int(has_loss)) > 0
+        num_samples, num_batches = across_ranks.total(num_samples), across_ranks.total(num_batches)
     if num_batches == 0:
         raise ValueError("the evaluation loader produced no batches (empty eval dataset?)")
 

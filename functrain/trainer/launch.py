@@ -98,6 +98,9 @@ def _fsdp(args) -> None:
     if os.environ.get("FSDP_AUTO_WRAP_POLICY", "").strip().upper() in _WRAP_POLICIES:
         words.append("auto_wrap")
     args.fsdp = " ".join(words)
+    classes = [c.strip() for c in os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP", "").split(",") if c.strip()]
+    if classes and args.fsdp_config is None:  # the units of per-unit sharding (functrain.parallel.fsdp)
+        args.fsdp_config = {"transformer_layer_cls_to_wrap": classes}
     # FSDP_STATE_DICT_TYPE, FSDP_SYNC_MODULE_STATES, FSDP_USE_ORIG_PARAMS, FSDP_*_PREFETCH and
     # FSDP_CPU_RAM_EFFICIENT_LOADING concern torch's FSDP module and its checkpoints; functrain's
     # sharded step and its own checkpoint format give the same numbers whatever they are.

@@ -199,7 +199,7 @@ FIELDS: dict[str, FieldStatus] = {
     "ddp_static_graph": ignored(_DDP_MODULE),
     "ddp_broadcast_buffers": not_yet("buffers (e.g. BatchNorm statistics) are kept per rank"),
     "fsdp": ok("'full_shard' (and 'auto_wrap'); see docs/distributed.md"),
-    "fsdp_config": not_yet("issue #14 (FSDP wrap policies)"),
+    "fsdp_config": ok(),
     "deepspeed": refused("DeepSpeed runs its own engine around a torch.optim optimizer; functrain's step is one "
                          "pure function of its state. Use fsdp='full_shard' (ZeRO-3-like sharding of params, "
                          "gradients and optimizer state)"),

@@ -276,7 +276,8 @@ class Trainer(PublishMixin):
 
         return ResumableLoader(self._prepare_dataset(dataset, "evaluation"), self.args.per_device_eval_batch_size,
                                self.data_collator, shuffle=False, drop_last=self.args.dataloader_drop_last,
-                               world_size=world, rank=rank, **loader_options(self.args))
+                               world_size=world, rank=rank, shard_block=self.args.per_device_eval_batch_size,
+                               **loader_options(self.args))
 
     def get_test_dataloader(self, test_dataset):
         return self.get_eval_dataloader(test_dataset)
@@ -431,22 +432,36 @@ class Trainer(PublishMixin):
                                deterministic=a.full_determinism,
                                max_grad_norm=a.max_grad_norm or None, required_keys=self._required_label_keys(),
                                skip_non_finite=not a.fp16,
-                               **self._distributed_step_kwargs())
+                               **self._distributed_step_kwargs(accumulate))
 
     # -- distributed (see functrain.distributed) -------------------------------------------------
-    def _distributed_step_kwargs(self) -> dict:
+    def _distributed_step_kwargs(self, accumulate: int = 1) -> dict:
         """The step's hooks for this run: none for one process, DDP all-reduces, or sharded gathers."""
         if not fd.is_distributed():
             return {}
         # Each rank draws its own dropout masks (the state's key is the same on every rank).
         stream = {"rng_stream": fd.rank()}
         if self.args.sharded:
-            return {**fd.sharded_hooks(), **stream}
+            _, count_reduce = fd.data_parallel_hooks()
+            return {"param_transform": self._sharded_transform(accumulate), "count_reduce": count_reduce, **stream}
         if not self.args.average_tokens_across_devices:  # HF's opt-out: per-rank mean, ranks averaged
             grad_reduce, _ = fd.per_rank_mean_hooks()
             return {"grad_reduce": grad_reduce, **stream}
         grad_reduce, count_reduce = fd.data_parallel_hooks()
         return {"grad_reduce": grad_reduce, "count_reduce": count_reduce, **stream}
+
+    def _sharded_transform(self, accumulate: int = 1):
+        """Sharded mode gathers each unit's params where it runs (FSDP semantics in use); units are
+        ``fsdp_config['transformer_layer_cls_to_wrap']`` blocks or the model's ``_no_split_modules``."""
+        from functrain.parallel.fsdp import shard_in_use
+
+        if self.args.torch_compile and accumulate > 1:
+            logger.warning("fsdp with torch_compile and %d microbatches: torch %s compiles one recompute region per "
+                           "graph, so params are gathered before the forward (a full replica during the step) "
+                           "instead of unit by unit; use gradient_accumulation_steps=1 for per-unit gathers",
+                           accumulate, torch.__version__)
+            return fd.gather_params
+        return shard_in_use(self.model, (self.args.fsdp_config or {}).get("transformer_layer_cls_to_wrap"))
 
     def _mark_process(self, state: TrainerState) -> TrainerState:
         state.is_world_process_zero = fd.is_main_process()
@@ -500,7 +515,8 @@ class Trainer(PublishMixin):
                 precision="fp32" if a.fp16_full_eval or a.bf16_full_eval else a.precision,
                 compile=a.torch_compile, compile_kwargs=compile_kwargs(a), deterministic=a.full_determinism,
                 return_outputs=with_outputs,
-                param_transform=full_eval_params(a, fd.gather_params if a.sharded else None))
+                param_transform=full_eval_params(a, self._sharded_transform() if a.sharded and fd.is_distributed()
+                                                 else None))
         return self._eval_steps[key]
 
     def _fresh_train_state(self, tx) -> TrainState:
@@ -1041,27 +1057,43 @@ class Trainer(PublishMixin):
 
         with_outputs = not self.args.prediction_loss_only and (
             collect or self.compute_metrics is not None or self.streaming_metrics is not None)
-        # Loss-only evaluation is split across ranks and reduced below; predictions and
-        # compute_metrics see the whole set on every rank (no gather of predictions yet).
-        shard = fd.is_distributed() and not with_outputs
+        # Each rank evaluates its share (HF's dealing of per-device batches); the loop gathers the
+        # results in dataset order, so compute_metrics sees the single-process arrays. (A dataset
+        # without a length, or batch_eval_metrics, is evaluated whole on every rank.)
+        target = dataset if dataset is not None else self.eval_dataset
+        shard = fd.is_distributed() and hasattr(target, "__len__") and not self.args.batch_eval_metrics
         # (shard only when asked: a subclass may override get_eval_dataloader(eval_dataset) as in HF)
         loader = self.get_eval_dataloader(dataset, shard=True) if shard else self.get_eval_dataloader(dataset)
         self._eval_ignore_keys = ignore_keys
         eval_step = self._get_eval_step(with_outputs)
-        if shard:
-            eval_step, items = _counting_items(eval_step)
+        state = self._state_for_eval()
+        across_ranks = self._eval_shard(loader) if shard else None
+        batches = loader
+        if across_ranks is not None:
+            # With sharded params a batch of padding duplicates still runs (every rank must issue
+            # the same gathers); its result is dropped.
+            ghost = (lambda batch: eval_step(state, batch)) if self.args.sharded else None
+            batches = across_ranks.batches(loader, ghost=ghost)
         self.callback_handler.eval_dataloader = loader
-        output = evaluation_loop(eval_step, self._state_for_eval(), loader,
+        output = evaluation_loop(eval_step, state, batches,
                                  compute_metrics=self.compute_metrics,
                                  preprocess_logits_for_metrics=self.preprocess_logits_for_metrics,
                                  streaming_metrics=self.streaming_metrics,
                                  prediction_loss_only=self.args.prediction_loss_only, metric_key_prefix=prefix,
                                  label_names=self.label_names, collect_predictions=collect or None,
-                                 on_batch_end=self._on_prediction_step, **self._evaluation_options())
-        metrics = output.metrics
-        if shard and f"{prefix}_loss" in metrics:  # mean over all ranks' items, weighted by items
-            metrics[f"{prefix}_loss"] = fd.weighted_mean(metrics[f"{prefix}_loss"], float(items["n"]))
+                                 on_batch_end=self._on_prediction_step, across_ranks=across_ranks,
+                                 **self._evaluation_options())
         return output
+
+    def _eval_shard(self, loader):
+        """This rank's share of the eval set (padding duplicates of the last round cut off)."""
+        from functrain.parallel.gather import EvalShard
+
+        per, world = self.args.per_device_eval_batch_size, fd.world_size()
+        n = len(loader.dataset)
+        if self.args.dataloader_drop_last:  # whole rounds only, as the sharded loader drops
+            n -= n % (per * world)
+        return EvalShard(n, per)
 
     def _on_prediction_step(self) -> None:
         self.control = self.callback_handler.on_prediction_step(self.args, self.state, self.control)
@@ -1183,19 +1215,6 @@ def _restore_signal_handlers(previous) -> None:
 
 
 # -- helpers --------------------------------------------------------------------------------------
-
-
-def _counting_items(eval_step):
-    """Wrap ``eval_step`` to also sum its ``num_items`` (the weight of this rank's eval loss)."""
-    items = {"n": torch.zeros((), dtype=torch.float64)}
-
-    def step(state, batch):
-        out = eval_step(state, batch)
-        if out.get("num_items") is not None:
-            items["n"] = items["n"] + out["num_items"].detach().double().cpu()
-        return out
-
-    return step, items
 
 
 def _filter_nan_inf(loss: torch.Tensor, loss_sum: torch.Tensor, steps_since_log: int) -> torch.Tensor:
