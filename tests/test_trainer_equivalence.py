@@ -163,6 +163,8 @@ def test_deterministic_step_compiles_without_atomic_adds():
     from torch._inductor.utils import run_and_get_code
 
     codes = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # atomic adds appear only in loops split over threads (another test may set 1)
     # Fresh code generation: a cache hit (an earlier test compiled the same graph) returns no source.
     no_caches = (torch._inductor.config.patch(fx_graph_cache=False),
                  torch._functorch.config.patch(enable_autograd_cache=False))
@@ -178,6 +180,7 @@ def test_deterministic_step_compiles_without_atomic_adds():
             _, code = run_and_get_code(step, state, batch)
         codes[deterministic] = "\n".join(code)
     torch._dynamo.reset()
+    torch.set_num_threads(threads)
     assert "atomic_add" in codes[False]
     assert "atomic_add" not in codes[True]
     assert not torch.are_deterministic_algorithms_enabled()  # the step put the process-wide flag back
