@@ -35,7 +35,9 @@ class Beacon(TrainerCallback):
 def main(out, result_file, mode="steps"):
     # "steps": a checkpoint every step; "epoch": save_strategy="epoch" over 2-step epochs.
     saves = dict(save_steps=1) if mode == "steps" else dict(save_strategy="epoch")
-    args = TrainingArguments(out, per_device_train_batch_size=3, gradient_accumulation_steps=2, num_train_epochs=16,
+    # Enough steps that 10 kills (each after 2-3 steps plus up to 0.15 s) fit on a fast, quiet machine.
+    epochs = 48 if mode == "steps" else 16
+    args = TrainingArguments(out, per_device_train_batch_size=3, gradient_accumulation_steps=2, num_train_epochs=epochs,
                              learning_rate=5e-2, weight_decay=0.01, logging_steps=3, save_total_limit=3,
                              report_to="none", disable_tqdm=True, seed=3, **saves)
     data = make_dataset(n=40 if mode == "steps" else 12)

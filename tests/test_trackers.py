@@ -190,7 +190,10 @@ def test_wandb_matches_transformers_callback(tracked):
 def test_trackio_local_store_read_back(tracked):
     from trackio.sqlite_storage import SQLiteStorage
 
+    import trackio
+
     root, project, trainer = tracked
+    trackio.finish()  # predict() logged into the reopened run: end it, as a script's exit does, to flush its rows
     assert (root / "trackio" / f"{project}.db").is_file()  # TRACKIO_DIR was honoured
     rows = [{k: v for k, v in r.items() if k not in ("timestamp", "step")}
             for r in SQLiteStorage.get_logs(project, RUN_NAME)]
