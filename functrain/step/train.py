@@ -19,6 +19,7 @@ from torch import nn
 
 from functrain.adapters import outputs as hf_outputs
 from functrain.step import batch as batching
+from functrain.step.grouped_update import update_in_groups_
 from functrain.core import rng as rnglib
 from functrain.core import tree
 from functrain.core.optim.base import apply_updates
@@ -83,6 +84,14 @@ def _identity(x):
     return x
 
 
+def _zero_unless_(grads: dict, has_items: torch.Tensor) -> dict:
+    """``torch.where(has_items, g, 0)`` for each gradient, in place where the gradient owns its
+    memory (autograd's fresh results; an expanded view gets a new tensor). No host sync."""
+    no_items = ~has_items
+    return {k: g.masked_fill_(no_items, 0.0) if g.is_contiguous() else torch.where(has_items, g, 0.0)
+            for k, g in grads.items()}
+
+
 # -- the train step ------------------------------------------------------------------------------
 
 
@@ -104,6 +113,7 @@ def make_train_step(
     compile_kwargs: dict | None = None,
     differentiate: str = "autograd",
     rng_stream: int = 0,
+    leafwise_update: bool = False,
 ):
     """Build ``train_step(state, batch) -> (new_state, metrics)``, a pure function.
 
@@ -143,6 +153,12 @@ def make_train_step(
             activation checkpointing).
         rng_stream: folded into the state's key before seeding (0: the key as is). Data-parallel
             ranks pass their rank so each draws its own dropout masks from the same state.
+        leafwise_update: declare that ``tx`` updates each parameter from its own gradient, state
+            and value alone (Adam(W), SGD, Lion, RMSprop, Adagrad; not a global-norm clip or
+            ``apply_if_finite`` inside ``tx``). With ``donate=True`` and ``compile=False`` the
+            update then runs a group of parameters at a time, in place, so eager training holds
+            one copy of params and optimizer state plus one group's temporaries (same numbers;
+            see :mod:`functrain.step.grouped_update`). Ignored otherwise (and with fp16).
 
     Metrics (0-d tensors, never read on the host by the step): ``loss`` (mean over the
     supervised items of the whole window), ``grad_norm`` (global norm before clipping),
@@ -179,6 +195,7 @@ def make_train_step(
                          "bigger batch, compile=False, or disable checkpointing")
     _pin_hf_loss_function(model)
     loss_module = _LossModule(model, loss_fn)
+    grouped = leafwise_update and donate and not compile and not policy.needs_loss_scale
 
     def micro_grads(params, buffers, microbatch, weight, scale, has_items):
         """Gradients of this microbatch's share of the window loss (times the fp16 loss scale).
@@ -242,7 +259,9 @@ def make_train_step(
             # A microbatch with no supervised items contributes nothing (its mean is 0/0 = NaN).
             has_items = count > 0
             g, mb_loss, mb_aux = micro_grads(params, buffers, mb, weight, scale, has_items)
-            if not transform_params:  # (with a transform, g may already hold other ranks' sums)
+            if not transform_params and grouped:  # donated eager: no second copy of the gradients
+                g = _zero_unless_(g, has_items)
+            elif not transform_params:  # (with a transform, g may already hold other ranks' sums)
                 g = tree.map(lambda x: torch.where(has_items, x, 0.0), g)
             grads = g if grads is None else tree.add(grads, g)
             loss = loss + torch.where(has_items, mb_loss * weight, 0.0)
@@ -260,6 +279,15 @@ def make_train_step(
             finite = tree.all_finite(grads)
         grad_norm = tree.global_norm(grads)
         metrics["grad_norm"] = grad_norm
+        if grouped:
+            clip = clip_factor(grad_norm, max_grad_norm) if max_grad_norm is not None else None
+            update_in_groups_(tx, params, grads, opt_state, clip)  # params and opt_state in place
+            step.add_(1)
+            lr = find_learning_rate(opt_state)
+            if lr is not None:
+                metrics["learning_rate"] = lr.clone()  # the state's tensor changes next step
+            metrics.update(aux)
+            return params, opt_state, step, loss_scale, metrics
         if max_grad_norm is not None:
             grads = tree.scale(grads, clip_factor(grad_norm, max_grad_norm))
         updates, new_opt_state = tx.update(grads, opt_state, params)

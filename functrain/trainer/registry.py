@@ -275,6 +275,10 @@ OPTIMIZERS: dict[str, Callable[..., Any]] = {
     "adagrad": _torch_style(optim.adagrad),
 }
 
+# The optimizers whose update of each parameter reads only that parameter's gradient, state and
+# value (so a donated eager step may update them a group at a time: functrain.step.grouped_update).
+LEAFWISE_OPTIMIZERS: frozenset[str] = frozenset(
+    n for n, build in OPTIMIZERS.items() if build is not _adafactor)
 
 # What PopulationTrainer can vary per member inside one vmapped step: AdamW (the names that build it)
 # with HF's linear warmup/decay, both reading their hyperparameters from the state.
