@@ -4,6 +4,7 @@ Layers (imports point down only):
   ``core/``      tree, rng, TrainState, precision, metrics, schedules, optim   (pure, no I/O)
   ``step/``      the train and eval steps, recomputation, populations, per-example gradients
   ``data/``, ``io/``, ``parallel/``   loaders and collators; checkpoints and plots; launch and sharding
+  ``runner/``    the training loop for any pure step (``run``) and its hooks
   ``trainer/``   HF semantics: TrainingArguments, callbacks, Trainer, evaluation, Seq2Seq, search
 The names below are the public ones; ``functrain.optim`` and ``functrain.schedules`` are
 importable paths too.
@@ -19,6 +20,8 @@ from functrain.step.train import make_eval_step, make_train_step
 
 # -- drivers ------------------------------------------------------------------------------------
 from functrain.parallel import distributed
+from functrain import runner
+from functrain.runner import run
 from functrain.trainer.args import Seq2SeqTrainingArguments, TrainingArguments
 from functrain.trainer.callbacks import (
     DefaultFlowCallback, EarlyStoppingCallback, PrinterCallback, ProgressCallback, TrainerCallback,

@@ -1,7 +1,8 @@
 """Worker for tests/test_distributed*.py, launched by torchrun / accelerate (or run as one process).
 
 ``python _dist_worker.py MODE OUT_DIR [JSON_ARGS]``; rank 0 writes ``OUT_DIR/result.json``.
-Modes: ``steps`` (pure-step parity: DDP, per-rank normalizer, sharded, bf16, optimizer bytes),
+Modes: ``steps`` (pure-step parity: DDP, per-rank normalizer, sharded, activation checkpointing,
+bf16, optimizer bytes),
 ``trainer`` (a Trainer run, optionally sharded/resumed; saves the final model), ``fail`` (rank 1
 raises at step 3).
 """
@@ -76,6 +77,18 @@ def mode_steps(out_dir, opts):
     result["sharded_is_dtensor"] = all(fd.is_dtensor(p) for p in sharded.params.values())
     result["sharded"] = ft.tree.relative_difference(fd.unshard_state(sharded.params), ref.params)
     result["sharded_metrics"] = {k: float(v) for k, v in fd.reduce_metrics(m).items()}
+
+    # Activation checkpointing (fc2 recomputed in the backward) from states that are not the
+    # module's tensors: data parallel and sharded (params gathered for the recompute) still agree.
+    ckpt_model = MLP(d_in=8, hidden=15, classes=4)
+    ckpt_model.load_state_dict(model.state_dict())
+    ft.checkpoint_modules(ckpt_model, lambda name, m: name == "fc2")
+    ckpt_ddp, _ = run_steps(ft.make_train_step(ckpt_model, tx, accumulate=2, grad_reduce=grad_reduce,
+                                               count_reduce=count_reduce), fresh(), batches, r, world)
+    result["ddp_checkpointed"] = ft.tree.relative_difference(ckpt_ddp.params, ref.params)
+    ckpt_sh, _ = run_steps(ft.make_train_step(ckpt_model, tx, accumulate=2, **fd.sharded_hooks()),
+                           fd.shard_state(fresh()), batches, r, world)
+    result["sharded_checkpointed"] = ft.tree.relative_difference(fd.unshard_state(ckpt_sh.params), ref.params)
 
     # bf16 compute with fp32 master weights: sharded == data parallel (same local compute).
     bf_ddp, _ = run_steps(ft.make_train_step(model, tx, accumulate=2, precision="bf16", grad_reduce=grad_reduce,

@@ -80,6 +80,9 @@ def test_step_parity_ddp_and_sharded(tmp_path):
     # Sharded (DTensor Shard(0), uneven 15-row params) gives the same params.
     assert r["sharded_is_dtensor"]
     assert r["sharded"] <= 1e-5
+    # Activation checkpointing recomputes with the state's (gathered) params, not the module's.
+    assert r["ddp_checkpointed"] <= 1e-5
+    assert r["sharded_checkpointed"] <= 1e-5
     # Each rank holds about half the optimizer state (15 rows split 8 + 7, plus 0-d counters).
     assert 0.45 <= r["opt_bytes_sharded"] / r["opt_bytes_full"] <= 0.56
     # Reduced metrics are the global ones.

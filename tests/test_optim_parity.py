@@ -80,12 +80,12 @@ SGD_CASES = {
 }
 
 RMSPROP_CASES = {
-    "rmsprop": (lambda: optim.rmsprop(1e-2), lambda p: torch.optim.RMSprop(p, lr=1e-2)),
-    "rmsprop_centered": (lambda: optim.rmsprop(1e-2, decay=0.9, centered=True, weight_decay=0.01),
+    "rmsprop": (lambda: optim.rmsprop(1e-2, decay=0.99, eps_in_sqrt=False), lambda p: torch.optim.RMSprop(p, lr=1e-2)),
+    "rmsprop_centered": (lambda: optim.rmsprop(1e-2, decay=0.9, eps_in_sqrt=False, centered=True, weight_decay=0.01),
                          lambda p: torch.optim.RMSprop(p, lr=1e-2, alpha=0.9, centered=True, weight_decay=0.01)),
-    "rmsprop_momentum": (lambda: optim.rmsprop(1e-2, momentum=0.9),
+    "rmsprop_momentum": (lambda: optim.rmsprop(1e-2, decay=0.99, eps_in_sqrt=False, momentum=0.9),
                          lambda p: torch.optim.RMSprop(p, lr=1e-2, momentum=0.9)),
-    "rmsprop_centered_momentum": (lambda: optim.rmsprop(1e-3, centered=True, momentum=0.5, eps=1e-6),
+    "rmsprop_centered_momentum": (lambda: optim.rmsprop(1e-3, 0.99, 1e-6, eps_in_sqrt=False, centered=True, momentum=0.5),
                                   lambda p: torch.optim.RMSprop(p, lr=1e-3, centered=True, momentum=0.5, eps=1e-6)),
 }
 

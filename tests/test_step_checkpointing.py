@@ -60,3 +60,20 @@ def test_checkpoint_modules_on_a_plain_model():
     assert "forward" not in vars(model.blocks[0])
     with pytest.raises(ValueError, match="no submodule"):
         checkpoint_modules(model, lambda name, m: False)
+
+
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated")
+def test_recomputation_uses_the_states_params_not_the_modules():
+    # The backward's recomputation must see the state's tensors (bound by functional_call), not the
+    # module's own: a state that has trained differs from the module it was created from.
+    torch.manual_seed(0)
+    model = gpt2(dropout=0.0)
+    tx = ft.optim.sgd(1.0)
+    state = ft.TrainState.create(model, tx, copy=True)
+    state = state.replace(params={k: v + 0.05 * torch.randn_like(v) for k, v in state.params.items()})
+    batch = lm_batch()
+    ref, _ = make_train_step(model, tx)(state, batch)
+    model.gradient_checkpointing_enable()
+    got, _ = make_train_step(model, tx)(state, batch)
+    assert ft.tree.relative_difference(ft.tree.sub(state.params, got.params),
+                                       ft.tree.sub(state.params, ref.params)) <= 1e-6

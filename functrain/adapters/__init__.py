@@ -1,9 +1,11 @@
-"""What transformers (and hand-written HF-style) models need, written once.
+"""What transformers (and hand-written HF-style) and peft models need, written once.
 
 ``outputs``: which entry of a model output is the loss, which are predictions, and the label
 names a model's forward takes (HF's ``find_labels``). It imports only ``core``, so every layer
 above core may use it, the pure step included: it reads Python structure only (keys, signatures,
 class names, shapes), never a tensor's value, so it is safe inside a compiled step.
+``peft``: a PeftModel's base (whose signature names the inputs), adapter-only saving, the merged
+export (populations of adapters: :mod:`functrain.trainer.adapter_population`).
 """
 
 from functrain.adapters.outputs import (

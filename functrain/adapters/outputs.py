@@ -21,6 +21,7 @@ import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from functrain.adapters.peft import forward_model
 from functrain.core.metrics import IGNORE_INDEX  # noqa: F401 (re-exported: the one -100)
 
 
@@ -37,7 +38,7 @@ def _signature(fn) -> inspect.Signature | None:
 def forward_parameters(model: Any) -> list[str]:
     """The named parameters of ``model.forward``, in order (no ``*args`` / ``**kwargs``; [] when it
     has no signature)."""
-    sig = _signature(getattr(model, "forward", model))
+    sig = _signature(getattr(forward_model(model), "forward", model))
     if sig is None:
         return []
     return [p.name for p in sig.parameters.values()
@@ -70,15 +71,9 @@ def no_cache_kwargs(model: Any, batch: Mapping) -> dict:
     return {}
 
 
-def _model_to_inspect(model: Any) -> Any:
-    # A peft model's forward takes **kwargs; its labels are those of the model it wraps (as HF).
-    base = getattr(model, "get_base_model", None)
-    return base() if callable(base) else model
-
-
 def find_labels(model: Any) -> list[str]:
     """HF's ``find_labels``: forward arguments naming labels (QA heads: also the span positions)."""
-    target = _model_to_inspect(model)
+    target = forward_model(model)  # a PeftModel's forward takes **kwargs: its base's labels (as HF)
     sig = _signature(type(target).forward)
     names = [] if sig is None else list(sig.parameters)
     if "QuestionAnswering" in type(target).__name__:

@@ -19,8 +19,8 @@ Both paths share one implementation that computes in float64, so an ``int`` step
 Hugging Face value to ~1e-16 and a tensor step to float32 rounding. (float64 rules out devices
 without it, such as Apple's MPS.)
 
-``reduce_lr_on_plateau`` depends on evaluation metrics, not on the step: it is the driver-side
-:class:`ReduceLROnPlateau` policy instead.
+``reduce_lr_on_plateau`` depends on evaluation metrics, not on the step: it is the pure
+transformation :func:`functrain.optim.reduce_on_plateau`, fed by the driver.
 """
 
 from __future__ import annotations
@@ -369,7 +369,8 @@ _BY_NAME: dict[str, tuple[Callable[..., Schedule], bool]] = {
 STEP_SCHEDULES: tuple[str, ...] = tuple(_BY_NAME)  # every name get_schedule accepts
 # HF names that are not a function of the step; the driver handles them.
 _NOT_STEP_FUNCTIONS = {
-    "reduce_lr_on_plateau": "it depends on eval metrics: use functrain.schedules.ReduceLROnPlateau in the driver",
+    "reduce_lr_on_plateau": "it depends on eval metrics: chain functrain.optim.reduce_on_plateau(observe='external') into "
+                            "the optimizer and feed it with functrain.optim.observe_plateau (the Trainer does)",
     "greedy": "it depends on the training loss (not supported yet)",
 }
 
@@ -433,96 +434,3 @@ def get_schedule(
         if "unexpected keyword" in str(e):
             raise TypeError(f"schedule {key!r} got an unknown setting: {e}") from None
         raise
-
-
-# -- driver-side policy --------------------------------------------------------------------------
-
-
-class ReduceLROnPlateau:
-    """Lower the learning rate when a metric stops improving (``torch.optim.lr_scheduler.ReduceLROnPlateau``).
-
-    Not a pure function of the step, so it lives in the driver: after each evaluation call
-    :meth:`step` with the metric; it returns the learning rate to use from now on (``.scale`` is
-    that rate divided by the initial one). Same arguments and rules as torch's, for one group.
-    :meth:`state_dict` is a dict of plain numbers and strings (JSON-able, no pickling).
-    """
-
-    def __init__(
-        self,
-        lr: float,
-        mode: str = "min",
-        factor: float = 0.1,
-        patience: int = 10,
-        threshold: float = 1e-4,
-        threshold_mode: str = "rel",
-        cooldown: int = 0,
-        min_lr: float = 0.0,
-        eps: float = 1e-8,
-    ):
-        self.initial_lr = _check_peak(lr)
-        if mode not in ("min", "max"):
-            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
-        if threshold_mode not in ("rel", "abs"):
-            raise ValueError(f"threshold_mode must be 'rel' or 'abs', got {threshold_mode!r}")
-        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 <= factor < 1.0:
-            raise ValueError(f"factor must be a number in [0, 1), got {factor!r}")
-        self.mode, self.threshold_mode = mode, threshold_mode
-        self.factor, self.threshold, self.eps = float(factor), float(threshold), float(eps)
-        self.patience = _check_steps("patience", patience)
-        self.cooldown = _check_steps("cooldown", cooldown)
-        self.min_lr = float(min_lr)
-        self.lr = self.initial_lr
-        self.best = math.inf if mode == "min" else -math.inf
-        self.num_bad_epochs = 0
-        self.cooldown_counter = 0
-        self.last_epoch = 0
-
-    @property
-    def scale(self) -> float:
-        """The current rate as a fraction of the initial one."""
-        return self.lr / self.initial_lr if self.initial_lr else 0.0
-
-    def _is_better(self, current: float) -> bool:
-        if self.mode == "min":
-            bar = self.best * (1.0 - self.threshold) if self.threshold_mode == "rel" else self.best - self.threshold
-            return current < bar
-        bar = self.best * (1.0 + self.threshold) if self.threshold_mode == "rel" else self.best + self.threshold
-        return current > bar
-
-    def step(self, metric) -> float:
-        """Record one evaluation's metric (a number or 0-d tensor); return the learning rate."""
-        current = float(metric)
-        self.last_epoch += 1
-        if self._is_better(current):
-            self.best, self.num_bad_epochs = current, 0
-        else:
-            self.num_bad_epochs += 1
-        if self.cooldown_counter > 0:
-            self.cooldown_counter -= 1
-            self.num_bad_epochs = 0  # bad epochs in cooldown do not count
-        if self.num_bad_epochs > self.patience:
-            new_lr = max(self.lr * self.factor, self.min_lr)
-            if self.lr - new_lr > self.eps:  # torch ignores reductions smaller than eps
-                self.lr = new_lr
-            self.cooldown_counter, self.num_bad_epochs = self.cooldown, 0
-        return self.lr
-
-    _STATE_KEYS = ("lr", "best", "num_bad_epochs", "cooldown_counter", "last_epoch")
-
-    def state_dict(self) -> dict:
-        """The mutable state as plain numbers; ``best`` is ``None`` before any finite metric."""
-        state = {k: getattr(self, k) for k in self._STATE_KEYS}
-        if math.isinf(state["best"]):
-            state["best"] = None
-        return state
-
-    def load_state_dict(self, state: dict) -> None:
-        missing = [k for k in self._STATE_KEYS if k not in state]
-        if missing:
-            raise KeyError(f"ReduceLROnPlateau state is missing {missing}; expected keys {list(self._STATE_KEYS)}")
-        best = state["best"]
-        self.best = float(best) if best is not None else (math.inf if self.mode == "min" else -math.inf)
-        self.lr = float(state["lr"])
-        self.num_bad_epochs = int(state["num_bad_epochs"])
-        self.cooldown_counter = int(state["cooldown_counter"])
-        self.last_epoch = int(state["last_epoch"])

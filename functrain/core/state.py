@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import optree
@@ -12,7 +13,12 @@ from torch import nn
 from functrain.core import rng as rnglib
 from functrain.core.tree import NAMESPACE
 
-_FIELDS = ("step", "params", "buffers", "opt_state", "rng", "loss_scale", "extras")
+def static_field(**kwargs):
+    """A dataclass field of a TrainState subclass that is NOT a pytree leaf (Flax's
+    ``struct.field(pytree_node=False)``): a config value, a function. It travels in the tree's
+    structure, so states differing in it do not map or stack together, and it is not saved in
+    checkpoints (the template given to the loader supplies it)."""
+    return dataclasses.field(metadata={"static": True}, **kwargs)
 
 
 class ConsumedStateError(RuntimeError):
@@ -37,6 +43,14 @@ class TrainState:
     Instances are frozen: use :meth:`replace`. A state given to a step with ``donate=True`` is
     *consumed*: its storages now hold the new state, and any further use raises
     :class:`ConsumedStateError`.
+
+    Subclass it as Flax users do: a frozen dataclass adding fields (with defaults) is a pytree like
+    the base class (its fields are leaves, or structure with :func:`static_field`), so it maps,
+    compiles, checkpoints and stacks into populations the same way::
+
+        @dataclasses.dataclass(frozen=True, eq=False)
+        class EMAState(TrainState):
+            ema_params: dict = dataclasses.field(default_factory=dict)
     """
 
     step: torch.Tensor
@@ -90,21 +104,45 @@ class TrainState:
     def replace(self, **changes) -> "TrainState":
         """A new state with some fields replaced (the others are shared, not copied)."""
         self._check_alive()
-        unknown = set(changes) - set(_FIELDS)
+        names = self.__dataclass_fields__  # (dataclasses.fields() does not trace under torch.compile)
+        unknown = set(changes) - set(names)
         if unknown:
-            raise TypeError(f"TrainState has no field(s) {sorted(unknown)}; fields are {list(_FIELDS)}")
+            raise TypeError(f"{type(self).__name__} has no field(s) {sorted(unknown)}; fields are {list(names)}")
         return dataclasses.replace(self, **changes)
+
+    def apply_gradients(self, *, grads, tx, **changes) -> "TrainState":
+        """One optimizer update (Flax's ``apply_gradients``): ``tx.update`` on ``grads``,
+        ``apply_updates`` on the params, ``step + 1``; other fields replaced by ``changes``.
+
+        ``tx`` is passed rather than stored: an optimizer object in the state would make the
+        tree's structure depend on it, so states of equal optimizers could not be compared,
+        restored into or stacked as a population. Pure: traces under ``torch.compile``.
+        """
+        from functrain.core.optim.base import apply_updates
+
+        updates, opt_state = tx.update(grads, self.opt_state, self.params)
+        return self.replace(params=apply_updates(self.params, updates), opt_state=opt_state, step=self.step + 1,
+                            **changes)
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # Every subclass is a pytree node (leaves: its dataclass fields, read when flattened, since
+        # @dataclass runs after this); its consumed twin is made alongside.
+        optree.register_pytree_node(cls, _flatten, functools.partial(_unflatten, cls), namespace=NAMESPACE)
+        if not cls.__dict__.get("_is_consumed_class", False):
+            cls._consumed_class = type(f"_Consumed{cls.__name__}", (_ConsumedMixin, cls),
+                                       {"_is_consumed_class": True, "__module__": cls.__module__})
 
     # -- donation bookkeeping -------------------------------------------------------------------
     # A live state has no per-access check (a custom ``__getattribute__`` would stop
     # ``torch.compile(fullgraph=True)`` from tracing any function that reads a field). Consuming
-    # a state switches its class to ``_ConsumedTrainState``, whose field access raises.
+    # a state switches its class to its consumed twin (``_ConsumedMixin``), whose field access raises.
     _consumed_by = None
 
     def mark_consumed(self, by: str = "a donated step") -> None:
         """Mark this state as donated to ``by``: any later field access raises ConsumedStateError."""
         object.__setattr__(self, "_consumed_by", by)
-        object.__setattr__(self, "__class__", _ConsumedTrainState)
+        object.__setattr__(self, "__class__", type(self)._consumed_class)
 
     @property
     def consumed(self) -> bool:
@@ -119,17 +157,18 @@ class TrainState:
             )
 
     def __repr__(self) -> str:
+        name = type(self).__name__
         if self.consumed:
-            return "TrainState(<consumed>)"
+            return f"{name.removeprefix('_Consumed')}(<consumed>)"
         n = sum(p.numel() for p in self.params.values())
-        return f"TrainState(step={int(self.step)}, params={len(self.params)} tensors/{n:,} elements)"
+        return f"{name}(step={int(self.step)}, params={len(self.params)} tensors/{n:,} elements)"
 
 
-class _ConsumedTrainState(TrainState):
-    """The class of a consumed state: reading any field raises :class:`ConsumedStateError`."""
+class _ConsumedMixin:
+    """Mixed into a state's class when it is consumed: reading any field raises ConsumedStateError."""
 
     def __getattribute__(self, name):
-        if name in _FIELDS:
+        if name in _field_names(type(self)):
             object.__getattribute__(self, "_check_alive")()
         return object.__getattribute__(self, name)
 
@@ -142,16 +181,31 @@ def split_parameters(model: nn.Module) -> tuple[dict, dict]:
     return trainable, frozen
 
 
+@functools.cache
+def _field_names(cls) -> tuple:
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+
+@functools.cache
+def _split_fields(cls) -> tuple[tuple, tuple]:
+    """``(leaf fields, static fields)`` of a state class."""
+    fields = dataclasses.fields(cls)
+    return (tuple(f.name for f in fields if not f.metadata.get("static")),
+            tuple(f.name for f in fields if f.metadata.get("static")))
+
+
 def _flatten(state: TrainState):
     state._check_alive()
     d = state.__dict__
-    return tuple(d[f] for f in _FIELDS), None, _FIELDS
+    leaves, static = _split_fields(type(state))
+    return tuple(d[f] for f in leaves), (leaves, tuple(d[f] for f in static)), leaves
 
 
-def _unflatten(_aux, children) -> TrainState:
-    return TrainState(*children)
+def _unflatten(cls, aux, children) -> TrainState:
+    leaves, static_values = aux
+    static = _split_fields(cls)[1]
+    return cls(**dict(zip(leaves, children)), **dict(zip(static, static_values)))
 
 
-optree.register_pytree_node(TrainState, _flatten, _unflatten, namespace=NAMESPACE)
-# Registered too so that flattening a consumed state raises instead of treating it as a leaf.
-optree.register_pytree_node(_ConsumedTrainState, _flatten, _unflatten, namespace=NAMESPACE)
+optree.register_pytree_node(TrainState, _flatten, functools.partial(_unflatten, TrainState), namespace=NAMESPACE)
+TrainState._consumed_class = type("_ConsumedTrainState", (_ConsumedMixin, TrainState), {"_is_consumed_class": True})

@@ -4,7 +4,9 @@ A checkpoint holds
 
 - ``model.safetensors`` (+ ``config.json`` ...): the weights under the names the model's
   ``state_dict`` uses, written by ``save_pretrained`` for transformers models (tied weights once),
-  so ``AutoModel...from_pretrained(folder)`` loads it;
+  so ``AutoModel...from_pretrained(folder)`` loads it; for a ``peft.PeftModel``, the adapter only
+  (``adapter_config.json``, ``adapter_model.safetensors``), as transformers writes it: the frozen
+  base is in neither file and comes back from the model on resume;
 - ``train_state.safetensors``: every other leaf of the :class:`~functrain.TrainState` (optimizer
   state, step, rng key, loss scale, extras, and any param the model file lacks), keyed by its
   pytree path (:func:`functrain.tree.paths`);
@@ -48,6 +50,7 @@ RNG_FILE = "rng_state.safetensors"
 TRAINER_STATE_FILE = "trainer_state.json"
 ARGS_FILE = "training_args.json"
 MANIFEST_FILE = "manifest.json"
+BUFFERS_KEY = "buffers"  # train_state metadata: "from_model" when buffers are not in the file (PEFT)
 SHARDED_LAYOUT_FILE = "train_state_layout.json"  # see functrain.parallel.checkpoint
 FORMAT = "functrain.checkpoint"
 VERSION = 1
@@ -90,11 +93,8 @@ def save_checkpoint(output_dir: str, step: int, *, model, train_state=None, trai
     first). With ``train_state=None`` only the model is saved (``save_only_model``): the folder is
     then not resumable.
     """
-    os.makedirs(output_dir, exist_ok=True)
-    final = checkpoint_path(output_dir, step)
-    tmp = os.path.join(output_dir, f".tmp-{PREFIX}-{step}-{uuid.uuid4().hex[:8]}")
-    os.makedirs(tmp)
-    try:
+
+    def write_files(tmp: str) -> None:
         written = write_model(model, tmp, processing_class=processing_class)
         if train_state is not None:
             write_train_state(train_state, model, tmp, model_keys=written)
@@ -104,7 +104,36 @@ def save_checkpoint(output_dir: str, step: int, *, model, train_state=None, trai
             trainer_state.save_to_json(os.path.join(tmp, TRAINER_STATE_FILE))
         if args is not None:
             args.save_to_json(os.path.join(tmp, ARGS_FILE))
-        write_manifest(tmp, step=step, resumable=train_state is not None)
+
+    return write_checkpoint(output_dir, step, write_files, resumable=train_state is not None)
+
+
+def save_tree_checkpoint(output_dir: str, step: int, state, progress: dict) -> str:
+    """Write ``output_dir/checkpoint-{step}`` for any pytree of tensors (no model): every leaf in
+    ``train_state.safetensors`` keyed by its path, the global generators, and ``progress`` (a
+    JSON-able dict: step, data position, hook states) as ``trainer_state.json``. Atomic, as
+    :func:`save_checkpoint`; :func:`load_tree` reads it back."""
+
+    def write_files(tmp: str) -> None:
+        write_train_state(state, None, tmp, model_keys=set())
+        write_rng_state(tmp)
+        with open(os.path.join(tmp, TRAINER_STATE_FILE), "w", encoding="utf-8") as f:
+            json.dump(progress, f, indent=2, sort_keys=True)
+
+    return write_checkpoint(output_dir, step, write_files, resumable=True)
+
+
+def write_checkpoint(output_dir: str, step: int, write_files, *, resumable: bool) -> str:
+    """The atomic part of every checkpoint: ``write_files(tmp)`` fills a temporary folder, then the
+    manifest (sizes, sha256) is written last, everything is fsynced and the folder renamed to
+    ``checkpoint-{step}``. A crash leaves the whole checkpoint or none."""
+    os.makedirs(output_dir, exist_ok=True)
+    final = checkpoint_path(output_dir, step)
+    tmp = os.path.join(output_dir, f".tmp-{PREFIX}-{step}-{uuid.uuid4().hex[:8]}")
+    os.makedirs(tmp)
+    try:
+        write_files(tmp)
+        write_manifest(tmp, step=step, resumable=resumable)
         _fsync_dir(tmp)
         _replace_dir(tmp, final)
     except BaseException:
@@ -138,7 +167,8 @@ def remove_stale_temporaries(output_dir: str) -> None:
 def write_model(model, folder: str, *, processing_class=None) -> set[str]:
     """Save the model's weights (and config, tokenizer) into ``folder``; return the tensor names written."""
     os.makedirs(folder, exist_ok=True)
-    if _is_pretrained(model):
+    adapter_only = saves_adapter_only(model)
+    if adapter_only or _is_pretrained(model):
         model.save_pretrained(folder)
     else:
         save_file(_dedup_state_dict(model.state_dict()), os.path.join(folder, MODEL_FILE), metadata={"format": "pt"})
@@ -146,7 +176,16 @@ def write_model(model, folder: str, *, processing_class=None) -> set[str]:
         processing_class.save_pretrained(folder)
     for name in os.listdir(folder):
         _fsync_file(os.path.join(folder, name))
-    return set(_weights_index(folder))
+    return set() if adapter_only else set(_weights_index(folder))
+
+
+def saves_adapter_only(model) -> bool:
+    """True for a ``peft.PeftModel``, whose ``save_pretrained`` writes the adapter, not the base.
+
+    Duck-typed (``peft_config`` + ``save_pretrained``): io sits below ``functrain.adapters`` and
+    imports neither it nor peft.
+    """
+    return hasattr(model, "peft_config") and hasattr(model, "save_pretrained") and hasattr(model, "get_base_model")
 
 
 def _is_pretrained(model) -> bool:
@@ -173,21 +212,32 @@ def _dedup_state_dict(sd: dict) -> dict:
 
 
 def write_train_state(state, model, folder: str, *, model_keys: set[str]) -> None:
-    """Save every TrainState leaf not already in the model file, keyed by its pytree path."""
+    """Save every TrainState leaf not already in the model file, keyed by its pytree path.
+
+    With ``model=None`` (any pytree of states, see :func:`save_tree_checkpoint`) every leaf is saved.
+    For a PeftModel the buffers (the frozen base model) are not saved: they never change in
+    training, the metadata says so, and loading takes them from the live model.
+    """
     aliases = _alias_groups(model)
+    buffers_from_model = saves_adapter_only(model)
     tensors = {}
     for path, leaf in tree.named_leaves(state).items():
         if not isinstance(leaf, torch.Tensor):
-            raise TypeError(f"TrainState leaf {path!r} is a {type(leaf).__name__}; only tensors can be saved")
+            raise TypeError(f"state leaf {path!r} is a {type(leaf).__name__}; only tensors can be saved (keep scalars as 0-d tensors)")
         if _model_file_name(path, aliases, model_keys) is not None:
             continue
+        if buffers_from_model and path.startswith("buffers."):
+            continue
         tensors[path] = leaf.detach().contiguous().cpu()
-    save_file(tensors, os.path.join(folder, STATE_FILE), metadata={"format": FORMAT})
+    metadata = {"format": FORMAT, **({BUFFERS_KEY: "from_model"} if buffers_from_model else {})}
+    save_file(tensors, os.path.join(folder, STATE_FILE), metadata=metadata)
     _fsync_file(os.path.join(folder, STATE_FILE))
 
 
 def _alias_groups(model) -> dict[str, list[str]]:
     """``{name: [every name of the same tensor]}`` for params and buffers (tied weights)."""
+    if model is None:
+        return {}
     by_id: dict[int, list[str]] = {}
     for name, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False)):
         by_id.setdefault(id(t), []).append(name)
@@ -380,17 +430,22 @@ def load_train_state(folder: str, template, model):
     """Rebuild a TrainState from ``folder`` shaped exactly like ``template`` (a fresh state).
 
     The template gives the tree structure (so NamedTuple types come back exactly), and each
-    leaf's shape, dtype and device; a mismatch is a clear error naming the leaf.
+    leaf's shape, dtype and device; a mismatch is a clear error naming the leaf. With
+    ``model=None`` every leaf comes from ``train_state.safetensors`` (any pytree, no model file).
     """
-    model_index = _weights_index(folder)
-    aliases = _alias_groups(model)
     with _open_safetensors(os.path.join(folder, STATE_FILE)) as f:
         state_keys = set(f.keys())
+        buffers_from_model = (f.metadata() or {}).get(BUFFERS_KEY) == "from_model"
+    # An adapter checkpoint, or a tree checkpoint (model=None): no model file.
+    model_index = {} if buffers_from_model or model is None else _weights_index(folder)
+    aliases = _alias_groups(model)
     wanted_model, wanted_state = {}, {}
     paths = tree.paths(template)
     for path in paths:
         if path in state_keys:
             wanted_state[path] = STATE_FILE
+        elif buffers_from_model and path.startswith("buffers."):
+            continue  # the frozen base: the template's own tensor (the live model's)
         else:
             name = _model_file_name(path, aliases, set(model_index))
             if name is None:
@@ -401,6 +456,9 @@ def load_train_state(folder: str, template, model):
     from_model = _read_tensors(folder, {name: model_index[name] for name in wanted_model.values()})
     leaves = []
     for path, ref in zip(paths, tree.leaves(template)):
+        if path not in from_state and path not in wanted_model:
+            leaves.append(ref)
+            continue
         t = from_state[path] if path in from_state else from_model[wanted_model[path]]
         if t.shape != ref.shape or t.dtype != ref.dtype:
             raise CheckpointError(f"checkpoint {folder!r}: {path!r} is {t.dtype}{list(t.shape)}, the current "
@@ -482,6 +540,16 @@ def _remove_dir(path: str) -> None:
     trash = os.path.join(os.path.dirname(path), f".trash-{os.path.basename(path)}-{uuid.uuid4().hex[:8]}")
     os.rename(path, trash)
     shutil.rmtree(trash, ignore_errors=True)
+
+
+def load_tree(folder: str, template) -> tuple[Any, dict]:
+    """``(state, progress)`` from a :func:`save_tree_checkpoint` folder, ``state`` shaped like
+    ``template``; restores the global generators too. Verify the folder first."""
+    state = load_train_state(folder, template, None)
+    with open(os.path.join(folder, TRAINER_STATE_FILE), encoding="utf-8") as f:
+        progress = json.load(f)
+    load_rng_state(folder)
+    return state, progress
 
 
 def read_manifest(path: str) -> dict[str, Any]:

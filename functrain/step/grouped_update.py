@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 
 from functrain.core import tree
-from functrain.core.optim import apply_updates
+from functrain.core.optim.base import apply_updates, update_with_extra_args
+from functrain.core.optim.transforms import clip_factor
 
 # A group holds about this fraction of all parameter elements (but at least one tensor).
 GROUPS = 8
@@ -55,12 +56,16 @@ def _slice_state(node, names: frozenset, group: set, per_param: set):
     return node
 
 
-def update_in_groups_(tx, params: dict, grads: dict, opt_state, clip=None, groups: int = GROUPS) -> None:
-    """Apply ``tx`` (leafwise) to ``params`` and ``opt_state`` IN PLACE, group by group.
+def apply_update_in_groups_(tx, params: dict, opt_state, grads: dict, *, max_grad_norm: float | None = None,
+                            value=None, groups: int = GROUPS) -> torch.Tensor:
+    """:func:`functrain.step.update.apply_update` for a leafwise ``tx``, IN PLACE: ``params`` and
+    ``opt_state`` receive the new values, group by group; returns the gradients' global norm.
 
-    ``grads`` is consumed (its entries are dropped as their group is done); ``clip`` is an
-    optional 0-d factor the gradients are multiplied by first (global-norm clipping).
+    ``grads`` is consumed (its entries are dropped as their group is done).
     """
+    grad_norm = tree.global_norm(grads)
+    clip = clip_factor(grad_norm, max_grad_norm) if max_grad_norm is not None else None
+    extra = {} if value is None else {"value": value}
     names = frozenset(params)
     shared: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     for group in parameter_groups(params, groups):
@@ -70,7 +75,7 @@ def update_in_groups_(tx, params: dict, grads: dict, opt_state, clip=None, group
         sub_params = {n: params[n] for n in group}
         per_param: set[int] = set()
         sub_state = _slice_state(opt_state, names, set(group), per_param)
-        updates, new_state = tx.update(sub_grads, sub_state, sub_params)
+        updates, new_state = update_with_extra_args(tx, sub_grads, sub_state, sub_params, **extra)
         del sub_grads
         new_params = apply_updates(sub_params, updates)
         del updates
@@ -88,3 +93,4 @@ def update_in_groups_(tx, params: dict, grads: dict, opt_state, clip=None, group
                 shared[id(old)] = (old, new)
     for old, new in shared.values():
         old.copy_(new)
+    return grad_norm

@@ -55,8 +55,12 @@ class PopulationError(ValueError):
 # -- stacking ------------------------------------------------------------------------------------
 
 
-def stack_states(states: Sequence[TrainState]) -> TrainState:
+def stack_states(states: Sequence[TrainState], *, buffers: str = "stacked") -> TrainState:
     """One state whose every tensor leaf is the N members' leaves stacked on a new dim 0.
+
+    ``buffers="shared"``: the members share ONE set of buffers (e.g. the frozen base model under
+    N adapters): member 0's buffers are kept as they are, not stacked (no copy), and every member
+    must hold those very tensors. Train it with ``make_population_train_step(..., buffers="shared")``.
 
     The members must share structure (same parameter names, optimizer state layout) and each
     leaf's shape and dtype: a population is one graph. Raises :class:`PopulationError` naming the
@@ -89,7 +93,32 @@ def stack_states(states: Sequence[TrainState]) -> TrainState:
                     f"{tuple(b.shape)} {b.dtype} in member {i}. A population trains in one graph, so members may "
                     "differ only in tensor values (seeds, hyperparameters held as tensors), not in shapes such "
                     "as model width; train such models separately")
+    if _buffer_dim(buffers) is None:
+        _check_same_buffers(states)
+        shared = states[0].buffers
+        stacked = tree.map(lambda *xs: torch.stack(xs), *[s.replace(buffers={}) for s in states])
+        return stacked.replace(buffers=shared)
     return tree.map(lambda *xs: torch.stack(xs), *states)
+
+
+def _buffer_dim(buffers: str):
+    if buffers == "shared":
+        return None
+    if buffers == "stacked":
+        return 0
+    raise ValueError(f"buffers must be 'stacked' (each member has its own, stacked on dim 0) or 'shared' (one set "
+                     f"for all members, e.g. a frozen base model), got {buffers!r}")
+
+
+def _check_same_buffers(states: Sequence[TrainState]) -> None:
+    first = states[0].buffers
+    for i, s in enumerate(states[1:], start=1):
+        for k, b in first.items():
+            other = s.buffers.get(k)
+            if other is None or other.data_ptr() != b.data_ptr() or other.shape != b.shape:
+                raise PopulationError(
+                    f"buffers='shared': member {i}'s buffer {k!r} is not member 0's tensor; shared buffers must be "
+                    "the same tensors in every member (build the members over one model with copy=False)")
 
 
 def population_size(state: TrainState) -> int:
@@ -102,11 +131,18 @@ def population_size(state: TrainState) -> int:
     return state.step.shape[0]
 
 
-def unstack_state(state: TrainState, n: int | None = None) -> list[TrainState]:
-    """The N ordinary states of a stacked state (each leaf indexed along dim 0, as views)."""
+def unstack_state(state: TrainState, n: int | None = None, *, buffers: str = "stacked") -> list[TrainState]:
+    """The N ordinary states of a stacked state (each leaf indexed along dim 0, as views).
+
+    ``buffers="shared"`` (a state from ``stack_states(..., buffers="shared")``): every member gets
+    the one set of buffers as it is.
+    """
     size = population_size(state)
     if n is not None and n != size:
         raise PopulationError(f"unstack_state: asked for {n} members, the state holds {size}")
+    if _buffer_dim(buffers) is None:
+        rest = state.replace(buffers={})
+        return [tree.map(lambda x, i=i: x[i], rest).replace(buffers=state.buffers) for i in range(size)]
     return [tree.map(lambda x, i=i: x[i], state) for i in range(size)]
 
 
@@ -329,6 +365,7 @@ def make_population_train_step(
     max_grad_norm: float | None = None,
     required_keys=None,
     compile_kwargs: dict | None = None,
+    buffers: str = "stacked",
 ):
     """Build ``population_step(stacked_state, batch) -> (stacked_state, metrics)``: one step of all N.
 
@@ -338,12 +375,17 @@ def make_population_train_step(
         in_dims: ``"shared"`` (every member trains on the same batch) or ``"per_member"`` (each
             batch tensor has a leading dim of size N: member i gets ``batch[k][i]``).
         compile: compile the vmapped step with ``torch.compile(fullgraph=True)``.
+        buffers: ``"stacked"`` (each member has its own buffers) or ``"shared"`` (one set for all,
+            unbatched under vmap: a frozen base model under N adapters, see
+            :func:`functrain.adapters.peft.create_adapter_population`). Ops whose inputs are all
+            shared (the base's embeddings of a shared batch) then run once, not N times.
 
     Metrics are the ordinary step's, each with a leading dim N. The state's ``rng`` keys advance
     as in the ordinary step. Errors: a model whose ops vmap cannot batch raises
     :class:`PopulationError` naming the model (train such members sequentially).
     """
     batch_dim = _batch_dims(in_dims)
+    buffer_dim = _buffer_dim(buffers)
     inner = make_train_step(model, tx, loss_fn, accumulate=accumulate, precision=precision, compile=False,
                             count_items=count_items, max_grad_norm=max_grad_norm, required_keys=required_keys,
                             differentiate="func")
@@ -357,15 +399,18 @@ def make_population_train_step(
         batching.validate(b, accumulate=accumulate, required_keys=required, model=model, forward_keys=forward_keys)
 
     def member_no_scale(params, buffers, opt_state, step, batch):
-        params, opt_state, step, _, metrics = core(params, buffers, opt_state, step, None, batch)
-        return params, opt_state, step, metrics
+        params, buffers, opt_state, step, _, metrics = core(params, buffers, opt_state, step, None, batch)
+        return params, buffers, opt_state, step, metrics
 
     def run(params, buffers, opt_state, step, loss_scale, batch):
         if loss_scale is None:
-            fn = torch.func.vmap(member_no_scale, in_dims=(0, 0, 0, 0, batch_dim), randomness="different")
-            p, o, s, m = fn(params, buffers, opt_state, step, batch)
-            return p, o, s, None, m
-        fn = torch.func.vmap(core, in_dims=(0, 0, 0, 0, 0, batch_dim), randomness="different")
+            fn = torch.func.vmap(member_no_scale, in_dims=(0, buffer_dim, 0, 0, batch_dim),
+                                 out_dims=(0, buffer_dim, 0, 0, 0), randomness="different")
+            p, b, o, s, m = fn(params, buffers, opt_state, step, batch)
+            return p, b, o, s, None, m
+        # Shared buffers stay unbatched on the way out too (a member updating one is a vmap error).
+        fn = torch.func.vmap(core, in_dims=(0, buffer_dim, 0, 0, 0, batch_dim),
+                             out_dims=(0, buffer_dim, 0, 0, 0, 0), randomness="different")
         return fn(params, buffers, opt_state, step, loss_scale, batch)
 
     compiled = _compile(run, compile, compile_kwargs)
@@ -379,10 +424,10 @@ def make_population_train_step(
                                   "functrain.precision.dynamic_scale_init() to each member before stacking")
         with _explain_vmap_errors(model, "trained", "train the members sequentially with functrain.make_train_step"), \
                 rnglib.seeded(_population_key(state.rng)), _module_mode(model, training=True), _per_tensor_foreach():
-            params, opt_state, step, loss_scale, metrics = compiled(
+            params, buffers, opt_state, step, loss_scale, metrics = compiled(
                 state.params, state.buffers, state.opt_state, state.step, loss_scale, batch)
-        new_state = state.replace(params=params, opt_state=opt_state, step=step, loss_scale=loss_scale,
-                                  rng=rnglib.next_key(state.rng))
+        new_state = state.replace(params=params, buffers={**state.buffers, **buffers}, opt_state=opt_state, step=step,
+                                  loss_scale=loss_scale, rng=rnglib.next_key(state.rng))
         return new_state, metrics
 
     population_step.member_step = inner  # the ordinary step the members follow (differentiate="func")
@@ -400,13 +445,16 @@ def make_population_eval_step(
     return_outputs: bool = False,
     required_keys=None,
     compile_kwargs: dict | None = None,
+    buffers: str = "stacked",
 ):
     """Build ``population_eval_step(stacked_state, batch) -> dict``: every member evaluated at once.
 
     Same results as :func:`functrain.make_eval_step` per member, each entry with a leading dim N
     (``loss``, ``num_items``, and ``outputs`` when ``return_outputs`` and the outputs are tensors).
+    ``buffers`` as in :func:`make_population_train_step`.
     """
     batch_dim = _batch_dims(in_dims)
+    buffer_dim = _buffer_dim(buffers)
     inner = make_eval_step(model, loss_fn, precision=precision, compile=False, count_items=count_items,
                            return_outputs=return_outputs, required_keys=required_keys)
     core = inner.pure_core
@@ -421,7 +469,7 @@ def make_population_eval_step(
         return {k: v for k, v in out.items() if v is not None}
 
     def run(params, buffers, batch):
-        return torch.func.vmap(member, in_dims=(0, 0, batch_dim), randomness="different")(params, buffers, batch)
+        return torch.func.vmap(member, in_dims=(0, buffer_dim, batch_dim), randomness="different")(params, buffers, batch)
 
     compiled = _compile(run, compile, compile_kwargs)
 

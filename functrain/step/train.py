@@ -1,10 +1,11 @@
 """The pure training step: ``train_step(state, batch) -> (new_state, metrics)``.
 
-Read :func:`make_train_step` top to bottom: ``_train_core`` is every operation that touches the
-state, in order (split the window, count items, per-microbatch gradients, reduce, unscale,
-norm, clip, optimizer update, loss-scale bookkeeping, donation copy). The returned
-``train_step`` wraps it with what cannot be traced: batch validation (host metadata only), the
-explicit RNG key and the module's train/eval mode. See ``docs/step.md``.
+Read :func:`make_train_step` top to bottom: ``train_core`` is every operation that touches the
+state, in order, as the public blocks: the window's gradients (:func:`functrain.step.make_grad_fn`:
+split, count items, per-microbatch gradients, reduce), then :mod:`functrain.step.update`
+(unscale, norm, clip, optimizer update, loss-scale bookkeeping), then the donation copy. The
+returned ``train_step`` wraps it with what cannot be traced: batch validation (host metadata
+only), the explicit RNG key and the module's train/eval mode. See ``docs/step.md``.
 """
 
 from __future__ import annotations
@@ -12,84 +13,24 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Mapping
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from torch import nn
 
 from functrain.adapters import outputs as hf_outputs
-from functrain.step import batch as batching
-from functrain.step.grouped_update import update_in_groups_
 from functrain.core import rng as rnglib
 from functrain.core import tree
-from functrain.core.optim.base import apply_updates
-from functrain.core.optim.transforms import clip_factor
-from functrain.core.precision import DynamicScale, dynamic_scale_init, dynamic_scale_update, get_policy, unscale
+from functrain.core.precision import DynamicScale, dynamic_scale_init, get_policy
 from functrain.core.state import TrainState
+from functrain.step import batch as batching
+from functrain.step.grads import (
+    LossFn, LossModule, autocast, buffer_names, default_loss_fn, device_type, make_grad_fn, module_buffers_of, prefixed,
+)
+from functrain.step.grouped_update import apply_update_in_groups_
+from functrain.step.update import apply_update, keep_if_finite, unscale_grads
 
-LossFn = Callable[[nn.Module, Mapping], Any]  # -> loss | (loss, aux dict)
-
-
-# -- the loss ------------------------------------------------------------------------------------
-
-
-def default_loss_fn(model: nn.Module, batch: Mapping) -> torch.Tensor:
-    """The model's own loss: ``outputs["loss"]`` of a dict / ``ModelOutput``, ``outputs[0]`` of a tuple
-    (HF's convention; see :mod:`functrain.adapters.outputs`)."""
-    out = model(**batch, **hf_outputs.no_cache_kwargs(model, batch))
-    loss = hf_outputs.loss_of(out)
-    if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
-        found = f"keys {list(out.keys())}" if isinstance(out, Mapping) else f"a {type(out).__name__}"
-        raise ValueError(f"{type(model).__name__} returned no loss ({found}; the loss is outputs['loss'] of a dict "
-                         "or outputs[0] of a tuple); pass labels in the batch or give make_train_step a "
-                         "loss_fn(model, batch)")
-    return loss
-
-
-def _split_loss(out) -> tuple[torch.Tensor, dict]:
-    loss, aux = (out if isinstance(out, tuple) else (out, {}))
-    if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
-        raise TypeError(f"loss_fn must return a 0-d tensor (or (loss, aux_dict)), got {loss!r:.80}")
-    if not isinstance(aux, Mapping):
-        raise TypeError(f"loss_fn's aux must be a dict of tensors, got {type(aux).__name__}")
-    return loss.float(), dict(aux)
-
-
-class _LossModule(nn.Module):
-    """Holds the user's model so ``functional_call`` can bind state tensors to it (``model.*``)."""
-
-    def __init__(self, model: nn.Module, loss_fn: LossFn):
-        super().__init__()
-        self.model = model
-        self.loss_fn = loss_fn
-
-    def forward(self, batch):
-        return self.loss_fn(self.model, batch)
-
-
-def _prefixed(d: Mapping) -> dict:
-    return {"model." + k: v for k, v in d.items()}
-
-
-def _autocast(policy, device_type: str):
-    if policy.compute_dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device_type, dtype=policy.compute_dtype)
-
-
-# -- hooks a distributed driver replaces ---------------------------------------------------------
-
-
-def _identity(x):
-    return x
-
-
-def _zero_unless_(grads: dict, has_items: torch.Tensor) -> dict:
-    """``torch.where(has_items, g, 0)`` for each gradient, in place where the gradient owns its
-    memory (autograd's fresh results; an expanded view gets a new tensor). No host sync."""
-    no_items = ~has_items
-    return {k: g.masked_fill_(no_items, 0.0) if g.is_contiguous() else torch.where(has_items, g, 0.0)
-            for k, g in grads.items()}
+__all__ = ["default_loss_fn", "find_learning_rate", "make_eval_step", "make_train_step"]
 
 
 # -- the train step ------------------------------------------------------------------------------
@@ -113,6 +54,7 @@ def make_train_step(
     compile_kwargs: dict | None = None,
     differentiate: str = "autograd",
     rng_stream: int = 0,
+    deterministic: bool = False,
     leafwise_update: bool = False,
 ):
     """Build ``train_step(state, batch) -> (new_state, metrics)``, a pure function.
@@ -151,14 +93,18 @@ def make_train_step(
             checkpointing and DTensor params) or ``"func"`` (``torch.func.grad``: composes with
             ``torch.func.vmap``, as the population step in :mod:`functrain.population` needs; no
             activation checkpointing).
+        deterministic: run (and compile) the step with ``torch.use_deterministic_algorithms(True)``
+            (and inductor's ``deterministic`` option): a compiled step is then bitwise repeatable
+            on any thread count (see ``_deterministic_algorithms``). Eager CPU steps are already.
         rng_stream: folded into the state's key before seeding (0: the key as is). Data-parallel
             ranks pass their rank so each draws its own dropout masks from the same state.
         leafwise_update: declare that ``tx`` updates each parameter from its own gradient, state
             and value alone (Adam(W), SGD, Lion, RMSprop, Adagrad; not a global-norm clip or
-            ``apply_if_finite`` inside ``tx``). With ``donate=True`` and ``compile=False`` the
-            update then runs a group of parameters at a time, in place, so eager training holds
-            one copy of params and optimizer state plus one group's temporaries (same numbers;
-            see :mod:`functrain.step.grouped_update`). Ignored otherwise (and with fp16).
+            ``apply_if_finite`` inside ``tx``; weight-decay masks given as functions of the params).
+            With ``donate=True`` and ``compile=False`` the update then runs a group of parameters
+            at a time, in place, so eager training holds one copy of params and optimizer state
+            plus one group's temporaries (same numbers; see :mod:`functrain.step.grouped_update`).
+            Ignored otherwise (compiled steps fuse the donation already) and with fp16.
 
     Metrics (0-d tensors, never read on the host by the step): ``loss`` (mean over the
     supervised items of the whole window), ``grad_norm`` (global norm before clipping),
@@ -167,155 +113,69 @@ def make_train_step(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if not (isinstance(accumulate, int) and accumulate >= 1):
-        raise ValueError(f"accumulate must be an int >= 1, got {accumulate!r}")
     policy = get_policy(precision)
     user_loss = loss_fn is not None
-    loss_fn = loss_fn or default_loss_fn
-    count_items = count_items or batching.make_count_items(model)
-    grad_reduce = grad_reduce or _identity
-    count_reduce = count_reduce or _identity
-    transform_params = param_transform is not None
-    param_transform = param_transform or _identity
     required_keys = tuple(required_keys) if required_keys is not None else (() if user_loss else ("labels",))
     forward_keys = None if user_loss else batching.forward_argument_names(model)
-    if differentiate not in ("autograd", "func"):
-        raise ValueError(f"differentiate must be 'autograd' or 'func', got {differentiate!r}")
-    _check_checkpointing(model)
-    if differentiate == "func" and transform_params:
-        raise ValueError("differentiate='func' (vmapped populations) does not support param_transform "
-                         "(sharded DTensor params need torch.autograd.grad)")
-    if differentiate == "func" and _uses_checkpointing(model):
-        raise ValueError("differentiate='func' (torch.func.grad, used by vmapped populations) cannot run activation "
-                         "checkpointing (it forbids saved-tensor hooks); disable checkpointing for this model")
     if compile and accumulate > 1 and _uses_checkpointing(model):
         # torch 2.13 AOTAutograd rematerializes only one backward region per compiled graph.
         raise ValueError("compile=True with accumulate > 1 cannot use activation checkpointing in torch "
                          f"{torch.__version__} (one recompute region per graph); use accumulate=1 with a "
                          "bigger batch, compile=False, or disable checkpointing")
-    _pin_hf_loss_function(model)
-    loss_module = _LossModule(model, loss_fn)
+    # The blocks (functrain.step.grads / .update): gradients of the window, the update, the loss scale.
+    grad_fn = make_grad_fn(model, loss_fn, accumulate=accumulate, precision=precision, count_items=count_items,
+                           grad_reduce=grad_reduce, count_reduce=count_reduce, param_transform=param_transform,
+                           differentiate=differentiate)
+    module_buffers = buffer_names(model)
     grouped = leafwise_update and donate and not compile and not policy.needs_loss_scale
-
-    def micro_grads(params, buffers, microbatch, weight, scale, has_items):
-        """Gradients of this microbatch's share of the window loss (times the fp16 loss scale).
-
-        weight = count_k / total_count, so the shares sum to the mean over the whole window.
-        Uses ``torch.autograd.grad`` on detached copies of the params (not ``torch.func.grad``,
-        which cannot run activation checkpointing: it forbids saved-tensor hooks).
-        """
-        with torch.enable_grad():
-            leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
-            bound = param_transform(leaves)
-            if transform_params:
-                # The transform's backward may reduce gradients across ranks (sharded mode): a
-                # microbatch without items (NaN loss) must contribute zeros BEFORE that, or its NaN
-                # would reach every rank. where() passes the value through and masks the gradient.
-                bound = {k: torch.where(has_items, v, v.detach()) for k, v in bound.items()}
-            with _autocast(policy, _device_type(params)):
-                out = torch.func.functional_call(loss_module, (_prefixed(bound), _prefixed(buffers)),
-                                                 (microbatch,), tie_weights=True)
-            loss, aux = _split_loss(out)
-            share = loss * weight
-            if scale is not None:
-                share = share * scale
-            grads = torch.autograd.grad(share, list(leaves.values()), allow_unused=True)
-        grads = {k: torch.zeros_like(p) if g is None else g for (k, p), g in zip(params.items(), grads)}
-        return grads, loss.detach(), {k: torch.as_tensor(v).detach().float() for k, v in aux.items()}
-
-    def micro_grads_func(params, buffers, microbatch, weight, scale, has_items):
-        """Same contract as ``micro_grads`` with ``torch.func.grad`` (pure: composes with vmap).
-
-        ``has_items`` is not needed here: without a param_transform, window_grads masks it.
-        """
-
-        def share_of(p):
-            with _autocast(policy, _device_type(p)):
-                out = torch.func.functional_call(loss_module, (_prefixed(p), _prefixed(buffers)), (microbatch,),
-                                                 tie_weights=True)
-            loss, aux = _split_loss(out)
-            share = loss * weight
-            if scale is not None:
-                share = share * scale
-            return share, (loss, {k: torch.as_tensor(v).float() for k, v in aux.items()})
-
-        # torch.func.grad returns zeros for parameters the loss does not use.
-        grads, (loss, aux) = torch.func.grad(share_of, has_aux=True)(params)
-        return grads, loss, aux
-
-    if differentiate == "func":
-        micro_grads = micro_grads_func  # noqa: F811 - chosen once, at build time
-
-    def window_grads(params, buffers, batch, scale):
-        """Summed gradients of the window mean loss, one microbatch at a time."""
-        microbatches = batching.split(batch, accumulate)
-        counts = [count_items(mb) for mb in microbatches]
-        # (a) the single place the window's item count is formed (and reduced across ranks).
-        total = count_reduce(torch.stack(counts).sum())
-        denom = total.float().clamp_min(1.0)
-        grads, loss, aux = None, torch.zeros((), device=denom.device), {}
-        for mb, count in zip(microbatches, counts):
-            weight = count.float() / denom
-            # A microbatch with no supervised items contributes nothing (its mean is 0/0 = NaN).
-            has_items = count > 0
-            g, mb_loss, mb_aux = micro_grads(params, buffers, mb, weight, scale, has_items)
-            if not transform_params and grouped:  # donated eager: no second copy of the gradients
-                g = _zero_unless_(g, has_items)
-            elif not transform_params:  # (with a transform, g may already hold other ranks' sums)
-                g = tree.map(lambda x: torch.where(has_items, x, 0.0), g)
-            grads = g if grads is None else tree.add(grads, g)
-            loss = loss + torch.where(has_items, mb_loss * weight, 0.0)
-            for k, v in mb_aux.items():
-                aux[k] = aux.get(k, 0.0) + torch.where(has_items, v * weight, 0.0)
-        # (b) the single place gradients are reduced across ranks.
-        return grad_reduce(grads), loss, total, aux
 
     def train_core(params, buffers, opt_state, step, loss_scale, batch):
         scale = loss_scale.scale if policy.needs_loss_scale else None
-        grads, loss, total, aux = window_grads(params, buffers, batch, scale)
-        metrics = {"loss": loss, "num_items": total}
-        if policy.needs_loss_scale:
-            grads = unscale(grads, loss_scale)
-            finite = tree.all_finite(grads)
-        grad_norm = tree.global_norm(grads)
-        metrics["grad_norm"] = grad_norm
-        if grouped:
-            clip = clip_factor(grad_norm, max_grad_norm) if max_grad_norm is not None else None
-            update_in_groups_(tx, params, grads, opt_state, clip)  # params and opt_state in place
+        g = grad_fn(params, buffers, batch, scale)
+        # The module's buffers (BatchNorm running statistics, ...) are outputs of the step: the
+        # forward updated copies, so the input state's buffers never change.
+        old_buffers, new_buffers = module_buffers_of(buffers, module_buffers), module_buffers_of(g.buffers, module_buffers)
+        grads, metrics = g.grads, {"loss": g.loss, "num_items": g.num_items}
+        if grouped:  # donated eager, leafwise tx: params and opt_state updated in place
+            metrics["grad_norm"] = apply_update_in_groups_(tx, params, opt_state, grads, max_grad_norm=max_grad_norm,
+                                                           value=g.loss)
+            metrics.update(g.aux)
+            del grads, g
             step.add_(1)
             lr = find_learning_rate(opt_state)
-            if lr is not None:
-                metrics["learning_rate"] = lr.clone()  # the state's tensor changes next step
-            metrics.update(aux)
-            return params, opt_state, step, loss_scale, metrics
-        if max_grad_norm is not None:
-            grads = tree.scale(grads, clip_factor(grad_norm, max_grad_norm))
-        updates, new_opt_state = tx.update(grads, opt_state, params)
-        new_params = apply_updates(params, updates)
+            if lr is not None:  # a new tensor: the state's changes next step
+                metrics["learning_rate"] = lr * _learning_rate_scale(opt_state)
+            if old_buffers:
+                tree.copy_(old_buffers, new_buffers)
+            return params, old_buffers, opt_state, step, loss_scale, metrics
+        if policy.needs_loss_scale:
+            grads, finite = unscale_grads(grads, loss_scale)
+        # value=loss: transforms that use the objective (reduce_on_plateau, ...) get it, others don't.
+        new_params, new_opt_state, metrics["grad_norm"] = apply_update(tx, params, opt_state, grads,
+                                                                       max_grad_norm=max_grad_norm, value=g.loss)
+        new_step, new_loss_scale = step + 1, loss_scale
         if policy.needs_loss_scale:
             # A non-finite step changes nothing but the loss scale: params, optimizer state
-            # (hence the schedule position) and the step counter keep their values.
-            new_params = tree.where(finite, new_params, params)
-            new_opt_state = tree.where(finite, new_opt_state, opt_state)
-            new_step = step + finite.to(step.dtype)
-            new_loss_scale = dynamic_scale_update(loss_scale, finite)
+            # (hence the schedule position), buffers and the step counter keep their values.
+            (new_params, new_opt_state, new_buffers, new_step), new_loss_scale = keep_if_finite(
+                finite, (new_params, new_opt_state, new_buffers, new_step), (params, opt_state, old_buffers, step),
+                loss_scale)
             metrics["loss_scale"] = new_loss_scale.scale
             metrics["skipped"] = ~finite
-        else:
-            new_step = step + 1
-            new_loss_scale = loss_scale
         lr = find_learning_rate(new_opt_state)
         if lr is not None:
-            metrics["learning_rate"] = lr
-        metrics.update(aux)
+            metrics["learning_rate"] = lr * _learning_rate_scale(new_opt_state)
+        metrics.update(g.aux)
         if donate:
             # Write the results into the input storages; inside torch.compile this fuses with the
             # computation, so no second copy of params/optimizer state is ever alive.
             tree.copy_((params, opt_state, step, loss_scale), (new_params, new_opt_state, new_step, new_loss_scale))
-            return params, opt_state, step, loss_scale, metrics
-        return new_params, new_opt_state, new_step, new_loss_scale, metrics
+            if old_buffers:  # (dynamo cannot flatten an empty dict here)
+                tree.copy_(old_buffers, new_buffers)
+            return params, old_buffers, opt_state, step, loss_scale, metrics
+        return new_params, new_buffers, new_opt_state, new_step, new_loss_scale, metrics
 
-    core = _maybe_compile(train_core, compile, compile_kwargs)
+    core = _maybe_compile(train_core, compile, compile_kwargs, deterministic)
 
     def train_step(state: TrainState, batch: Mapping):
         if not isinstance(state, TrainState):
@@ -329,10 +189,10 @@ def make_train_step(
             raise TypeError(f"precision='fp16' needs state.loss_scale to be a DynamicScale, got {type(loss_scale).__name__}")
         key = rnglib.fold_in(state.rng, rng_stream) if rng_stream else state.rng
         with rnglib.seeded(key), _module_mode(model, training=True):
-            params, opt_state, step, loss_scale, metrics = core(
+            params, buffers, opt_state, step, loss_scale, metrics = core(
                 state.params, state.buffers, state.opt_state, state.step, loss_scale, dict(batch))
-        new_state = state.replace(params=params, opt_state=opt_state, step=step, loss_scale=loss_scale,
-                                  rng=rnglib.next_key(state.rng))
+        new_state = state.replace(params=params, buffers={**state.buffers, **buffers}, opt_state=opt_state, step=step,
+                                  loss_scale=loss_scale, rng=rnglib.next_key(state.rng))
         if donate:
             state.mark_consumed("a train_step built with donate=True")
         return new_state, metrics
@@ -356,6 +216,7 @@ def make_eval_step(
     param_transform: Callable | None = None,
     required_keys=None,
     compile_kwargs: dict | None = None,
+    deterministic: bool = False,
 ):
     """Build ``eval_step(state, batch) -> dict``: ``loss`` (mean over the batch's items),
     ``num_items`` and, with ``return_outputs``, ``outputs``.
@@ -386,13 +247,17 @@ def make_eval_step(
         loss, outputs = hf_outputs.split_outputs(out, has_labels, ignore)
         return loss, {"outputs": outputs}
 
-    loss_module = _LossModule(model, loss_fn or default_eval_fn)
+    loss_module = LossModule(model, loss_fn or default_eval_fn)
+    module_buffers = buffer_names(model)
+    grouped = leafwise_update and donate and not compile and not policy.needs_loss_scale
 
-    param_transform = param_transform or _identity
+    param_transform = param_transform or (lambda params: params)
 
     def eval_core(params, buffers, batch):
-        with torch.no_grad(), _autocast(policy, _device_type(params)):
-            out = torch.func.functional_call(loss_module, (_prefixed(param_transform(params)), _prefixed(buffers)),
+        # Copies of the module's buffers: even a forward that writes them leaves the state as it was.
+        buffers = {**buffers, **tree.clone(module_buffers_of(buffers, module_buffers))}
+        with torch.no_grad(), autocast(policy, device_type(params)):
+            out = torch.func.functional_call(loss_module, (prefixed(param_transform(params)), prefixed(buffers)),
                                              (batch,), tie_weights=True)
         loss, aux = out if isinstance(out, tuple) else (out, {})
         result = {}
@@ -408,7 +273,7 @@ def make_eval_step(
                 result["labels"] = aux["labels"]
         return result
 
-    core = _maybe_compile(eval_core, compile, compile_kwargs)
+    core = _maybe_compile(eval_core, compile, compile_kwargs, deterministic)
 
     def eval_step(state: TrainState, batch: Mapping):
         batching.validate(batch, accumulate=1, required_keys=required_keys, model=model, forward_keys=forward_keys)
@@ -421,6 +286,19 @@ def make_eval_step(
 
 
 # -- helpers -------------------------------------------------------------------------------------
+
+
+def _learning_rate_scale(opt_state):
+    """The product of the ``scale`` of states that scale the learning rate (``reduce_on_plateau``)."""
+    if getattr(type(opt_state), "scales_learning_rate", False):
+        return opt_state.scale
+    if isinstance(opt_state, Mapping):
+        opt_state = tuple(opt_state.values())
+    factor = 1.0
+    if isinstance(opt_state, (tuple, list)):
+        for child in opt_state:
+            factor = factor * _learning_rate_scale(child)
+    return factor
 
 
 def find_learning_rate(opt_state) -> torch.Tensor | None:
@@ -450,23 +328,52 @@ def find_learning_rate(opt_state) -> torch.Tensor | None:
     return None
 
 
-def _device_type(params: Mapping) -> str:
-    return next(iter(params.values())).device.type
-
-
-def _maybe_compile(fn, compile_: bool, compile_kwargs: dict | None):
+def _maybe_compile(fn, compile_: bool, compile_kwargs: dict | None, deterministic: bool = False):
     if not compile_:
-        return fn
-    compiled = torch.compile(fn, **{"fullgraph": True, **(compile_kwargs or {})})
+        if not deterministic:
+            return fn
+
+        @functools.wraps(fn)
+        def run_eager(*args):
+            with _deterministic_algorithms():
+                return fn(*args)
+
+        return run_eager
+    kwargs = {"fullgraph": True, **(compile_kwargs or {})}
+    if deterministic and kwargs.get("backend", "inductor") == "inductor" and "mode" not in kwargs:
+        kwargs["options"] = {"deterministic": True, **kwargs.get("options", {})}
+    compiled = torch.compile(fn, **kwargs)
 
     @functools.wraps(fn)
     def run(*args):
         # Without this flag dynamo graph-breaks on torch.autograd.grad (torch 2.13).
-        with torch._dynamo.config.patch(trace_autograd_ops=True):
+        with torch._dynamo.config.patch(trace_autograd_ops=True), \
+                (_deterministic_algorithms() if deterministic else contextlib.nullcontext()):
             return compiled(*args)
 
     run.compiled = compiled
     return run
+
+
+@contextlib.contextmanager
+def _deterministic_algorithms():
+    """``torch.use_deterministic_algorithms(True)`` while the step runs (a process-wide flag, put back after).
+
+    Inductor reads the flag when it compiles: without it, accumulating scatters (``index_put_`` /
+    ``scatter_add``: the backward of an embedding lookup) become C++ loops split over the threads
+    that ``atomic_add`` into the same rows, so the order of the float additions, hence the last
+    bits, changes from run to run. With it they fall back to aten's kernels, which are
+    deterministic (CPU: serial accumulation; CUDA: sorted indices), and eager CUDA kernels
+    (cuBLAS, scatter) pick their deterministic variants too.
+    """
+    if torch.are_deterministic_algorithms_enabled():
+        yield
+        return
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(False)
 
 
 @contextlib.contextmanager
@@ -488,7 +395,13 @@ def _pin_hf_loss_function(model: nn.Module) -> None:
     the ``loss_function`` property logs a warning and falls back to ``ForCausalLMLoss`` on every
     forward; a logger call inside ``torch.compile(fullgraph=True)`` is a graph break. Setting the
     attribute to the function the property would return keeps the behaviour and the graph whole.
+    Wrapped models (a ``peft.PeftModel`` around a transformers model) get their inner model pinned.
     """
+    for m in model.modules():
+        _pin_one_loss_function(m)
+
+
+def _pin_one_loss_function(model: nn.Module) -> None:
     if "_loss_function" in vars(model) or not isinstance(type(model).__dict__.get("loss_function")
                                                          or getattr(type(model), "loss_function", None), property):
         return

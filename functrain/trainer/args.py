@@ -215,6 +215,8 @@ class TrainingArguments(ArgumentSetters):
                 _fail(f"{name}={value!r} is not valid; expected one of {list(allowed)}")
             setattr(self, name, value)
         self.optim = getattr(self.optim, "value", self.optim)
+        if self.optim in registry.OPTIMIZERS_REFUSED:
+            _fail(f"optim={self.optim!r}: {registry.OPTIMIZERS_REFUSED[self.optim]}")
         if self.optim not in registry.OPTIMIZERS:
             _fail(f"optim={self.optim!r} is not a known optimizer; known: {list(registry.OPTIMIZERS)}")
         sched = getattr(self.lr_scheduler_type, "value", self.lr_scheduler_type)
@@ -287,7 +289,11 @@ class TrainingArguments(ArgumentSetters):
                 setattr(self, name, int(v))
 
     def _check_best_model(self):
-        needs_metric = self.load_best_model_at_end or self.save_strategy == "best"
+        plateau = self.lr_scheduler_type == "reduce_lr_on_plateau"
+        if plateau and self.eval_strategy == "no":
+            _fail("lr_scheduler_type='reduce_lr_on_plateau' lowers the rate after evaluations, but "
+                  "eval_strategy='no'; set eval_strategy")
+        needs_metric = self.load_best_model_at_end or self.save_strategy == "best" or plateau
         if needs_metric and self.metric_for_best_model is None:
             self.metric_for_best_model = "loss"
         if self.metric_for_best_model is not None and self.greater_is_better is None:

@@ -21,9 +21,10 @@ import math
 from typing import Sequence
 
 from functrain.adapters.outputs import batch_size_of
+from functrain.adapters.peft import is_peft_model
 from functrain.core import optim
 from functrain.step import population as P
-from functrain.trainer import registry
+from functrain.trainer import adapter_population, registry
 from functrain.trainer.evaluation import EvalPrediction, pad_and_concatenate
 
 TENSOR_HYPERPARAMETERS = ("learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon",
@@ -60,6 +61,7 @@ class PopulationTrainer:
                                     f"{supported}, got optim={a.optim!r}, lr_scheduler_type={a.lr_scheduler_type!r}")
         self.trainer = trainer
         self.state = None
+        self._buffers = "stacked"  # "shared" for adapters over one frozen base (see _create)
 
     # -- building -----------------------------------------------------------------------------
     def _hyperparams(self, member: dict, max_steps: int) -> dict:
@@ -78,9 +80,13 @@ class PopulationTrainer:
             schedule = P.warmup_linear(learning_rate, num_warmup_steps, max_steps)
             return optim.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=mask)
 
-        model_init = t.model_init or _copy_of(t.model)
         hps = [self._hyperparams(m, max_steps) for m in self.members]
         seeds = [m.get("seed", t.args.seed) for m in self.members]
+        if is_peft_model(t.model) and t.model_init is None:
+            # N adapters over the one frozen base (a copy per member would copy the base N times).
+            self._buffers = "shared"
+            return adapter_population.create_adapter_population(t.model, optim.inject_hyperparams(adamw_linear), hps, seeds=seeds)
+        model_init = t.model_init or _copy_of(t.model)
         return P.create_population(model_init, optim.inject_hyperparams(adamw_linear), hps, seeds=seeds)
 
     # -- training -----------------------------------------------------------------------------
@@ -99,7 +105,7 @@ class PopulationTrainer:
                 if acc not in steps:
                     steps[acc] = P.make_population_train_step(
                         t.model, tx, t._train_loss_fn(), accumulate=acc, precision=a.precision,
-                        max_grad_norm=a.max_grad_norm or None, compile=a.torch_compile)
+                        max_grad_norm=a.max_grad_norm or None, compile=a.torch_compile, buffers=self._buffers)
                 state, metrics = steps[acc](state, window)
                 total = metrics["loss"] if total is None else total + metrics["loss"]
                 done += 1
@@ -114,7 +120,17 @@ class PopulationTrainer:
         """The N trained members as ordinary :class:`TrainState` s."""
         if self.state is None:
             raise RuntimeError("call train() first")
-        return P.unstack_state(self.state)
+        return P.unstack_state(self.state, buffers=self._buffers)
+
+    def save_member_adapters(self, output_dir: str | None = None) -> list[str]:
+        """PEFT members: each trained adapter as its own folder ``output_dir/member-{i}`` (adapter files
+        as ``save_model`` writes them, loadable by ``PeftModel.from_pretrained``)."""
+        if self.state is None:
+            raise RuntimeError("call train() first")
+        if self._buffers != "shared":
+            raise TypeError("save_member_adapters needs a population of peft adapters (a PeftModel given to the "
+                            "Trainer without model_init); save other members from member_states()")
+        return adapter_population.save_member_adapters(self.trainer.model, self.state, output_dir or self.trainer.args.output_dir)
 
     # -- evaluation ---------------------------------------------------------------------------
     def evaluate(self, eval_dataset=None, metric_key_prefix: str = "eval") -> list[dict]:
@@ -125,7 +141,7 @@ class PopulationTrainer:
         loader = t.get_eval_dataloader(eval_dataset)
         with_outputs = t.compute_metrics is not None
         step = P.make_population_eval_step(t.model, t._eval_loss_fn(), precision=t.args.precision,
-                                           return_outputs=with_outputs)
+                                           return_outputs=with_outputs, buffers=self._buffers)
         loss_sum, items, outputs, labels = 0.0, 0, [], []
         for batch in loader:
             out = step(self.state, batch)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from functrain.core import optim
+from functrain.core.optim import hf_names
 from functrain.core.schedules import STEP_SCHEDULES
 
 SUPPORTED, REFUSED, IGNORED, NOT_YET = "supported", "refused", "ignored", "not implemented yet"
@@ -52,8 +53,8 @@ def not_yet(note: str = "") -> FieldStatus:
     return FieldStatus(NOT_YET, note)
 
 
-_LIGER = ("Liger kernels replace the model's modules at run time, which functrain does not do; use torch_compile=True "
-          "for fused kernels")
+_LIGER = ("Liger kernels replace the model's modules at run time, which functrain does not do; use_liger_kernel=True "
+          "selects functrain's own fused linear + cross-entropy, which takes no configuration")
 _DDP_MODULE = ("functrain reduces gradients inside the pure step, not through torch's "
                "DistributedDataParallel module, so this DDP knob has nothing to act on and cannot change results")
 
@@ -81,7 +82,7 @@ FIELDS: dict[str, FieldStatus] = {
     "warmup_ratio": ok("transformers 4.x name, kept for older scripts"),
     "optim": ok(),
     "optim_args": ok(),
-    "optim_target_modules": not_yet("GaLore / APOLLO target modules; issue #17"),
+    "optim_target_modules": ok("the linear layers optim='galore_adamw' projects (a list, a regex or 'all-linear')"),
     "weight_decay": ok(),
     "adam_beta1": ok(),
     "adam_beta2": ok(),
@@ -98,7 +99,8 @@ FIELDS: dict[str, FieldStatus] = {
     "torch_compile": ok(),
     "torch_compile_backend": ok(),
     "torch_compile_mode": ok(),
-    "use_liger_kernel": refused(_LIGER),
+    "use_liger_kernel": ok("trains with functrain's pure-torch chunked fused linear + cross-entropy "
+                           "(functrain.step.fused_loss; no module replacement)"),
     "liger_kernel_config": refused(_LIGER),
     "gradient_checkpointing": ok(),
     "gradient_checkpointing_kwargs": ok(),
@@ -163,7 +165,7 @@ FIELDS: dict[str, FieldStatus] = {
     # -- reproducibility
     "seed": ok(),
     "data_seed": ok(),
-    "full_determinism": not_yet("issue #21"),
+    "full_determinism": ok(),
     # -- devices and data loading
     "use_cpu": ok(),
     "accelerator_config": refused("functrain does not wrap its loaders or step in an accelerate Accelerator (the "
@@ -219,70 +221,41 @@ def field_status(name: str) -> FieldStatus:
 
 
 # -- optimizers: HF ``optim`` name -> builder(args, model, schedule, extra_kwargs) ------------------
+# The builders are the table in functrain.core.optim.hf_names (what transformers.Trainer builds for
+# each name); this adapts TrainingArguments and the model to it.
 
 
-def _decay_labels(model):
-    decay = optim.decay_parameter_names(model)
-    return lambda name, _param: "decay" if name in decay else "no_decay"
+def _hf_hyperparams(a, model, extra: dict) -> hf_names.HFHyperparams:
+    galore = a.optim.startswith("galore") and a.optim_target_modules is not None
+    return hf_names.HFHyperparams(
+        a.adam_beta1, a.adam_beta2, a.adam_epsilon, a.weight_decay,
+        optim.default_weight_decay_mask(model) if a.weight_decay > 0 else None, dict(extra),
+        int(a.warmup_steps) if a.warmup_steps >= 1 else 0,  # HF hands warmup_steps to schedule-free optimizers
+        frozenset(optim.galore_target_names(model, a.optim_target_modules)) if galore else frozenset(),
+        frozenset(optim.decay_parameter_names(model)) if a.weight_decay > 0 else frozenset())
 
 
-def _adamw(a, model, schedule, extra):
-    mask = optim.default_weight_decay_mask(model) if a.weight_decay > 0 else None
-    return optim.adamw(schedule, b1=a.adam_beta1, b2=a.adam_beta2, eps=a.adam_epsilon, weight_decay=a.weight_decay,
-                       mask=mask, **extra)
-
-
-def _adam(a, model, schedule, extra):
-    return optim.adam(schedule, b1=a.adam_beta1, b2=a.adam_beta2, eps=a.adam_epsilon, **extra)
-
-
-def _lion(a, model, schedule, extra):
-    mask = optim.default_weight_decay_mask(model) if a.weight_decay > 0 else None
-    return optim.lion(schedule, b1=a.adam_beta1, b2=a.adam_beta2, weight_decay=a.weight_decay, mask=mask, **extra)
-
-
-def _adafactor(a, model, schedule, extra):
-    """As transformers.Trainer builds it: an external lr (scale_parameter=False, relative_step=False,
-    warmup_init=False) and weight decay only on the decay parameters (its two param groups)."""
-    kw = dict(scale_parameter=False, relative_step=False, warmup_init=False, **extra)
-    if a.weight_decay == 0:
-        return optim.adafactor(schedule, **kw)
-    return optim.partition({"decay": optim.adafactor(schedule, weight_decay=a.weight_decay, **kw),
-                            "no_decay": optim.adafactor(schedule, **kw)}, _decay_labels(model))
-
-
-def _torch_style(make):
-    """SGD/RMSprop/Adagrad with torch's param-group weight decay: masked L2 added to the gradient."""
+def _from_table(name: str):
     def build(a, model, schedule, extra):
-        base = make(schedule, **extra)
-        if a.weight_decay > 0:
-            decay = optim.masked(optim.add_decayed_weights(a.weight_decay), optim.default_weight_decay_mask(model))
-            return optim.chain(decay, base)
-        return base
+        return hf_names.build_hf_optimizer(name, schedule, _hf_hyperparams(a, model, extra))
+
+    build.hf_builder = hf_names.HF_OPTIMIZERS[name]
     return build
 
 
-OPTIMIZERS: dict[str, Callable[..., Any]] = {
-    "adamw_torch": _adamw,
-    "adamw_torch_fused": _adamw,
-    "adamw": _adamw,
-    "adam": _adam,
-    "lion": _lion,
-    "lion_32bit": _lion,
-    "adafactor": _adafactor,
-    "sgd": _torch_style(optim.sgd),
-    "rmsprop": _torch_style(optim.rmsprop),
-    "adagrad": _torch_style(optim.adagrad),
-}
+OPTIMIZERS: dict[str, Callable[..., Any]] = {name: _from_table(name) for name in hf_names.HF_OPTIMIZERS}
+# HF names refused, with why and what to use instead.
+OPTIMIZERS_REFUSED: dict[str, str] = dict(hf_names.REFUSED_HF_OPTIMIZERS)
 
 # The optimizers whose update of each parameter reads only that parameter's gradient, state and
 # value (so a donated eager step may update them a group at a time: functrain.step.grouped_update).
 LEAFWISE_OPTIMIZERS: frozenset[str] = frozenset(
-    n for n, build in OPTIMIZERS.items() if build is not _adafactor)
+    {"adamw_torch", "adamw_torch_fused", "adamw", "adam", "sgd", "lion", "lion_32bit", "rmsprop", "adagrad"})
 
 # What PopulationTrainer can vary per member inside one vmapped step: AdamW (the names that build it)
 # with HF's linear warmup/decay, both reading their hyperparameters from the state.
-POPULATION_OPTIMIZERS: tuple[str, ...] = tuple(n for n, build in OPTIMIZERS.items() if build is _adamw)
+POPULATION_OPTIMIZERS: tuple[str, ...] = tuple(n for n, build in OPTIMIZERS.items()
+                                               if build.hf_builder is hf_names.HF_OPTIMIZERS["adamw"])
 POPULATION_SCHEDULES: tuple[str, ...] = ("linear",)
 
 
@@ -293,11 +266,11 @@ def build_optimizer(args, model, schedule, extra: dict | None = None):
 
 # -- learning-rate schedules ---------------------------------------------------------------------
 
-# Every step-function schedule of functrain.schedules.get_schedule, by HF name.
-SCHEDULES: tuple[str, ...] = tuple(STEP_SCHEDULES)
+# Every step-function schedule of functrain.schedules.get_schedule, by HF name, and
+# reduce_lr_on_plateau (the Trainer chains optim.reduce_on_plateau and feeds it eval metrics).
+SCHEDULES: tuple[str, ...] = tuple(STEP_SCHEDULES) + ("reduce_lr_on_plateau",)
 # HF names that are not a function of the step, with why they are not available.
 SCHEDULES_NOT_YET: dict[str, str] = {
-    "reduce_lr_on_plateau": "it depends on eval metrics (issue #17)",
     "greedy": "it depends on the training loss (not implemented)",
 }
 

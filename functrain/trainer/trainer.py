@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import inspect
 import itertools
 import logging
 import math
@@ -68,6 +67,20 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def enable_full_determinism(seed: int) -> None:
+    """``full_determinism=True``: seed, and make every kernel deterministic, as
+    ``transformers.enable_full_determinism`` does (process-wide, for the rest of the process).
+
+    The train and eval steps are built with ``deterministic=True`` too, so a compiled step is
+    compiled in the same mode (see :func:`functrain.make_train_step`).
+    """
+    set_seed(seed)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":16:8")  # cuBLAS needs it for deterministic matmuls
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
 class Trainer(PublishMixin):
     """Train, evaluate and predict with the Hugging Face ``Trainer`` arguments.
 
@@ -94,7 +107,7 @@ class Trainer(PublishMixin):
         set_log_level(self.args)
         # Joins the process group when launched by torchrun / accelerate (no-op for one process).
         self.dist = fd.init_distributed(self.args.ddp_backend, datetime.timedelta(seconds=self.args.ddp_timeout))
-        set_seed(self.args.seed)
+        (enable_full_determinism if self.args.full_determinism else set_seed)(self.args.seed)
         self.model_init = model_init
         if model is None:
             if model_init is None:
@@ -103,6 +116,7 @@ class Trainer(PublishMixin):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = self._place(model)
+        _check_peft(model, self.args)
         self.optimizer, self.lr_scheduler = _check_optimizers(optimizers)
         if self.args.eval_strategy != "no" and eval_dataset is None:
             raise ValueError(f"eval_strategy={self.args.eval_strategy!r} needs an eval_dataset; pass one or set "
@@ -265,16 +279,39 @@ class Trainer(PublishMixin):
 
     # -- optimizer --------------------------------------------------------------------------------
     def create_scheduler(self, num_training_steps: int):
-        """The learning-rate schedule for ``lr_scheduler_type`` (a pure function of the step)."""
+        """The learning-rate schedule for ``lr_scheduler_type`` (a pure function of the step).
+
+        ``reduce_lr_on_plateau`` is a constant rate here; ``create_optimizer`` chains the plateau
+        scale onto the optimizer and ``_evaluate`` feeds it (see ``_plateau_settings``).
+        """
         from functrain.core.schedules import get_schedule
 
         a = self.args
+        if a.lr_scheduler_type == "reduce_lr_on_plateau":
+            return get_schedule("constant", a.learning_rate, num_training_steps=num_training_steps)
         return get_schedule(a.lr_scheduler_type, a.learning_rate, num_training_steps=num_training_steps,
                             num_warmup_steps=a.get_warmup_steps(num_training_steps), **a.lr_scheduler_kwargs)
 
     def create_optimizer(self, schedule):
         """The functrain optimizer for ``args.optim`` (weight decay skips biases and norms, as HF)."""
-        return registry.build_optimizer(self.args, self.model, schedule, _parse_optim_args(self.args.optim_args))
+        tx = registry.build_optimizer(self.args, self.model, schedule, _parse_optim_args(self.args.optim_args))
+        plateau = self._plateau_settings()
+        if plateau is not None:
+            tx = optim.chain(tx, optim.reduce_on_plateau(**plateau, observe="external"))
+        return tx
+
+    def _plateau_settings(self) -> dict | None:
+        """``reduce_on_plateau`` arguments for HF's ``reduce_lr_on_plateau`` (torch's kwargs), else None."""
+        a = self.args
+        if a.lr_scheduler_type != "reduce_lr_on_plateau":
+            return None
+        from functrain.core.optim.plateau import TORCH_ARGUMENTS
+
+        unknown = sorted(set(a.lr_scheduler_kwargs) - set(TORCH_ARGUMENTS))
+        if unknown:
+            raise ValueError(f"lr_scheduler_kwargs {unknown} are not ReduceLROnPlateau arguments; "
+                             f"expected some of {list(TORCH_ARGUMENTS)}")
+        return optim.plateau_arguments_from_torch(a.learning_rate, **a.lr_scheduler_kwargs)
 
     def create_optimizer_and_scheduler(self, num_training_steps: int):
         if self.optimizer is not None:
@@ -355,6 +392,10 @@ class Trainer(PublishMixin):
         """The step's loss: ``training_step`` (hence ``compute_loss``) when overridden, else the step's
         default (the model's own loss, normalized over the window)."""
         if not self._custom_loss():
+            if self.args.use_liger_kernel:  # HF patches Liger's kernels in; the same loss, logits never whole
+                from functrain.step.fused_loss import causal_lm_fused_loss
+
+                return causal_lm_fused_loss
             return None
 
         def loss_fn(m, batch):
@@ -384,6 +425,7 @@ class Trainer(PublishMixin):
         return make_train_step(self.model, tx, self._train_loss_fn(), accumulate=accumulate, precision=a.precision,
                                compile=a.torch_compile, compile_kwargs=compile_kwargs(a), donate=self._donates(),
                                leafwise_update=self.optimizer is None and a.optim in registry.LEAFWISE_OPTIMIZERS,
+                               deterministic=a.full_determinism,
                                max_grad_norm=a.max_grad_norm or None, required_keys=self._required_label_keys(),
                                **self._distributed_step_kwargs())
 
@@ -446,7 +488,8 @@ class Trainer(PublishMixin):
             self._eval_steps[key] = make_eval_step(
                 self.model, self._eval_loss_fn(with_outputs, ignore_keys),
                 precision="fp32" if a.fp16_full_eval or a.bf16_full_eval else a.precision,
-                compile=a.torch_compile, compile_kwargs=compile_kwargs(a), return_outputs=with_outputs,
+                compile=a.torch_compile, compile_kwargs=compile_kwargs(a), deterministic=a.full_determinism,
+                return_outputs=with_outputs,
                 param_transform=full_eval_params(a, fd.gather_params if a.sharded else None))
         return self._eval_steps[key]
 
@@ -465,9 +508,26 @@ class Trainer(PublishMixin):
         return state
 
     def _state_for_eval(self) -> TrainState:
-        if self.train_state is not None:
-            return self.train_state
+        if self.train_state is not None:  # schedule-free: evaluate the averaged x (HF: optimizer.eval())
+            s = self.train_state
+            return s.replace(params=optim.schedule_free_eval_params(s.opt_state, s.params))
         return TrainState.create(self.model, optim.identity(), seed=self.args.seed)
+
+    def _share_state_with_model(self) -> None:
+        """Point the module's parameters and buffers at the state's tensors (no copy).
+
+        Whatever reads ``self.model`` between steps (callbacks receive it, user code holds it)
+        then sees the state training has reached, never the stale tensors of an earlier one; and
+        the module no longer keeps a third copy of the weights alive. Sharded states hold shards:
+        there the module is filled by copying (``_sync_model``) on save and at the end.
+        """
+        if self.args.sharded and fd.is_distributed():
+            return
+        s = self.train_state
+        for name, t in itertools.chain(self.model.named_parameters(), self.model.named_buffers()):
+            src = s.params.get(name, s.buffers.get(name))
+            if src is not None and src is not t and src.shape == t.shape and src.dtype == t.dtype:
+                t.data = src
 
     def _sync_model(self) -> None:
         """Copy the state's params and buffers into the user's module, so it reflects training."""
@@ -544,6 +604,7 @@ class Trainer(PublishMixin):
             self.state.compute_steps(a, max_steps)
         self.train_state = state
         self.callback_handler.train_state = state
+        self._share_state_with_model()
         self.callback_handler.train_dataloader = loader
         if fd.is_main_process():
             ck.remove_stale_temporaries(a.output_dir)
@@ -603,7 +664,7 @@ class Trainer(PublishMixin):
         stop_agreement, stop_for_signal = fd.StopAgreement(), False
         self.control = handler.on_train_begin(a, self.state, self.control)
         if a.eval_on_start and start_step == 0:
-            self._evaluate(ignore_keys_for_eval)
+            self._evaluate(ignore_keys_for_eval, skip_scheduler=True)
         seed = position.get("seed")
         epoch = position["epoch"]
         done = self.state.global_step >= self.state.max_steps
@@ -617,6 +678,7 @@ class Trainer(PublishMixin):
                 step_fn = self._step_for_rows(rows)
                 state, metrics = step_fn(self.train_state, window)
                 self.train_state = handler.train_state = state
+                self._share_state_with_model()
                 self.control = compat.optimizer_events(handler, a, self.state, self.control, step_fn.accumulate)
                 self._flos += float(self.floating_point_ops(window))
                 loss = metrics["loss"].detach().float().cpu() if metrics["loss"].device.type == "cpu" \
@@ -673,7 +735,8 @@ class Trainer(PublishMixin):
                            self.state.global_step)
         if a.load_best_model_at_end and self.state.best_model_checkpoint and not stop_for_signal:
             self._load_best_model()
-        self._sync_model()
+        self._share_state_with_model()
+        self._sync_model()  # sharded: gathers the shards into the module
         runtime = time.perf_counter() - start_time
         self.store_flos()
         steps = self.state.global_step - start_step
@@ -765,8 +828,17 @@ class Trainer(PublishMixin):
         self._log_timer = time.perf_counter()
         return logs
 
-    def _evaluate(self, ignore_keys=None) -> dict:
-        return self.evaluate(ignore_keys=ignore_keys)
+    def _evaluate(self, ignore_keys=None, skip_scheduler: bool = False) -> dict:
+        metrics = self.evaluate(ignore_keys=ignore_keys)
+        plateau = self._plateau_settings()
+        if plateau is not None and not skip_scheduler:  # HF steps ReduceLROnPlateau with the metric here
+            key = self._metric_key()
+            if key not in metrics:
+                raise KeyError(f"metric_for_best_model={self.args.metric_for_best_model!r}: {key!r} is not among the "
+                               f"evaluation metrics {sorted(metrics)}; reduce_lr_on_plateau needs it")
+            opt_state = optim.observe_plateau(self.train_state.opt_state, metrics[key], **plateau)
+            self.train_state = self.callback_handler.train_state = self.train_state.replace(opt_state=opt_state)
+        return metrics
 
     def _metric_key(self) -> str:
         key = self.args.metric_for_best_model
@@ -828,11 +900,21 @@ class Trainer(PublishMixin):
             self._push_from_checkpoint(path)
         return path
 
-    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Save the weights (safetensors), config and processing class, loadable by ``from_pretrained``."""
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False, *,
+                   merge_adapter: bool = False) -> None:
+        """Save the weights (safetensors), config and processing class, loadable by ``from_pretrained``.
+
+        A ``peft.PeftModel`` is saved as its adapter only (as transformers does), loadable by
+        ``PeftModel.from_pretrained(base, output_dir)``; ``merge_adapter=True`` (functrain only)
+        writes the base model with the adapter merged in (``merge_and_unload``) instead.
+        """
         output_dir = output_dir or self.args.output_dir
         self._sync_model()  # gathers sharded params on every rank
-        if fd.is_main_process():
+        if fd.is_main_process() and merge_adapter:
+            from functrain.adapters.peft import save_merged
+
+            save_merged(self.model, output_dir, processing_class=self.processing_class)
+        elif fd.is_main_process():
             ck.write_model(self.model, output_dir, processing_class=self.processing_class)
             self.args.save_to_json(os.path.join(output_dir, ck.ARGS_FILE))
         fd.barrier()
@@ -1082,6 +1164,12 @@ def _map_data_position(position: dict, global_window: int) -> dict:
                          f"a whole number of this run's global batches ({global_window} = per_device_train_batch_size "
                          "x gradient_accumulation_steps x world size); resume with a global batch that divides it")
     return {**position, "batch_index": samples // global_window}
+
+
+def _check_peft(model, args) -> None:
+    from functrain.adapters.peft import check_trainer_arguments
+
+    check_trainer_arguments(model, args)
 
 
 def _check_optimizers(optimizers):

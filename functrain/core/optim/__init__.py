@@ -4,9 +4,13 @@ from .base import (
     EmptyState,
     GradientTransformation,
     apply_updates,
+    GradientTransformationExtraArgs,
     chain,
     identity,
+    named_chain,
     stateless,
+    update_with_extra_args,
+    with_extra_args_support,
 )
 from .transforms import (
     ClipByGlobalNormState,
@@ -17,6 +21,7 @@ from .transforms import (
     ScaleByLionState,
     ScaleByRmsState,
     ScaleByRssState,
+    ScaleByScheduleState,
     TraceState,
     add_decayed_weights,
     clip_by_global_norm,
@@ -43,7 +48,52 @@ from .combine import (
     multi_transform,
     partition,
 )
-from .aliases import adafactor, adagrad, adam, adamw, lion, rmsprop, sgd
+from .adam_family import (
+    ScaleByAdaDeltaState,
+    ScaleByAdamaxState,
+    ScaleByNAdamState,
+    ScaleByRAdamState,
+    scale_by_adadelta,
+    scale_by_adamax,
+    scale_by_nadam,
+    scale_by_radam,
+)
+from .trust_ratio import scale_by_trust_ratio, set_to_zero
+from .muon import ScaleByMuonState, scale_by_muon
+from .plateau import ReduceLROnPlateauState, observe_plateau, plateau_arguments_from_torch, reduce_on_plateau
+from .schedule_free import (
+    ScheduleFreeState,
+    schedule_free_adamw,
+    schedule_free_eval_params,
+    schedule_free_sgd,
+    schedule_free_step,
+)
+from .prodigy import ProdigyState, prodigy
+from .galore import GaLoreAdamState, galore_adamw, galore_target_names
+from .wrappers import (
+    LookaheadState,
+    MultiSteps,
+    MultiStepsState,
+    ParamEmaState,
+    lookahead,
+    param_ema,
+    with_param_ema,
+)
+from .aliases import (
+    adadelta,
+    adafactor,
+    adagrad,
+    adam,
+    adamax,
+    adamw,
+    lamb,
+    lars,
+    lion,
+    muon,
+    nadam,
+    radam,
+    rmsprop,
+    sgd,
+)
 from .masks import decay_parameter_names, default_weight_decay_mask
 
-momentum = trace

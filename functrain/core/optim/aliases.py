@@ -10,7 +10,10 @@ from __future__ import annotations
 import torch
 
 from .base import GradientTransformation, as_hyperparam, chain, identity
+from . import adam_family as F
+from . import muon as M
 from . import transforms as T
+from . import trust_ratio as R
 
 
 def _decay(weight_decay, mask) -> GradientTransformation:
@@ -44,33 +47,42 @@ def adam(learning_rate, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, *,
     )
 
 
-def sgd(learning_rate, momentum=0.0, *, nesterov: bool = False, dampening=0.0,
+def _has_momentum(momentum) -> bool:
+    return momentum is not None and not (isinstance(momentum, (int, float)) and momentum == 0)
+
+
+def sgd(learning_rate, momentum=None, nesterov: bool = False, *, dampening=0.0,
         weight_decay=0.0) -> GradientTransformation:
-    """SGD with optional momentum, matching ``torch.optim.SGD`` (L2 weight decay on the gradient)."""
-    has_momentum = not (isinstance(momentum, (int, float)) and momentum == 0)
-    if nesterov and not has_momentum:
+    """SGD with optional momentum (optax defaults: ``momentum=None``, no momentum state).
+
+    Matches ``torch.optim.SGD`` with the same arguments (``weight_decay`` is L2 added to the
+    gradient; ``dampening`` is torch's, optax has none).
+    """
+    if nesterov and not _has_momentum(momentum):
         raise ValueError("nesterov=True needs momentum > 0")
     return chain(
         _decay(weight_decay, None),
-        T.trace(momentum, nesterov=nesterov, dampening=dampening) if has_momentum else identity(),
+        T.trace(momentum, nesterov=nesterov, dampening=dampening) if _has_momentum(momentum) else identity(),
         T.scale_by_learning_rate(learning_rate),
     )
 
 
-def rmsprop(learning_rate, decay=0.99, eps=1e-8, *, centered: bool = False, momentum=0.0,
-            nesterov: bool = False, weight_decay=0.0, initial_scale=0.0) -> GradientTransformation:
-    """RMSprop matching ``torch.optim.RMSprop`` (``decay`` is torch's ``alpha``, default 0.99).
+def rmsprop(learning_rate, decay=0.9, eps=1e-8, initial_scale=0.0, eps_in_sqrt: bool = True, *,
+            centered: bool = False, momentum=None, nesterov: bool = False, weight_decay=0.0) -> GradientTransformation:
+    """RMSprop with optax's defaults (``decay=0.9``, ``eps`` inside the square root, no momentum).
 
-    ``weight_decay`` is L2 added to the gradient; ``momentum`` accumulates the preconditioned
-    gradient (``buf = momentum * buf + g / denom``) before the learning rate, as torch does.
+    ``torch.optim.RMSprop`` is ``decay=0.99, eps_in_sqrt=False`` (``decay`` is its ``alpha``); the
+    Trainer's ``optim="rmsprop"`` builds exactly that. ``weight_decay`` is L2 added to the
+    gradient; ``momentum`` accumulates the preconditioned gradient before the learning rate
+    (``buf = momentum * buf + g / denom``), as torch does (optax applies it after the learning rate;
+    the two agree unless the learning rate changes).
     """
-    has_momentum = not (isinstance(momentum, (int, float)) and momentum == 0)
-    if nesterov and not has_momentum:
+    if nesterov and not _has_momentum(momentum):
         raise ValueError("nesterov=True needs momentum > 0")
     return chain(
         _decay(weight_decay, None),
-        T.scale_by_rms(decay, eps, centered=centered, initial_scale=initial_scale),
-        T.trace(momentum, nesterov=nesterov) if has_momentum else identity(),
+        T.scale_by_rms(decay, eps, centered=centered, initial_scale=initial_scale, eps_in_sqrt=eps_in_sqrt),
+        T.trace(momentum, nesterov=nesterov) if _has_momentum(momentum) else identity(),
         T.scale_by_learning_rate(learning_rate),
     )
 
@@ -122,4 +134,76 @@ def adafactor(learning_rate=None, eps=(1e-30, 1e-3), clip_threshold=1.0, decay_r
         T.scale_by_adafactor_step(learning_rate, eps=eps[1], beta1=beta1, weight_decay=weight_decay,
                                   scale_parameter=scale_parameter, relative_step=relative_step,
                                   warmup_init=warmup_init),
+    )
+
+
+# -- Adam's relatives (torch.optim's computations; see adam_family for where optax differs) ------
+
+
+def _l2_or_decoupled(weight_decay, decoupled: bool, mask=None):
+    """(before, after) the preconditioner: torch's L2 on the gradient, or decoupled decay."""
+    decay = _decay(weight_decay, mask)
+    return (identity(), decay) if decoupled else (decay, identity())
+
+
+def adamax(learning_rate, b1=0.9, b2=0.999, eps=1e-8, *, weight_decay=0.0) -> GradientTransformation:
+    """Adamax (optax defaults; matches ``torch.optim.Adamax``, whose ``weight_decay`` is L2)."""
+    return chain(_decay(weight_decay, None), F.scale_by_adamax(b1, b2, eps), T.scale_by_learning_rate(learning_rate))
+
+
+def radam(learning_rate, b1=0.9, b2=0.999, eps=1e-8, threshold=5.0, *, weight_decay=0.0,
+          decoupled_weight_decay: bool = False) -> GradientTransformation:
+    """RAdam matching ``torch.optim.RAdam`` (see ``scale_by_radam`` for optax's two differences)."""
+    before, after = _l2_or_decoupled(weight_decay, decoupled_weight_decay)
+    return chain(before, F.scale_by_radam(b1, b2, eps, threshold), after, T.scale_by_learning_rate(learning_rate))
+
+
+def nadam(learning_rate, b1=0.9, b2=0.999, eps=1e-8, *, momentum_decay=4e-3, weight_decay=0.0,
+          decoupled_weight_decay: bool = False) -> GradientTransformation:
+    """NAdam matching ``torch.optim.NAdam`` (momentum schedule; optax's ``nadam`` has none)."""
+    before, after = _l2_or_decoupled(weight_decay, decoupled_weight_decay)
+    return chain(before, F.scale_by_nadam(b1, b2, eps, momentum_decay), after, T.scale_by_learning_rate(learning_rate))
+
+
+def adadelta(learning_rate=1.0, rho=0.9, eps=1e-6, weight_decay=0.0) -> GradientTransformation:
+    """Adadelta matching ``torch.optim.Adadelta`` (L2 ``weight_decay``; torch's ``lr=1.0`` default,
+    optax requires a learning rate)."""
+    return chain(_decay(weight_decay, None), F.scale_by_adadelta(rho, eps), T.scale_by_learning_rate(learning_rate))
+
+
+# -- trust ratios, Muon ---------------------------------------------------------------------------
+
+
+def lamb(learning_rate, b1=0.9, b2=0.999, eps=1e-6, weight_decay=0.0, *, mask=None) -> GradientTransformation:
+    """LAMB (You et al. 2020), optax's definition: Adam direction plus decoupled decay, scaled per
+    leaf by ``||param|| / ||direction||``."""
+    return chain(T.scale_by_adam(b1, b2, eps), _decay(weight_decay, mask), R.scale_by_trust_ratio(),
+                 T.scale_by_learning_rate(learning_rate))
+
+
+def lars(learning_rate, weight_decay=0.0, trust_coefficient=0.001, eps=0.0, momentum=0.9,
+         nesterov: bool = False, *, mask=None) -> GradientTransformation:
+    """LARS (You et al. 2017), optax's definition: L2 decay, trust ratio
+    ``trust_coefficient * ||param|| / (||g|| + eps)``, learning rate, then momentum."""
+    return chain(_decay(weight_decay, mask), R.scale_by_trust_ratio(trust_coefficient=trust_coefficient, eps=eps),
+                 T.scale_by_learning_rate(learning_rate),
+                 T.trace(momentum, nesterov=nesterov) if _has_momentum(momentum) else identity())
+
+
+def muon(learning_rate, beta=0.95, weight_decay=0.1, *, nesterov: bool = True, ns_steps: int = 5,
+         adjust_lr_fn: str | None = None, adam_b1=0.9, adam_b2=0.999, adam_eps=1e-8, adam_weight_decay=0.0,
+         muon_labels=None) -> GradientTransformation:
+    """Muon for the 2-D parameters (``torch.optim.Muon``), AdamW for the others.
+
+    ``muon_labels(name, param) -> bool`` picks the Muon parameters (default: ``param.ndim == 2``;
+    embeddings and output heads are often better left to AdamW).
+    """
+    from functrain.core.optim.combine import partition
+
+    pick = muon_labels or (lambda name, p: p.ndim == 2)
+    return partition(
+        {"muon": chain(M.scale_by_muon(beta, nesterov=nesterov, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn),
+                       _decay(weight_decay, None), T.scale_by_learning_rate(learning_rate)),
+         "adam": adamw(learning_rate, adam_b1, adam_b2, adam_eps, adam_weight_decay)},
+        lambda name, p: "muon" if pick(name, p) else "adam",
     )

@@ -36,6 +36,36 @@ class GradientTransformation(NamedTuple):
     update: Callable[..., tuple[Updates, OptState]]
 
 
+class GradientTransformationExtraArgs(GradientTransformation):
+    """A transformation whose ``update(updates, state, params=None, **extra_args)`` takes extra
+    keyword arguments (optax's class of the same name).
+
+    The train step passes ``value=loss`` (the window's mean loss, a 0-d tensor), so a transform can
+    use the objective (``reduce_on_plateau``, Polyak step sizes, line searches). Combinators
+    (``chain``, ``masked``, ``partition``, ...) forward the extra arguments to the transforms that
+    take them; plain :class:`GradientTransformation` updates never see them.
+    """
+
+
+def with_extra_args_support(tx: GradientTransformation) -> GradientTransformationExtraArgs:
+    """``tx`` as a :class:`GradientTransformationExtraArgs` (extra arguments dropped if it takes none)."""
+    if isinstance(tx, GradientTransformationExtraArgs):
+        return tx
+
+    def update(updates, state, params=None, **extra_args):
+        del extra_args
+        return tx.update(updates, state, params)
+
+    return GradientTransformationExtraArgs(tx.init, update)
+
+
+def update_with_extra_args(tx: GradientTransformation, updates, state, params=None, **extra_args):
+    """``tx.update`` with ``extra_args`` passed only where ``tx`` takes them."""
+    if isinstance(tx, GradientTransformationExtraArgs):
+        return tx.update(updates, state, params, **extra_args)
+    return tx.update(updates, state, params)
+
+
 class EmptyState(NamedTuple):
     """The state of a stateless transformation."""
 
@@ -63,16 +93,35 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
     def init(params):
         return tuple(t.init(params) for t in transforms)
 
-    def update(updates, state, params=None):
+    def update(updates, state, params=None, **extra_args):
         if len(state) != len(transforms):
             raise ValueError(f"chain of {len(transforms)} transforms got a state of length {len(state)}")
         new_states = []
         for t, s in zip(transforms, state):
-            updates, s = t.update(updates, s, params)
+            updates, s = update_with_extra_args(t, updates, s, params, **extra_args)
             new_states.append(s)
         return updates, tuple(new_states)
 
-    return GradientTransformation(init, update)
+    return GradientTransformationExtraArgs(init, update)
+
+
+def named_chain(*named_transforms: tuple[str, GradientTransformation]) -> GradientTransformationExtraArgs:
+    """``chain`` whose state is a dict ``{name: state}`` (optax ``named_chain``), for readable states."""
+    names = [n for n, _ in named_transforms]
+    if len(set(names)) != len(names):
+        raise ValueError(f"named_chain: names must be unique, got {names}")
+    inner = chain(*(t for _, t in named_transforms))
+
+    def init(params):
+        return dict(zip(names, inner.init(params)))
+
+    def update(updates, state, params=None, **extra_args):
+        if set(state) != set(names):
+            raise ValueError(f"named_chain of {names} got a state with keys {list(state)}")
+        updates, states = inner.update(updates, tuple(state[n] for n in names), params, **extra_args)
+        return updates, dict(zip(names, states))
+
+    return GradientTransformationExtraArgs(init, update)
 
 
 def apply_updates(params: Params, updates: Updates) -> Params:

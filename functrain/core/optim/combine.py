@@ -20,7 +20,13 @@ from typing import Any, Callable, Hashable, Mapping, NamedTuple
 import torch
 
 from .. import tree
-from .base import GradientTransformation, check_structure, safe_increment
+from .base import (
+    GradientTransformation,
+    GradientTransformationExtraArgs,
+    check_structure,
+    safe_increment,
+    update_with_extra_args,
+)
 
 # -- selecting leaves ----------------------------------------------------------------------------
 
@@ -113,14 +119,15 @@ def masked(inner: GradientTransformation, mask) -> GradientTransformation:
         flags = _resolve_mask(mask, params, names)
         return MaskedState(inner.init(_select(names, leaves, flags)))
 
-    def update(updates, state, params=None):
+    def update(updates, state, params=None, **extra_args):
         names, leaves, treedef = _names_and_leaves(updates, params)
         flags = _resolve_mask(mask, params if params is not None else updates, names, require_any=False)
         sel_params = None if params is None else _select(names, tree.leaves(params), flags)
-        new_sel, inner_state = inner.update(_select(names, leaves, flags), state.inner_state, sel_params)
+        new_sel, inner_state = update_with_extra_args(inner, _select(names, leaves, flags), state.inner_state,
+                                                      sel_params, **extra_args)
         return tree.unflatten(treedef, _merge(leaves, names, flags, new_sel)), MaskedState(inner_state)
 
-    return GradientTransformation(init, update)
+    return GradientTransformationExtraArgs(init, update)
 
 
 # -- partition -----------------------------------------------------------------------------------
@@ -191,7 +198,7 @@ def partition(transforms: Mapping[Hashable, GradientTransformation], labels) -> 
         flags = groups(names, leaves, params)
         return PartitionState({label: t.init(_select(names, leaves, flags[label])) for label, t in transforms.items()})
 
-    def update(updates, state, params=None):
+    def update(updates, state, params=None, **extra_args):
         names, leaves, treedef = _names_and_leaves(updates, params)
         reference = params if params is not None else updates
         flags = groups(names, tree.leaves(reference), reference)
@@ -199,11 +206,12 @@ def partition(transforms: Mapping[Hashable, GradientTransformation], labels) -> 
         new_leaves, new_states = list(leaves), {}
         for label, t in transforms.items():
             sel_params = None if p_leaves is None else _select(names, p_leaves, flags[label])
-            out, new_states[label] = t.update(_select(names, leaves, flags[label]), state.inner_states[label], sel_params)
+            out, new_states[label] = update_with_extra_args(t, _select(names, leaves, flags[label]),
+                                                            state.inner_states[label], sel_params, **extra_args)
             new_leaves = _merge(new_leaves, names, flags[label], out)
         return tree.unflatten(treedef, new_leaves), PartitionState(new_states)
 
-    return GradientTransformation(init, update)
+    return GradientTransformationExtraArgs(init, update)
 
 
 multi_transform = partition
@@ -269,12 +277,12 @@ def inject_hyperparams(factory: Callable[..., GradientTransformation], static_ar
             hp = values(hp, count)
             return InjectHyperparamsState(count, hp, build(hp).init(params))
 
-        def update(updates, state, params=None):
+        def update(updates, state, params=None, **extra_args):
             hp = values(state.hyperparams, state.count)
-            updates, inner_state = build(hp).update(updates, state.inner_state, params)
+            updates, inner_state = update_with_extra_args(build(hp), updates, state.inner_state, params, **extra_args)
             return updates, InjectHyperparamsState(safe_increment(state.count), hp, inner_state)
 
-        return GradientTransformation(init, update)
+        return GradientTransformationExtraArgs(init, update)
 
     wrapped.__name__ = f"inject_hyperparams({getattr(factory, '__name__', 'factory')})"
     wrapped.__doc__ = factory.__doc__
@@ -312,14 +320,14 @@ def apply_if_finite(inner: GradientTransformation, max_consecutive_errors: int) 
         zero = torch.zeros((), dtype=torch.int64, device=device)
         return ApplyIfFiniteState(zero, torch.ones((), dtype=torch.bool, device=device), zero.clone(), inner.init(params))
 
-    def update(updates, state, params=None):
+    def update(updates, state, params=None, **extra_args):
         finite = tree.all_finite(updates)
         notfinite_count = torch.where(finite, torch.zeros_like(state.notfinite_count), safe_increment(state.notfinite_count))
         apply = finite | (notfinite_count > max_consecutive_errors)
-        new_updates, new_inner = inner.update(updates, state.inner_state, params)
+        new_updates, new_inner = update_with_extra_args(inner, updates, state.inner_state, params, **extra_args)
         out = tree.where(apply, new_updates, tree.zeros_like(new_updates))
         inner_state = tree.where(apply, new_inner, state.inner_state)
         total = torch.where(finite, state.total_notfinite, safe_increment(state.total_notfinite))
         return out, ApplyIfFiniteState(notfinite_count, finite.reshape(()), total, inner_state)
 
-    return GradientTransformation(init, update)
+    return GradientTransformationExtraArgs(init, update)

@@ -64,7 +64,22 @@ def scale_by_learning_rate(learning_rate, *, flip_sign: bool = True) -> Gradient
     return GradientTransformation(init, update)
 
 
-scale_by_schedule = scale_by_learning_rate
+class ScaleByScheduleState(NamedTuple):
+    count: torch.Tensor  # number of updates done, 0-d int64
+
+
+def scale_by_schedule(step_size_fn) -> GradientTransformation:
+    """Multiply updates by ``+step_size_fn(count)`` (optax: no sign flip; use
+    :func:`scale_by_learning_rate` for ``-learning_rate``)."""
+    if not callable(step_size_fn) or isinstance(step_size_fn, torch.Tensor):
+        raise TypeError(f"scale_by_schedule needs a function count -> step size, got {type(step_size_fn).__name__}; "
+                        "for a constant use scale()")
+
+    def update(updates, state, params=None):
+        step_size = torch.as_tensor(step_size_fn(state.count), dtype=torch.float32, device=state.count.device)
+        return tree.scale(updates, step_size), ScaleByScheduleState(safe_increment(state.count))
+
+    return GradientTransformation(lambda params: ScaleByScheduleState(counter_like(params)), update)
 
 
 # -- Adam ----------------------------------------------------------------------------------------
@@ -77,11 +92,14 @@ class ScaleByAdamState(NamedTuple):
     nu_max: tree.PyTree  # running max of nu for amsgrad; an empty tuple otherwise
 
 
-def scale_by_adam(b1=0.9, b2=0.999, eps=1e-8, *, amsgrad: bool = False) -> GradientTransformation:
+def scale_by_adam(b1=0.9, b2=0.999, eps=1e-8, *, amsgrad: bool = False,
+                  mu_dtype: torch.dtype | None = None) -> GradientTransformation:
     """Adam's preconditioning: ``mu_hat / (sqrt(nu_hat) + eps)`` with bias correction.
 
     Computed as ``torch.optim.Adam`` does (``eps`` added after dividing ``sqrt(nu)`` by
-    ``sqrt(1 - b2**t)``), so results agree with it to float rounding.
+    ``sqrt(1 - b2**t)``), so results agree with it to float rounding. ``mu_dtype`` (optax) stores
+    the first moment in that dtype (e.g. ``torch.bfloat16``, half the memory); the update itself
+    is computed in the gradients' dtype before the moment is rounded for storage.
     """
     b1 = as_hyperparam(b1, "b1")
     b2 = as_hyperparam(b2, "b2")
@@ -90,7 +108,7 @@ def scale_by_adam(b1=0.9, b2=0.999, eps=1e-8, *, amsgrad: bool = False) -> Gradi
     def init(params):
         return ScaleByAdamState(
             counter_like(params),
-            tree.zeros_like(params),
+            tree.zeros_like(params, dtype=mu_dtype),
             tree.zeros_like(params),
             tree.zeros_like(params) if amsgrad else (),
         )
@@ -100,7 +118,10 @@ def scale_by_adam(b1=0.9, b2=0.999, eps=1e-8, *, amsgrad: bool = False) -> Gradi
         g, treedef = tree.flatten(updates)
         if not g:  # e.g. an empty group of partition(): _foreach ops reject empty lists
             return updates, state._replace(count=safe_increment(state.count))
-        mu = torch._foreach_lerp(tree.leaves(state.mu), g, 1 - b1)
+        mu_in = tree.leaves(state.mu)
+        if mu_dtype is not None:
+            mu_in = [m.to(x.dtype) for m, x in zip(mu_in, g)]
+        mu = torch._foreach_lerp(mu_in, g, 1 - b1)
         nu = torch._foreach_mul(tree.leaves(state.nu), b2)
         if isinstance(b2, torch.Tensor):
             torch._foreach_add_(nu, torch._foreach_mul(torch._foreach_mul(g, g), 1 - b2))
@@ -124,7 +145,7 @@ def scale_by_adam(b1=0.9, b2=0.999, eps=1e-8, *, amsgrad: bool = False) -> Gradi
         torch._foreach_div_(out, bc1)
         new_state = ScaleByAdamState(
             count,
-            tree.unflatten(treedef, mu),
+            tree.unflatten(treedef, mu if mu_dtype is None else [m.to(mu_dtype) for m in mu]),
             tree.unflatten(treedef, nu),
             tree.unflatten(treedef, nu_max) if amsgrad else (),
         )
@@ -240,12 +261,14 @@ class ScaleByRmsState(NamedTuple):
     mu: tree.PyTree  # running average of gradients (centered=True); an empty tuple otherwise
 
 
-def scale_by_rms(decay=0.99, eps=1e-8, *, centered: bool = False, initial_scale=0.0) -> GradientTransformation:
-    """RMSprop's preconditioning as ``torch.optim.RMSprop`` computes it (``decay`` is its ``alpha``).
+def scale_by_rms(decay=0.9, eps=1e-8, *, centered: bool = False, initial_scale=0.0,
+                 eps_in_sqrt: bool = True) -> GradientTransformation:
+    """RMSprop's preconditioning (optax defaults; ``decay`` is ``torch.optim.RMSprop``'s ``alpha``).
 
-    ``nu = decay * nu + (1 - decay) * g**2``; the update is ``g / (sqrt(nu) + eps)``, or with
-    ``centered=True`` ``g / (sqrt(nu - mu**2) + eps)`` where ``mu`` averages the gradients.
-    (``eps`` is added after the square root, as in torch; optax's default puts it inside.)
+    ``nu = decay * nu + (1 - decay) * g**2``; the update is ``g / sqrt(nu + eps)`` (optax's
+    ``eps_in_sqrt=True``) or ``g / (sqrt(nu) + eps)`` (``eps_in_sqrt=False``, torch's placement).
+    With ``centered=True`` ``nu - mu**2`` replaces ``nu``, ``mu`` averaging the gradients.
+    torch's RMSprop is ``decay=0.99, eps_in_sqrt=False``.
     """
     decay = as_hyperparam(decay, "decay")
     eps = as_hyperparam(eps, "eps")
@@ -268,8 +291,11 @@ def scale_by_rms(decay=0.99, eps=1e-8, *, centered: bool = False, initial_scale=
             denom = torch._foreach_sub(nu, torch._foreach_mul(mu, mu))
         else:
             denom = nu
-        denom = torch._foreach_sqrt(denom)
-        torch._foreach_add_(denom, eps)
+        if eps_in_sqrt:
+            denom = torch._foreach_sqrt(torch._foreach_add(denom, eps))
+        else:
+            denom = torch._foreach_sqrt(denom)
+            torch._foreach_add_(denom, eps)
         out = torch._foreach_div(g, denom)
         new_state = ScaleByRmsState(tree.unflatten(treedef, nu), tree.unflatten(treedef, mu) if centered else ())
         return tree.unflatten(treedef, out), new_state
@@ -277,9 +303,9 @@ def scale_by_rms(decay=0.99, eps=1e-8, *, centered: bool = False, initial_scale=
     return GradientTransformation(init, update)
 
 
-def scale_by_stddev(decay=0.99, eps=1e-8, *, initial_scale=0.0) -> GradientTransformation:
+def scale_by_stddev(decay=0.9, eps=1e-8, *, initial_scale=0.0, eps_in_sqrt: bool = True) -> GradientTransformation:
     """Centered RMSprop preconditioning: ``scale_by_rms(..., centered=True)``."""
-    return scale_by_rms(decay, eps, centered=True, initial_scale=initial_scale)
+    return scale_by_rms(decay, eps, centered=True, initial_scale=initial_scale, eps_in_sqrt=eps_in_sqrt)
 
 
 class ScaleByRssState(NamedTuple):

@@ -1,0 +1,137 @@
+"""Fused linear + cross-entropy for causal LMs, in pure torch: what Liger's kernel does on GPU.
+
+The output projection and the loss are computed a chunk of tokens at a time, and the gradients of
+each chunk are formed right there (the loss is the last op, so ``d loss / d logits`` is
+``softmax - onehot`` and needs no upstream gradient), so the ``[tokens, vocab]`` logits, their
+softmax and their gradient never exist at full size: peak memory holds one chunk's worth. The
+forward does the three matmuls a plain forward + backward does, so it costs about the same time.
+
+Without gradients (evaluation) only the chunked loss is computed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+IGNORE_INDEX = -100
+
+
+def _chunk_size(n_tokens: int, vocab: int) -> int:
+    """Tokens per chunk: a power of two whose fp32 logits take ~32 MB (8M elements), at least 64.
+
+    (Liger's GPU rule, about ``vocab / hidden`` chunks, makes chunks too small for CPU matmuls.)
+    """
+    size = max(64, 1 << max(0, ((1 << 23) // max(vocab, 1)).bit_length() - 1))
+    return min(size, max(n_tokens, 1))
+
+
+def _chunk_logits(h, weight, bias):
+    logits = (h @ weight.T).float()
+    return logits if bias is None else logits + bias.float()
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of ``hidden @ weight.T (+ bias)`` against ``labels``; gradients made in forward."""
+
+    @staticmethod
+    def forward(hidden, weight, bias, labels, ignore_index, chunk_size):
+        valid_all = labels != ignore_index
+        denom = valid_all.sum().clamp_min(1).float()
+        loss = hidden.new_zeros((), dtype=torch.float32)
+        grad_h = torch.empty_like(hidden)
+        grad_w = torch.zeros_like(weight, dtype=torch.float32)
+        grad_b = None if bias is None else torch.zeros_like(bias, dtype=torch.float32)
+        for start in range(0, hidden.shape[0], chunk_size):
+            h, y = hidden[start:start + chunk_size], labels[start:start + chunk_size]
+            valid = y != ignore_index
+            target = torch.where(valid, y, 0).unsqueeze(1)
+            logits = _chunk_logits(h, weight, bias)
+            lse = torch.logsumexp(logits, dim=-1)
+            loss = loss + ((lse - logits.gather(1, target).squeeze(1)) * valid).sum()
+            # d(sum of losses)/d logits = softmax - onehot, zero on ignored tokens, / denom for the mean
+            g = torch.exp(logits - lse.unsqueeze(1))
+            g = g.scatter_add(1, target, torch.full_like(target, -1, dtype=g.dtype))
+            g = g * (valid.float() / denom).unsqueeze(1)
+            grad_h[start:start + chunk_size] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
+            grad_w = grad_w + g.T @ h.float()
+            if grad_b is not None:
+                grad_b = grad_b + g.sum(0)
+        grad_w = grad_w.to(weight.dtype)
+        grad_b = None if grad_b is None else grad_b.to(bias.dtype)
+        return loss / denom, grad_h, grad_w, grad_b
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, grad_h, grad_w, grad_b = output
+        ctx.mark_non_differentiable(*(t for t in (grad_h, grad_w, grad_b) if t is not None))
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        scaled = [None if g is None else g * grad_loss.to(g.dtype) for g in (grad_h, grad_w, grad_b)]
+        return scaled[0], scaled[1], scaled[2], None, None, None
+
+
+def _chunked_loss(hidden, weight, bias, labels, ignore_index, chunk_size):
+    """The loss alone, chunk by chunk (no gradients kept)."""
+    valid_all = labels != ignore_index
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], chunk_size):
+        y = labels[start:start + chunk_size]
+        logits = _chunk_logits(hidden[start:start + chunk_size], weight, bias)
+        valid = y != ignore_index
+        picked = logits.gather(1, torch.where(valid, y, 0).unsqueeze(1)).squeeze(1)
+        total = total + ((torch.logsumexp(logits, dim=-1) - picked) * valid).sum()
+    return total / valid_all.sum().clamp_min(1).float()
+
+
+def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias=None, *,
+                               ignore_index: int = IGNORE_INDEX, chunk_size: int | None = None) -> torch.Tensor:
+    """``cross_entropy(hidden @ weight.T + bias, labels)`` (mean over non-ignored tokens), chunked.
+
+    ``hidden`` is ``[tokens, hidden]`` (or any leading shape, flattened), ``weight`` ``[vocab, hidden]``,
+    ``labels`` the matching token ids with ``ignore_index`` where there is no target.
+    """
+    if weight.ndim != 2 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"fused_linear_cross_entropy: hidden [..., {hidden.shape[-1]}] does not match "
+                         f"weight {tuple(weight.shape)} (expected [vocab, hidden])")
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    labels = labels.reshape(-1)
+    if labels.shape[0] != hidden.shape[0]:
+        raise ValueError(f"fused_linear_cross_entropy: {labels.shape[0]} labels for {hidden.shape[0]} tokens")
+    chunk = chunk_size or _chunk_size(hidden.shape[0], weight.shape[0])
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    if not needs_grad:
+        return _chunked_loss(hidden, weight, bias, labels, ignore_index, chunk)
+    return _FusedLinearCrossEntropy.apply(hidden, weight, bias, labels, ignore_index, chunk)[0]
+
+
+def causal_lm_fused_loss(model: nn.Module, batch: Mapping) -> torch.Tensor:
+    """A ``loss_fn(model, batch)`` for transformers causal LMs: the model's own loss (labels shifted
+    by one, ``-100`` ignored, mean over predicted tokens) without materializing the logits.
+
+    Runs the decoder (``model.get_decoder()``) for the last hidden states and applies
+    :func:`fused_linear_cross_entropy` with the output embeddings' weight.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if not isinstance(head, nn.Linear) or decoder is None:
+        raise TypeError(f"the fused LM loss needs a transformers causal LM (get_decoder() and an nn.Linear "
+                        f"get_output_embeddings()); {type(model).__name__} has not both")
+    config = getattr(model, "config", None)
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+        raise ValueError(f"{type(model).__name__} transforms its logits (softcapping / scaling); the fused loss "
+                         "computes plain cross-entropy, so it would train a different objective")
+    if "labels" not in batch:
+        raise ValueError("the fused LM loss needs 'labels' in the batch")
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "shift_labels")}
+    hidden = decoder(**inputs, use_cache=False).last_hidden_state
+    if "shift_labels" in batch:
+        labels = batch["shift_labels"]
+    else:  # HF ForCausalLMLoss: position t predicts token t + 1; the last position predicts nothing
+        labels = nn.functional.pad(batch["labels"], (0, 1), value=IGNORE_INDEX)[..., 1:]
+    return fused_linear_cross_entropy(hidden, head.weight, labels.to(hidden.device), head.bias)

@@ -1,0 +1,138 @@
+"""Trainer-level: optim= names and reduce_lr_on_plateau against transformers.Trainer on the same run."""
+
+import pytest
+import torch
+
+from functrain.trainer.args import TrainingArguments
+from functrain.trainer.trainer import Trainer
+
+from _trainer_fixtures import make_dataset, make_model
+
+# One full-dataset batch per step: no dependence on either library's shuffling.
+COMMON = dict(per_device_train_batch_size=22, per_device_eval_batch_size=22, num_train_epochs=8, learning_rate=5e-2,
+              weight_decay=0.01, logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True, seed=7)
+
+
+def _run_both(tmp_path, **kw):
+    import transformers
+
+    args = {**COMMON, **kw}
+    data = make_dataset()
+    eval_data = data[:10]  # eval loss falls as training fits the data
+    ours = Trainer(model=make_model(p=0.0), args=TrainingArguments(str(tmp_path / "ours"), **args),
+                   train_dataset=data, eval_dataset=eval_data if "eval_strategy" in kw else None)
+    ours.train()
+    hf_model = make_model(p=0.0)
+    theirs = transformers.Trainer(model=hf_model, args=transformers.TrainingArguments(str(tmp_path / "hf"), **args),
+                                  train_dataset=data, eval_dataset=eval_data if "eval_strategy" in kw else None)
+    theirs.train()
+    return ours, theirs
+
+
+def _logged(trainer, key):
+    return [h[key] for h in trainer.state.log_history if key in h and "train_runtime" not in h]
+
+
+def _params(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _max_rel(a, b):
+    return max(float((a[k] - b[k]).abs().max() / b[k].abs().max()) for k in b)
+
+
+@pytest.mark.parametrize("optim_name, optim_args", [
+    ("adamw_torch", None),
+    ("sgd", None),
+    ("sgd", "momentum=0.9,nesterov=True"),
+    ("rmsprop", None),
+    ("rmsprop", "alpha=0.9,centered=True,momentum=0.5"),
+    ("adagrad", "lr_decay=0.01"),
+    ("schedule_free_adamw", None),
+    ("schedule_free_sgd", "weight_lr_power=1.5,r=0.5"),
+])
+def test_optim_names_match_hf_trainer(tmp_path, optim_name, optim_args):
+    ours, theirs = _run_both(tmp_path, optim=optim_name, optim_args=optim_args, learning_rate=1e-2)
+    start = _params(make_model(p=0.0))
+    assert _max_rel(_params(theirs.model), start) > 1e-3  # it trained
+    assert _max_rel(_params(ours.model), _params(theirs.model)) <= 1e-5
+    if optim_name != "adagrad":  # (ours logs Adagrad's lr_decay-ed rate; HF logs the schedule's)
+        assert _logged(ours, "learning_rate") == pytest.approx(_logged(theirs, "learning_rate"), rel=1e-6)
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"mode": "max", "patience": 0, "factor": 0.5},  # eval loss falls: every evaluation is a 'bad' one
+    {"patience": 1, "factor": 0.3, "threshold": 1.0, "threshold_mode": "abs", "cooldown": 1},  # never improves
+])
+def test_reduce_lr_on_plateau_lr_trajectory_matches_hf_trainer(tmp_path, kwargs):
+    ours, theirs = _run_both(tmp_path, optim="adamw_torch", lr_scheduler_type="reduce_lr_on_plateau",
+                             lr_scheduler_kwargs=kwargs, eval_strategy="steps", eval_steps=1)
+    ours_lr, hf_lr = _logged(ours, "learning_rate"), _logged(theirs, "learning_rate")
+    assert len(hf_lr) == 8 and min(hf_lr) < COMMON["learning_rate"]  # the scheduler really reduced
+    assert ours_lr == pytest.approx(hf_lr, rel=1e-6)
+    assert _logged(ours, "eval_loss") == pytest.approx(_logged(theirs, "eval_loss"), rel=1e-5)
+
+
+@pytest.mark.parametrize("targets", [["net.0"], r"net\.[03]", "all-linear"])
+def test_galore_adamw_matches_hf_trainer(tmp_path, targets):
+    ours, theirs = _run_both(tmp_path, optim="galore_adamw", optim_target_modules=targets, learning_rate=1e-2,
+                             optim_args="rank=2,update_proj_gap=3,scale=0.5")
+    assert _max_rel(_params(theirs.model), _params(make_model(p=0.0))) > 1e-3
+    assert _max_rel(_params(ours.model), _params(theirs.model)) <= 1e-5
+    assert _logged(ours, "learning_rate") == pytest.approx(_logged(theirs, "learning_rate"), rel=1e-6)
+
+
+def test_refused_and_incomplete_optimizer_names(tmp_path):
+    with pytest.raises(ValueError, match="galore_adamw"):
+        TrainingArguments(str(tmp_path), optim="galore_adafactor")
+    args = TrainingArguments(str(tmp_path), optim="galore_adamw", report_to="none")
+    with pytest.raises(ValueError, match="optim_target_modules"):
+        Trainer(model=make_model(), args=args, train_dataset=make_dataset()).train()
+
+
+def test_schedule_free_evaluates_the_averaged_params_like_hf(tmp_path):
+    ours, theirs = _run_both(tmp_path, optim="schedule_free_adamw", warmup_steps=2, eval_strategy="steps",
+                             eval_steps=2)
+    ours_eval, hf_eval = _logged(ours, "eval_loss"), _logged(theirs, "eval_loss")
+    assert len(hf_eval) == 4 and ours_eval == pytest.approx(hf_eval, rel=1e-5)
+    # and x differs from y, so evaluating y instead would have been caught
+    import functrain.optim as optim
+
+    s = ours.train_state
+    x = optim.schedule_free_eval_params(s.opt_state, s.params)
+    assert max(float((x[k] - s.params[k]).abs().max()) for k in x) > 1e-4
+
+
+def test_reduce_lr_on_plateau_refuses_bad_settings(tmp_path):
+    with pytest.raises(ValueError, match="eval_strategy"):
+        TrainingArguments(str(tmp_path), lr_scheduler_type="reduce_lr_on_plateau")
+    args = TrainingArguments(str(tmp_path), lr_scheduler_type="reduce_lr_on_plateau", eval_strategy="steps",
+                             eval_steps=1, lr_scheduler_kwargs={"verbose": True}, report_to="none")
+    trainer = Trainer(model=make_model(), args=args, train_dataset=make_dataset(), eval_dataset=make_dataset())
+    with pytest.raises(ValueError, match="verbose"):
+        trainer.train()
+
+
+@pytest.mark.slow
+def test_use_liger_kernel_trains_like_the_plain_loss(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def model():
+        torch.manual_seed(0)
+        return LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32))
+
+    g = torch.Generator().manual_seed(1)
+    data = [{"input_ids": ids, "labels": ids.clone()} for ids in torch.randint(0, 96, (8, 16), generator=g)]
+    runs = {}
+    for fused in (False, True):
+        args = TrainingArguments(str(tmp_path / str(fused)), use_liger_kernel=fused, per_device_train_batch_size=4,
+                                 max_steps=4, learning_rate=0.5, optim="sgd", logging_steps=1, save_strategy="no",
+                                 report_to="none", disable_tqdm=True)
+        t = Trainer(model=model(), args=args, train_dataset=data)
+        if fused:
+            assert t._train_loss_fn() is not None
+        t.train()
+        runs[fused] = t
+    assert _logged(runs[True], "loss") == pytest.approx(_logged(runs[False], "loss"), rel=1e-5)
+    assert _max_rel(_params(runs[True].model), _params(runs[False].model)) <= 1e-5
