@@ -249,7 +249,6 @@ def make_eval_step(
 
     loss_module = LossModule(model, loss_fn or default_eval_fn)
     module_buffers = buffer_names(model)
-    grouped = leafwise_update and donate and not compile and not policy.needs_loss_scale
 
     param_transform = param_transform or (lambda params: params)
 
