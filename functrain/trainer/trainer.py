@@ -86,7 +86,9 @@ class Trainer(PublishMixin):
 
     Differences from transformers: ``optimizers`` takes a functrain ``GradientTransformation`` (with
     its schedule inside), not a ``torch.optim.Optimizer``; checkpoints are safetensors + JSON only;
-    callbacks also receive ``train_state`` (read-only). Subclasses overriding ``compute_loss`` work:
+    callbacks also receive ``train_state`` (read-only; the Trainer donates each state to the next step,
+    so its tensors are the module's and a state kept past its step raises ``ConsumedStateError``:
+    keep values, e.g. clones, not the state). Subclasses overriding ``compute_loss`` work:
     the override becomes the step's loss function.
 
     ``streaming_metrics`` (functrain only): ``fn(batch, outputs) -> {name: metric}`` of mergeable
