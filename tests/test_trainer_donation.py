@@ -30,7 +30,8 @@ class StorageProbe(TrainerCallback):
         if self.previous is not None:
             self.changed.append(any(not torch.equal(now[k], self.previous[k]) for k in now))
         self.previous = now
-        self.old_state = train_state
+        if self.old_state is None:
+            self.old_state = train_state  # the first step's output: donated to the second step
 
 
 def _undonated(monkeypatch):
@@ -44,7 +45,7 @@ def test_module_is_the_state_storage_and_current_after_every_step(tmp_path, monk
     assert probe.shared == [True] * 6 and probe.changed == [True] * 5
     donated, donated_logs = params_of(trainer), [h["loss"] for h in trainer.state.log_history if "loss" in h]
     with pytest.raises(ft.ConsumedStateError):  # a state kept from an earlier step is not read stale
-        probe.old_state.params  # noqa: B018 (the last step's input state: donated to it)
+        probe.old_state.params  # noqa: B018
     _undonated(monkeypatch)
     reference = Trainer(make_model(), _args(tmp_path, "pure"), train_dataset=make_dataset())
     reference.train()
@@ -54,14 +55,12 @@ def test_module_is_the_state_storage_and_current_after_every_step(tmp_path, monk
 
 
 def test_resume_keeps_the_module_as_storage_and_is_exact(tmp_path):
-    full = Trainer(make_model(), _args(tmp_path, "full"), train_dataset=make_dataset())
+    full = Trainer(make_model(), _args(tmp_path, "full", save_strategy="steps", save_steps=3),
+                   train_dataset=make_dataset())
     full.train()
-    first = Trainer(make_model(), _args(tmp_path, "run", save_strategy="steps", save_steps=3, max_steps=3),
-                    train_dataset=make_dataset())
-    first.train()
     probe = StorageProbe()
-    resumed = Trainer(make_model(seed=9), _args(tmp_path, "run"), train_dataset=make_dataset(), callbacks=[probe])
-    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-3"))
+    resumed = Trainer(make_model(seed=9), _args(tmp_path, "resumed"), train_dataset=make_dataset(), callbacks=[probe])
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-3"))
     assert probe.shared == [True] * 3
     assert all(torch.equal(params_of(resumed)[k], v) for k, v in params_of(full).items())
 
