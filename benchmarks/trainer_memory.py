@@ -2,6 +2,7 @@
 
     python benchmarks/trainer_memory.py                 # eager, 3 rounds
     python benchmarks/trainer_memory.py --compiled      # adds torch_compile=True for both
+    python benchmarks/trainer_memory.py --compiled --no-eager --out benchmarks/results/trainer_memory_compiled.json
     python benchmarks/trainer_memory.py --quick
 
 Same model (GPT-2, 6 layers, d512, vocab 8192: ~23M parameters), same data (4 x 128 tokens per
@@ -118,7 +119,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=None)
-    ap.add_argument("--compiled", action="store_true", help="also measure torch_compile=True")
+    ap.add_argument("--compiled", action="store_true", help="measure torch_compile=True too")
+    ap.add_argument("--no-eager", action="store_true", help="with --compiled: only the compiled runs")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -127,7 +129,7 @@ def main(argv=None) -> dict:
         return {}
     rounds = args.rounds or (1 if args.quick else 3)
     print(f"trainer memory: GPT-2 {config(args.quick)}, {args.steps} steps, one process per run", flush=True)
-    results = {"eager": measure(args.quick, args.steps, rounds, False)}
+    results = {} if args.no_eager and args.compiled else {"eager": measure(args.quick, args.steps, rounds, False)}
     if args.compiled:
         results["compiled"] = measure(args.quick, args.steps, rounds, True)
     for mode, r in results.items():
