@@ -1,6 +1,7 @@
 """The layers as an enforced contract: imports point down only (import-linter, configured in
 pyproject.toml), and no layer imports another layer's private names."""
 
+import ast
 import pathlib
 import shutil
 import subprocess
@@ -35,6 +36,44 @@ def test_contract_catches_an_upward_import(tmp_path):
     result = _lint_imports(tmp_path)
     assert result.returncode != 0
     assert "functrain.core.tree -> functrain.trainer" in result.stdout
+
+
+def _layer(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 2 or (len(parts) == 2 and (PACKAGE / parts[1]).is_dir()) else ""
+
+
+def _is_module(dotted: str) -> bool:
+    path = ROOT.joinpath(*dotted.split("."))
+    return path.is_dir() or path.with_suffix(".py").is_file()
+
+
+def _private_imports_across_layers(path: pathlib.Path) -> list[str]:
+    """``from functrain.x import _name`` and ``alias._name`` where alias is another layer's module."""
+    module = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+    own = _layer(module)
+    tree = ast.parse(path.read_text())
+    found, foreign_modules = [], set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("functrain."):
+            for a in node.names:
+                target = f"{node.module}.{a.name}"
+                if _is_module(target):
+                    if _layer(target) != own:
+                        foreign_modules.add(a.asname or a.name)
+                elif a.name.startswith("_") and _layer(node.module) != own:
+                    found.append(f"{module}: from {node.module} import {a.name}")
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+                and node.value.id in foreign_modules and node.attr.startswith("_")
+                and not node.attr.startswith("__")):
+            found.append(f"{module}:{node.lineno}: {node.value.id}.{node.attr}")
+    return found
+
+
+def test_no_layer_imports_another_layers_private_names():
+    offenders = [line for p in sorted(PACKAGE.rglob("*.py")) for line in _private_imports_across_layers(p)]
+    assert not offenders, "private names imported across layers:\n" + "\n".join(offenders)
 
 
 @pytest.mark.parametrize("path", ["functrain.optim", "functrain.schedules", "functrain.step", "functrain.trainer"])

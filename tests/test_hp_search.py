@@ -97,3 +97,22 @@ def test_population_search_trains_all_trials_at_once_and_matches_a_sequential_re
     assert again == pytest.approx(best.objective, rel=1e-5)  # the member equals an ordinary Trainer run
     with pytest.raises(PopulationError, match="cannot vary inside one vmapped graph"):
         trainer.hyperparameter_search(n_trials=2, population=True)  # the default space varies the batch size
+
+
+def test_population_search_with_pbt_prunes_by_replacement(tmp_path):
+    trainer = _trainer(tmp_path, data_seed=0, max_steps=12)
+    best = trainer.hyperparameter_search(hp_space=_lr_space, n_trials=4, population=True, pbt_interval=3,
+                                         pbt_perturb=(0.5, 2.0), sampler=optuna.samplers.RandomSampler(seed=0))
+    schedule = best.run_summary["pbt_schedule"]
+    assert [e["step"] for e in schedule] == [3, 6, 9]
+    replaced = sorted({int(d) for e in schedule for d in e["copies"]})
+    assert best.run_summary["pruned_trials"] == replaced  # trial numbers are the member indices here
+    # The best run's hyperparameters are those its member ends with (after PBT's perturbations).
+    assert set(best.hyperparameters) >= {"learning_rate", "weight_decay"}
+    final_lrs = schedule[-1]["hyperparameters"]["learning_rate"]
+    assert best.hyperparameters["learning_rate"] == pytest.approx(final_lrs[int(best.run_id)])
+    again = trainer.hyperparameter_search(hp_space=_lr_space, n_trials=4, population=True, pbt_interval=3,
+                                          pbt_perturb=(0.5, 2.0), sampler=optuna.samplers.RandomSampler(seed=0))
+    assert again.run_summary["pbt_schedule"] == schedule and again.objective == best.objective
+    with pytest.raises(ValueError, match="needs population=True"):
+        trainer.hyperparameter_search(hp_space=_lr_space, n_trials=1, pbt_interval=3)

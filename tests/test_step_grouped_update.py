@@ -71,3 +71,36 @@ def test_parameter_groups_cover_every_name_once_in_order():
     groups = grouped_update.parameter_groups(params, 4)
     assert [n for g in groups for n in g] == list(params)
     assert len(groups) > 1 and all(g for g in groups)
+
+
+def test_grouped_update_skips_a_non_finite_window_like_the_pure_step(monkeypatch):
+    monkeypatch.setattr(grouped_update, "GROUPS", 5)
+    torch.manual_seed(0)
+    model = gpt2()
+    tx = OPTIMIZERS["adamw_masked_decay"](model)
+
+    def loss_fn(m, batch):  # the window's "factor" makes a chosen step's loss infinite
+        out = m(input_ids=batch["input_ids"], labels=batch["labels"])
+        return out.loss * batch["factor"].mean()
+
+    batches = []
+    for i in range(4):
+        b = lm_batch(seed=i)
+        rows = b["input_ids"].shape[0]
+        b["factor"] = torch.full((rows,), float("inf") if i == 1 else 1.0)
+        batches.append(b)
+    pure_step = make_train_step(model, tx, loss_fn, skip_non_finite=True)
+    grouped_step = make_train_step(model, tx, loss_fn, skip_non_finite=True, donate=True, leafwise_update=True)
+    pure = _moved_state(model, tx)
+    grouped = ft.TrainState.create(model, tx, copy=True).replace(
+        params={k: v.clone() for k, v in pure.params.items()})
+    skipped = []
+    for b in batches:
+        pure, m_pure = pure_step(pure, b)
+        grouped, m = grouped_step(grouped, b)
+        assert torch.equal(m["skipped"], m_pure["skipped"])
+        skipped.append(bool(m["skipped"]))
+    assert skipped == [False, True, False, False]
+    assert ft.tree.tensors_equal(grouped.params, pure.params)
+    assert ft.tree.tensors_equal(grouped.opt_state, pure.opt_state)
+    assert int(grouped.step) == int(pure.step) == 3

@@ -163,6 +163,9 @@ def test_deterministic_step_compiles_without_atomic_adds():
     from torch._inductor.utils import run_and_get_code
 
     codes = {}
+    # Fresh code generation: a cache hit (an earlier test compiled the same graph) returns no source.
+    no_caches = (torch._inductor.config.patch(fx_graph_cache=False),
+                 torch._functorch.config.patch(enable_autograd_cache=False))
     for deterministic in (False, True):
         torch._dynamo.reset()
         model = _embedding_model()
@@ -171,7 +174,8 @@ def test_deterministic_step_compiles_without_atomic_adds():
         state = ft.TrainState.create(model, tx, copy=True)
         batch = _dataset()[0]
         batch = {k: v[None] for k, v in batch.items()}
-        _, code = run_and_get_code(step, state, batch)
+        with no_caches[0], no_caches[1]:
+            _, code = run_and_get_code(step, state, batch)
         codes[deterministic] = "\n".join(code)
     torch._dynamo.reset()
     assert "atomic_add" in codes[False]

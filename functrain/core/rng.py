@@ -18,7 +18,7 @@ import torch
 _MASK64 = (1 << 64) - 1
 
 
-def _mix64(x: int) -> int:
+def mix64(x: int) -> int:
     """splitmix64 finalizer: a cheap bijective hash of a 64-bit integer."""
     x = (x + 0x9E3779B97F4A7C15) & _MASK64
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
@@ -47,7 +47,7 @@ def fold_in(k: torch.Tensor, data: int) -> torch.Tensor:
     """A new key derived from ``k`` and an integer (a step number, a microbatch index, a rank)."""
     _check(k)
     seed, counter = (int(v) for v in k.tolist())
-    mixed = _mix64((seed & _MASK64) ^ _mix64((counter & _MASK64) ^ _mix64(data & _MASK64)))
+    mixed = mix64((seed & _MASK64) ^ mix64((counter & _MASK64) ^ mix64(data & _MASK64)))
     return torch.tensor([_to_int64(mixed), 0], dtype=torch.int64)
 
 
@@ -70,7 +70,7 @@ def seed_of(k: torch.Tensor) -> int:
     """A non-negative 63-bit integer seed for ``torch.manual_seed``, a pure function of ``k``."""
     _check(k)
     seed, counter = (int(v) for v in k.tolist())
-    return _mix64((seed & _MASK64) ^ _mix64(counter & _MASK64)) >> 1
+    return mix64((seed & _MASK64) ^ mix64(counter & _MASK64)) >> 1
 
 
 @contextlib.contextmanager

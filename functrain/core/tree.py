@@ -5,8 +5,8 @@ A pytree here is any nesting of dicts, lists, tuples, NamedTuples and registered
 Parameters are flat ``dict[str, Tensor]`` keyed by the module's parameter names, so a leaf's
 path reads like ``"transformer.h.0.attn.c_attn.weight"``.
 
-Functions that act on many leaves use ``torch._foreach_*`` kernels so that eager mode is fast and
-compiled mode sees one fused op per group.
+Functions that act on many leaves use the multi-tensor ops of :mod:`functrain.core.foreach`
+(``torch._foreach_*`` kernels) so that eager mode is fast and compiled mode sees one fused op per group.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from typing import Any, Callable, Iterable
 
 import optree
 import torch
+
+from functrain.core import foreach
 
 NAMESPACE = "functrain"
 
@@ -113,7 +115,7 @@ def global_norm(tree: PyTree) -> torch.Tensor:
     ls = leaves(tree)
     if not ls:
         return torch.zeros((), dtype=torch.float32)
-    norms = torch._foreach_norm([x.float() if x.dtype != torch.float32 else x for x in ls])
+    norms = foreach.norm([x.float() if x.dtype != torch.float32 else x for x in ls])
     return torch.linalg.vector_norm(torch.stack(norms))
 
 
@@ -125,7 +127,7 @@ def all_finite(tree: PyTree) -> torch.Tensor:
         return torch.ones((), dtype=torch.bool)
     # The largest |x| is finite iff every element is (nan and inf propagate through max); unlike
     # an l2 norm it cannot overflow on large finite values. One fused reduction, no fp32 copies.
-    max_abs = torch._foreach_norm(ls, ord=float("inf"))
+    max_abs = foreach.norm(ls, ord=float("inf"))
     return torch.isfinite(torch.stack([m.float() for m in max_abs]).max())
 
 
@@ -139,28 +141,28 @@ def scale(tree: PyTree, factor) -> PyTree:
     ls, treedef = flatten(tree)
     if not ls:
         return tree
-    return unflatten(treedef, torch._foreach_mul(ls, factor))
+    return unflatten(treedef, foreach.mul(ls, factor))
 
 
 def add(a: PyTree, b: PyTree) -> PyTree:
     la, treedef = flatten(a)
     if not la:
         return a
-    return unflatten(treedef, torch._foreach_add(la, leaves(b)))
+    return unflatten(treedef, foreach.add(la, leaves(b)))
 
 
 def sub(a: PyTree, b: PyTree) -> PyTree:
     la, treedef = flatten(a)
     if not la:
         return a
-    return unflatten(treedef, torch._foreach_sub(la, leaves(b)))
+    return unflatten(treedef, foreach.sub(la, leaves(b)))
 
 
 def copy_(dst: PyTree, src: PyTree) -> None:
     """Write ``src`` into ``dst``'s storages (used by donation); structures must match."""
     ld, ls = leaves(dst), leaves(src)
     if ld:
-        torch._foreach_copy_(ld, ls)
+        foreach.copy_(ld, ls)
 
 
 def size(tree: PyTree) -> int:

@@ -111,10 +111,14 @@ def stack_column(name: str, values: list, dtype: torch.dtype | None = None) -> t
 
 
 def _label_tensor(values: list) -> torch.Tensor:
-    """Class labels: int64 for integers, float32 otherwise (what the HF default collator does)."""
-    first = values[0]
-    if isinstance(first, torch.Tensor) and first.ndim == 0:
-        first = first.item()
+    """Class labels: int64 for integers, float32 otherwise (what the HF default collator does).
+
+    The type is decided over the whole batch, not the first example (as HF does), so a float
+    label after an int one (1.7 after 1) is never truncated to an int."""
+    scalars = [v.item() if isinstance(v, torch.Tensor) and v.ndim == 0 else v for v in values]
+    first = scalars[0]
+    if any(isinstance(v, (float, np.floating)) for v in scalars):
+        return stack_column("labels", values, torch.float)
     if isinstance(first, (int, np.integer)) and not isinstance(first, bool):
         return stack_column("labels", values, torch.long)
     if isinstance(first, (float, np.floating)):

@@ -23,6 +23,7 @@ import torch.utils.data as tud
 
 from .collators import default_data_collator
 from .sampler import DeterministicSampler, SliceBatchSampler
+from .seeded import Positioned, PositionedBatches, PositionedStream, SeededCollate
 
 
 @dataclasses.dataclass
@@ -114,6 +115,10 @@ class ResumableLoader:
         group_by_length: length-grouped order (``lengths`` or the ``length_column_name`` column).
         shard_block: examples per rank per dealt block when sharding (the per-device batch size
             gives accelerate's order, as HF's Trainer has it; see ``sampler.shard_indices``).
+
+    The collator runs under a seed derived from ``(seed, epoch, batch index, rank)`` (see
+    :mod:`functrain.data.seeded`), so a collator that draws random numbers gives the same batch
+    after a resume, and in worker processes, as in an uninterrupted run.
     """
 
     def __init__(self, dataset: Any, batch_size: int, collate_fn: Callable | None = None, *, seed: int = 0,
@@ -165,6 +170,13 @@ class ResumableLoader:
                              f"{self.state.seed}; the data order would differ")
         self.state = new
 
+    def use_seed(self, seed: int) -> None:
+        """Draw the data order (and the collator's per-batch seeds) from ``seed`` from now on (a
+        resume keeps the order its checkpoint was drawn with)."""
+        self.state = LoaderState(epoch=self.state.epoch, batch_index=self.state.batch_index, seed=int(seed))
+        if self.sampler is not None:
+            self.sampler.seed = int(seed)
+
     def set_epoch(self, epoch: int) -> None:
         self.state = LoaderState(epoch=epoch, batch_index=0, seed=self.state.seed)
 
@@ -192,14 +204,18 @@ class ResumableLoader:
         if not self.is_iterable and batch_index > len(self):
             raise ValueError(f"batch_index {batch_index} is past the end of the epoch ({len(self)} batches)")
         remaining = self.sampler.indices(epoch)[batch_index * self.batch_size:]
-        batches = SliceBatchSampler(remaining, self.batch_size, self.drop_last)
-        return tud.DataLoader(self.dataset, batch_sampler=batches, collate_fn=self.collate_fn, **self.loader_kwargs)
+        batches = PositionedBatches(SliceBatchSampler(remaining, self.batch_size, self.drop_last), epoch, batch_index)
+        return tud.DataLoader(Positioned(self.dataset), batch_sampler=batches, collate_fn=self._seeded_collate(),
+                              **self.loader_kwargs)
+
+    def _seeded_collate(self) -> SeededCollate:
+        return SeededCollate(self.collate_fn, self.state.seed, self.rank)
 
     def _iterable_loader(self, epoch: int, batch_index: int) -> tud.DataLoader:
-        stream = _shard_and_skip(self.dataset, epoch, batch_index * self.batch_size, self.world_size, self.rank,
-                                 self.shuffle)
-        return tud.DataLoader(stream, batch_size=self.batch_size, drop_last=self.drop_last,
-                              collate_fn=self.collate_fn, **self.loader_kwargs)
+        skip = batch_index * self.batch_size
+        stream = _shard_and_skip(self.dataset, epoch, skip, self.world_size, self.rank, self.shuffle)
+        return tud.DataLoader(PositionedStream(stream, epoch, skip, self.batch_size), batch_size=self.batch_size,
+                              drop_last=self.drop_last, collate_fn=self._seeded_collate(), **self.loader_kwargs)
 
 
 class _ShardSkipIterable(tud.IterableDataset):

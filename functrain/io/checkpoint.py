@@ -18,6 +18,10 @@ It is written into a temporary folder next to its final place, every file and th
 fsynced, then the folder is renamed: a crash leaves either the whole checkpoint or none.
 Loading verifies the manifest first and only ever parses safetensors and JSON; files that look like
 pickles (``optimizer.pt``, ``*.bin``, ``*.pkl`` ...) are reported and ignored, never opened.
+
+Nothing in a checkpoint is trusted for paths: a file is opened only if the (shape-checked) manifest
+lists it under a plain relative name and it is a regular file inside the folder (no symlink, no
+``..``, no absolute path); a weights index is read only if listed, and its shards must be listed too.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import os
 import random
 import re
 import shutil
+import stat
 import sys
 import uuid
 from typing import Any
@@ -55,11 +60,15 @@ SHARDED_LAYOUT_FILE = "train_state_layout.json"  # see functrain.parallel.checkp
 FORMAT = "functrain.checkpoint"
 VERSION = 1
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt", ".joblib")
-_CHECKPOINT_RE = re.compile(rf"^{PREFIX}-(\d+)$")
+CHECKPOINT_RE = re.compile(rf"^{PREFIX}-(\d+)$")
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or corrupted; the message says which file and why."""
+
+
+class OptimizerMismatchError(CheckpointError):
+    """The checkpoint's optimizer state has another structure than this run's optimizer."""
 
 
 # -- listing ----------------------------------------------------------------------------------------
@@ -71,7 +80,7 @@ def checkpoint_dirs(output_dir: str) -> list[tuple[int, str]]:
         return []
     found = []
     for name in os.listdir(output_dir):
-        m = _CHECKPOINT_RE.match(name)
+        m = CHECKPOINT_RE.match(name)
         path = os.path.join(output_dir, name)
         if m and os.path.isdir(path):
             found.append((int(m.group(1)), path))
@@ -134,16 +143,16 @@ def write_checkpoint(output_dir: str, step: int, write_files, *, resumable: bool
     try:
         write_files(tmp)
         write_manifest(tmp, step=step, resumable=resumable)
-        _fsync_dir(tmp)
-        _replace_dir(tmp, final)
+        fsync_dir(tmp)
+        replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync_dir(output_dir)
+    fsync_dir(output_dir)
     return final
 
 
-def _replace_dir(src: str, dst: str) -> None:
+def replace_dir(src: str, dst: str) -> None:
     """Rename ``src`` to ``dst``; an existing ``dst`` is moved aside first, then deleted."""
     if os.path.exists(dst):
         trash = os.path.join(os.path.dirname(dst), f".trash-{os.path.basename(dst)}-{uuid.uuid4().hex[:8]}")
@@ -175,8 +184,8 @@ def write_model(model, folder: str, *, processing_class=None) -> set[str]:
     if processing_class is not None and hasattr(processing_class, "save_pretrained"):
         processing_class.save_pretrained(folder)
     for name in os.listdir(folder):
-        _fsync_file(os.path.join(folder, name))
-    return set() if adapter_only else set(_weights_index(folder))
+        fsync_file(os.path.join(folder, name))
+    return set() if adapter_only else set(weights_index(folder))
 
 
 def saves_adapter_only(model) -> bool:
@@ -218,23 +227,35 @@ def write_train_state(state, model, folder: str, *, model_keys: set[str]) -> Non
     For a PeftModel the buffers (the frozen base model) are not saved: they never change in
     training, the metadata says so, and loading takes them from the live model.
     """
-    aliases = _alias_groups(model)
+    aliases = alias_groups(model)
     buffers_from_model = saves_adapter_only(model)
     tensors = {}
     for path, leaf in tree.named_leaves(state).items():
         if not isinstance(leaf, torch.Tensor):
             raise TypeError(f"state leaf {path!r} is a {type(leaf).__name__}; only tensors can be saved (keep scalars as 0-d tensors)")
-        if _model_file_name(path, aliases, model_keys) is not None:
+        if model_file_name(path, aliases, model_keys) is not None:
             continue
         if buffers_from_model and path.startswith("buffers."):
             continue
         tensors[path] = leaf.detach().contiguous().cpu()
     metadata = {"format": FORMAT, **({BUFFERS_KEY: "from_model"} if buffers_from_model else {})}
+    if hasattr(state, "opt_state"):  # a TrainState (tree checkpoints hold any pytree)
+        metadata["opt_state_structure"] = opt_state_structure(state)
     save_file(tensors, os.path.join(folder, STATE_FILE), metadata=metadata)
-    _fsync_file(os.path.join(folder, STATE_FILE))
+    fsync_file(os.path.join(folder, STATE_FILE))
 
 
-def _alias_groups(model) -> dict[str, list[str]]:
+def opt_state_structure(state) -> str:
+    """The optimizer state's tree structure (state types, fields and param names) as text.
+
+    Leaves are stored by position (``opt_state.0.1...``), so two optimizers can have matching
+    paths and shapes (AdamW's ``mu`` and Lion's ``mu``); the structure tells them apart.
+    """
+    _, treedef = tree.flatten(state.opt_state)
+    return str(treedef)
+
+
+def alias_groups(model) -> dict[str, list[str]]:
     """``{name: [every name of the same tensor]}`` for params and buffers (tied weights)."""
     if model is None:
         return {}
@@ -244,7 +265,7 @@ def _alias_groups(model) -> dict[str, list[str]]:
     return {n: names for names in by_id.values() for n in names}
 
 
-def _model_file_name(path: str, aliases: dict, model_keys: set[str]) -> str | None:
+def model_file_name(path: str, aliases: dict, model_keys: set[str]) -> str | None:
     """The model-file key holding the state leaf at ``path`` ("params.x.weight"), or None."""
     for prefix in ("params.", "buffers."):
         if path.startswith(prefix):
@@ -273,7 +294,7 @@ def write_rng_state(folder: str) -> None:
         "python_gauss": "" if py_gauss is None else repr(float(py_gauss)),
     }
     save_file(tensors, os.path.join(folder, RNG_FILE), metadata=metadata)
-    _fsync_file(os.path.join(folder, RNG_FILE))
+    fsync_file(os.path.join(folder, RNG_FILE))
 
 
 def write_manifest(folder: str, *, step: int, resumable: bool) -> None:
@@ -282,6 +303,8 @@ def write_manifest(folder: str, *, step: int, resumable: bool) -> None:
         for name in sorted(names):
             full = os.path.join(root, name)
             rel = os.path.relpath(full, folder)
+            if rel == MANIFEST_FILE:  # re-listing a folder whose files changed (e.g. weights re-saved)
+                continue
             files[rel] = {"sha256": _sha256(full), "bytes": os.path.getsize(full)}
     manifest = {"format": FORMAT, "version": VERSION, "step": step, "resumable": resumable, "files": files}
     path = os.path.join(folder, MANIFEST_FILE)
@@ -299,7 +322,7 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def _fsync_file(path: str) -> None:
+def fsync_file(path: str) -> None:
     if os.path.isfile(path):
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -308,7 +331,7 @@ def _fsync_file(path: str) -> None:
             os.close(fd)
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_dir(path: str) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:  # some platforms cannot open directories
@@ -327,27 +350,17 @@ def _fsync_dir(path: str) -> None:
 def verify_checkpoint(path: str, *, require_resumable: bool = True) -> dict:
     """Check a checkpoint folder against its manifest; return the manifest or raise CheckpointError.
 
-    Pickle-looking files are reported with a warning and ignored (never opened).
+    The manifest's shape is checked, every listed file must be a regular file inside the folder
+    with the listed size and sha256. Pickle-looking files are reported with a warning and ignored
+    (never opened).
     """
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint {path!r} does not exist or is not a folder")
     warn_about_pickles(path)
-    manifest_path = os.path.join(path, MANIFEST_FILE)
-    if not os.path.isfile(manifest_path):
-        raise CheckpointError(f"checkpoint {path!r} has no {MANIFEST_FILE}: it is incomplete (an interrupted "
-                              "write) or was not written by functrain")
-    try:
-        with open(manifest_path, encoding="utf-8") as f:
-            manifest = json.load(f)
-        files = manifest["files"]
-        if manifest.get("format") != FORMAT:
-            raise ValueError(f"format is {manifest.get('format')!r}, expected {FORMAT!r}")
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"checkpoint {path!r}: {MANIFEST_FILE} is unreadable or malformed ({e})") from None
+    manifest = read_manifest(path)
+    files = manifest["files"]
     for rel, entry in files.items():
-        full = os.path.join(path, rel)
-        if not os.path.isfile(full):
-            raise CheckpointError(f"checkpoint {path!r} is missing {rel!r} (listed in its manifest)")
+        full = safe_file(path, rel)
         size = os.path.getsize(full)
         if size != entry["bytes"]:
             raise CheckpointError(f"checkpoint {path!r}: {rel!r} has {size} bytes, the manifest says "
@@ -355,7 +368,7 @@ def verify_checkpoint(path: str, *, require_resumable: bool = True) -> dict:
         if _sha256(full) != entry["sha256"]:
             raise CheckpointError(f"checkpoint {path!r}: {rel!r} fails its sha256 check (corrupted)")
     if require_resumable:
-        if not manifest.get("resumable"):
+        if not manifest["resumable"]:
             raise CheckpointError(f"checkpoint {path!r} holds only the model (save_only_model=True); "
                                   "it cannot be resumed from")
         # A sharded checkpoint (functrain.parallel.checkpoint) has per-rank files + a layout instead.
@@ -363,6 +376,92 @@ def verify_checkpoint(path: str, *, require_resumable: bool = True) -> dict:
             if needed not in files:
                 raise CheckpointError(f"checkpoint {path!r} has no {needed!r}; it cannot be resumed from")
     return manifest
+
+
+def read_manifest(path: str) -> dict[str, Any]:
+    """The checkpoint's manifest, its shape checked (a malformed one is a CheckpointError)."""
+    manifest_path = os.path.join(path, MANIFEST_FILE)
+    if not os.path.lexists(manifest_path):
+        raise CheckpointError(f"checkpoint {path!r} has no {MANIFEST_FILE}: it is incomplete (an interrupted "
+                              "write) or was not written by functrain")
+    _require_regular_inside(path, MANIFEST_FILE)
+    try:
+        with open(manifest_path, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"checkpoint {path!r}: {MANIFEST_FILE} is unreadable (not valid JSON: {e})") from None
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise CheckpointError(f"checkpoint {path!r}: {MANIFEST_FILE} is malformed: {problem}")
+    return manifest
+
+
+def _manifest_problem(manifest) -> str | None:
+    """What is wrong with a parsed manifest's shape, or None."""
+    if not isinstance(manifest, dict):
+        return f"expected a JSON object, got {type(manifest).__name__}"
+    if manifest.get("format") != FORMAT:
+        return f"format is {manifest.get('format')!r}, expected {FORMAT!r}"
+    for key, kind in (("version", int), ("step", int), ("resumable", bool)):
+        value = manifest.get(key)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            return f"{key!r} is {value!r}, expected {kind.__name__}"
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        return f"'files' is a {type(files).__name__}, expected an object of name -> {{sha256, bytes}}"
+    for rel, entry in files.items():
+        bad = _unsafe_name(rel)
+        if bad:
+            return f"file name {rel!r} {bad}"
+        if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and len(entry["sha256"]) == 64
+                and isinstance(entry.get("bytes"), int) and not isinstance(entry["bytes"], bool)
+                and entry["bytes"] >= 0):
+            return f"entry for {rel!r} is {entry!r}, expected {{'sha256': 64 hex digits, 'bytes': int >= 0}}"
+    return None
+
+
+def _unsafe_name(rel) -> str | None:
+    """Why ``rel`` is not a plain relative file name inside the folder, or None."""
+    if not isinstance(rel, str) or not rel:
+        return "is not a non-empty string"
+    if os.path.isabs(rel) or rel.startswith(("/", "\\")) or (len(rel) > 1 and rel[1] == ":"):
+        return "is an absolute path"
+    parts = re.split(r"[/\\]", rel)
+    if any(p in ("", ".", "..") for p in parts):
+        return "is not a normalized relative path (empty, '.' or '..' components)"
+    return None
+
+
+def _require_regular_inside(folder: str, rel: str) -> str:
+    """``folder/rel`` if it is a regular file (not a symlink) whose real path is inside ``folder``."""
+    bad = _unsafe_name(rel)
+    if bad:
+        raise CheckpointError(f"checkpoint {folder!r}: refusing to open {rel!r}: it {bad}")
+    full = os.path.join(folder, rel)
+    try:
+        mode = os.lstat(full).st_mode
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {folder!r} is missing {rel!r} (listed in its manifest)") from None
+    if not stat.S_ISREG(mode):
+        raise CheckpointError(f"checkpoint {folder!r}: {rel!r} is not a regular file (a symlink, folder or device); "
+                              "functrain opens only regular files inside the checkpoint")
+    root = os.path.realpath(folder)
+    if os.path.commonpath([root, os.path.realpath(full)]) != root:
+        raise CheckpointError(f"checkpoint {folder!r}: {rel!r} resolves outside the checkpoint folder")
+    return full
+
+
+def safe_file(folder: str, rel: str, listed=None) -> str:
+    """The path of ``rel`` in a checkpoint, if its manifest lists it and it is a regular file inside.
+
+    ``listed``: the manifest's ``files`` (read from the folder when not given).
+    """
+    if listed is None:
+        listed = read_manifest(folder)["files"]
+    if rel not in listed:
+        raise CheckpointError(f"checkpoint {folder!r}: {rel!r} is not listed in its {MANIFEST_FILE}; functrain "
+                              "opens only the files the manifest lists")
+    return _require_regular_inside(folder, rel)
 
 
 def warn_about_pickles(path: str) -> list[str]:
@@ -377,11 +476,17 @@ def warn_about_pickles(path: str) -> list[str]:
     return found
 
 
-def find_resumable_checkpoint(output_dir: str) -> str | None:
-    """The newest complete, valid checkpoint in ``output_dir`` (bad ones skipped with a warning)."""
+def find_resumable_checkpoint(output_dir: str, *, require_finite: bool = False) -> str | None:
+    """The newest complete, valid checkpoint in ``output_dir`` (bad ones skipped with a warning).
+
+    ``require_finite``: also skip checkpoints holding NaN/Inf values (reads their tensors).
+    """
     for step, path in reversed(checkpoint_dirs(output_dir)):
         try:
             verify_checkpoint(path)
+            bad = non_finite_tensors(path) if require_finite else []
+            if bad:
+                raise CheckpointError(f"it holds non-finite values (NaN/Inf) in {bad}")
         except CheckpointError as e:
             logger.warning("skipping %s: %s", os.path.basename(path), e)
             continue
@@ -393,37 +498,100 @@ def find_resumable_checkpoint(output_dir: str) -> str | None:
 # -- loading ----------------------------------------------------------------------------------------
 
 
-def _weights_index(folder: str) -> dict[str, str]:
-    """``{tensor name: file}`` for the model weights (single file or sharded with an index)."""
-    index_path = os.path.join(folder, MODEL_INDEX_FILE)
-    if os.path.isfile(index_path):
-        with open(index_path, encoding="utf-8") as f:
-            return dict(json.load(f)["weight_map"])
-    single = os.path.join(folder, MODEL_FILE)
-    if not os.path.isfile(single):
-        raise CheckpointError(f"{folder!r} has no {MODEL_FILE} (nor {MODEL_INDEX_FILE})")
-    with _open_safetensors(single) as f:
+def weights_index(folder: str, listed=None) -> dict[str, str]:
+    """``{tensor name: file}`` for the model weights (single file or sharded with an index).
+
+    ``listed``: the manifest's files. When given (loading a checkpoint), an index is used only if
+    listed, and every shard it names must be listed too; without it (a folder just written), the
+    folder's own files are read.
+    """
+    check = (lambda rel: rel in listed) if listed is not None else (lambda rel: os.path.isfile(os.path.join(folder, rel)))
+    if check(MODEL_INDEX_FILE):
+        with open(_checked(folder, MODEL_INDEX_FILE, listed), encoding="utf-8") as f:
+            try:
+                weight_map = json.load(f)["weight_map"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{folder!r}: {MODEL_INDEX_FILE} is malformed ({e})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{folder!r}: {MODEL_INDEX_FILE} has no weight_map of name -> file")
+        for shard in set(weight_map.values()):
+            _checked(folder, shard, listed)
+        return dict(weight_map)
+    if not check(MODEL_FILE):
+        raise CheckpointError(f"{folder!r} has no {MODEL_FILE} (nor {MODEL_INDEX_FILE})"
+                              + (" listed in its manifest" if listed is not None else ""))
+    with open_safetensors(_checked(folder, MODEL_FILE, listed)) as f:
         return {k: MODEL_FILE for k in f.keys()}
 
 
-def _open_safetensors(path: str):
+def _checked(folder: str, rel: str, listed) -> str:
+    """``folder/rel``: through :func:`safe_file` when the manifest's files are known."""
+    if listed is None:
+        return _require_regular_inside(folder, rel)
+    return safe_file(folder, rel, listed)
+
+
+def _listed_files(folder: str):
+    """The manifest's files when the folder has a manifest (a checkpoint), else None (a model folder)."""
+    if os.path.lexists(os.path.join(folder, MANIFEST_FILE)):
+        return read_manifest(folder)["files"]
+    return None
+
+
+def open_safetensors(path: str):
     try:
         return safe_open(path, framework="pt", device="cpu")
     except Exception as e:  # safetensors raises its own error types
         raise CheckpointError(f"{path!r} is not a readable safetensors file ({e})") from None
 
 
-def _read_tensors(folder: str, wanted: dict[str, str]) -> dict[str, torch.Tensor]:
+def _read_tensors(folder: str, wanted: dict[str, str], listed=None) -> dict[str, torch.Tensor]:
     """Read ``{key: tensor}`` for ``wanted = {key: filename}``, opening each file once."""
     by_file: dict[str, list[str]] = {}
     for k, fname in wanted.items():
         by_file.setdefault(fname, []).append(k)
     out = {}
     for fname, keys in by_file.items():
-        with _open_safetensors(os.path.join(folder, fname)) as f:
+        with open_safetensors(_checked(folder, fname, listed)) as f:
             for k in keys:
                 out[k] = f.get_tensor(k)
     return out
+
+
+def check_optimizer_structure(folder: str, template) -> None:
+    """Raise :class:`OptimizerMismatchError` when the checkpoint's optimizer state has another
+    structure than ``template``'s (checkpoints from before this record are not checked)."""
+    listed = read_manifest(folder)["files"]
+    if STATE_FILE not in listed:
+        return
+    with open_safetensors(safe_file(folder, STATE_FILE, listed)) as f:
+        saved = (f.metadata() or {}).get("opt_state_structure")
+    current = opt_state_structure(template)
+    if saved is not None and saved != current:
+        raise OptimizerMismatchError(f"checkpoint {folder!r} holds the state of another optimizer: saved "
+                                     f"{_short(saved)}, this run's optimizer has {_short(current)}")
+
+
+def _short(structure: str, limit: int = 300) -> str:
+    return structure if len(structure) <= limit else structure[:limit] + "..."
+
+
+def non_finite_tensors(folder: str, limit: int = 5) -> list[str]:
+    """Names (``file:tensor``) of floating-point tensors holding NaN/Inf in the checkpoint's
+    weights and train state (up to ``limit``); the generators' file is not checked."""
+    listed = read_manifest(folder)["files"]
+    found = []
+    for rel in sorted(listed):
+        if not rel.endswith(".safetensors") or rel == RNG_FILE:
+            continue
+        with open_safetensors(safe_file(folder, rel, listed)) as f:
+            for key in f.keys():
+                t = f.get_tensor(key)
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    found.append(f"{rel}:{key}")
+                    if len(found) >= limit:
+                        return found
+    return found
 
 
 def load_train_state(folder: str, template, model):
@@ -432,13 +600,15 @@ def load_train_state(folder: str, template, model):
     The template gives the tree structure (so NamedTuple types come back exactly), and each
     leaf's shape, dtype and device; a mismatch is a clear error naming the leaf. With
     ``model=None`` every leaf comes from ``train_state.safetensors`` (any pytree, no model file).
+    Only files the manifest lists are opened.
     """
-    with _open_safetensors(os.path.join(folder, STATE_FILE)) as f:
+    listed = read_manifest(folder)["files"]
+    with open_safetensors(safe_file(folder, STATE_FILE, listed)) as f:
         state_keys = set(f.keys())
         buffers_from_model = (f.metadata() or {}).get(BUFFERS_KEY) == "from_model"
     # An adapter checkpoint, or a tree checkpoint (model=None): no model file.
-    model_index = {} if buffers_from_model or model is None else _weights_index(folder)
-    aliases = _alias_groups(model)
+    model_index = {} if buffers_from_model or model is None else weights_index(folder, listed)
+    aliases = alias_groups(model)
     wanted_model, wanted_state = {}, {}
     paths = tree.paths(template)
     for path in paths:
@@ -447,13 +617,13 @@ def load_train_state(folder: str, template, model):
         elif buffers_from_model and path.startswith("buffers."):
             continue  # the frozen base: the template's own tensor (the live model's)
         else:
-            name = _model_file_name(path, aliases, set(model_index))
+            name = model_file_name(path, aliases, set(model_index))
             if name is None:
                 raise CheckpointError(f"checkpoint {folder!r} has no tensor for {path!r} (neither in {STATE_FILE} "
                                       "nor in the model weights); was it written for a different model or optimizer?")
             wanted_model[path] = name
-    from_state = _read_tensors(folder, wanted_state)
-    from_model = _read_tensors(folder, {name: model_index[name] for name in wanted_model.values()})
+    from_state = _read_tensors(folder, wanted_state, listed)
+    from_model = _read_tensors(folder, {name: model_index[name] for name in wanted_model.values()}, listed)
     leaves = []
     for path, ref in zip(paths, tree.leaves(template)):
         if path not in from_state and path not in wanted_model:
@@ -469,10 +639,13 @@ def load_train_state(folder: str, template, model):
 
 
 def load_model_weights(model, folder: str) -> None:
-    """Copy the weights in ``folder`` into ``model`` (tied aliases may be absent from the file)."""
-    index = _weights_index(folder)
-    tensors = _read_tensors(folder, index)
-    aliases = _alias_groups(model)
+    """Copy the weights in ``folder`` into ``model`` (tied aliases may be absent from the file).
+
+    In a checkpoint (a folder with a manifest) only listed files are read."""
+    listed = _listed_files(folder)
+    index = weights_index(folder, listed)
+    tensors = _read_tensors(folder, index, listed)
+    aliases = alias_groups(model)
     own = dict(model.state_dict(keep_vars=True))
     missing = [n for n in own if not any(a in tensors for a in aliases.get(n, [n]))]
     unexpected = [n for n in tensors if n not in own]
@@ -486,11 +659,12 @@ def load_model_weights(model, folder: str) -> None:
 
 
 def load_rng_state(folder: str) -> None:
-    """Restore the global generators saved by :func:`write_rng_state` (if the file exists)."""
-    path = os.path.join(folder, RNG_FILE)
-    if not os.path.isfile(path):
+    """Restore the global generators saved by :func:`write_rng_state` (if the manifest lists them)."""
+    listed = _listed_files(folder)
+    present = RNG_FILE in listed if listed is not None else os.path.lexists(os.path.join(folder, RNG_FILE))
+    if not present:
         return
-    with _open_safetensors(path) as f:
+    with open_safetensors(_checked(folder, RNG_FILE, listed)) as f:
         meta = f.metadata() or {}
         t = {k: f.get_tensor(k) for k in f.keys()}
     torch.set_rng_state(t["torch_cpu"])
@@ -507,15 +681,22 @@ def load_rng_state(folder: str) -> None:
 # -- rotation ---------------------------------------------------------------------------------------
 
 
-def rotate_checkpoints(output_dir: str, save_total_limit: int | None, best_model_checkpoint: str | None = None) -> list[str]:
+def rotate_checkpoints(output_dir: str, save_total_limit: int | None, best_model_checkpoint: str | None = None,
+                       just_written: str | None = None) -> list[str]:
     """Delete the oldest checkpoints beyond ``save_total_limit``, never the best one; return deleted paths.
 
     The newest checkpoint is kept too (it is the one to resume from), so with ``save_total_limit=1``
-    and a best checkpoint that is not the newest, two remain.
+    and a best checkpoint that is not the newest, two remain. ``just_written`` is never deleted:
+    if higher-numbered checkpoints exist (they cannot, once the Trainer's output_dir rule ran), it
+    is an error rather than a silent loss of the run's own checkpoint.
     """
     if save_total_limit is None or save_total_limit <= 0:
         return []
     ckpts = [p for _, p in checkpoint_dirs(output_dir)]
+    if just_written is not None and ckpts and os.path.abspath(ckpts[-1]) != os.path.abspath(just_written):
+        raise CheckpointError(f"rotation in {output_dir!r}: {os.path.basename(ckpts[-1])} is newer than the checkpoint "
+                              f"just written ({os.path.basename(just_written)}); another run writes there. Nothing "
+                              "was deleted")
     if len(ckpts) <= save_total_limit:
         return []
     best = os.path.abspath(best_model_checkpoint) if best_model_checkpoint else None
@@ -546,12 +727,8 @@ def load_tree(folder: str, template) -> tuple[Any, dict]:
     """``(state, progress)`` from a :func:`save_tree_checkpoint` folder, ``state`` shaped like
     ``template``; restores the global generators too. Verify the folder first."""
     state = load_train_state(folder, template, None)
-    with open(os.path.join(folder, TRAINER_STATE_FILE), encoding="utf-8") as f:
+    with open(safe_file(folder, TRAINER_STATE_FILE), encoding="utf-8") as f:
         progress = json.load(f)
     load_rng_state(folder)
     return state, progress
 
-
-def read_manifest(path: str) -> dict[str, Any]:
-    with open(os.path.join(path, MANIFEST_FILE), encoding="utf-8") as f:
-        return json.load(f)

@@ -79,7 +79,7 @@ def save_sharded_checkpoint(output_dir: str, step: int, *, model, train_state, t
                 offsets[path] = 0
         name = shard_file_name(r, world)
         save_file(tensors, os.path.join(tmp, name), metadata={"format": LAYOUT_FORMAT, "offsets": json.dumps(offsets)})
-        ck._fsync_file(os.path.join(tmp, name))
+        ck.fsync_file(os.path.join(tmp, name))
         fd.barrier()
         if r == 0:
             layout = {"format": LAYOUT_FORMAT, "world_size": world,
@@ -95,9 +95,9 @@ def save_sharded_checkpoint(output_dir: str, step: int, *, model, train_state, t
             if args is not None:
                 args.save_to_json(os.path.join(tmp, ck.ARGS_FILE))
             ck.write_manifest(tmp, step=step, resumable=True)
-            ck._fsync_dir(tmp)
-            ck._replace_dir(tmp, final)
-            ck._fsync_dir(output_dir)
+            ck.fsync_dir(tmp)
+            ck.replace_dir(tmp, final)
+            ck.fsync_dir(output_dir)
     except BaseException:
         if r == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -107,7 +107,11 @@ def save_sharded_checkpoint(output_dir: str, step: int, *, model, train_state, t
 
 
 def is_sharded_checkpoint(folder: str) -> bool:
-    return os.path.isfile(os.path.join(folder, LAYOUT_FILE))
+    """True when the checkpoint's manifest lists a sharded layout (an unlisted layout file is ignored)."""
+    try:
+        return LAYOUT_FILE in ck.read_manifest(folder)["files"]
+    except ck.CheckpointError:
+        return False
 
 
 def verify_resumable(folder: str) -> None:
@@ -126,25 +130,26 @@ class _Pieces:
     def __init__(self, folder: str, template, model):
         self.folder = folder
         self.pieces: dict[str, list[tuple[str, str, int]]] = {}
+        self.listed = listed = ck.read_manifest(folder)["files"]
         if is_sharded_checkpoint(folder):
-            with open(os.path.join(folder, LAYOUT_FILE), encoding="utf-8") as f:
+            with open(ck.safe_file(folder, LAYOUT_FILE, listed), encoding="utf-8") as f:
                 layout = json.load(f)
             for fname in layout["files"]:
-                with ck._open_safetensors(os.path.join(folder, fname)) as sf:
+                with ck.open_safetensors(ck.safe_file(folder, fname, listed)) as sf:
                     offsets = json.loads((sf.metadata() or {}).get("offsets", "{}"))
                 for path, first in offsets.items():
                     self.pieces.setdefault(path, []).append((fname, path, int(first)))
             return
         # A single-process checkpoint: leaves in train_state.safetensors or in the model file.
-        with ck._open_safetensors(os.path.join(folder, ck.STATE_FILE)) as sf:
+        with ck.open_safetensors(ck.safe_file(folder, ck.STATE_FILE, listed)) as sf:
             state_keys = set(sf.keys())
-        model_index = ck._weights_index(folder)
-        aliases = ck._alias_groups(model)
+        model_index = ck.weights_index(folder, listed)
+        aliases = ck.alias_groups(model)
         for path in tree.paths(template):
             if path in state_keys:
                 self.pieces[path] = [(ck.STATE_FILE, path, 0)]
             else:
-                name = ck._model_file_name(path, aliases, set(model_index))
+                name = ck.model_file_name(path, aliases, set(model_index))
                 if name is not None:
                     self.pieces[path] = [(model_index[name], name, 0)]
 
@@ -156,7 +161,7 @@ class _Pieces:
                                      "different model or optimizer?")
         parts = []
         for fname, key, first in sorted(pieces, key=lambda p: p[2]):
-            with ck._open_safetensors(os.path.join(self.folder, fname)) as sf:
+            with ck.open_safetensors(ck.safe_file(self.folder, fname, self.listed)) as sf:
                 sl = sf.get_slice(key)
                 shape = sl.get_shape()
                 if ref.ndim == 0:

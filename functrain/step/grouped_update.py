@@ -57,12 +57,17 @@ def _slice_state(node, names: frozenset, group: set, per_param: set):
 
 
 def apply_update_in_groups_(tx, params: dict, opt_state, grads: dict, *, max_grad_norm: float | None = None,
-                            value=None, groups: int = GROUPS) -> torch.Tensor:
+                            value=None, finite=None, groups: int = GROUPS) -> torch.Tensor:
     """:func:`functrain.step.update.apply_update` for a leafwise ``tx``, IN PLACE: ``params`` and
     ``opt_state`` receive the new values, group by group; returns the gradients' global norm.
 
-    ``grads`` is consumed (its entries are dropped as their group is done).
+    ``grads`` is consumed (its entries are dropped as their group is done). ``finite``: a 0-d bool;
+    where False every value keeps its old one (``skip_non_finite``), chosen on the device.
     """
+
+    def keep(new, old):
+        return new if finite is None else torch.where(finite, new, old)
+
     grad_norm = tree.global_norm(grads)
     clip = clip_factor(grad_norm, max_grad_norm) if max_grad_norm is not None else None
     extra = {} if value is None else {"value": value}
@@ -79,7 +84,7 @@ def apply_update_in_groups_(tx, params: dict, opt_state, grads: dict, *, max_gra
         del sub_grads
         new_params = apply_updates(sub_params, updates)
         del updates
-        tree.copy_(sub_params, new_params)
+        tree.copy_(sub_params, new_params if finite is None else tree.where(finite, new_params, sub_params))
         olds, news = tree.leaves(sub_state), tree.leaves(new_state)
         if len(olds) != len(news):
             raise ValueError(f"the optimizer's update changed its state's structure ({len(olds)} -> {len(news)} "
@@ -88,9 +93,9 @@ def apply_update_in_groups_(tx, params: dict, opt_state, grads: dict, *, max_gra
             if not isinstance(old, torch.Tensor):
                 continue
             if id(old) in per_param:
-                old.copy_(new)
+                old.copy_(keep(new, old))
             else:  # a shared scalar: every group must read its old value
                 shared[id(old)] = (old, new)
     for old, new in shared.values():
-        old.copy_(new)
+        old.copy_(keep(new, old))
     return grad_norm

@@ -14,7 +14,8 @@ and optimizer update, so a member of a population equals an ordinary run (tested
 Two details make the core vmap-able:
 
 * ``torch._foreach_*`` ops (used by the tree helpers and optimizers for speed) have no vmap
-  batching rule; while the population step runs they are swapped for per-tensor versions.
+  batching rule; the population step runs its own calls of :mod:`functrain.core.foreach` per
+  tensor (a thread-local switch: torch's functions are never rebound).
 * Randomness: vmap cannot run N differently-seeded generators. The step seeds the global
   generator once from all members' keys and runs vmap with ``randomness="different"``, so each
   member draws its own dropout masks. The result is deterministic (a pure function of the stacked
@@ -27,7 +28,6 @@ See ``docs/population.md``.
 from __future__ import annotations
 
 import contextlib
-import threading
 from collections.abc import Mapping, Sequence
 from typing import Callable
 
@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from functrain.step import batch as batching
+from functrain.core import foreach
 from functrain.core import rng as rnglib
 from functrain.core import tree
 from functrain.core.optim.base import GradientTransformation
@@ -174,11 +175,11 @@ def create_population(model_init: Callable[[], nn.Module], tx_factory: Callable[
         txs.append(tx)
         states.append(TrainState.create(model, tx, seed=seed, copy=True, loss_scale=loss_scale))
     stacked = stack_states(states)
-    _check_varying_hyperparams(hyperparams, states[0].opt_state)
+    check_varying_hyperparams(hyperparams, states[0].opt_state)
     return stacked, txs[0]
 
 
-def _check_varying_hyperparams(hyperparams: list[dict], opt_state) -> None:
+def check_varying_hyperparams(hyperparams: list[dict], opt_state) -> None:
     varying = sorted({k for h in hyperparams for k in h if any(h.get(k) != hyperparams[0].get(k) for h in hyperparams)})
     injected = _injected_names(opt_state)
     static = [k for k in varying if k not in injected]
@@ -228,67 +229,6 @@ def warmup_linear(peak, num_warmup_steps, num_training_steps) -> Callable[[torch
 
 
 # -- running the step's core under vmap -----------------------------------------------------------
-
-
-# torch._foreach_* ops (used by the tree helpers and optimizers for speed) have no vmap batching
-# rule, and their Scalar arguments call .item() on tensor hyperparameters (an error under vmap).
-# While a population step runs (eager or being traced by torch.compile), the torch._foreach_*
-# functions are replaced by per-tensor Python versions; the originals are put back afterwards.
-# (A TorchFunctionMode would be cleaner, but dynamo does not apply one inside a vmapped body.)
-# The lock serializes population steps; other threads calling torch._foreach_* during one would
-# get the (correct, slower) per-tensor versions.
-_FOREACH_OPS = ("add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "sqrt", "sqrt_", "lerp", "lerp_",
-                "maximum", "maximum_", "minimum", "norm", "sign", "abs", "neg", "exp", "addcmul", "addcmul_",
-                "addcdiv", "addcdiv_", "copy_", "zero_", "clamp_min", "clamp_max", "pow", "reciprocal")
-_FOREACH_ORIGINALS = {op: getattr(torch, f"_foreach_{op}") for op in _FOREACH_OPS if hasattr(torch, f"_foreach_{op}")}
-
-
-def _make_per_tensor(base: str):
-    def per_tensor(*args, **kwargs):
-        return _foreach_per_tensor(base, *args, **kwargs)
-
-    per_tensor.__name__ = per_tensor.__qualname__ = f"_foreach_{base}_per_tensor"
-    return per_tensor
-
-
-_FOREACH_PER_TENSOR = {op: _make_per_tensor(op) for op in _FOREACH_ORIGINALS}
-_patch_lock = threading.RLock()
-
-
-@contextlib.contextmanager
-def _per_tensor_foreach():
-    with _patch_lock:
-        for op, fn in _FOREACH_PER_TENSOR.items():
-            setattr(torch, f"_foreach_{op}", fn)
-        try:
-            yield
-        finally:
-            for op, fn in _FOREACH_ORIGINALS.items():
-                setattr(torch, f"_foreach_{op}", fn)
-
-
-def _foreach_per_tensor(base: str, *args, **kwargs):
-    """``_foreach_<base>(xs, ys, ...)`` as ``[torch.<base>(x, y, ...) ...]``: list arguments are
-    zipped, the others broadcast; in-place variants call the ``Tensor`` method."""
-    inplace = base.endswith("_")
-    if base == "norm":
-        def fn(x, ord=2, dtype=None):  # noqa: A002 - aten's argument name
-            return torch.linalg.vector_norm(x, ord, dtype=dtype)
-    elif base.rstrip("_") in ("addcmul", "addcdiv"):
-        # vmap has no batching rule for in-place addcmul_/addcdiv_ (a slow per-member fallback).
-        combine = torch.mul if base.startswith("addcmul") else torch.div
-
-        def fn(x, t1, t2, value=1):
-            return x.add_(combine(t1, t2) * value) if inplace else x + combine(t1, t2) * value
-    else:
-        fn = getattr(torch.Tensor, base) if inplace else getattr(torch, base)
-    n = next(len(a) for a in list(args) + list(kwargs.values()) if isinstance(a, (list, tuple)))
-
-    def pick(a, i):
-        return a[i] if isinstance(a, (list, tuple)) else a
-
-    out = [fn(*[pick(a, i) for a in args], **{k: pick(v, i) for k, v in kwargs.items()}) for i in range(n)]
-    return None if inplace else out
 
 
 _VMAP_HINTS = ("vmap", "batching rule", "functorch", "torch.func", "batched tensor", "data-dependent")
@@ -423,7 +363,7 @@ def make_population_train_step(
             raise PopulationError("precision='fp16' needs a stacked loss scale: pass loss_scale="
                                   "functrain.precision.dynamic_scale_init() to each member before stacking")
         with _explain_vmap_errors(model, "trained", "train the members sequentially with functrain.make_train_step"), \
-                rnglib.seeded(_population_key(state.rng)), _module_mode(model, training=True), _per_tensor_foreach():
+                rnglib.seeded(_population_key(state.rng)), _module_mode(model, training=True), foreach.per_tensor():
             params, buffers, opt_state, step, loss_scale, metrics = compiled(
                 state.params, state.buffers, state.opt_state, state.step, loss_scale, batch)
         new_state = state.replace(params=params, buffers={**state.buffers, **buffers}, opt_state=opt_state, step=step,
@@ -476,7 +416,7 @@ def make_population_eval_step(
     def population_eval_step(state: TrainState, batch: Mapping):
         batch = _validate_batch(batch, batch_dim, population_size(state), validate)
         with _explain_vmap_errors(model, "evaluated", "evaluate the members one by one with functrain.make_eval_step"), \
-                rnglib.seeded(_population_key(state.rng)), _module_mode(model, training=False), _per_tensor_foreach():
+                rnglib.seeded(_population_key(state.rng)), _module_mode(model, training=False), foreach.per_tensor():
             return compiled(state.params, state.buffers, batch)
 
     return population_eval_step

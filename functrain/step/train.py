@@ -54,6 +54,7 @@ def make_train_step(
     compile_kwargs: dict | None = None,
     differentiate: str = "autograd",
     rng_stream: int = 0,
+    skip_non_finite: bool = False,
     deterministic: bool = False,
     leafwise_update: bool = False,
 ):
@@ -98,6 +99,7 @@ def make_train_step(
             on any thread count (see ``_deterministic_algorithms``). Eager CPU steps are already.
         rng_stream: folded into the state's key before seeding (0: the key as is). Data-parallel
             ranks pass their rank so each draws its own dropout masks from the same state.
+<<<<<<< HEAD
         leafwise_update: declare that ``tx`` updates each parameter from its own gradient, state
             and value alone (Adam(W), SGD, Lion, RMSprop, Adagrad; not a global-norm clip or
             ``apply_if_finite`` inside ``tx``; weight-decay masks given as functions of the params).
@@ -105,6 +107,11 @@ def make_train_step(
             at a time, in place, so eager training holds one copy of params and optimizer state
             plus one group's temporaries (same numbers; see :mod:`functrain.step.grouped_update`).
             Ignored otherwise (compiled steps fuse the donation already) and with fp16.
+=======
+        skip_non_finite: when the window's loss or any gradient is NaN/Inf, keep params, optimizer
+            state and step unchanged and report ``skipped`` (fp16 always does this, for its loss
+            scale). Decided on the device: no host sync.
+>>>>>>> main
 
     Metrics (0-d tensors, never read on the host by the step): ``loss`` (mean over the
     supervised items of the whole window), ``grad_norm`` (global norm before clipping),
@@ -137,11 +144,15 @@ def make_train_step(
         old_buffers, new_buffers = module_buffers_of(buffers, module_buffers), module_buffers_of(g.buffers, module_buffers)
         grads, metrics = g.grads, {"loss": g.loss, "num_items": g.num_items}
         if grouped:  # donated eager, leafwise tx: params and opt_state updated in place
+            finite = torch.isfinite(g.loss) & tree.all_finite(grads) if skip_non_finite else None
             metrics["grad_norm"] = apply_update_in_groups_(tx, params, opt_state, grads, max_grad_norm=max_grad_norm,
-                                                           value=g.loss)
+                                                           value=g.loss, finite=finite)
             metrics.update(g.aux)
             del grads, g
-            step.add_(1)
+            step.add_(1 if finite is None else finite.to(step.dtype))
+            if finite is not None:
+                new_buffers = tree.where(finite, new_buffers, old_buffers)
+                metrics["skipped"] = ~finite
             lr = find_learning_rate(opt_state)
             if lr is not None:  # a new tensor: the state's changes next step
                 metrics["learning_rate"] = lr * _learning_rate_scale(opt_state)
@@ -150,6 +161,8 @@ def make_train_step(
             return params, old_buffers, opt_state, step, loss_scale, metrics
         if policy.needs_loss_scale:
             grads, finite = unscale_grads(grads, loss_scale)
+        elif skip_non_finite:
+            finite = torch.isfinite(g.loss) & tree.all_finite(grads)
         # value=loss: transforms that use the objective (reduce_on_plateau, ...) get it, others don't.
         new_params, new_opt_state, metrics["grad_norm"] = apply_update(tx, params, opt_state, grads,
                                                                        max_grad_norm=max_grad_norm, value=g.loss)
@@ -161,6 +174,12 @@ def make_train_step(
                 finite, (new_params, new_opt_state, new_buffers, new_step), (params, opt_state, old_buffers, step),
                 loss_scale)
             metrics["loss_scale"] = new_loss_scale.scale
+            metrics["skipped"] = ~finite
+        elif skip_non_finite:
+            new_params = tree.where(finite, new_params, params)
+            new_opt_state = tree.where(finite, new_opt_state, opt_state)
+            new_buffers = tree.where(finite, new_buffers, old_buffers)
+            new_step = step + finite.to(step.dtype)
             metrics["skipped"] = ~finite
         lr = find_learning_rate(new_opt_state)
         if lr is not None:

@@ -79,7 +79,7 @@ def create_adapter_population(model, tx_factory: Callable, hyperparams: Sequence
         states.append(state.replace(buffers=base.buffers))
         txs.append(tx)
     stacked = P.stack_states(states, buffers="shared")
-    P._check_varying_hyperparams(hyperparams, states[0].opt_state)
+    P.check_varying_hyperparams(hyperparams, states[0].opt_state)
     return stacked, txs[0]
 
 

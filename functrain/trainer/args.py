@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import math
+import numbers
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,7 @@ from functrain.trainer.args_setters import ArgumentSetters
 from functrain.trainer.launch import apply_launch_env
 
 INTERVAL_STRATEGIES = ("no", "steps", "epoch")
+NON_FINITE_POLICIES = ("skip", "stop")
 SAVE_STRATEGIES = ("no", "steps", "epoch", "best")
 LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR,
               "critical": logging.CRITICAL, "passive": -1}
@@ -174,6 +176,12 @@ class TrainingArguments(ArgumentSetters):
     # -- transformers 4.x names older scripts still pass --
     group_by_length: bool = False
     include_tokens_per_second: bool = False
+    # -- functrain's own (docs/reliability.md) --
+    # What a NaN/Inf loss or gradient does (fp32/bf16): "skip" the update and count it (warned on
+    # logging steps), or "stop" training with an error naming the step.
+    non_finite_policy: str = "skip"
+    # Resume from a checkpoint holding NaN/Inf values (refused by default).
+    resume_allow_non_finite: bool = False
 
     # -- validation -------------------------------------------------------------------------------
     def __post_init__(self):
@@ -225,6 +233,9 @@ class TrainingArguments(ArgumentSetters):
         if sched not in registry.SCHEDULES:
             _fail(f"lr_scheduler_type={sched!r} is not a known schedule; known: {list(registry.SCHEDULES)}")
         self.lr_scheduler_type = sched
+        if self.non_finite_policy not in NON_FINITE_POLICIES:
+            _fail(f"non_finite_policy={self.non_finite_policy!r} is not valid; expected one of "
+                  f"{list(NON_FINITE_POLICIES)}")
         if self.fp16 and self.bf16:
             _fail("fp16=True and bf16=True were both given; choose one mixed-precision mode")
         self.fsdp = _normalize_fsdp(self.fsdp)
@@ -239,8 +250,10 @@ class TrainingArguments(ArgumentSetters):
             v = getattr(self, name)
             if v is None and allow_none:
                 return
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not float(v).is_integer()):
-                _fail(f"{name} must be {'an integer' if integer else 'a number'}, got {v!r}")
+            if isinstance(v, bool) or not isinstance(v, (numbers.Integral if integer else numbers.Real)):
+                _fail(f"{name} must be {'an integer' if integer else 'a number'}, got {v!r} ({type(v).__name__})")
+            if not math.isfinite(v):
+                _fail(f"{name} must be a finite number, got {v!r}")
             if v < low:
                 _fail(f"{name} must be >= {low}, got {v!r}")
 
@@ -256,15 +269,18 @@ class TrainingArguments(ArgumentSetters):
         at_least("dataloader_num_workers", 0, integer=True)
         at_least("max_grad_norm", 0, allow_none=True)
         at_least("save_total_limit", 0, allow_none=True, integer=True)
+        at_least("seed", -(2**63), integer=True)
+        at_least("data_seed", -(2**63), allow_none=True, integer=True)
         if not isinstance(self.max_steps, int) or isinstance(self.max_steps, bool):
             _fail(f"max_steps must be an int (-1 means: use num_train_epochs), got {self.max_steps!r}")
         if self.max_steps == 0 or self.max_steps < -1:
             _fail(f"max_steps must be a positive int or -1, got {self.max_steps}")
         for name in ("adam_beta1", "adam_beta2"):
             v = getattr(self, name)
-            if not 0 <= v < 1:
+            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 <= v < 1:
                 _fail(f"{name} must be in [0, 1), got {v}")
-        if not 0 <= self.warmup_ratio <= 1:
+        if isinstance(self.warmup_ratio, bool) or not isinstance(self.warmup_ratio, numbers.Real) \
+                or not 0 <= self.warmup_ratio <= 1:
             _fail(f"warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
         if self.warmup_steps >= 1 and not float(self.warmup_steps).is_integer():
             _fail(f"warmup_steps must be an integer number of steps or a ratio in [0, 1), got {self.warmup_steps}")

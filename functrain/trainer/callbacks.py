@@ -48,6 +48,8 @@ class TrainerState:
     stateful_callbacks: dict = field(default_factory=dict)
     data_position: dict | None = None
     loss_scale: float | None = None
+    # Updates skipped because the loss or the gradients were NaN/Inf (non_finite_policy).
+    nonfinite_updates_skipped: int = 0
     # The training loss summed since the last log and its step count, so the first log after a
     # resume averages over the same steps as an uninterrupted run.
     pending_log: dict | None = None
@@ -128,7 +130,14 @@ class ExportableState:
         raise NotImplementedError
 
     def restore(self, attributes: dict) -> None:
+        """Set the attributes :meth:`state` exports; any other name in a checkpoint is ignored, loudly
+        (``trainer_state.json`` must not be able to replace a method or an arbitrary attribute)."""
+        exported = set(self.state().get("attributes", {}))
         for k, v in attributes.items():
+            if k not in exported:
+                logger.warning("%s: ignoring %r from the checkpoint's trainer_state.json; the callback exports only "
+                               "%s", type(self).__name__, k, sorted(exported))
+                continue
             setattr(self, k, v)
 
 

@@ -156,6 +156,9 @@ def hyperparameter_search(trainer, hp_space=None, compute_objective=None, n_tria
     catch = kwargs.pop("catch", ())
     callbacks = kwargs.pop("callbacks", None)
     population = kwargs.pop("population", False)
+    pbt_options = {k: kwargs.pop(k) for k in list(kwargs) if k.startswith("pbt_")}
+    if pbt_options and not population:
+        raise ValueError(f"{sorted(pbt_options)} configure population-based training, which needs population=True")
     if n_jobs != 1:
         raise ValueError("n_jobs must be 1: trials share one Trainer")
     directions = direction if isinstance(direction, list) else None
@@ -164,7 +167,7 @@ def hyperparameter_search(trainer, hp_space=None, compute_objective=None, n_tria
     if population:
         if directions:
             raise ValueError("population=True supports a single objective direction")
-        return _population_search(trainer, study, hp_space, compute_objective, n_trials)
+        return _population_search(trainer, study, hp_space, compute_objective, n_trials, pbt_options)
 
     def objective(trial):
         hp = hp_space(trial)
@@ -183,20 +186,50 @@ def hyperparameter_search(trainer, hp_space=None, compute_objective=None, n_tria
     return BestRun(str(best.number), best.value, best.params)
 
 
-def _population_search(trainer, study, hp_space, compute_objective, n_trials: int) -> BestRun:
+def _population_search(trainer, study, hp_space, compute_objective, n_trials: int, pbt_options: dict) -> BestRun:
     """All ``n_trials`` trained at once as one vmapped population (see ``PopulationTrainer``).
 
     The trials are sampled up front (``study.ask``), so the sampler cannot learn from one trial
-    before proposing the next (a batch of proposals, like random search), and there is no pruning:
-    every member trains to the end. ``hp_space`` may only touch tensor hyperparameters.
+    before proposing the next (a batch of proposals, like random search). Without ``pbt_interval``
+    every member trains to the end. With it (and the other ``pbt_*`` options of
+    ``PopulationTrainer``), population-based training prunes by replacement: a trial whose member
+    is overwritten by a better one is told to optuna as pruned (its objective at that round is
+    reported), and the member's slot trains on with the copied state and perturbed
+    hyperparameters. The best run is the best member at the end: its ``hyperparameters`` are the
+    ones it ends with, ``run_summary`` holds the copy schedule. ``hp_space`` may only touch
+    tensor hyperparameters.
     """
+    import optuna
+
     from functrain.trainer.population import PopulationTrainer
 
     trials = [study.ask() for _ in range(n_trials)]
     members = [hp_space(t) for t in trials]
-    pop = PopulationTrainer(trainer, members)
+    pop = PopulationTrainer(trainer, members, **pbt_options)
     pop.train()
-    for trial, metrics in zip(trials, pop.evaluate()):
-        study.tell(trial, compute_objective(metrics))
-    best = study.best_trial
-    return BestRun(str(best.number), best.value, best.params)
+    objectives = [compute_objective(m) for m in pop.evaluate()]
+    replaced = _replaced_at(pop.pbt_schedule)
+    for i, (trial, value) in enumerate(zip(trials, objectives)):
+        if i in replaced:
+            step, score = replaced[i]
+            trial.report(score, step)
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        else:
+            study.tell(trial, value)
+    if not pop.pbt_schedule:
+        best = study.best_trial
+        return BestRun(str(best.number), best.value, best.params)
+    sign = 1 if study.direction == optuna.study.StudyDirection.MINIMIZE else -1
+    slot = min(range(n_trials), key=lambda i: sign * objectives[i])
+    summary = {"pbt_schedule": pop.pbt_schedule, "pruned_trials": sorted(trials[i].number for i in replaced),
+               "initial_hyperparameters": members[slot]}
+    return BestRun(str(trials[slot].number), objectives[slot], pop.member_hyperparameters()[slot], summary)
+
+
+def _replaced_at(schedule: list[dict]) -> dict[int, tuple[int, float]]:
+    """``{member: (step, its score)}`` of the first PBT round that overwrote each member."""
+    first = {}
+    for entry in schedule:
+        for dst in entry["copies"]:
+            first.setdefault(int(dst), (entry["step"], entry["scores"][int(dst)]))
+    return first

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
 from functrain.core import optim
 from functrain.core.optim import hf_names
 from functrain.core.schedules import STEP_SCHEDULES
@@ -65,7 +67,8 @@ FIELDS: dict[str, FieldStatus] = {
     "do_eval": ok("read by your script; set to True when eval_strategy != 'no', as in transformers"),
     "do_predict": ok("read by your script, as in transformers"),
     "resume_from_checkpoint": ok("read by your script: trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)"),
-    "overwrite_output_dir": not_yet("transformers 4.x name; issue #15"),
+    "overwrite_output_dir": ok("transformers 4.x name; stricter than transformers: a run next to another run's "
+                               "checkpoints is refused unless True, which deletes them (docs/reliability.md)"),
     # -- batch and steps
     "per_device_train_batch_size": ok(),
     "per_device_eval_batch_size": ok(),
@@ -151,7 +154,10 @@ FIELDS: dict[str, FieldStatus] = {
     "load_best_model_at_end": ok(),
     "metric_for_best_model": ok(),
     "greater_is_better": ok(),
-    "ignore_data_skip": not_yet("issue #15"),
+    "ignore_data_skip": ok(),
+    "non_finite_policy": ok("functrain's own: 'skip' (default) or 'stop' on a NaN/Inf loss or gradient "
+                            "(docs/reliability.md)"),
+    "resume_allow_non_finite": ok("functrain's own: resume from a checkpoint holding NaN/Inf values"),
     "restore_callback_states_from_checkpoint": ok("True: stateful callbacks rebuilt from the checkpoint's "
                                                      "constructor args; their attributes are restored either way"),
     # -- Hub
@@ -225,14 +231,21 @@ def field_status(name: str) -> FieldStatus:
 # each name); this adapts TrainingArguments and the model to it.
 
 
+def _decays(a) -> bool:
+    """Whether to build the weight-decay branch. A tensor weight decay (a population member's, read
+    from the optimizer state) always takes it: its value may differ per member, and decay 0 adds
+    exactly 0 * param."""
+    return isinstance(a.weight_decay, torch.Tensor) or a.weight_decay > 0
+
+
 def _hf_hyperparams(a, model, extra: dict) -> hf_names.HFHyperparams:
     galore = a.optim.startswith("galore") and a.optim_target_modules is not None
     return hf_names.HFHyperparams(
         a.adam_beta1, a.adam_beta2, a.adam_epsilon, a.weight_decay,
-        optim.default_weight_decay_mask(model) if a.weight_decay > 0 else None, dict(extra),
+        optim.default_weight_decay_mask(model) if _decays(a) else None, dict(extra),
         int(a.warmup_steps) if a.warmup_steps >= 1 else 0,  # HF hands warmup_steps to schedule-free optimizers
         frozenset(optim.galore_target_names(model, a.optim_target_modules)) if galore else frozenset(),
-        frozenset(optim.decay_parameter_names(model)) if a.weight_decay > 0 else frozenset())
+        frozenset(optim.decay_parameter_names(model)) if _decays(a) else frozenset())
 
 
 def _from_table(name: str):
@@ -252,11 +265,36 @@ OPTIMIZERS_REFUSED: dict[str, str] = dict(hf_names.REFUSED_HF_OPTIMIZERS)
 LEAFWISE_OPTIMIZERS: frozenset[str] = frozenset(
     {"adamw_torch", "adamw_torch_fused", "adamw", "adam", "sgd", "lion", "lion_32bit", "rmsprop", "adagrad"})
 
-# What PopulationTrainer can vary per member inside one vmapped step: AdamW (the names that build it)
-# with HF's linear warmup/decay, both reading their hyperparameters from the state.
-POPULATION_OPTIMIZERS: tuple[str, ...] = tuple(n for n, build in OPTIMIZERS.items()
-                                               if build.hf_builder is hf_names.HF_OPTIMIZERS["adamw"])
-POPULATION_SCHEDULES: tuple[str, ...] = ("linear",)
+# PopulationTrainer builds these with per-member tensor hyperparameters (functrain.trainer.population;
+# each tested equal to Trainer runs); a warmup length that differs between members needs "linear".
+POPULATION_REFUSED: dict[str, str] = {
+    "schedule_free_adamw": "schedule-free optimizers are not tested as populations (their warmup is read from args)",
+    "schedule_free_sgd": "schedule-free optimizers are not tested as populations (their warmup is read from args)",
+    "galore_adamw": "GaLore's projection refresh (torch.cond) is not tested under vmap",
+}
+POPULATION_OPTIMIZERS: tuple[str, ...] = tuple(n for n in OPTIMIZERS if n not in POPULATION_REFUSED)
+
+
+def parse_optim_args(text: str | None) -> dict:
+    """HF's ``optim_args`` string ``"k1=v1,k2=v2"`` -> kwargs (numbers and booleans parsed)."""
+    if not text:
+        return {}
+    out = {}
+    for item in text.split(","):
+        if "=" not in item:
+            raise ValueError(f"optim_args must look like 'key=value,key2=value2', got {text!r}")
+        k, v = (s.strip() for s in item.split("=", 1))
+        if v.lower() in ("true", "false"):
+            out[k] = v.lower() == "true"
+        else:
+            try:
+                out[k] = int(v)
+            except ValueError:
+                try:
+                    out[k] = float(v)
+                except ValueError:
+                    out[k] = v
+    return out
 
 
 def build_optimizer(args, model, schedule, extra: dict | None = None):

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import inspect
 import itertools
+import json
 import logging
 import math
 import os
@@ -29,6 +31,7 @@ from torch import nn
 
 from functrain.adapters import outputs as hf_outputs
 from functrain.io import checkpoint as ck
+from functrain.io import run_dir
 from functrain.parallel import distributed as fd
 from functrain.core import optim
 from functrain.trainer import compat
@@ -230,6 +233,7 @@ class Trainer(PublishMixin):
                     self.data_collator.generator = None
         if not isinstance(batch, Mapping):
             raise TypeError(f"the data_collator must return a dict of tensors, got {type(batch).__name__}")
+        _warn_keys_into_kwargs(self.model, batch, self._custom_loss())
         missing = [k for k in self._required_label_keys() if k not in batch]
         if missing:
             raise ValueError(
@@ -296,7 +300,7 @@ class Trainer(PublishMixin):
 
     def create_optimizer(self, schedule):
         """The functrain optimizer for ``args.optim`` (weight decay skips biases and norms, as HF)."""
-        tx = registry.build_optimizer(self.args, self.model, schedule, _parse_optim_args(self.args.optim_args))
+        tx = registry.build_optimizer(self.args, self.model, schedule, registry.parse_optim_args(self.args.optim_args))
         plateau = self._plateau_settings()
         if plateau is not None:
             tx = optim.chain(tx, optim.reduce_on_plateau(**plateau, observe="external"))
@@ -429,6 +433,7 @@ class Trainer(PublishMixin):
                                leafwise_update=self.optimizer is None and a.optim in registry.LEAFWISE_OPTIMIZERS,
                                deterministic=a.full_determinism,
                                max_grad_norm=a.max_grad_norm or None, required_keys=self._required_label_keys(),
+                               skip_non_finite=not a.fp16,
                                **self._distributed_step_kwargs())
 
     def _donates(self) -> bool:
@@ -462,9 +467,22 @@ class Trainer(PublishMixin):
         """Load a checkpoint's TrainState; sharded templates/checkpoints reshard to this run."""
         from functrain.parallel import checkpoint as dck
 
+        self._check_same_optimizer(path, template)
         if fd.is_distributed() or dck.is_sharded_checkpoint(path):
             return dck.load_train_state(path, template, self.model)
         return ck.load_train_state(path, template, self.model)
+
+    def _check_same_optimizer(self, path: str, template: TrainState) -> None:
+        """Optimizer state is stored by position: another optimizer's could load silently."""
+        try:
+            ck.check_optimizer_structure(path, template)
+        except ck.OptimizerMismatchError as e:
+            saved = _saved_arg(path, "optim")
+            raise ck.CheckpointError(
+                f"checkpoint {path!r} was trained with optim={saved!r}, this run uses optim={self.args.optim!r}"
+                f"{' (with optimizers= given)' if self.optimizer is not None else ''}: the optimizer states differ "
+                f"({e}). Resume with the checkpoint's optimizer, or start a new run from its weights "
+                "(from_pretrained on the checkpoint folder)") from None
 
     def _step_for_rows(self, rows: int):
         """The step for a window of ``rows`` examples (a short last window gets fewer microbatches)."""
@@ -557,6 +575,8 @@ class Trainer(PublishMixin):
         if kwargs:
             raise TypeError(f"train() got unexpected keyword arguments {sorted(kwargs)}")
         self._memory_tracker.start("train")
+        # One run per output_dir (see functrain.io.run_dir); the main process holds the lock.
+        lock = run_dir.OutputDirLock(self.args.output_dir).acquire() if fd.is_main_process() else None
         try:
             if not self.args.auto_find_batch_size:
                 return self._train(resume_from_checkpoint, ignore_keys_for_eval)
@@ -565,6 +585,8 @@ class Trainer(PublishMixin):
             return find_executable_batch_size(self._train_with_batch_size, self.args.per_device_train_batch_size)(
                 resume_from_checkpoint, ignore_keys_for_eval)
         finally:
+            if lock is not None:
+                lock.release()
             self._memory_tracker.stop("train")
 
     def _train_with_batch_size(self, batch_size: int, resume_from_checkpoint, ignore_keys_for_eval) -> TrainOutput:
@@ -577,6 +599,8 @@ class Trainer(PublishMixin):
     def _train(self, resume_from_checkpoint, ignore_keys_for_eval) -> TrainOutput:
         a = self.args
         resume_path = self._resolve_resume(resume_from_checkpoint)
+        claim = dict(require_finite=not a.resume_allow_non_finite)
+        run_dir.claim_output_dir(a.output_dir, resume_path, a.overwrite_output_dir, act=False, **claim)  # refuse early
         if self.model_init is not None:  # HF re-initializes on every train(), seeded (a resume loads over it)
             self._reinitialize_model()
         loader = compat.as_train_loader(self.get_train_dataloader())
@@ -601,9 +625,13 @@ class Trainer(PublishMixin):
         position = {"epoch": 0, "batch_index": 0}
         if resume_path is not None:
             state = self._load_checkpoint(resume_path, state)
-            position = _map_data_position(self.state.data_position or position, self._global_window())
+            position = self._resume_position(self.state.data_position or position, loader)
             self.state.max_steps, self.state.num_train_epochs = max_steps, num_epochs
             self.state.compute_steps(a, max_steps)
+        # Other runs' checkpoints: refused, or deleted with overwrite_output_dir (after every check
+        # above, before anything is written).
+        run_dir.claim_output_dir(a.output_dir, resume_path, a.overwrite_output_dir, act=fd.is_main_process(), **claim)
+        fd.barrier()
         self.train_state = state
         self.callback_handler.train_state = state
         self._share_state_with_model()
@@ -630,20 +658,42 @@ class Trainer(PublishMixin):
     def _resolve_resume(self, resume_from_checkpoint):
         if resume_from_checkpoint is None or resume_from_checkpoint is False:
             return None
+        allow = self.args.resume_allow_non_finite
         if resume_from_checkpoint is True:
-            path = ck.find_resumable_checkpoint(self.args.output_dir)
+            path = ck.find_resumable_checkpoint(self.args.output_dir, require_finite=not allow)
             if path is None:
                 raise ValueError(f"resume_from_checkpoint=True but no valid checkpoint was found in "
                                  f"{self.args.output_dir!r}")
             return path
         path = os.fspath(resume_from_checkpoint)
         ck.verify_checkpoint(path)  # an explicit path that is corrupted is a clear error
+        bad = [] if allow else ck.non_finite_tensors(path)
+        if bad:
+            raise ck.CheckpointError(f"checkpoint {path!r} holds non-finite values (NaN/Inf) in {bad}; training on from "
+                                     "it would only produce NaN. Resume from an earlier checkpoint, or set "
+                                     "resume_allow_non_finite=True to load it anyway")
         logger.info("resuming from %s", path)
         return path
 
+    def _resume_position(self, position: dict, loader) -> dict:
+        """Where the data resumes: the saved position, in this run's batches (see docs/reliability.md)."""
+        saved_seed = position.get("seed")
+        if saved_seed is not None and saved_seed != loader.state.seed:
+            logger.warning("resuming with data seed %d, the checkpoint's data order was drawn with %d: the run keeps "
+                           "the checkpoint's order (%d), so the resume is exact. To draw another order, start a new "
+                           "run", loader.state.seed, saved_seed, saved_seed)
+            loader.use_seed(saved_seed)
+        position = _map_data_position(position, self._global_window())
+        if self.args.ignore_data_skip and position["batch_index"]:
+            logger.info("ignore_data_skip=True: epoch %d is read again from its first batch (the %d batches already "
+                        "trained on are not skipped)", position["epoch"], position["batch_index"])
+            position = {**position, "batch_index": 0, "samples": 0}
+        return position
+
     def _load_checkpoint(self, path: str, template: TrainState) -> TrainState:
         state = _into_storages(template, self._read_state(path, template))
-        self.state = self._mark_process(TrainerState.load_from_json(os.path.join(path, ck.TRAINER_STATE_FILE)))
+        self.state = self._mark_process(TrainerState.load_from_json(ck.safe_file(path, ck.TRAINER_STATE_FILE)))
+        self.state.best_model_checkpoint = _checked_best(self.state.best_model_checkpoint, self.args.output_dir)
         compat.restore_callbacks(self.callback_handler, self.state.stateful_callbacks,
                                  rebuild=bool(getattr(self.args, "restore_callback_states_from_checkpoint", False)))
         ck.load_rng_state(path)
@@ -658,6 +708,7 @@ class Trainer(PublishMixin):
         self._steps_since_log = pending.get("steps", 0)
         self._samples_since_log, self._tokens_since_log = pending.get("samples", 0), self.state.num_input_tokens_seen
         self._pending_tokens = None
+        self._faults = _FaultCounters()
         self._log_timer = time.perf_counter()
         self._last_metrics = {}
         self._flos = 0.0
@@ -667,7 +718,6 @@ class Trainer(PublishMixin):
         self.control = handler.on_train_begin(a, self.state, self.control)
         if a.eval_on_start and start_step == 0:
             self._evaluate(ignore_keys_for_eval, skip_scheduler=True)
-        seed = position.get("seed")
         epoch = position["epoch"]
         done = self.state.global_step >= self.state.max_steps
         while epoch < num_epochs and not done:
@@ -690,6 +740,7 @@ class Trainer(PublishMixin):
                 self._loss_sum = self._loss_sum.to(loss.device) + loss
                 total_loss = total_loss.to(loss.device) + loss
                 self._last_metrics = metrics
+                self._faults.add(metrics, self.state.global_step + 1)
                 self._steps_since_log += 1
                 self._samples_since_log += rows * fd.world_size()  # global throughput
                 total_samples += rows * fd.world_size()
@@ -714,8 +765,10 @@ class Trainer(PublishMixin):
                     break
             if interrupted_mid_epoch:
                 break
-            # The epoch's end: a checkpoint written now resumes at the start of the next epoch.
-            self.state.data_position = {"epoch": epoch + 1, "batch_index": 0, "seed": loader.state.seed}
+            # The epoch's end, or a stop inside it: a checkpoint written now resumes where the data
+            # really is (the next epoch's start only if this one was read to its end).
+            self.state.data_position = {**loader.state.to_dict(),
+                                        "samples": loader.state.batch_index * self._global_window()}
             self.state.epoch = float(epoch + 1) if not self.control.should_training_stop else self.state.epoch
             self.control = handler.on_epoch_end(a, self.state, self.control)
             self._maybe_log_save_evaluate(ignore_keys_for_eval)
@@ -752,6 +805,9 @@ class Trainer(PublishMixin):
             "train_loss": train_loss,
             "epoch": self.state.epoch,
         }
+        self._read_faults()
+        if self.state.nonfinite_updates_skipped:
+            metrics["nonfinite_updates_skipped"] = self.state.nonfinite_updates_skipped
         if a.include_num_input_tokens_seen not in (False, "no"):
             self._flush_token_count()
             metrics["num_input_tokens_seen"] = self.state.num_input_tokens_seen
@@ -818,6 +874,7 @@ class Trainer(PublishMixin):
             if key in m:
                 logs[key] = float(fd.to_local_full(m[key]))
         logs["step_time"] = elapsed / n
+        logs.update(self._read_faults())
         self._flush_token_count()
         if elapsed > 0:
             logs["samples_per_second"] = self._samples_since_log / elapsed
@@ -829,6 +886,29 @@ class Trainer(PublishMixin):
         self._steps_since_log, self._samples_since_log = 0, 0
         self._log_timer = time.perf_counter()
         return logs
+
+    def _read_faults(self) -> dict:
+        """Read the fault counters (on logging/save steps and at the end: no extra host sync)."""
+        faults = getattr(self, "_faults", None)
+        if faults is None:
+            return {}
+        skipped, first, empty = faults.read()
+        if empty:
+            logger.warning("%d training step(s) up to step %d had no supervised items (every label -100): their loss "
+                           "is logged as 0 and they carry no gradient signal; check the labels / the collator",
+                           empty, self.state.global_step)
+        if not skipped:
+            return {}
+        self.state.nonfinite_updates_skipped += skipped
+        if self.args.non_finite_policy == "stop":
+            raise FloatingPointError(
+                f"non-finite loss or gradients (NaN/Inf) at step {first}: training stopped (non_finite_policy='stop'); "
+                f"that update was not applied. Look at the batch of step {first}, lower the learning rate, or set "
+                "non_finite_policy='skip' to skip such updates")
+        logger.warning("%d update(s) with a non-finite loss or gradients (NaN/Inf) were skipped up to step %d (first at "
+                       "step %d): params and optimizer state were left as they were (non_finite_policy='skip')",
+                       skipped, self.state.global_step, first)
+        return {"nonfinite_updates_skipped": skipped}
 
     def _evaluate(self, ignore_keys=None, skip_scheduler: bool = False) -> dict:
         metrics = self.evaluate(ignore_keys=ignore_keys)
@@ -879,6 +959,7 @@ class Trainer(PublishMixin):
             if self.state.best_global_step == step or os.path.isdir(best_dir):
                 self.state.best_model_checkpoint = best_dir
         self._flush_token_count()
+        self._read_faults()
         self.store_flos()
         self.state.stateful_callbacks = {type(cb).__name__: cb.state() for cb in self.callback_handler.callbacks
                                          if isinstance(cb, ExportableState)}
@@ -896,7 +977,7 @@ class Trainer(PublishMixin):
                                train_state=None if a.save_only_model else self.train_state,
                                trainer_state=self.state, args=a, processing_class=self.processing_class)
         if fd.is_main_process():
-            ck.rotate_checkpoints(a.output_dir, a.save_total_limit, self.state.best_model_checkpoint)
+            ck.rotate_checkpoints(a.output_dir, a.save_total_limit, self.state.best_model_checkpoint, just_written=path)
         fd.barrier()  # no rank runs ahead (or resumes) before the checkpoint is complete
         if a.push_to_hub:
             self._push_from_checkpoint(path)
@@ -1063,7 +1144,8 @@ class Trainer(PublishMixin):
         trial. Extra keyword arguments go to ``optuna.create_study`` (``sampler``, ``pruner``, ...)
         or ``study.optimize`` (``timeout``, ``callbacks``, ``catch``, ``gc_after_trial``).
         ``population=True``: train all trials at once as one vmapped population (search spaces of
-        tensor hyperparameters only: learning_rate, weight_decay, adam_*, warmup_steps, seed). Returns a
+        tensor hyperparameters only: learning_rate, weight_decay, adam_*, warmup_steps, seed); with
+        ``pbt_interval=k`` also population-based training (pruning by replacement). Returns a
         ``BestRun(run_id, objective, hyperparameters)``. See :mod:`functrain.trainer.hp_search`.
         """
         from functrain.trainer.hp_search import hyperparameter_search
@@ -1161,11 +1243,69 @@ def _map_data_position(position: dict, global_window: int) -> dict:
     samples = position.get("samples")
     if samples is None:
         return position
+    saved_window = samples // position["batch_index"] if position.get("batch_index") else None
+    if saved_window is not None and saved_window != global_window:
+        logger.warning("resuming with a global batch of %d (per_device_train_batch_size x gradient_accumulation_steps "
+                       "x world size), the checkpoint was trained with %d: params, optimizer state, step, schedule "
+                       "and rng continue exactly and the data continues at the same sample, but the batches, hence "
+                       "the updates, are not those of the uninterrupted run", global_window, saved_window)
     if samples % global_window:
-        raise ValueError(f"the checkpoint stopped after {samples} samples of epoch {position['epoch']}, which is not "
-                         f"a whole number of this run's global batches ({global_window} = per_device_train_batch_size "
-                         "x gradient_accumulation_steps x world size); resume with a global batch that divides it")
+        resumed = samples // global_window * global_window
+        logger.warning("the checkpoint stopped after %d samples of epoch %d, not a whole number of this run's global "
+                       "batches of %d: the epoch resumes at sample %d, so %d samples are seen twice (none is "
+                       "skipped). An exact resume needs a global batch that divides %d", samples, position["epoch"],
+                       global_window, resumed, samples - resumed, samples)
     return {**position, "batch_index": samples // global_window}
+
+
+def _saved_arg(path: str, name: str):
+    """A field of the checkpoint's training_args.json (listed in its manifest), or None."""
+    try:
+        with open(ck.safe_file(path, ck.ARGS_FILE), encoding="utf-8") as f:
+            return json.load(f).get(name)
+    except (ck.CheckpointError, ValueError, AttributeError):
+        return None
+
+
+def _checked_best(best: str | None, output_dir: str) -> str | None:
+    """``best_model_checkpoint`` from a checkpoint, only if it is a checkpoint-N folder of output_dir."""
+    if best is None:
+        return None
+    inside = isinstance(best, str) and os.path.dirname(os.path.realpath(best)) == os.path.realpath(output_dir)
+    if inside and ck.CHECKPOINT_RE.match(os.path.basename(os.path.normpath(best))):
+        return best
+    logger.warning("ignoring best_model_checkpoint=%r from the checkpoint: it is not a checkpoint-N folder of "
+                   "output_dir %r", best, output_dir)
+    return None
+
+
+class _FaultCounters:
+    """Per-step counts kept as tensors (no host sync): updates skipped as non-finite, windows with
+    no supervised items; read by the Trainer on logging and save steps."""
+
+    def __init__(self):
+        self.skipped = self.empty = None
+        self.first = None
+
+    def add(self, metrics: dict, step: int) -> None:
+        skipped = metrics.get("skipped")
+        if skipped is not None and "loss_scale" not in metrics:  # fp16 overflow skips are the loss scaler's
+            s = skipped.detach().long()
+            at = torch.where(s.bool(), torch.full_like(s, step), torch.full_like(s, -1))
+            self.first = at if self.first is None else torch.where(self.first >= 0, self.first, at)
+            self.skipped = s if self.skipped is None else self.skipped + s
+        items = metrics.get("num_items")
+        if items is not None:
+            e = (items.detach() == 0).long()
+            self.empty = e if self.empty is None else self.empty + e
+
+    def read(self) -> tuple[int, int, int]:
+        """``(skipped, first skipped step, empty windows)`` since the last read; resets the counts."""
+        skipped = int(self.skipped) if self.skipped is not None else 0
+        first = int(self.first) if skipped else -1
+        empty = int(self.empty) if self.empty is not None else 0
+        self.skipped = self.empty = self.first = None
+        return skipped, first, empty
 
 
 def _check_peft(model, args) -> None:
@@ -1199,30 +1339,24 @@ def _default_collator(processing_class):
     return collators.default_data_collator
 
 
+def _warn_keys_into_kwargs(model, batch: Mapping, custom_loss: bool) -> None:
+    """A model whose forward takes ``**kwargs`` accepts any batch key, and may ignore it silently:
+    name the keys that are not named arguments (the step checks models without ``**kwargs``)."""
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return
+    if custom_loss or not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return
+    extra = sorted(set(batch) - {p.name for p in params})
+    if extra:
+        logger.warning("batch key(s) %s are not named arguments of %s.forward; they go into its **kwargs, where the "
+                       "model may ignore them. Drop them (remove_unused_columns=True or the collator) if unused",
+                       extra, type(model).__name__)
+
+
 def _num_rows(batch) -> int:
     rows = hf_outputs.batch_size_of(batch) if isinstance(batch, Mapping) else None
     if rows is not None:
         return rows
     raise TypeError(f"a training batch must be a dict of tensors, got {type(batch).__name__}")
-
-
-def _parse_optim_args(text: str | None) -> dict:
-    """HF's ``optim_args`` string ``"k1=v1,k2=v2"`` -> kwargs (numbers and booleans parsed)."""
-    if not text:
-        return {}
-    out = {}
-    for item in text.split(","):
-        if "=" not in item:
-            raise ValueError(f"optim_args must look like 'key=value,key2=value2', got {text!r}")
-        k, v = (s.strip() for s in item.split("=", 1))
-        if v.lower() in ("true", "false"):
-            out[k] = v.lower() == "true"
-        else:
-            try:
-                out[k] = int(v)
-            except ValueError:
-                try:
-                    out[k] = float(v)
-                except ValueError:
-                    out[k] = v
-    return out

@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import torch
 
-from functrain.core import tree
+from functrain.core import foreach, tree
 from functrain.core.optim.base import (
     GradientTransformation,
     as_hyperparam,
@@ -40,12 +40,12 @@ def scale_by_adamax(b1=0.9, b2=0.999, eps=1e-8) -> GradientTransformation:
         count = safe_increment(state.count)
         if not g:
             return updates, state._replace(count=count)
-        mu = torch._foreach_lerp(tree.leaves(state.mu), g, 1 - b1)
-        nu = torch._foreach_maximum(torch._foreach_mul(tree.leaves(state.nu), b2),
-                                    torch._foreach_add(torch._foreach_abs(g), eps))
+        mu = foreach.lerp(tree.leaves(state.mu), g, 1 - b1)
+        nu = foreach.maximum(foreach.mul(tree.leaves(state.nu), b2),
+                                    foreach.add(foreach.abs(g), eps))
         bc1 = 1 - torch.pow(torch.as_tensor(b1, dtype=torch.float64), count.to(torch.float64)).float()
-        out = torch._foreach_div(mu, nu)
-        torch._foreach_div_(out, bc1)
+        out = foreach.div(mu, nu)
+        foreach.div_(out, bc1)
         return tree.unflatten(treedef, out), ScaleByAdamaxState(count, tree.unflatten(treedef, mu),
                                                                  tree.unflatten(treedef, nu))
 
@@ -80,9 +80,9 @@ def scale_by_radam(b1=0.9, b2=0.999, eps=1e-8, threshold=5.0) -> GradientTransfo
         count = safe_increment(state.count)
         if not g:
             return updates, state._replace(count=count)
-        mu = torch._foreach_lerp(tree.leaves(state.mu), g, 1 - b1)
-        nu = torch._foreach_mul(tree.leaves(state.nu), b2)
-        torch._foreach_addcmul_(nu, g, g, value=1 - b2)
+        mu = foreach.lerp(tree.leaves(state.mu), g, 1 - b1)
+        nu = foreach.mul(tree.leaves(state.nu), b2)
+        foreach.addcmul_(nu, g, g, value=1 - b2)
         t = count.to(torch.float64)
         b2t = torch.pow(torch.as_tensor(b2, dtype=torch.float64), t)
         bc1 = 1 - torch.pow(torch.as_tensor(b1, dtype=torch.float64), t)
@@ -91,11 +91,11 @@ def scale_by_radam(b1=0.9, b2=0.999, eps=1e-8, threshold=5.0) -> GradientTransfo
         rectified = rho_t > threshold
         # adaptive factor where rectified, 1/sqrt(...) never evaluated on the host: branch-free.
         coef = torch.where(rectified, rect * torch.sqrt(1 - b2t), torch.zeros_like(rect)).float()
-        mu_hat = torch._foreach_div(mu, bc1.float())
-        denom = torch._foreach_add(torch._foreach_sqrt(nu), eps)
-        adaptive = torch._foreach_mul(torch._foreach_div(mu_hat, denom), coef)
-        plain = torch._foreach_mul(mu_hat, (~rectified).float())
-        out = torch._foreach_add(adaptive, plain)
+        mu_hat = foreach.div(mu, bc1.float())
+        denom = foreach.add(foreach.sqrt(nu), eps)
+        adaptive = foreach.mul(foreach.div(mu_hat, denom), coef)
+        plain = foreach.mul(mu_hat, (~rectified).float())
+        out = foreach.add(adaptive, plain)
         return tree.unflatten(treedef, out), ScaleByRAdamState(count, tree.unflatten(treedef, mu),
                                                                 tree.unflatten(treedef, nu))
 
@@ -135,17 +135,17 @@ def scale_by_nadam(b1=0.9, b2=0.999, eps=1e-8, momentum_decay=4e-3) -> GradientT
         mu_product = state.mu_product * mu_t.float()
         if not g:
             return updates, state._replace(count=count, mu_product=mu_product)
-        m = torch._foreach_lerp(tree.leaves(state.mu), g, 1 - b1)
-        nu = torch._foreach_mul(tree.leaves(state.nu), b2)
-        torch._foreach_addcmul_(nu, g, g, value=1 - b2)
+        m = foreach.lerp(tree.leaves(state.mu), g, 1 - b1)
+        nu = foreach.mul(tree.leaves(state.nu), b2)
+        foreach.addcmul_(nu, g, g, value=1 - b2)
         bc2 = (1 - torch.pow(torch.as_tensor(b2, dtype=torch.float64), t)).float()
-        denom = torch._foreach_sqrt(torch._foreach_div(nu, bc2))
-        torch._foreach_add_(denom, eps)
+        denom = foreach.sqrt(foreach.div(nu, bc2))
+        foreach.add_(denom, eps)
         mu_product_next = mu_product.double() * mu_next
         c_grad = ((1.0 - mu_t) / (1.0 - mu_product.double())).float()
         c_mom = (mu_next / (1.0 - mu_product_next)).float()
-        out = torch._foreach_add(torch._foreach_mul(torch._foreach_div(g, denom), c_grad),
-                                 torch._foreach_mul(torch._foreach_div(m, denom), c_mom))
+        out = foreach.add(foreach.mul(foreach.div(g, denom), c_grad),
+                                 foreach.mul(foreach.div(m, denom), c_mom))
         return tree.unflatten(treedef, out), ScaleByNAdamState(count, mu_product, tree.unflatten(treedef, m),
                                                                 tree.unflatten(treedef, nu))
 
@@ -169,13 +169,13 @@ def scale_by_adadelta(rho=0.9, eps=1e-6) -> GradientTransformation:
         g, treedef = tree.flatten(updates)
         if not g:
             return updates, state
-        e_g = torch._foreach_mul(tree.leaves(state.e_g), rho)
-        torch._foreach_addcmul_(e_g, g, g, value=1 - rho)
-        std = torch._foreach_sqrt(torch._foreach_add(e_g, eps))
-        delta = torch._foreach_sqrt(torch._foreach_add(tree.leaves(state.e_x), eps))
-        delta = torch._foreach_mul(torch._foreach_div(delta, std), g)
-        e_x = torch._foreach_mul(tree.leaves(state.e_x), rho)
-        torch._foreach_addcmul_(e_x, delta, delta, value=1 - rho)
+        e_g = foreach.mul(tree.leaves(state.e_g), rho)
+        foreach.addcmul_(e_g, g, g, value=1 - rho)
+        std = foreach.sqrt(foreach.add(e_g, eps))
+        delta = foreach.sqrt(foreach.add(tree.leaves(state.e_x), eps))
+        delta = foreach.mul(foreach.div(delta, std), g)
+        e_x = foreach.mul(tree.leaves(state.e_x), rho)
+        foreach.addcmul_(e_x, delta, delta, value=1 - rho)
         return tree.unflatten(treedef, delta), ScaleByAdaDeltaState(tree.unflatten(treedef, e_g),
                                                                      tree.unflatten(treedef, e_x))
 

@@ -21,7 +21,7 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 
-from .. import tree
+from .. import foreach, tree
 
 Params = Any
 Updates = Any
@@ -130,7 +130,7 @@ def apply_updates(params: Params, updates: Updates) -> Params:
     lp, treedef = tree.flatten(params)
     lu = tree.leaves(updates)
     lu = [u if u.dtype == p.dtype else u.to(p.dtype) for p, u in zip(lp, lu)]
-    return tree.unflatten(treedef, torch._foreach_add(lp, lu)) if lp else params
+    return tree.unflatten(treedef, foreach.add(lp, lu)) if lp else params
 
 
 # -- helpers shared by the transforms ----------------------------------------------------------

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple
 
+import torch
+
 from functrain.core.optim import aliases as A
 from functrain.core.optim import schedule_free as SF
 from functrain.core.optim.base import GradientTransformation, chain
@@ -33,9 +35,15 @@ class HFHyperparams(NamedTuple):
     decay_names: frozenset = frozenset()  # the parameters HF decays (decay_parameter_names), for Adafactor's groups
 
 
+def _decays(weight_decay) -> bool:
+    """Whether to build the weight-decay branch: a tensor weight decay (a population member's, read
+    from the optimizer state) always takes it, since decay 0 adds exactly 0 * param."""
+    return isinstance(weight_decay, torch.Tensor) or weight_decay > 0
+
+
 def _l2_masked(hp: HFHyperparams, base: GradientTransformation) -> GradientTransformation:
     """torch's L2 ``weight_decay`` on HF's decay group only: added to the gradient, masked."""
-    if hp.weight_decay <= 0:
+    if not _decays(hp.weight_decay):
         return base
     decay = add_decayed_weights(hp.weight_decay)
     return chain(masked(decay, hp.mask) if hp.mask is not None else decay, base)
@@ -65,7 +73,7 @@ def _adafactor(lr, hp: HFHyperparams):
     """As transformers.Trainer builds it: an external lr (scale_parameter=False, relative_step=False,
     warmup_init=False) and weight decay only on the decay parameters (its two param groups)."""
     kw = dict(scale_parameter=False, relative_step=False, warmup_init=False, **hp.optim_args)
-    if hp.weight_decay == 0:
+    if not _decays(hp.weight_decay):
         return A.adafactor(lr, **kw)
     return partition({"decay": A.adafactor(lr, weight_decay=hp.weight_decay, **kw), "no_decay": A.adafactor(lr, **kw)},
                      lambda name, _param: "decay" if name in hp.decay_names else "no_decay")

@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import torch
 
-from functrain.core import tree
+from functrain.core import foreach, tree
 from functrain.core.optim.base import GradientTransformation, as_hyperparam, check_structure, counter_like, safe_increment
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -67,8 +67,8 @@ def scale_by_muon(beta=0.95, *, nesterov: bool = True, ns_coefficients=NS_COEFFI
         g, treedef = tree.flatten(updates)
         if not g:
             return updates, state._replace(count=safe_increment(state.count))
-        buf = torch._foreach_lerp(tree.leaves(state.momentum), g, 1 - beta)
-        blend = torch._foreach_lerp(g, buf, beta) if nesterov else buf
+        buf = foreach.lerp(tree.leaves(state.momentum), g, 1 - beta)
+        blend = foreach.lerp(g, buf, beta) if nesterov else buf
         out = [orthogonalize(x, ns_coefficients, ns_steps, eps).to(x.dtype) * shape_scale(x.shape, adjust_lr_fn)
                for x in blend]
         return tree.unflatten(treedef, out), ScaleByMuonState(safe_increment(state.count), tree.unflatten(treedef, buf))

@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from functrain.core import tree
+from functrain.core import foreach, tree
 from functrain.core.optim.base import (
     EmptyState,
     GradientTransformation,
@@ -47,12 +47,12 @@ def _scale_by_bias_corrected_rms(b2, eps) -> GradientTransformation:
         count = safe_increment(state.count)
         if not g:
             return updates, state._replace(count=count)
-        nu = torch._foreach_mul(tree.leaves(state.nu), b2)
-        torch._foreach_addcmul_(nu, g, g, value=1 - b2)
+        nu = foreach.mul(tree.leaves(state.nu), b2)
+        foreach.addcmul_(nu, g, g, value=1 - b2)
         bc2 = (1 - torch.pow(torch.as_tensor(b2, dtype=torch.float64), count.to(torch.float64))).float()
-        denom = torch._foreach_sqrt(torch._foreach_div(nu, bc2))
-        torch._foreach_add_(denom, eps)
-        return tree.unflatten(treedef, torch._foreach_div(g, denom)), ScaleByBiasCorrectedRmsState(
+        denom = foreach.sqrt(foreach.div(nu, bc2))
+        foreach.add_(denom, eps)
+        return tree.unflatten(treedef, foreach.div(g, denom)), ScaleByBiasCorrectedRmsState(
             count, tree.unflatten(treedef, nu))
 
     return GradientTransformation(init, update)
@@ -103,9 +103,9 @@ def schedule_free_step(learning_rate, b1=0.9, warmup_steps: int = 0, r=0.0, weig
                                            learning_rate=base_lr(state.count).float())
         c = ckp1.float()
         step = (lr * (b1 * (1 - ckp1) - 1)).float()
-        new_y = torch._foreach_add(torch._foreach_lerp(y, z, c), torch._foreach_mul(d, step))
-        new_z = torch._foreach_sub(z, torch._foreach_mul(d, lr.float()))
-        out = torch._foreach_sub(new_y, y)
+        new_y = foreach.add(foreach.lerp(y, z, c), foreach.mul(d, step))
+        new_z = foreach.sub(z, foreach.mul(d, lr.float()))
+        out = foreach.sub(new_y, y)
         return tree.unflatten(treedef, out), ScheduleFreeState(safe_increment(state.count), lr_max, weight_sum,
                                                                tree.unflatten(treedef, new_z), state.b1,
                                                                base_lr(state.count).float())
@@ -147,7 +147,7 @@ def schedule_free_eval_params(opt_state: Any, params):
     if sf is None:
         return params
     y, treedef = tree.flatten(params)
-    x = torch._foreach_div(torch._foreach_sub(y, torch._foreach_mul(tree.leaves(sf.z), 1 - sf.b1)), sf.b1)
+    x = foreach.div(foreach.sub(y, foreach.mul(tree.leaves(sf.z), 1 - sf.b1)), sf.b1)
     return tree.unflatten(treedef, x)
 
 

@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 import torch
 
-from .. import tree
+from .. import foreach, tree
 from .base import (
     EmptyState,
     GradientTransformation,
@@ -121,16 +121,16 @@ def scale_by_adam(b1=0.9, b2=0.999, eps=1e-8, *, amsgrad: bool = False,
         mu_in = tree.leaves(state.mu)
         if mu_dtype is not None:
             mu_in = [m.to(x.dtype) for m, x in zip(mu_in, g)]
-        mu = torch._foreach_lerp(mu_in, g, 1 - b1)
-        nu = torch._foreach_mul(tree.leaves(state.nu), b2)
+        mu = foreach.lerp(mu_in, g, 1 - b1)
+        nu = foreach.mul(tree.leaves(state.nu), b2)
         if isinstance(b2, torch.Tensor):
-            torch._foreach_add_(nu, torch._foreach_mul(torch._foreach_mul(g, g), 1 - b2))
+            foreach.add_(nu, foreach.mul(foreach.mul(g, g), 1 - b2))
         else:
-            torch._foreach_addcmul_(nu, g, g, value=1 - b2)
+            foreach.addcmul_(nu, g, g, value=1 - b2)
         nu_max = ()
         nu_for_denom = nu
         if amsgrad:
-            nu_max = torch._foreach_maximum(tree.leaves(state.nu_max), nu)
+            nu_max = foreach.maximum(tree.leaves(state.nu_max), nu)
             nu_for_denom = nu_max
         count = safe_increment(state.count)
         t = count.to(torch.float64)
@@ -138,11 +138,11 @@ def scale_by_adam(b1=0.9, b2=0.999, eps=1e-8, *, amsgrad: bool = False,
             (1 - torch.pow(torch.as_tensor(b1, dtype=torch.float64), t)).float(),
             torch.sqrt(1 - torch.pow(torch.as_tensor(b2, dtype=torch.float64), t)).float(),
         )
-        denom = torch._foreach_sqrt(nu_for_denom)
-        torch._foreach_div_(denom, bc2_sqrt)
-        torch._foreach_add_(denom, eps)
-        out = torch._foreach_div(mu, denom)
-        torch._foreach_div_(out, bc1)
+        denom = foreach.sqrt(nu_for_denom)
+        foreach.div_(denom, bc2_sqrt)
+        foreach.add_(denom, eps)
+        out = foreach.div(mu, denom)
+        foreach.div_(out, bc1)
         new_state = ScaleByAdamState(
             count,
             tree.unflatten(treedef, mu if mu_dtype is None else [m.to(mu_dtype) for m in mu]),
@@ -183,9 +183,9 @@ def add_decayed_weights(weight_decay=0.0) -> GradientTransformation:
             return updates, state
         p = tree.leaves(params)
         if isinstance(weight_decay, torch.Tensor):
-            out = torch._foreach_add(u, torch._foreach_mul(p, weight_decay))
+            out = foreach.add(u, foreach.mul(p, weight_decay))
         else:
-            out = torch._foreach_add(u, p, alpha=weight_decay)
+            out = foreach.add(u, p, alpha=weight_decay)
         return tree.unflatten(treedef, out), state
 
     return GradientTransformation(lambda params: EmptyState(), update)
@@ -245,9 +245,9 @@ def trace(decay=0.9, *, nesterov: bool = False, dampening=0.0) -> GradientTransf
         first = (state.count == 0).to(torch.float32)
         keep = (1 - first) * decay
         take = first + (1 - first) * (1 - dampening)
-        buf = torch._foreach_mul(tree.leaves(state.trace), keep)
-        torch._foreach_add_(buf, torch._foreach_mul(g, take))
-        out = torch._foreach_add(g, torch._foreach_mul(buf, decay)) if nesterov else buf
+        buf = foreach.mul(tree.leaves(state.trace), keep)
+        foreach.add_(buf, foreach.mul(g, take))
+        out = foreach.add(g, foreach.mul(buf, decay)) if nesterov else buf
         return tree.unflatten(treedef, out), TraceState(safe_increment(state.count), tree.unflatten(treedef, buf))
 
     return GradientTransformation(init, update)
@@ -283,20 +283,20 @@ def scale_by_rms(decay=0.9, eps=1e-8, *, centered: bool = False, initial_scale=0
         g, treedef = tree.flatten(updates)
         if not g:
             return updates, state
-        nu = torch._foreach_mul(tree.leaves(state.nu), decay)
-        torch._foreach_add_(nu, torch._foreach_mul(torch._foreach_mul(g, g), 1 - decay))
+        nu = foreach.mul(tree.leaves(state.nu), decay)
+        foreach.add_(nu, foreach.mul(foreach.mul(g, g), 1 - decay))
         mu = ()
         if centered:
-            mu = torch._foreach_lerp(tree.leaves(state.mu), g, 1 - decay)
-            denom = torch._foreach_sub(nu, torch._foreach_mul(mu, mu))
+            mu = foreach.lerp(tree.leaves(state.mu), g, 1 - decay)
+            denom = foreach.sub(nu, foreach.mul(mu, mu))
         else:
             denom = nu
         if eps_in_sqrt:
-            denom = torch._foreach_sqrt(torch._foreach_add(denom, eps))
+            denom = foreach.sqrt(foreach.add(denom, eps))
         else:
-            denom = torch._foreach_sqrt(denom)
-            torch._foreach_add_(denom, eps)
-        out = torch._foreach_div(g, denom)
+            denom = foreach.sqrt(denom)
+            foreach.add_(denom, eps)
+        out = foreach.div(g, denom)
         new_state = ScaleByRmsState(tree.unflatten(treedef, nu), tree.unflatten(treedef, mu) if centered else ())
         return tree.unflatten(treedef, out), new_state
 
@@ -328,10 +328,10 @@ def scale_by_rss(initial_accumulator_value=0.0, eps=1e-10) -> GradientTransforma
         g, treedef = tree.flatten(updates)
         if not g:
             return updates, state
-        acc = torch._foreach_add(tree.leaves(state.sum_of_squares), torch._foreach_mul(g, g))
-        denom = torch._foreach_sqrt(acc)
-        torch._foreach_add_(denom, eps)
-        return tree.unflatten(treedef, torch._foreach_div(g, denom)), ScaleByRssState(tree.unflatten(treedef, acc))
+        acc = foreach.add(tree.leaves(state.sum_of_squares), foreach.mul(g, g))
+        denom = foreach.sqrt(acc)
+        foreach.add_(denom, eps)
+        return tree.unflatten(treedef, foreach.div(g, denom)), ScaleByRssState(tree.unflatten(treedef, acc))
 
     return GradientTransformation(init, update)
 
@@ -353,8 +353,8 @@ def scale_by_lion(b1=0.9, b2=0.99) -> GradientTransformation:
         check_structure(updates, params)
         g, treedef = tree.flatten(updates)
         m = tree.leaves(state.mu)
-        out = torch._foreach_sign(torch._foreach_lerp(m, g, 1 - b1)) if g else []
-        new_m = torch._foreach_lerp(m, g, 1 - b2) if g else []
+        out = foreach.sign(foreach.lerp(m, g, 1 - b1)) if g else []
+        new_m = foreach.lerp(m, g, 1 - b2) if g else []
         return tree.unflatten(treedef, out), ScaleByLionState(safe_increment(state.count), tree.unflatten(treedef, new_m))
 
     return GradientTransformation(init, update)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from functrain.core import tree
+from functrain.core import foreach, tree
 from functrain.core.optim.base import EmptyState, GradientTransformation, as_hyperparam, check_structure
 
 
@@ -25,8 +25,8 @@ def scale_by_trust_ratio(min_norm=0.0, trust_coefficient=1.0, eps=0.0) -> Gradie
         if not u:
             return updates, state
         p = tree.leaves(params)
-        p_norm = torch._foreach_clamp_min(torch._foreach_norm(p), min_norm)
-        u_norm = torch._foreach_norm(u)
+        p_norm = foreach.clamp_min(foreach.norm(p), min_norm)
+        u_norm = foreach.norm(u)
         out = []
         for ui, pn, un in zip(u, p_norm, u_norm):
             ratio = trust_coefficient * pn / (un + eps)

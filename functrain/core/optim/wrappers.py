@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from functrain.core import tree
+from functrain.core import foreach, tree
 from functrain.core.optim.base import (
     GradientTransformationExtraArgs,
     apply_updates,
@@ -52,9 +52,9 @@ class MultiSteps:
         acc = tree.leaves(state.acc_grads)
         if self.use_grad_mean:  # running mean: acc + (g - acc) / (n + 1)
             weight = 1.0 / (state.mini_step + 1).to(torch.float32)
-            new_acc = torch._foreach_add(acc, torch._foreach_mul(torch._foreach_sub(g, acc), weight)) if g else []
+            new_acc = foreach.add(acc, foreach.mul(foreach.sub(g, acc), weight)) if g else []
         else:
-            new_acc = torch._foreach_add(acc, g) if g else []
+            new_acc = foreach.add(acc, g) if g else []
         new_acc = tree.unflatten(tree.structure(updates), new_acc)
         emit = state.mini_step == self.k - 1
         inner_updates, inner_state = update_with_extra_args(self.opt, new_acc, state.inner_opt_state, params,
@@ -103,7 +103,7 @@ def with_param_ema(inner, decay) -> GradientTransformationExtraArgs:
         new_params = tree.leaves(apply_updates(params, updates))
         ema = tree.leaves(state.ema)
         keep = torch.where(state.count == 0, 0.0, decay).to(torch.float32)
-        new_ema = torch._foreach_lerp(ema, new_params, 1 - keep) if ema else []
+        new_ema = foreach.lerp(ema, new_params, 1 - keep) if ema else []
         return updates, ParamEmaState(state.count + 1, tree.unflatten(tree.structure(params), new_ema), inner_state)
 
     return GradientTransformationExtraArgs(init, update)
@@ -153,10 +153,10 @@ def lookahead(fast_optimizer, sync_period: int = 6, slow_step_size=0.5) -> Gradi
         sync = (count % sync_period) == 0
         if not fast:
             return updates, LookaheadState(count, state.slow, inner_state)
-        moved = torch._foreach_lerp(slow, fast, slow_step_size)
+        moved = foreach.lerp(slow, fast, slow_step_size)
         new_slow = [torch.where(sync, m, s) for m, s in zip(moved, slow)]
         new_params = [torch.where(sync, m, f) for m, f in zip(moved, fast)]
-        out = torch._foreach_sub(new_params, tree.leaves(params))
+        out = foreach.sub(new_params, tree.leaves(params))
         treedef = tree.structure(params)
         return tree.unflatten(treedef, out), LookaheadState(count, tree.unflatten(treedef, new_slow), inner_state)
 
