@@ -252,8 +252,9 @@ def test_get_train_dataloader_returning_a_plain_torch_dataloader(tmp_path):
 
 def test_model_init(tmp_path):
     """Re-training restarts from a fresh model_init() (seeded): same result twice, another with a new seed."""
+    # overwrite_output_dir: functrain refuses a run next to another run's checkpoints (README, HF table)
     args = TrainingArguments(str(tmp_path), learning_rate=0.1, num_train_epochs=1, report_to="none",
-                             disable_tqdm=True, per_device_train_batch_size=8)
+                             disable_tqdm=True, per_device_train_batch_size=8, overwrite_output_dir=True)
     calls = []
 
     def model_init():
@@ -274,9 +275,12 @@ def test_model_init(tmp_path):
 def test_number_of_steps_in_training(tmp_path):
     trainer = get_regression_trainer(learning_rate=0.1, train_len=32, output_dir=tmp_path)
     assert trainer.train().global_step == 3 * 32 / 8
-    trainer = get_regression_trainer(learning_rate=0.1, train_len=32, num_train_epochs=1.5, output_dir=tmp_path)
+    # overwrite_output_dir: functrain refuses a run next to another run's checkpoints (README, HF table)
+    trainer = get_regression_trainer(learning_rate=0.1, train_len=32, num_train_epochs=1.5, output_dir=tmp_path,
+                                     overwrite_output_dir=True)
     assert trainer.train().global_step == int(1.5 * 32 / 8)
-    trainer = get_regression_trainer(learning_rate=0.1, train_len=32, max_steps=5, output_dir=tmp_path)
+    trainer = get_regression_trainer(learning_rate=0.1, train_len=32, max_steps=5, output_dir=tmp_path,
+                                     overwrite_output_dir=True)
     assert trainer.train().global_step == 5
 
 
