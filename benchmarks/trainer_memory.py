@@ -137,7 +137,7 @@ def main(argv=None) -> dict:
               f"{r['functrain']['growth_mb']:.0f} MB: {r['growth_ratio']:.3f}x (target <= 1.05x)")
     report = {"quick": args.quick, "config": config(args.quick), "steps": args.steps, "rounds": rounds,
               "results": results}
-    if not args.quick:
+    if not args.quick or args.out:  # (a quick run writes only where asked: the smoke test)
         C.write_report("trainer_memory", report, args.out)
     return report
 
