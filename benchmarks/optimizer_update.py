@@ -11,6 +11,10 @@ Variants, all doing the same AdamW math on the same parameters and gradients:
   input storages with ``torch._foreach_copy_`` inside the compiled function, so inductor fuses
   the copy into the update kernel (what ``make_train_step(donate=True)`` does).
 * ``torch foreach`` / ``torch fused``: ``torch.optim.AdamW(foreach=True)`` / ``(fused=True)``.
+* ``copy (bandwidth)`` / ``triad (bandwidth)``: ``a.copy_(b)`` and ``a = b + 0.5 * c`` over flat
+  buffers of as many fp32 elements as the params, timed in the same interleaved rounds: the
+  machine's memory bandwidth now. Each update's GB/s counts the 7 arrays AdamW must move (p, g,
+  m, v read; p, m, v written) and is reported as a fraction of the copy's GB/s.
 
 Each variant runs ``--steps`` updates per repeat, ``--repeats`` times; the table shows the median
 milliseconds per update and the ratio to ``torch fused``. Results go to
@@ -115,12 +119,48 @@ def _torch_adamw(params, grads, **kw):
     return opt.step
 
 
+# Bandwidth references in the same interleaved run, over flat buffers of as many elements as the
+# params: a copy (a = b) moves 2 x 4n bytes, a triad (a = b + s * c, STREAM's) 3 x 4n bytes.
+BANDWIDTH = {"copy (bandwidth)": 2, "triad (bandwidth)": 3}
+# What one AdamW update must move at least: p, g, m, v read; p, m, v written (fp32).
+UPDATE_ARRAYS = 7
+
+
+def _flat_buffers(params, k):
+    n = tree.size(params)
+    return [torch.randn(n) for _ in range(k)]
+
+
+def bandwidth_copy(params, grads):
+    a, b = _flat_buffers(params, 2)
+    return lambda: a.copy_(b)
+
+
+def bandwidth_triad(params, grads):
+    a, b, c = _flat_buffers(params, 3)
+    return lambda: torch.add(b, c, alpha=0.5, out=a)
+
+
+def add_bandwidth(results: dict, n: int) -> dict:
+    """GB/s of each contender (its bytes / its median time) and each update's fraction of the
+    copy bandwidth measured in the same run."""
+    for name, r in results.items():
+        arrays = BANDWIDTH.get(name, UPDATE_ARRAYS)
+        r["gb_per_s"] = arrays * 4 * n / (r["median_ms"] * 1e-3) / 1e9
+    copy = results.get("copy (bandwidth)", {}).get("gb_per_s")
+    for name, r in results.items():
+        r["fraction_of_copy_bandwidth"] = r["gb_per_s"] / copy if copy and name not in BANDWIDTH else None
+    return results
+
+
 VARIANTS = {
     "functrain eager": functrain_eager,
     "functrain compiled": functrain_compiled,
     "functrain compiled+donated": functrain_compiled_donated,
     "torch foreach": lambda p, g: _torch_adamw(p, g, foreach=True),
     "torch fused": lambda p, g: _torch_adamw(p, g, fused=True),
+    "copy (bandwidth)": bandwidth_copy,
+    "triad (bandwidth)": bandwidth_triad,
 }
 
 
@@ -189,11 +229,13 @@ def main(argv=None) -> dict:
     results = {name: {"median_ms": statistics.median(t), "all_ms": t, "setup_s": setup_s[name]}
                for name, t in times.items()}
     ref = results.get("torch fused", {}).get("median_ms")
-    print(f"{'variant':<28} {'ms/update':>10} {'vs fused':>9}")
+    add_bandwidth(results, n)
+    print(f"{'variant':<28} {'ms/update':>10} {'vs fused':>9} {'GB/s':>7} {'of copy':>8}")
     for name, r in results.items():
         r["ratio_vs_fused"] = r["median_ms"] / ref if ref else None
         ratio = f"{r['ratio_vs_fused']:.2f}x" if ref else "-"
-        print(f"{name:<28} {r['median_ms']:>10.2f} {ratio:>9}")
+        frac = f"{r['fraction_of_copy_bandwidth']:.0%}" if r["fraction_of_copy_bandwidth"] is not None else "-"
+        print(f"{name:<28} {r['median_ms']:>10.2f} {ratio:>9} {r['gb_per_s']:>7.1f} {frac:>8}")
     agreement = check_agreement(params, grads)
     print(f"compiled functrain vs torch fused after 3 steps: relative difference {agreement:.2e}")
     report = {
@@ -208,6 +250,7 @@ def main(argv=None) -> dict:
         "cpu_count": os.cpu_count(),
         "machine": platform.machine(),
         "relative_difference_vs_fused": agreement,
+        "loadavg": list(os.getloadavg()),
         "results": results,
     }
     out = Path(args.out)

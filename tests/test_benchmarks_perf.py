@@ -123,3 +123,15 @@ def test_gpu_step_dry_run_quick(tmp_path):
         r = report["results"][name]
         assert r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 and r["first_step_s"] > 0
     assert {"functrain_vs_hf_tokens_per_s", "functrain_mfu"} <= set(report["summary"])
+
+
+@pytest.mark.slow
+def test_trainer_memory_quick(tmp_path):
+    report, proc = run_script("trainer_memory", tmp_path)
+    eager = report["results"]["eager"]
+    assert {"transformers", "functrain"} <= set(eager)
+    for v in ("transformers", "functrain"):
+        runs = eager[v]["runs"]
+        assert len(runs) == report["rounds"] and all("loadavg" in r and r["peak_rss_mb"] > 0 for r in runs)
+    assert eager["growth_ratio"] == pytest.approx(eager["functrain"]["growth_mb"] / eager["transformers"]["growth_mb"])
+    assert "target <= 1.05x" in proc.stdout

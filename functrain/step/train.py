@@ -27,6 +27,7 @@ from functrain.step import batch as batching
 from functrain.step.grads import (
     LossFn, LossModule, autocast, buffer_names, default_loss_fn, device_type, make_grad_fn, module_buffers_of, prefixed,
 )
+from functrain.step.grouped_update import apply_update_in_groups_
 from functrain.step.update import apply_update, keep_if_finite, unscale_grads
 
 __all__ = ["default_loss_fn", "find_learning_rate", "make_eval_step", "make_train_step"]
@@ -55,6 +56,7 @@ def make_train_step(
     rng_stream: int = 0,
     skip_non_finite: bool = False,
     deterministic: bool = False,
+    leafwise_update: bool = False,
 ):
     """Build ``train_step(state, batch) -> (new_state, metrics)``, a pure function.
 
@@ -100,9 +102,19 @@ def make_train_step(
             on any thread count (see ``_deterministic_algorithms``). Eager CPU steps are already.
         rng_stream: folded into the state's key before seeding (0: the key as is). Data-parallel
             ranks pass their rank so each draws its own dropout masks from the same state.
+<<<<<<< HEAD
+        leafwise_update: declare that ``tx`` updates each parameter from its own gradient, state
+            and value alone (Adam(W), SGD, Lion, RMSprop, Adagrad; not a global-norm clip or
+            ``apply_if_finite`` inside ``tx``; weight-decay masks given as functions of the params).
+            With ``donate=True`` and ``compile=False`` the update then runs a group of parameters
+            at a time, in place, so eager training holds one copy of params and optimizer state
+            plus one group's temporaries (same numbers; see :mod:`functrain.step.grouped_update`).
+            Ignored otherwise (compiled steps fuse the donation already) and with fp16.
+=======
         skip_non_finite: when the window's loss or any gradient is NaN/Inf, keep params, optimizer
             state and step unchanged and report ``skipped`` (fp16 always does this, for its loss
             scale). Decided on the device: no host sync.
+>>>>>>> main
 
     Metrics (0-d tensors, never read on the host by the step): ``loss`` (mean over the
     supervised items of the whole window), ``grad_norm`` (global norm before clipping),
@@ -131,6 +143,7 @@ def make_train_step(
                            grad_reduce=grad_reduce, count_reduce=count_reduce, param_transform=param_transform,
                            differentiate=differentiate)
     module_buffers = buffer_names(model)
+    grouped = leafwise_update and donate and not compile and not policy.needs_loss_scale
 
     def train_core(params, buffers, opt_state, step, loss_scale, batch):
         scale = loss_scale.scale if policy.needs_loss_scale else None
@@ -139,6 +152,22 @@ def make_train_step(
         # forward updated copies, so the input state's buffers never change.
         old_buffers, new_buffers = module_buffers_of(buffers, module_buffers), module_buffers_of(g.buffers, module_buffers)
         grads, metrics = g.grads, {"loss": g.loss, "num_items": g.num_items}
+        if grouped:  # donated eager, leafwise tx: params and opt_state updated in place
+            finite = torch.isfinite(g.loss) & tree.all_finite(grads) if skip_non_finite else None
+            metrics["grad_norm"] = apply_update_in_groups_(tx, params, opt_state, grads, max_grad_norm=max_grad_norm,
+                                                           value=g.loss, finite=finite)
+            metrics.update(g.aux)
+            del grads, g
+            step.add_(1 if finite is None else finite.to(step.dtype))
+            if finite is not None:
+                new_buffers = tree.where(finite, new_buffers, old_buffers)
+                metrics["skipped"] = ~finite
+            lr = find_learning_rate(opt_state)
+            if lr is not None:  # a new tensor: the state's changes next step
+                metrics["learning_rate"] = lr * _learning_rate_scale(opt_state)
+            if old_buffers:
+                tree.copy_(old_buffers, new_buffers)
+            return params, old_buffers, opt_state, step, loss_scale, metrics
         if policy.needs_loss_scale:
             grads, finite = unscale_grads(grads, loss_scale)
         elif skip_non_finite:

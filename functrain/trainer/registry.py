@@ -260,6 +260,10 @@ OPTIMIZERS: dict[str, Callable[..., Any]] = {name: _from_table(name) for name in
 # HF names refused, with why and what to use instead.
 OPTIMIZERS_REFUSED: dict[str, str] = dict(hf_names.REFUSED_HF_OPTIMIZERS)
 
+# The optimizers whose update of each parameter reads only that parameter's gradient, state and
+# value (so a donated eager step may update them a group at a time: functrain.step.grouped_update).
+LEAFWISE_OPTIMIZERS: frozenset[str] = frozenset(
+    {"adamw_torch", "adamw_torch_fused", "adamw", "adam", "sgd", "lion", "lion_32bit", "rmsprop", "adagrad"})
 
 # PopulationTrainer builds these with per-member tensor hyperparameters (functrain.trainer.population;
 # each tested equal to Trainer runs); a warmup length that differs between members needs "linear".

@@ -89,7 +89,9 @@ class Trainer(PublishMixin):
 
     Differences from transformers: ``optimizers`` takes a functrain ``GradientTransformation`` (with
     its schedule inside), not a ``torch.optim.Optimizer``; checkpoints are safetensors + JSON only;
-    callbacks also receive ``train_state`` (read-only). Subclasses overriding ``compute_loss`` work:
+    callbacks also receive ``train_state`` (read-only; the Trainer donates each state to the next step,
+    so its tensors are the module's and a state kept past its step raises ``ConsumedStateError``:
+    keep values, e.g. clones, not the state). Subclasses overriding ``compute_loss`` work:
     the override becomes the step's loss function.
 
     ``streaming_metrics`` (functrain only): ``fn(batch, outputs) -> {name: metric}`` of mergeable
@@ -428,11 +430,19 @@ class Trainer(PublishMixin):
 
         a = self.args
         return make_train_step(self.model, tx, self._train_loss_fn(), accumulate=accumulate, precision=a.precision,
-                               compile=a.torch_compile, compile_kwargs=compile_kwargs(a),
+                               compile=a.torch_compile, compile_kwargs=compile_kwargs(a), donate=self._donates(),
+                               leafwise_update=self.optimizer is None and a.optim in registry.LEAFWISE_OPTIMIZERS,
                                deterministic=a.full_determinism,
                                max_grad_norm=a.max_grad_norm or None, required_keys=self._required_label_keys(),
                                skip_non_finite=not a.fp16,
                                **self._distributed_step_kwargs(accumulate))
+
+    def _donates(self) -> bool:
+        """The Trainer owns its state, so its step writes each new state into the old one's storages
+        (which are the module's own tensors): one copy of params and optimizer state is alive, and
+        ``trainer.model`` is current after every step. Sharded runs keep whole modules apart from
+        their shards, so they do not donate."""
+        return not (self.args.sharded and fd.is_distributed())
 
     # -- distributed (see functrain.distributed) -------------------------------------------------
     def _distributed_step_kwargs(self, accumulate: int = 1) -> dict:
@@ -525,7 +535,10 @@ class Trainer(PublishMixin):
             from functrain.core.precision import dynamic_scale_init
 
             loss_scale = dynamic_scale_init(device=next(self.model.parameters()).device)
-        state = TrainState.create(self.model, tx, seed=self.args.seed, loss_scale=loss_scale)
+        # auto_find_batch_size: the (donated) state is a copy, so a retry after an out-of-memory error
+        # starts from the module's initial weights.
+        state = TrainState.create(self.model, tx, seed=self.args.seed, loss_scale=loss_scale,
+                                  copy=self.args.auto_find_batch_size)
         if self.args.sharded and fd.is_distributed():
             state = fd.shard_state(state)  # copies: each rank keeps its shards, the module stays whole
         return state
@@ -694,7 +707,7 @@ class Trainer(PublishMixin):
         return position
 
     def _load_checkpoint(self, path: str, template: TrainState) -> TrainState:
-        state = self._read_state(path, template)
+        state = _into_storages(template, self._read_state(path, template))
         self.state = self._mark_process(TrainerState.load_from_json(ck.safe_file(path, ck.TRAINER_STATE_FILE)))
         self.state.best_model_checkpoint = _checked_best(self.state.best_model_checkpoint, self.args.output_dir)
         compat.restore_callbacks(self.callback_handler, self.state.stateful_callbacks,
@@ -851,7 +864,8 @@ class Trainer(PublishMixin):
             return
         logger.info("loading best model from %s (score: %s)", best, self.state.best_metric)
         loaded = self._read_state(best, self.train_state)
-        self.train_state = self.train_state.replace(params=loaded.params, buffers=loaded.buffers)
+        current = self.train_state
+        self.train_state = _into_storages(current, current.replace(params=loaded.params, buffers=loaded.buffers))
         self.callback_handler.train_state = self.train_state
 
     # -- logging / eval / save cadence ----------------------------------------------------------
@@ -1215,6 +1229,22 @@ def _restore_signal_handlers(previous) -> None:
 
 
 # -- helpers --------------------------------------------------------------------------------------
+
+
+def _into_storages(template: TrainState, loaded: TrainState) -> TrainState:
+    """``loaded``'s values in ``template``'s tensors (the module's own, for params and buffers), so
+    after a resume the module is still the storage of the state its donated step updates.
+    Sharded states (DTensors) are returned as loaded."""
+    from functrain.core import tree
+
+    to, src = tree.leaves(template), tree.leaves(loaded)
+    if any(type(t) is not torch.Tensor for t in to + src):
+        return loaded
+    with torch.no_grad():
+        for t, s in zip(to, src):
+            if t is not s:
+                t.copy_(s)
+    return template
 
 
 def _filter_nan_inf(loss: torch.Tensor, loss_sum: torch.Tensor, steps_since_log: int) -> torch.Tensor:

@@ -82,8 +82,11 @@ class MaskedState(NamedTuple):
     inner_state: Any  # the inner transformation's state over the selected leaves only
 
 
-def _resolve_mask(mask, tree_for_mask, names: list[str]) -> list[bool]:
-    """The mask as one Python bool per leaf, checked against the params' structure."""
+def _resolve_mask(mask, tree_for_mask, names: list[str], require_any: bool = True) -> list[bool]:
+    """The mask as one Python bool per leaf, checked against the params' structure.
+
+    ``require_any``: at ``init`` (the whole tree) a mask selecting nothing is a mistake; an update
+    of a group of the params (a grouped donated step) may select nothing."""
     m = mask(tree_for_mask) if callable(mask) else mask
     flags = _leaves_shaped_like_params(m, tree_for_mask, names, "masked: mask")
     for name, f in zip(names, flags):
@@ -92,7 +95,7 @@ def _resolve_mask(mask, tree_for_mask, names: list[str]) -> list[bool]:
                 f"masked: mask entries must be Python bools (resolved before tracing), got "
                 f"{type(f).__name__} for parameter {name!r}"
             )
-    if names and not any(flags):
+    if require_any and names and not any(flags):
         raise ValueError(
             f"masked: the mask selects no parameter at all (all {len(names)} entries are False); "
             "the inner transformation would never apply. Check the mask (e.g. parameter names) "
@@ -118,7 +121,7 @@ def masked(inner: GradientTransformation, mask) -> GradientTransformation:
 
     def update(updates, state, params=None, **extra_args):
         names, leaves, treedef = _names_and_leaves(updates, params)
-        flags = _resolve_mask(mask, params if params is not None else updates, names)
+        flags = _resolve_mask(mask, params if params is not None else updates, names, require_any=False)
         sel_params = None if params is None else _select(names, tree.leaves(params), flags)
         new_sel, inner_state = update_with_extra_args(inner, _select(names, leaves, flags), state.inner_state,
                                                       sel_params, **extra_args)

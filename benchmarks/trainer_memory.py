@@ -1,0 +1,146 @@
+"""Peak memory growth of a whole ``Trainer.train()`` run: functrain's Trainer vs transformers'.
+
+    python benchmarks/trainer_memory.py                 # eager, 3 rounds
+    python benchmarks/trainer_memory.py --compiled      # adds torch_compile=True for both
+    python benchmarks/trainer_memory.py --compiled --no-eager --out benchmarks/results/trainer_memory_compiled.json
+    python benchmarks/trainer_memory.py --quick
+
+Same model (GPT-2, 6 layers, d512, vocab 8192: ~23M parameters), same data (4 x 128 tokens per
+step), same arguments (defaults: AdamW fused for HF, AdamW for functrain, clip 1.0, linear
+schedule), ``max_steps=4``, no saving, no logging to trackers. Each run is its own process with
+glibc forced to serve large blocks by ``mmap`` (``MALLOC_MMAP_THRESHOLD_``), so freed memory
+leaves the process and the peak RSS (``VmHWM``) is what was alive at the worst moment.
+
+Figure: growth = peak RSS over the run - RSS after the model and the Trainer are built (the
+optimizer state, gradients, activations and any extra copy of the params). Both processes import
+``datasets``, ``transformers.trainer`` and ``functrain`` before that baseline, so one-time library
+imports (which HF pays at import, functrain at its first dataset) are not counted for either. Processes run
+interleaved (HF, functrain, HF, functrain, ...); medians; ``os.getloadavg()`` per run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+try:
+    from . import _common as C
+except ImportError:
+    import _common as C
+
+VARIANTS = ("transformers", "functrain")
+
+
+def config(quick: bool) -> dict:
+    if quick:
+        return dict(n_layer=1, n_embd=64, n_head=2, vocab=512, seq=32, batch=4)
+    return dict(n_layer=6, n_embd=512, n_head=8, vocab=8192, seq=128, batch=4)
+
+
+def _status_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _reset_peak_rss() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def child(variant: str, quick: bool, steps: int, compiled: bool) -> dict:
+    import torch
+
+    # Both processes import the same libraries before the baseline: transformers' Trainer imports
+    # `datasets` (~85 MB of RSS) when it is imported, functrain when it first meets a dataset.
+    import datasets  # noqa: F401
+    import transformers.trainer  # noqa: F401
+
+    import functrain  # noqa: F401
+
+    torch.set_num_threads(1)
+    cfg = config(quick)
+    model = C.gpt2(cfg["n_layer"], cfg["n_embd"], cfg["n_head"], cfg["vocab"], cfg["seq"])
+    data = C.ListDataset(C.lm_batches(steps, cfg["batch"], cfg["seq"], cfg["vocab"]))
+    out_dir = tempfile.mkdtemp(prefix="trainer_memory_")
+    common = dict(output_dir=out_dir, max_steps=steps, per_device_train_batch_size=cfg["batch"], report_to=[],
+                  save_strategy="no", logging_strategy="no", disable_tqdm=True, torch_compile=compiled,
+                  use_cpu=True)
+    if variant == "transformers":
+        import transformers
+
+        trainer = transformers.Trainer(model=model, args=transformers.TrainingArguments(**common), train_dataset=data)
+    else:
+        import functrain as ft
+
+        trainer = ft.Trainer(model=model, args=ft.TrainingArguments(**common), train_dataset=data)
+    baseline = _status_mb("VmRSS")
+    _reset_peak_rss()
+    trainer.train()
+    return {"variant": variant, "params": sum(p.numel() for p in model.parameters()), "baseline_rss_mb": baseline,
+            "peak_rss_mb": _status_mb("VmHWM"), "growth_mb": _status_mb("VmHWM") - baseline}
+
+
+def run_child(variant: str, quick: bool, steps: int, compiled: bool) -> dict:
+    cmd = [sys.executable, __file__, "--child", variant, "--steps", str(steps)]
+    cmd += (["--quick"] if quick else []) + (["--compiled"] if compiled else [])
+    # Large blocks by mmap: a freed tensor leaves the process, so peak RSS is peak live memory.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=C.ROOT, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{variant} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def measure(quick: bool, steps: int, rounds: int, compiled: bool) -> dict:
+    runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+    for r in range(rounds):
+        for v in VARIANTS:
+            res = run_child(v, quick, steps, compiled)
+            res["loadavg"] = list(os.getloadavg())
+            runs[v].append(res)
+            print(f"  {'compiled' if compiled else 'eager'} round {r + 1}: {v}: growth {res['growth_mb']:.0f} MB "
+                  f"(peak {res['peak_rss_mb']:.0f} MB); load {res['loadavg'][0]:.2f}", flush=True)
+    out = {v: {"growth_mb": statistics.median(x["growth_mb"] for x in rs),
+               "peak_rss_mb": statistics.median(x["peak_rss_mb"] for x in rs), "runs": rs} for v, rs in runs.items()}
+    out["growth_ratio"] = out["functrain"]["growth_mb"] / out["transformers"]["growth_mb"]
+    return out
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--compiled", action="store_true", help="measure torch_compile=True too")
+    ap.add_argument("--no-eager", action="store_true", help="with --compiled: only the compiled runs")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(args.child, args.quick, args.steps, args.compiled)), flush=True)
+        return {}
+    rounds = args.rounds or (1 if args.quick else 3)
+    print(f"trainer memory: GPT-2 {config(args.quick)}, {args.steps} steps, one process per run", flush=True)
+    results = {} if args.no_eager and args.compiled else {"eager": measure(args.quick, args.steps, rounds, False)}
+    if args.compiled:
+        results["compiled"] = measure(args.quick, args.steps, rounds, True)
+    for mode, r in results.items():
+        print(f"{mode}: transformers.Trainer growth {r['transformers']['growth_mb']:.0f} MB, functrain.Trainer "
+              f"{r['functrain']['growth_mb']:.0f} MB: {r['growth_ratio']:.3f}x (target <= 1.05x)")
+    report = {"quick": args.quick, "config": config(args.quick), "steps": args.steps, "rounds": rounds,
+              "results": results}
+    if not args.quick or args.out:  # (a quick run writes only where asked: the smoke test)
+        C.write_report("trainer_memory", report, args.out)
+    return report
+
+
+if __name__ == "__main__":
+    main()
