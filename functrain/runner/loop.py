@@ -24,6 +24,7 @@ logging and checkpoint folders as hooks.
 
 from __future__ import annotations
 
+import collections.abc
 import contextlib
 import dataclasses
 import itertools
@@ -171,16 +172,17 @@ def passes(data, r: Run):
     if stateful and r.data_position is not None:
         data.load_state_dict(r.data_position)
     skip = [0 if stateful else r.step]
-    if iter(data) is data:  # a one-shot iterator: one pass
-        yield _skipping(data, skip)
+    if isinstance(data, collections.abc.Iterator):  # a one-shot iterator: one pass
+        yield _one_pass(data, skip)
         return
     while True:
-        yield _skipping(iter(data), skip)
+        yield _one_pass(data, skip)
 
 
-def _skipping(batches, skip: list):
-    """``batches`` without the first ``skip[0]`` of them (counted down across passes)."""
-    for batch in batches:
+def _one_pass(data, skip: list):
+    """``iter(data)`` (called at the first batch, after ``on_epoch_start``) without the first
+    ``skip[0]`` batches (counted down across passes)."""
+    for batch in data:
         if skip[0]:
             skip[0] -= 1
             continue

@@ -19,8 +19,6 @@ import logging
 import math
 import os
 import random
-import signal
-import threading
 import time
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -45,6 +43,10 @@ from functrain.trainer.integrations import integration_callbacks
 from functrain.trainer.logging import MetricsFileCallback
 from functrain.trainer.memory import MemoryTracker
 from functrain.trainer.publish import PublishMixin
+from functrain.trainer.train_hooks import (
+    CallbackHook, ControlFlow, TrainerCheckpoint, TrainerEvaluate, TrainerLog, TrainWindows, num_rows,
+)
+from functrain.runner import run
 from functrain.core.state import TrainState
 from functrain.trainer.args import TrainingArguments
 
@@ -147,9 +149,13 @@ class Trainer(PublishMixin):
         self.state = self._mark_process(TrainerState())
         self.control = TrainerControl()
         self.train_state: TrainState | None = None
-        self.interrupted: int | None = None
+        self.interrupted: str | None = None  # the signal that stopped the last train(), if one did
         self._eval_steps: dict = {}
-        self._train_tokens = 0  # input tokens of this train() call (include_tokens_per_second)
+        self._eval_ignore_keys = None  # set per evaluate()/predict() call
+        self._tx: optim.GradientTransformation | None = None  # the optimizer of the current train()
+        self._train_steps: dict = {}  # compiled train steps of the current train(), by microbatch count
+        self._train_log: TrainerLog | None = None  # the logging hook of the current train()
+        self._flos = 0.0  # FLOPs counted since the last store_flos()
         self.control = self.callback_handler.on_init_end(self.args, self.state, self.control)
         if self.args.push_to_hub:
             self.init_hf_repo()
@@ -512,7 +518,7 @@ class Trainer(PublishMixin):
         return self._train_steps[acc]
 
     def _get_eval_step(self, with_outputs: bool):
-        ignore_keys = getattr(self, "_eval_ignore_keys", None)  # set per evaluate()/predict() call
+        ignore_keys = self._eval_ignore_keys
         key = (with_outputs, None if ignore_keys is None else tuple(ignore_keys))
         if key not in self._eval_steps:
             from functrain.step.train import make_eval_step
@@ -633,36 +639,29 @@ class Trainer(PublishMixin):
         num_epochs = math.ceil(max_steps / steps_per_epoch)
         self._tx = self.create_optimizer_and_scheduler(max_steps)
         self._train_steps = {}
-        state = self._fresh_train_state(self._tx)
+        state = self._fresh_train_state(self._tx)  # on resume, the template the checkpoint is read into
 
         self.state = self._mark_process(TrainerState(max_steps=max_steps, num_train_epochs=num_epochs, epoch=0.0,
                                                      train_batch_size=a.per_device_train_batch_size))
         self.state.compute_steps(a, max_steps)
-        position = {"epoch": 0, "batch_index": 0}
-        if resume_path is not None:
-            state = self._load_checkpoint(resume_path, state)
-            position = self._resume_position(self.state.data_position or position, loader)
-            self.state.max_steps, self.state.num_train_epochs = max_steps, num_epochs
-            self.state.compute_steps(a, max_steps)
-        # Other runs' checkpoints: refused, or deleted with overwrite_output_dir (after every check
-        # above, before anything is written).
-        run_dir.claim_output_dir(a.output_dir, resume_path, a.overwrite_output_dir, act=fd.is_main_process(), **claim)
-        fd.barrier()
-        self.train_state = state
-        self.callback_handler.train_state = state
-        self._share_state_with_model()
-        self.callback_handler.train_dataloader = loader
-        if fd.is_main_process():
-            ck.remove_stale_temporaries(a.output_dir)
-
+        self._flos = 0.0
+        self._train_log = TrainerLog(self)
+        hooks = [CallbackHook(self, steps_per_epoch), self._train_log, TrainerEvaluate(self, ignore_keys_for_eval),
+                 TrainerCheckpoint(self, resume_path, loader, claim), ControlFlow(self, num_epochs)]
         neftune = self._activate_neftune()
-        previous_handlers = self._install_signal_handlers()
         try:
-            return self._train_loop(loader, steps_per_epoch, num_epochs, position, ignore_keys_for_eval)
+            out = run(self._train_window, state, TrainWindows(loader, self._global_window()), steps=max_steps,
+                      hooks=hooks)
         finally:
-            _restore_signal_handlers(previous_handlers)
             if neftune is not None:
                 neftune.remove()
+        self.interrupted = out.signal
+        return self._finish_training(out)
+
+    def _train_window(self, state: TrainState, window):
+        """The runner's step: the train step for this window's rows (a short last window of an
+        epoch gets fewer microbatches)."""
+        return self._step_for_rows(num_rows(window))(state, window)
 
     def _reinitialize_model(self) -> None:
         set_seed(self.args.seed)
@@ -715,107 +714,29 @@ class Trainer(PublishMixin):
         ck.load_rng_state(path)
         return state
 
-    def _train_loop(self, loader, steps_per_epoch, num_epochs, position, ignore_keys_for_eval) -> TrainOutput:
-        a, handler = self.args, self.callback_handler
-        start_step = self.state.global_step
-        start_time = time.perf_counter()
-        pending = self.state.pending_log or {}
-        self._loss_sum = torch.tensor(pending.get("loss_sum", 0.0), dtype=torch.float32)
-        self._steps_since_log = pending.get("steps", 0)
-        self._samples_since_log, self._tokens_since_log = pending.get("samples", 0), self.state.num_input_tokens_seen
-        self._pending_tokens = None
-        self._faults = _FaultCounters()
-        self._log_timer = time.perf_counter()
-        self._last_metrics = {}
-        self._flos = 0.0
-        total_loss, total_samples = torch.zeros(()), 0
-        self._train_tokens = 0
-        stop_agreement, stop_for_signal = fd.StopAgreement(), False
-        self.control = handler.on_train_begin(a, self.state, self.control)
-        if a.eval_on_start and start_step == 0:
-            self._evaluate(ignore_keys_for_eval, skip_scheduler=True)
-        epoch = position["epoch"]
-        done = self.state.global_step >= self.state.max_steps
-        while epoch < num_epochs and not done:
-            start_batch = position["batch_index"] if epoch == position["epoch"] else 0
-            self.control = handler.on_epoch_begin(a, self.state, self.control)
-            interrupted_mid_epoch = False
-            for window in loader.iter_from(epoch, start_batch):
-                self.control = handler.on_step_begin(a, self.state, self.control)
-                rows = _num_rows(window)
-                step_fn = self._step_for_rows(rows)
-                state, metrics = step_fn(self.train_state, window)
-                self.train_state = handler.train_state = state
-                self._share_state_with_model()
-                self.control = compat.optimizer_events(handler, a, self.state, self.control, step_fn.accumulate)
-                self._flos += float(self.floating_point_ops(window))
-                loss = metrics["loss"].detach().float().cpu() if metrics["loss"].device.type == "cpu" \
-                    else metrics["loss"].detach().float()
-                if a.logging_nan_inf_filter:
-                    loss = _filter_nan_inf(loss, self._loss_sum.to(loss.device), self._steps_since_log)
-                self._loss_sum = self._loss_sum.to(loss.device) + loss
-                total_loss = total_loss.to(loss.device) + loss
-                self._last_metrics = metrics
-                self._faults.add(metrics, self.state.global_step + 1)
-                self._steps_since_log += 1
-                self._samples_since_log += rows * fd.world_size()  # global throughput
-                total_samples += rows * fd.world_size()
-                self._count_tokens(window)
-                if a.include_tokens_per_second and isinstance(window, Mapping) and "input_ids" in window:
-                    self._train_tokens += window["input_ids"].numel() * fd.world_size()  # shape only: no sync
-                self.state.global_step += 1
-                self.state.epoch = epoch + loader.state.batch_index / steps_per_epoch
-                self.state.data_position = {**loader.state.to_dict(),
-                                            "samples": loader.state.batch_index * self._global_window()}
-                self.control = handler.on_step_end(a, self.state, self.control)
-                # A signal on any rank stops every rank at the same step (one step later).
-                stop_for_signal = stop_agreement.update(self.interrupted is not None)
-                if stop_for_signal:
-                    self.control.should_save = True
-                    self.control.should_training_stop = True
-                self._maybe_log_save_evaluate(ignore_keys_for_eval)
-                if stop_for_signal:
-                    interrupted_mid_epoch = True
-                    break
-                if self.control.should_epoch_stop or self.control.should_training_stop:
-                    break
-            if interrupted_mid_epoch:
-                break
-            # The epoch's end, or a stop inside it: a checkpoint written now resumes where the data
-            # really is (the next epoch's start only if this one was read to its end).
-            self.state.data_position = {**loader.state.to_dict(),
-                                        "samples": loader.state.batch_index * self._global_window()}
-            self.state.epoch = float(epoch + 1) if not self.control.should_training_stop else self.state.epoch
-            self.control = handler.on_epoch_end(a, self.state, self.control)
-            self._maybe_log_save_evaluate(ignore_keys_for_eval)
-            if self.control.should_training_stop:
-                break
-            epoch += 1
-        stop_agreement.close()
-        return self._finish_training(start_step, start_time, total_loss, total_samples, stop_for_signal)
-
     def _global_window(self) -> int:
         a = self.args
         return a.per_device_train_batch_size * a.gradient_accumulation_steps * fd.world_size()
 
-    def _finish_training(self, start_step, start_time, total_loss, total_samples, stop_for_signal) -> TrainOutput:
-        a = self.args
+    def _finish_training(self, out) -> TrainOutput:
+        """After ``run()``: the best model, the summary metrics, ``on_train_end``."""
+        a, log = self.args, self._train_log
+        stop_for_signal = out.signal is not None
         if stop_for_signal:
             logger.warning("training interrupted by %s at step %d; checkpoint written, exiting cleanly",
-                           f"signal {self.interrupted}" if self.interrupted else "a signal on another rank",
-                           self.state.global_step)
+                           out.signal, self.state.global_step)
         if a.load_best_model_at_end and self.state.best_model_checkpoint and not stop_for_signal:
             self._load_best_model()
         self._share_state_with_model()
         self._sync_model()  # sharded: gathers the shards into the module
-        runtime = time.perf_counter() - start_time
+        runtime = time.perf_counter() - log.start_time
         self.store_flos()
-        steps = self.state.global_step - start_step
-        total_loss = fd.all_reduce_sum(total_loss)  # each rank holds its share of the global mean
+        steps = self.state.global_step - log.start_step
+        total_loss = fd.all_reduce_sum(log.total_loss)  # each rank holds its share of the global mean
         train_loss = float(total_loss / steps) if steps > 0 else float("nan")
         metrics = {
             "train_runtime": round(runtime, 4),
-            "train_samples_per_second": round(total_samples / runtime, 3) if runtime > 0 else 0.0,
+            "train_samples_per_second": round(log.total_samples / runtime, 3) if runtime > 0 else 0.0,
             "train_steps_per_second": round(steps / runtime, 3) if runtime > 0 else 0.0,
             "total_flos": self.state.total_flos,
             "train_loss": train_loss,
@@ -828,32 +749,17 @@ class Trainer(PublishMixin):
             self._flush_token_count()
             metrics["num_input_tokens_seen"] = self.state.num_input_tokens_seen
         if a.include_tokens_per_second:
-            metrics["train_tokens_per_second"] = round(self._train_tokens / runtime, 4) if runtime > 0 else 0.0
+            metrics["train_tokens_per_second"] = round(log.train_tokens / runtime, 4) if runtime > 0 else 0.0
         self._memory_tracker.stop_and_update_metrics("train", metrics)
         self.log(dict(metrics))
         self.control = self.callback_handler.on_train_end(a, self.state, self.control)
         self._finish_current_push()
         return TrainOutput(self.state.global_step, train_loss, metrics)
 
-    def _count_tokens(self, window) -> None:
-        mode = self.args.include_num_input_tokens_seen
-        if mode in (False, "no") or not isinstance(window, Mapping) or "input_ids" not in window:
-            return
-        ids = window["input_ids"]
-        if mode == "non_padding" and "attention_mask" in window:
-            # Summed as a tensor and read only where the host reads anyway (log, save, end):
-            # reading it here would sync every step.
-            count = window["attention_mask"].sum()
-            self._pending_tokens = count if self._pending_tokens is None else self._pending_tokens + count
-        else:
-            self.state.num_input_tokens_seen += ids.numel()  # shape only: no host sync
-
     def _flush_token_count(self) -> None:
         """Fold the non-padding tokens counted since the last read into the TrainerState."""
-        pending = getattr(self, "_pending_tokens", None)  # None outside train()
-        if pending is not None:
-            self.state.num_input_tokens_seen += int(pending)
-            self._pending_tokens = None
+        if self._train_log is not None:  # None before train()
+            self._train_log.flush_token_count()
 
     def _load_best_model(self):
         best = self.state.best_model_checkpoint
@@ -869,46 +775,11 @@ class Trainer(PublishMixin):
         self.callback_handler.train_state = self.train_state
 
     # -- logging / eval / save cadence ----------------------------------------------------------
-    def _maybe_log_save_evaluate(self, ignore_keys_for_eval=None):
-        if self.control.should_log and self._steps_since_log > 0:
-            self.log(self._read_training_logs())
-        if self.control.should_evaluate:
-            metrics = self._evaluate(ignore_keys_for_eval)
-            is_new_best = self._determine_best_metric(metrics)
-            if self.args.save_strategy == "best":
-                self.control.should_save = is_new_best
-        if self.control.should_save:
-            self._save_checkpoint()
-            self.control = self.callback_handler.on_save(self.args, self.state, self.control)
-
-    def _read_training_logs(self) -> dict:
-        """The only host reads of the step's metrics: on logging steps."""
-        m, n = self._last_metrics, self._steps_since_log
-        elapsed = time.perf_counter() - self._log_timer
-        logs = {"loss": float(fd.all_reduce_sum(self._loss_sum) / n)}
-        for key in ("grad_norm", "learning_rate", "loss_scale"):
-            if key in m:
-                logs[key] = float(fd.to_local_full(m[key]))
-        logs["step_time"] = elapsed / n
-        logs.update(self._read_faults())
-        self._flush_token_count()
-        if elapsed > 0:
-            logs["samples_per_second"] = self._samples_since_log / elapsed
-            tokens = self.state.num_input_tokens_seen - self._tokens_since_log
-            if tokens > 0:
-                logs["tokens_per_second"] = tokens / elapsed
-        self._tokens_since_log = self.state.num_input_tokens_seen
-        self._loss_sum = torch.zeros_like(self._loss_sum)
-        self._steps_since_log, self._samples_since_log = 0, 0
-        self._log_timer = time.perf_counter()
-        return logs
-
     def _read_faults(self) -> dict:
         """Read the fault counters (on logging/save steps and at the end: no extra host sync)."""
-        faults = getattr(self, "_faults", None)
-        if faults is None:
+        if self._train_log is None:
             return {}
-        skipped, first, empty = faults.read()
+        skipped, first, empty = self._train_log.faults.read()
         if empty:
             logger.warning("%d training step(s) up to step %d had no supervised items (every label -100): their loss "
                            "is logged as 0 and they carry no gradient signal; check the labels / the collator",
@@ -979,8 +850,7 @@ class Trainer(PublishMixin):
         self.store_flos()
         self.state.stateful_callbacks = {type(cb).__name__: cb.state() for cb in self.callback_handler.callbacks
                                          if isinstance(cb, ExportableState)}
-        self.state.pending_log = {"loss_sum": float(self._loss_sum), "steps": self._steps_since_log,
-                                  "samples": self._samples_since_log}
+        self.state.pending_log = self._train_log.pending_log()
         ls = self.train_state.loss_scale
         self.state.loss_scale = float(ls.scale) if ls is not None and hasattr(ls, "scale") else None
         if self.args.sharded and fd.is_distributed() and not a.save_only_model:
@@ -1161,8 +1031,7 @@ class Trainer(PublishMixin):
 
     def store_flos(self) -> None:
         """Add the FLOPs counted since the last call (all processes) to ``state.total_flos``."""
-        flos = getattr(self, "_flos", 0.0)
-        self.state.total_flos += float(fd.all_reduce_sum(torch.tensor(flos, dtype=torch.float64)))
+        self.state.total_flos += float(fd.all_reduce_sum(torch.tensor(self._flos, dtype=torch.float64)))
         self._flos = 0.0
 
     # -- hyperparameter search -------------------------------------------------------------------
@@ -1185,7 +1054,7 @@ class Trainer(PublishMixin):
         return hyperparameter_search(self, hp_space, compute_objective, n_trials, direction, backend, hp_name,
                                      **kwargs)
 
-    # -- NEFTune / signals ------------------------------------------------------------------------
+    # -- NEFTune ------------------------------------------------------------------------
     def _activate_neftune(self):
         """Uniform noise on the input embeddings in training mode (NEFTune, arXiv 2310.05914).
 
@@ -1206,26 +1075,6 @@ class Trainer(PublishMixin):
 
         return self.model.get_input_embeddings().register_forward_hook(hook)
 
-    def _install_signal_handlers(self):
-        """SIGTERM/SIGINT: finish the current step, write a checkpoint, return from train()."""
-        self.interrupted = None
-        if threading.current_thread() is not threading.main_thread():
-            return None
-
-        def handler(signum, frame):
-            if self.interrupted is not None and signum == signal.SIGINT:
-                raise KeyboardInterrupt  # a second Ctrl-C stops at once
-            self.interrupted = signum
-
-        previous = {}
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            previous[sig] = signal.signal(sig, handler)
-        return previous
-
-
-def _restore_signal_handlers(previous) -> None:
-    for sig, h in (previous or {}).items():
-        signal.signal(sig, h)
 
 
 # -- helpers --------------------------------------------------------------------------------------
@@ -1245,12 +1094,6 @@ def _into_storages(template: TrainState, loaded: TrainState) -> TrainState:
             if t is not s:
                 t.copy_(s)
     return template
-
-
-def _filter_nan_inf(loss: torch.Tensor, loss_sum: torch.Tensor, steps_since_log: int) -> torch.Tensor:
-    """``logging_nan_inf_filter``: a non-finite step loss counts as the mean of the losses logged
-    since the last log (transformers' rule), chosen on the device: no host sync."""
-    return torch.where(torch.isfinite(loss), loss, loss_sum / (1 + steps_since_log))
 
 
 def _map_data_position(position: dict, global_window: int) -> dict:
@@ -1298,35 +1141,6 @@ def _checked_best(best: str | None, output_dir: str) -> str | None:
     return None
 
 
-class _FaultCounters:
-    """Per-step counts kept as tensors (no host sync): updates skipped as non-finite, windows with
-    no supervised items; read by the Trainer on logging and save steps."""
-
-    def __init__(self):
-        self.skipped = self.empty = None
-        self.first = None
-
-    def add(self, metrics: dict, step: int) -> None:
-        skipped = metrics.get("skipped")
-        if skipped is not None and "loss_scale" not in metrics:  # fp16 overflow skips are the loss scaler's
-            s = skipped.detach().long()
-            at = torch.where(s.bool(), torch.full_like(s, step), torch.full_like(s, -1))
-            self.first = at if self.first is None else torch.where(self.first >= 0, self.first, at)
-            self.skipped = s if self.skipped is None else self.skipped + s
-        items = metrics.get("num_items")
-        if items is not None:
-            e = (items.detach() == 0).long()
-            self.empty = e if self.empty is None else self.empty + e
-
-    def read(self) -> tuple[int, int, int]:
-        """``(skipped, first skipped step, empty windows)`` since the last read; resets the counts."""
-        skipped = int(self.skipped) if self.skipped is not None else 0
-        first = int(self.first) if skipped else -1
-        empty = int(self.empty) if self.empty is not None else 0
-        self.skipped = self.empty = self.first = None
-        return skipped, first, empty
-
-
 def _check_peft(model, args) -> None:
     from functrain.adapters.peft import check_trainer_arguments
 
@@ -1372,10 +1186,3 @@ def _warn_keys_into_kwargs(model, batch: Mapping, custom_loss: bool) -> None:
         logger.warning("batch key(s) %s are not named arguments of %s.forward; they go into its **kwargs, where the "
                        "model may ignore them. Drop them (remove_unused_columns=True or the collator) if unused",
                        extra, type(model).__name__)
-
-
-def _num_rows(batch) -> int:
-    rows = hf_outputs.batch_size_of(batch) if isinstance(batch, Mapping) else None
-    if rows is not None:
-        return rows
-    raise TypeError(f"a training batch must be a dict of tensors, got {type(batch).__name__}")
