@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import random
+import signal
 import time
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -149,7 +150,7 @@ class Trainer(PublishMixin):
         self.state = self._mark_process(TrainerState())
         self.control = TrainerControl()
         self.train_state: TrainState | None = None
-        self.interrupted: str | None = None  # the signal that stopped the last train(), if one did
+        self.interrupted: signal.Signals | None = None  # the signal that stopped the last train(), if one did
         self._eval_steps: dict = {}
         self._eval_ignore_keys = None  # set per evaluate()/predict() call
         self._tx: optim.GradientTransformation | None = None  # the optimizer of the current train()
@@ -655,7 +656,8 @@ class Trainer(PublishMixin):
         finally:
             if neftune is not None:
                 neftune.remove()
-        self.interrupted = out.signal
+        # The signal this process received (a stop agreed for another rank's signal: None, as before).
+        self.interrupted = getattr(signal.Signals, out.signal, None) if out.signal else None
         return self._finish_training(out)
 
     def _train_window(self, state: TrainState, window):
