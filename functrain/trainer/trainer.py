@@ -1,8 +1,9 @@
-"""The Trainer: the Hugging Face ``Trainer`` API as a thin loop over the pure step.
+"""The Trainer: the Hugging Face ``Trainer`` API over the one training loop, :func:`functrain.runner.run`.
 
 Everything that touches the training state happens in ``train_step(state, batch)`` (see
-:mod:`functrain.step`); this driver only feeds it windows of data, reads its metric tensors on
-logging steps, runs evaluations, calls the callbacks and writes checkpoints. Resume is exact: the
+:mod:`functrain.step`); ``train()`` runs it with the runner, whose hooks
+(:mod:`functrain.trainer.train_hooks`) feed it windows of data, fire HF's callback events, read
+its metric tensors on logging steps, run evaluations and write checkpoints. Resume is exact: the
 checkpoint holds the whole ``TrainState`` (params, optimizer state, step, rng key, loss scale),
 the data position and the global generators, and the loader starts at the next window without
 replaying earlier ones.
