@@ -202,3 +202,32 @@ def test_runner_streaming_resume_is_bitwise(tmp_path):
     out = ft.run(step, state, ResumableLoader(ds, 4, seed=3), steps=14, hooks=[Checkpoint(tmp_path, every=3)])
     assert out.step == 14 and ft.tree.tensors_equal(out.state, ref)
     assert ds.reads == ref_reads  # 28 read before the stop, 28 after: none read twice
+
+
+# -- two ranks ------------------------------------------------------------------------------------
+
+
+@pytest.mark.distributed
+def test_two_ranks_resume_their_own_streams_bitwise(tmp_path):
+    import subprocess
+    import sys
+
+    from test_distributed import LAUNCH_TIMEOUT, _env, free_port
+
+    worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_stream_dist_worker.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           worker, str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT, env=_env())
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    results = [json.load(open(tmp_path / f"result-{r}.json")) for r in range(2)]
+    for res in results:
+        assert res["world_size"] == 2
+        for case in ("runner_hf", "runner_torch", "trainer"):
+            assert res[case]["equal"], case  # each rank: the resumed state is the uninterrupted one, bitwise
+            assert len(res[case]["position"]["streams"]) == 2, case  # each rank's own stream position
+        # (a datasets stream split by node: each rank at the same place of its own shards)
+        streams = res["runner_torch"]["position"]["streams"]
+        assert streams[0] != streams[1]  # a torch stream dealt in blocks: each rank at its last block
+    for res in results:  # the torch stream: the resumed run read only its remaining examples
+        ref, first, second = res["runner_torch"]["reads"]
+        assert first + second == ref, (first, second, ref)
