@@ -56,8 +56,16 @@ def test_loader_state_resumes_the_stream_exactly(kind, workers):
     assert saved["batch_index"] == 5 and saved["stream"]["loader"]
     second = make()
     second.load_state_dict(saved)
-    assert head + _ids(second) == full
+    it = iter(second)
+    again = json.loads(json.dumps(second.state_dict()))  # saved again before every worker yielded
+    sixth = _ids([next(it)])
+    assert head + sixth + _ids(it) == full
     assert second.state_dict() == {"epoch": 1, "batch_index": 0, "seed": 1, "stream": {}}
+    third = make()
+    third.load_state_dict(again)
+    assert _ids(third) == full[5:]
+    # Without the stream's state: read up to the position, the same batches (workers included).
+    assert _ids(make().iter_from(0, 5)) == full[5:]
 
 
 def test_resume_does_not_read_the_examples_before_the_position():

@@ -18,6 +18,7 @@ batch layout) a resume reads this rank's stream up to the position without colla
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import warnings
 from typing import Any, Callable, Iterator, Sequence
@@ -245,13 +246,18 @@ class ResumableLoader:
             warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
             loader = StatefulDataLoader(counted, batch_size=self.batch_size, drop_last=self.drop_last,
                                         collate_fn=self._seeded_collate(), **self.loader_kwargs)
+        batches: Iterator | StatefulDataLoader = loader
         if saved and saved.get("layout") == layout:
             loader.load_state_dict(saved["loader"])  # O(1): the stream continues where it stopped
         elif batch_index:
             if saved:
                 logger.warning("the saved stream position was taken with %s, this loader has %s: reading the "
                                "stream up to batch %d instead", saved.get("layout"), layout, batch_index)
-            counted.skip_batches(batch_index)
+            # A new iterator's first batch comes from worker 0: skip whole rounds of workers, then
+            # drop the few batches left, so the batches are those of an uninterrupted run.
+            rounds = max(1, self.loader_kwargs["num_workers"])
+            counted.skip_batches(batch_index - batch_index % rounds)
+            batches = itertools.islice(loader, batch_index % rounds, None)
         if self.loader_kwargs["num_workers"] and not self.loader_kwargs.get("in_order", True):
-            return self._counting(loader, epoch, dict)  # out-of-order workers have no exact position to save
-        return self._counting(loader, epoch, lambda: {"layout": layout, "loader": st.json_copy(loader.state_dict())})
+            return self._counting(batches, epoch, dict)  # out-of-order workers have no exact position to save
+        return self._counting(batches, epoch, lambda: {"layout": layout, "loader": st.json_copy(loader.state_dict())})

@@ -84,10 +84,12 @@ def _started(inner, state: dict | None, read: int):
         return iter(inner)
     if read and type(inner).__name__ not in _warned_reads:
         _warned_reads.add(type(inner).__name__)
-        logger.warning("resuming %s by reading and dropping the %d examples before the position (it has no "
-                       "state_dict/load_state_dict, or is a datasets stream with a shuffle buffer, whose state "
-                       "omits the buffer). Give the dataset those methods to resume in O(1)",
-                       type(inner).__name__, read)
+        why = ("no stream state was saved at this position (an older checkpoint, or another batch layout)"
+               if resumes_in_place(inner) else
+               "it has no state_dict/load_state_dict (give it those to resume in O(1)), or it is a datasets "
+               "stream with a shuffle buffer, whose state omits the buffer")
+        logger.warning("resuming %s by reading and dropping the %d examples before the position: %s",
+                       type(inner).__name__, read, why)
     return itertools.islice(iter(inner), read, None)
 
 
@@ -104,6 +106,8 @@ class RankShard(tud.IterableDataset):
         self._read, self._start = 0, None
 
     def state_dict(self) -> dict:
+        if self._start is not None:  # loaded, not yet iterated: the position is the loaded one
+            return self._start
         return {"read": self._read, "inner": _state_of(self.inner)}
 
     def load_state_dict(self, state: dict) -> None:
@@ -135,6 +139,8 @@ class CountedStream(tud.IterableDataset):
         self._yielded, self._start = 0, None
 
     def state_dict(self) -> dict:
+        if self._start is not None:  # loaded, not yet iterated (a worker that has not yielded yet)
+            return self._pending_start()
         return {"examples": self._yielded, "inner": _state_of(self.inner)}
 
     def load_state_dict(self, state: dict) -> None:
@@ -144,18 +150,28 @@ class CountedStream(tud.IterableDataset):
         """Start after the loader's first ``batches`` batches, by reading (no saved state)."""
         self._start = {"batches": batches}
 
-    def __iter__(self):
-        info = tud.get_worker_info()
-        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
-        start, self._start = self._start or {}, None
+    def _pending_start(self) -> dict:
+        start = self._start or {}
         if "batches" in start:  # this worker's share of the first batches (in-order round robin)
-            start = {"examples": len(range(worker, start["batches"], workers)) * self.batch_size, "inner": None}
+            workers, worker = _worker()
+            return {"examples": len(range(worker, start["batches"], workers)) * self.batch_size, "inner": None}
+        return start
+
+    def __iter__(self):
+        workers, worker = _worker()
+        start, self._start = self._pending_start(), None
         n = start.get("examples", 0)
         self._yielded = n
         for example in _started(self.inner, start.get("inner"), n):
             self._yielded = n + 1  # counted before yielding: a state taken now resumes after this example
             yield (self.epoch, (n // self.batch_size) * workers + worker), example
             n += 1
+
+
+def _worker() -> tuple[int, int]:
+    """``(workers, this worker's id)``; ``(1, 0)`` in the main process."""
+    info = tud.get_worker_info()
+    return (info.num_workers, info.id) if info is not None else (1, 0)
 
 
 def rank_view(dataset, epoch: int, *, world_size: int, rank: int, block: int, shuffle: bool):
