@@ -13,20 +13,13 @@ from functrain.data import ResumableLoader
 from functrain.io import checkpoint as ck
 from functrain.runner import Checkpoint, StopWhen
 from functrain.trainer.args import TrainingArguments
-from functrain.trainer.callbacks import TrainerCallback
 from functrain.trainer.trainer import Trainer
 
 from _streams import CountingStream, hf_stream, stream_rows
 from _trainer_fixtures import make_model, params_of
+from test_trainer import StopAt
 from tests.step_models import MLP
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from tests.test_runner import one_thread  # noqa: F401  (autouse: one intra-op thread)
 
 
 def _stream(kind, n=40):
@@ -132,15 +125,6 @@ def test_two_ranks_take_their_own_streams():
 # -- the Trainer ----------------------------------------------------------------------------------
 
 
-class _StopAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kw):
-        if state.global_step == self.step:
-            control.should_training_stop = True
-
-
 def _trainer(out, ds, workers, callbacks=None):
     # Windows of 3 x 2 = 6 of 40 examples: 7 steps an epoch, so 10 steps cross an epoch's end.
     args = TrainingArguments(str(out), per_device_train_batch_size=3, gradient_accumulation_steps=2, max_steps=10,
@@ -166,7 +150,7 @@ def _reference(tmp_path_factory, kind, workers):
 def test_trainer_streaming_resume_is_bitwise_and_o1(tmp_path_factory, tmp_path, kind, workers, k):
     ref_params, ref_logs, ref_reads = _reference(tmp_path_factory, kind, workers)
     ds = _stream(kind)
-    assert _trainer(tmp_path, ds, workers, callbacks=[_StopAt(k)]).train().global_step == k
+    assert _trainer(tmp_path, ds, workers, callbacks=[StopAt(k)]).train().global_step == k
     position = json.load(open(os.path.join(tmp_path, f"checkpoint-{k}", "trainer_state.json")))["data_position"]
     assert position["batch_index"] > 0 and len(position["streams"]) == 1  # one rank's own stream, mid-pass
     reads_before = getattr(ds, "reads", None)
