@@ -201,6 +201,14 @@ def _min_lr_rate(peak: float, min_lr, min_lr_rate) -> float:
     return float(min_lr_rate)
 
 
+def _min_lr_cosine_args(peak, num_warmup_steps, num_training_steps, min_lr, min_lr_rate):
+    """The checked ``(peak, warmup, total, min rate)`` of the two cosine-with-floor schedules."""
+    peak = _check_peak(peak)
+    w = _check_steps("num_warmup_steps", num_warmup_steps)
+    t = _check_steps("num_training_steps", num_training_steps)
+    return peak, w, t, _min_lr_rate(peak, min_lr, min_lr_rate)
+
+
 def cosine_with_min_lr(
     peak: float,
     num_warmup_steps: int,
@@ -210,10 +218,7 @@ def cosine_with_min_lr(
     min_lr_rate: float | None = None,
 ) -> Schedule:
     """Linear warmup, then cosine from ``peak`` down to ``min_lr`` (or ``min_lr_rate * peak``)."""
-    peak, w, t = _check_peak(peak), _check_steps("num_warmup_steps", num_warmup_steps), _check_steps(
-        "num_training_steps", num_training_steps
-    )
-    rate = _min_lr_rate(peak, min_lr, min_lr_rate)
+    peak, w, t, rate = _min_lr_cosine_args(peak, num_warmup_steps, num_training_steps, min_lr, min_lr_rate)
 
     def multiplier(s):
         factor = _half_cosine(_progress(s, w, t - w), num_cycles) * (1 - rate) + rate
@@ -236,10 +241,7 @@ def cosine_warmup_with_min_lr(
     The warmup starts at ``1/W`` of peak (or ``warmup_lr_rate``) rather than 0 and reaches the peak
     at step ``W - 1``; the cosine is one step further along than in ``cosine_with_min_lr``.
     """
-    peak, w, t = _check_peak(peak), _check_steps("num_warmup_steps", num_warmup_steps), _check_steps(
-        "num_training_steps", num_training_steps
-    )
-    rate = _min_lr_rate(peak, min_lr, min_lr_rate)
+    peak, w, t, rate = _min_lr_cosine_args(peak, num_warmup_steps, num_training_steps, min_lr, min_lr_rate)
 
     def multiplier(s):
         if warmup_lr_rate is None:
