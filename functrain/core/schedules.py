@@ -209,14 +209,8 @@ def _min_lr_cosine_args(peak, num_warmup_steps, num_training_steps, min_lr, min_
     return peak, w, t, _min_lr_rate(peak, min_lr, min_lr_rate)
 
 
-def cosine_with_min_lr(
-    peak: float,
-    num_warmup_steps: int,
-    num_training_steps: int,
-    num_cycles: float = 0.5,
-    min_lr: float | None = None,
-    min_lr_rate: float | None = None,
-) -> Schedule:
+def cosine_with_min_lr(peak: float, num_warmup_steps: int, num_training_steps: int, num_cycles: float = 0.5,
+                       min_lr: float | None = None, min_lr_rate: float | None = None) -> Schedule:
     """Linear warmup, then cosine from ``peak`` down to ``min_lr`` (or ``min_lr_rate * peak``)."""
     peak, w, t, rate = _min_lr_cosine_args(peak, num_warmup_steps, num_training_steps, min_lr, min_lr_rate)
 
@@ -227,15 +221,9 @@ def cosine_with_min_lr(
     return lambda step: _evaluate(step, lambda s: peak * multiplier(s))
 
 
-def cosine_warmup_with_min_lr(
-    peak: float,
-    num_warmup_steps: int,
-    num_training_steps: int,
-    num_cycles: float = 0.5,
-    min_lr: float | None = None,
-    min_lr_rate: float | None = None,
-    warmup_lr_rate: float | None = None,
-) -> Schedule:
+def cosine_warmup_with_min_lr(peak: float, num_warmup_steps: int, num_training_steps: int, num_cycles: float = 0.5,
+                              min_lr: float | None = None, min_lr_rate: float | None = None,
+                              warmup_lr_rate: float | None = None) -> Schedule:
     """HF ``"cosine_warmup_with_min_lr"``: like :func:`cosine_with_min_lr`, shifted by one step.
 
     The warmup starts at ``1/W`` of peak (or ``warmup_lr_rate``) rather than 0 and reaches the peak
