@@ -104,7 +104,6 @@ def make_train_step(
             on any thread count (see ``_deterministic_algorithms``). Eager CPU steps are already.
         rng_stream: folded into the state's key before seeding (0: the key as is). Data-parallel
             ranks pass their rank so each draws its own dropout masks from the same state.
-<<<<<<< HEAD
         leafwise_update: declare that ``tx`` updates each parameter from its own gradient, state
             and value alone (Adam(W), SGD, Lion, RMSprop, Adagrad; not a global-norm clip or
             ``apply_if_finite`` inside ``tx``; weight-decay masks given as functions of the params).
@@ -112,11 +111,9 @@ def make_train_step(
             at a time, in place, so eager training holds one copy of params and optimizer state
             plus one group's temporaries (same numbers; see :mod:`functrain.step.grouped_update`).
             Ignored otherwise (compiled steps fuse the donation already) and with fp16.
-=======
         skip_non_finite: when the window's loss or any gradient is NaN/Inf, keep params, optimizer
             state and step unchanged and report ``skipped`` (fp16 always does this, for its loss
             scale). Decided on the device: no host sync.
->>>>>>> main
 
     Metrics (0-d tensors, never read on the host by the step): ``loss`` (mean over the
     supervised items of the whole window), ``grad_norm`` (global norm before clipping),
