@@ -43,7 +43,8 @@ from functrain.core.schedules import get_schedule
 from functrain.io import checkpoint as ck
 from functrain.step import pbt
 from functrain.step import population as P
-from functrain.trainer import adapter_population, registry
+from functrain.trainer import adapter_population, compat, population_loop, registry
+from functrain.trainer.callbacks import TrainerControl, TrainerState
 from functrain.trainer.evaluation import EvalPrediction, pad_and_concatenate
 from functrain.trainer.integrations import rewrite_logs
 
@@ -80,7 +81,7 @@ class PopulationTrainer:
     def __init__(self, trainer, population: int | Sequence[dict], *, pbt_interval: int | None = None,
                  pbt_fraction: float = 0.25, pbt_explore: Sequence[str] = ("learning_rate",),
                  pbt_perturb: Sequence[float] = (0.8, 1.2), early_stopping_patience: int | None = None,
-                 early_stopping_threshold: float = 0.0):
+                 early_stopping_threshold: float = 0.0, callbacks: Sequence | None = None):
         a = trainer.args
         if isinstance(population, int):
             if population < 1:
@@ -97,6 +98,10 @@ class PopulationTrainer:
         self._check_optimizer_and_schedule(trainer)
         _check_report_to(a.report_to)
         self._check_pbt(trainer, pbt_interval, pbt_explore)
+        self.callback_handler, stopping = population_loop.callback_handler(trainer, callbacks)
+        if stopping is not None:  # HF's EarlyStoppingCallback: its rule, applied per member
+            early_stopping_patience, early_stopping_threshold = _early_stopping_from_callback(
+                stopping, early_stopping_patience, early_stopping_threshold)
         _check_early_stopping(trainer, early_stopping_patience)
         self.trainer = trainer
         self.pbt_interval, self.pbt_fraction = pbt_interval, pbt_fraction
@@ -107,6 +112,9 @@ class PopulationTrainer:
         self.log_history: list[dict] = []
         self.pbt_schedule: list[dict] = []
         self._tb_writers: dict[int, object] = {}
+        self.control = TrainerControl()
+        self.trainer_state = TrainerState()  # HF's bookkeeping of the latest train() (callbacks get it)
+        self.control = self.callback_handler.on_init_end(a, self.trainer_state, self.control)
 
     # -- validation ---------------------------------------------------------------------------
     def _check_optimizer_and_schedule(self, trainer) -> None:
@@ -205,74 +213,35 @@ class PopulationTrainer:
         for the latest one in ``output_dir``; training continues bitwise as if uninterrupted.
         """
         t = self.trainer
-        loader = t.get_train_dataloader()
+        loader = compat.as_train_loader(t.get_train_dataloader())
         steps_per_epoch, max_steps = self._max_steps(loader)
         state, tx = self._create(max_steps)
-        n = len(self.members)
-        acc = {"total": torch.zeros(n), "since_log": torch.zeros(n), "logged_at": torch.zeros((), dtype=torch.int64),
-               "active": torch.ones(n, dtype=torch.bool), "best": torch.full((n,), math.nan),
-               "patience": torch.zeros(n, dtype=torch.int64)}
-        done = 0
         path = self._resume_path(resume_from_checkpoint)
-        if path is not None:
-            state, acc, done = self._load_checkpoint(path, state, acc)
-        else:
-            self.log_history, self.pbt_schedule = [], []
-        self._rewrite_logs()  # the files hold exactly this run's entries (those restored on resume)
-        steps = {}
-        while done < max_steps:
-            epoch, start = divmod(done, steps_per_epoch)
-            for window in loader.iter_from(epoch, start):
-                new_state, metrics = self._step(steps, tx, state, window)
-                if not bool(acc["active"].all()):
-                    new_state = _keep_stopped(new_state, state, acc["active"], self._buffers)
-                state = new_state
-                done += 1
-                acc["total"] = acc["total"] + metrics["loss"]
-                acc["since_log"] = acc["since_log"] + metrics["loss"]
-                state, acc = self._after_step(state, acc, metrics, done, max_steps)
-                if done >= max_steps or not bool(acc["active"].any()):
-                    break
-            if not bool(acc["active"].any()):
-                break
-        self.state = state
-        self._close_writers()
-        return {"train_loss": (acc["total"] / max(done, 1)).tolist(), "global_step": done}
+        self.state, loop = population_loop.train(self, loader, steps_per_epoch, max_steps, state, tx, path)
+        self.trainer_state = loop.state
+        done = loop.state.global_step
+        return {"train_loss": (loop.acc["total"] / max(done, 1)).tolist(), "global_step": done}
 
-    def _step(self, steps: dict, tx, state, window):
+    def _accumulation(self, window) -> int:
+        """Microbatches of a window: the arguments', or 1 for a last window they do not divide."""
+        k = self.trainer.args.gradient_accumulation_steps
+        return k if batch_size_of(window) % k == 0 else 1
+
+    def _step(self, steps: dict, tx, state, window, k: int):
         t, a = self.trainer, self.trainer.args
-        rows = batch_size_of(window)
-        k = a.gradient_accumulation_steps if rows % a.gradient_accumulation_steps == 0 else 1
         if k not in steps:
             steps[k] = P.make_population_train_step(t.model, tx, t._train_loss_fn(), accumulate=k,
                                                     precision=a.precision, max_grad_norm=a.max_grad_norm or None,
                                                     compile=a.torch_compile, buffers=self._buffers)
         return steps[k](state, window)
 
-    def _after_step(self, state, acc, metrics, done: int, max_steps: int):
-        a = self.trainer.args
-        if a.logging_steps and (done % _every(a.logging_steps, max_steps) == 0 or done == max_steps):
-            self._log_members(done, acc["since_log"] / (done - int(acc["logged_at"])), metrics)
-            acc = {**acc, "since_log": torch.zeros_like(acc["since_log"]), "logged_at": torch.tensor(done)}
-        eval_due = _eval_due(a, done, max_steps)
-        pbt_due = bool(self.pbt_interval) and done % self.pbt_interval == 0 and done < max_steps
-        results = self._evaluate_state(state) if eval_due or pbt_due else None
-        if eval_due:
-            self._log_rows(done, results)
-            if self.early_stopping_patience is not None:
-                acc = self._update_stopping(acc, results)
-        if pbt_due:
-            state, acc = self._pbt_round(state, done, results, acc)
-        if _save_due(a, done, max_steps):
-            self._save_checkpoint(state, acc, done)
-        return state, acc
-
     # -- per-member logging -------------------------------------------------------------------
-    def _log_members(self, step: int, loss: torch.Tensor, metrics: dict) -> None:
+    def _log_members(self, step: int, loss: torch.Tensor, metrics: dict) -> list[dict]:
         lrs = metrics.get("learning_rate")
         rows = [{"loss": float(loss[i]), **({"learning_rate": float(lrs[i])} if lrs is not None else {})}
                 for i in range(len(self.members))]
         self._log_rows(step, rows)
+        return rows
 
     def _log_rows(self, step: int, rows: list[dict]) -> None:
         """One entry per member (``{"member": i, "step": step, **metrics}``), kept and written as JSONL."""
@@ -366,7 +335,7 @@ class PopulationTrainer:
         return [{k: v[i] for k, v in values.items()} for i in range(len(self.members))]
 
     # -- checkpoints --------------------------------------------------------------------------
-    def _save_checkpoint(self, state, acc: dict, step: int) -> str:
+    def _save_checkpoint(self, state, acc: dict, step: int, extra: dict | None = None) -> str:
         a = self.trainer.args
         path = ck.checkpoint_path(a.output_dir, step)
         os.makedirs(path, exist_ok=True)
@@ -374,7 +343,7 @@ class PopulationTrainer:
         tensors.update({f"driver.{k}": v.contiguous().clone() for k, v in acc.items()})
         save_file(tensors, os.path.join(path, STATE_FILE))
         meta = {"global_step": step, "members": self.members, "pbt_schedule": self.pbt_schedule,
-                "log_history": self.log_history}
+                "log_history": self.log_history, **(extra or {})}
         with open(os.path.join(path, META_FILE), "w") as f:
             json.dump(meta, f, indent=1)
         ck.rotate_checkpoints(a.output_dir, a.save_total_limit)
@@ -407,7 +376,7 @@ class PopulationTrainer:
         state = tree.unflatten(treedef, [tensors[f"state.{k}"].to(x.device) for k, x in zip(names, leaves)])
         acc = {k: tensors[f"driver.{k}"] for k in acc}
         self.pbt_schedule, self.log_history = meta["pbt_schedule"], meta["log_history"]
-        return state, acc, meta["global_step"]
+        return state, acc, meta["global_step"], meta
 
     # -- saving a member ----------------------------------------------------------------------
     def save_model(self, member: int, output_dir: str | None = None) -> str:
@@ -499,6 +468,17 @@ def _check_early_stopping(trainer, patience) -> None:
                          f"eval_dataset on the trainer (got eval_strategy={strategy!r})")
 
 
+def _early_stopping_from_callback(callback, patience, threshold) -> tuple[int, float]:
+    """An ``EarlyStoppingCallback`` in ``callbacks`` is ``early_stopping_patience`` /
+    ``early_stopping_threshold``: HF's rule, applied to each member (one member's plateau does
+    not stop the others)."""
+    if patience is not None and (patience, threshold) != (callback.early_stopping_patience,
+                                                           callback.early_stopping_threshold):
+        raise ValueError(f"early_stopping_patience={patience} (threshold {threshold}) and an EarlyStoppingCallback("
+                         f"{callback.early_stopping_patience}, {callback.early_stopping_threshold}) disagree; give one")
+    return callback.early_stopping_patience, callback.early_stopping_threshold
+
+
 def _keep_stopped(new_state, old_state, active: torch.Tensor, buffers: str):
     """``new_state`` for the active members, ``old_state`` for the stopped ones (leaf-wise select;
     shared buffers are not per member and stay as they are)."""
@@ -522,21 +502,6 @@ class _MemberArgs:
 
     def __getattr__(self, name):
         return getattr(self._args, name)
-
-
-def _every(steps, max_steps: int) -> int:
-    """HF's ``logging_steps``/``eval_steps``/``save_steps``: an int, or a float ratio of max_steps."""
-    return max(1, math.ceil(steps * max_steps)) if isinstance(steps, float) and steps < 1 else int(steps)
-
-
-def _eval_due(a, done: int, max_steps: int) -> bool:
-    strategy = getattr(a.eval_strategy, "value", a.eval_strategy)
-    return strategy == "steps" and done % _every(a.eval_steps or a.logging_steps, max_steps) == 0
-
-
-def _save_due(a, done: int, max_steps: int) -> bool:
-    strategy = getattr(a.save_strategy, "value", a.save_strategy)
-    return strategy == "steps" and done % _every(a.save_steps, max_steps) == 0
 
 
 def _append_jsonl(path: str, entries: list[dict]) -> None:
