@@ -41,7 +41,9 @@ from functrain.core import tree
 from functrain.core.optim.base import GradientTransformation
 from functrain.core.precision import get_policy
 from functrain.core.state import TrainState
-from functrain.step.train import _module_mode, make_eval_step, make_train_step
+from functrain.step.train import (
+    _learning_rate_scale, _module_mode, find_learning_rate, make_eval_step, make_train_step,
+)
 
 __all__ = [
     "PopulationError", "stack_states", "unstack_state", "population_size", "create_population",
@@ -228,6 +230,21 @@ def warmup_linear(peak, num_warmup_steps, num_training_steps) -> Callable[[torch
     return schedule
 
 
+def applied_learning_rate(opt_state) -> torch.Tensor | None:
+    """The learning rate the last update applied: the one a schedule state records
+    (``ScaleByLearningRateState.learning_rate``), else :func:`find_learning_rate`'s.
+
+    A member's optimizer is ``inject_hyperparams`` of one whose schedule multiplies the member's
+    peak: the injected ``learning_rate`` is that peak, the schedule state holds the value used
+    (what the ordinary step reports), times any ``reduce_on_plateau`` scale."""
+    for node in _walk(opt_state):
+        lr = getattr(node, "learning_rate", None) if isinstance(node, tuple) and hasattr(node, "_fields") else None
+        if isinstance(lr, torch.Tensor):
+            return lr * _learning_rate_scale(opt_state)
+    lr = find_learning_rate(opt_state)
+    return None if lr is None else lr * _learning_rate_scale(opt_state)
+
+
 # -- running the step's core under vmap -----------------------------------------------------------
 
 
@@ -368,6 +385,8 @@ def make_population_train_step(
                 state.params, state.buffers, state.opt_state, state.step, loss_scale, batch)
         new_state = state.replace(params=params, buffers={**state.buffers, **buffers}, opt_state=opt_state, step=step,
                                   loss_scale=loss_scale, rng=rnglib.next_key(state.rng))
+        if "learning_rate" in metrics:
+            metrics = {**metrics, "learning_rate": applied_learning_rate(opt_state)}
         return new_state, metrics
 
     population_step.member_step = inner  # the ordinary step the members follow (differentiate="func")

@@ -422,7 +422,7 @@ class PopulationTrainer:
             raise RuntimeError("call train() first")
         return self._evaluate_state(self.state, eval_dataset, metric_key_prefix)
 
-    def _evaluate_state(self, state, eval_dataset=None, metric_key_prefix: str = "eval") -> list[dict]:
+    def _evaluate_state(self, state, eval_dataset=None, metric_key_prefix: str = "eval", on_batch=None) -> list[dict]:
         t = self.trainer
         loader = t.get_eval_dataloader(eval_dataset)
         with_outputs = t.compute_metrics is not None
@@ -431,6 +431,8 @@ class PopulationTrainer:
         loss_sum, items, outputs, labels = 0.0, 0, [], []
         for batch in loader:
             out = step(state, batch)
+            if on_batch is not None:
+                on_batch()  # HF's on_prediction_step
             loss_sum = loss_sum + out["loss"].double() * out["num_items"]
             items = items + out["num_items"]
             if with_outputs:

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 
 import torch
 
+from functrain.adapters.outputs import batch_size_of
 from functrain.runner import Hook, run
 from functrain.trainer import compat
 from functrain.trainer.callbacks import (
@@ -104,10 +106,12 @@ class PopulationLoop(Hook):
         self.accumulate = a.gradient_accumulation_steps
         self.last_saved = None
         self._steps = {}
+        self.samples, self.started, self.start_step = 0, time.perf_counter(), 0
 
     # -- the step the runner calls ------------------------------------------------------------
     def step(self, state, window):
         self.accumulate = self.pop._accumulation(window)
+        self.samples += batch_size_of(window)
         new_state, metrics = self.pop._step(self._steps, self.tx, state, window, self.accumulate)
         if not bool(self.acc["active"].all()):
             from functrain.trainer.population import _keep_stopped
@@ -132,7 +136,8 @@ class PopulationLoop(Hook):
 
     def on_start(self, r):
         self.pop._rewrite_logs()  # the files hold exactly this run's entries (those restored on resume)
-        self.state.global_step = r.step
+        self.state.global_step = self.start_step = r.step
+        self.started = time.perf_counter()
         self.handler.train_state = r.state
         self.control = self.handler.on_train_begin(self.pop.trainer.args, self.state, self.control)
 
@@ -165,6 +170,7 @@ class PopulationLoop(Hook):
     def on_end(self, r):
         if r.stop_reason in _SIGNALS and self.last_saved != r.step:
             self._save(r)  # SIGTERM / Ctrl-C: save, so train(resume_from_checkpoint=True) continues
+        self._log(self._summary(r))
         self.control = self.handler.on_train_end(self.pop.trainer.args, self.state, self.control)
         self.pop._close_writers()
 
@@ -180,7 +186,7 @@ class PopulationLoop(Hook):
             self._log(member_metrics(rows))
         pbt_due = pbt_round and bool(pop.pbt_interval) and done % pop.pbt_interval == 0 and done < self.max_steps
         evaluate = self.control.should_evaluate
-        results = pop._evaluate_state(r.state) if evaluate or pbt_due else None
+        results = pop._evaluate_state(r.state, on_batch=self._prediction_step) if evaluate or pbt_due else None
         if evaluate:
             pop._log_rows(done, results)
             if pop.early_stopping_patience is not None:
@@ -192,6 +198,18 @@ class PopulationLoop(Hook):
             r.state, self.acc = pop._pbt_round(r.state, done, results, self.acc)
         if self.control.should_save:
             self._save(r)
+
+    def _prediction_step(self) -> None:
+        self.control = self.handler.on_prediction_step(self.pop.trainer.args, self.state, self.control)
+
+    def _summary(self, r) -> dict:
+        """HF's last log of a run: runtime, throughput, ``train_loss`` (mean and per member)."""
+        runtime, steps = time.perf_counter() - self.started, r.step - self.start_step
+        losses = (self.acc["total"] / max(r.step, 1)).tolist()
+        return {"train_runtime": round(runtime, 4),
+                "train_samples_per_second": round(self.samples / runtime, 3) if runtime > 0 else 0.0,
+                "train_steps_per_second": round(steps / runtime, 3) if runtime > 0 else 0.0,
+                "total_flos": self.state.total_flos, **member_metrics([{"train_loss": x} for x in losses])}
 
     def _log(self, logs: dict) -> None:
         """HF's ``Trainer.log``: ``epoch`` added, the entry kept in ``state.log_history`` with its step."""
