@@ -38,7 +38,9 @@ from functrain.adapters.outputs import batch_size_of
 from functrain.adapters.peft import is_peft_model
 from functrain.core import rng as rnglib
 from functrain.core import tree
-from functrain.core.optim import inject_hyperparams
+from functrain.core import foreach
+from functrain.core.optim import inject_hyperparams, schedule_free_eval_params
+from functrain.core.optim.schedule_free import _find as schedule_free_state
 from functrain.core.schedules import get_schedule
 from functrain.io import checkpoint as ck
 from functrain.step import pbt
@@ -136,6 +138,11 @@ class PopulationTrainer:
             raise P.PopulationError(f"members {sorted(warmups)} set different warmup_steps; a warmup length that "
                                     f"varies per member needs lr_scheduler_type='linear', got "
                                     f"{a.lr_scheduler_type!r} (keep warmup_steps equal across members)")
+        if a.optim.startswith("schedule_free") and warmups and len(set(warmups.values())) + (
+                len(warmups) < len(self.members)) > 1:
+            raise P.PopulationError(f"optim={a.optim!r} takes its warmup as a Python int (schedule-free's own warmup, "
+                                    f"HF's warmup_steps), so it cannot vary per member: members {sorted(warmups)} set "
+                                    "warmup_steps; give every member the same warmup_steps (or set it in the args)")
         absolute = [k for k in _ABSOLUTE_LR_SETTINGS if k in (a.lr_scheduler_kwargs or {})]
         if absolute and any("learning_rate" in m for m in self.members):
             raise P.PopulationError(f"lr_scheduler_kwargs {absolute} are absolute learning rates, which cannot follow "
@@ -171,6 +178,9 @@ class PopulationTrainer:
 
         extra = registry.parse_optim_args(a.optim_args)
         warmup_varies = len({h["num_warmup_steps"] for h in hps}) > 1
+        given = {m["warmup_steps"] for m in self.members if "warmup_steps" in m}
+        warmup_steps = next(iter(given)) if len(given) == 1 and len(hps) == sum("warmup_steps" in m
+                                                                                   for m in self.members) else None
 
         def schedule_for(learning_rate, num_warmup_steps):
             if warmup_varies:  # a tensor warmup length: HF's linear schedule reading tensors
@@ -182,8 +192,11 @@ class PopulationTrainer:
             return lambda count: learning_rate * unit(count)
 
         def member_optimizer(learning_rate, weight_decay, adam_beta1, adam_beta2, adam_epsilon, num_warmup_steps):
+            # warmup_steps: what schedule-free optimizers read (HF hands them args.warmup_steps);
+            # a member's own when it sets one (equal across members: checked at construction).
             view = _MemberArgs(a, learning_rate=learning_rate, weight_decay=weight_decay, adam_beta1=adam_beta1,
-                               adam_beta2=adam_beta2, adam_epsilon=adam_epsilon)
+                               adam_beta2=adam_beta2, adam_epsilon=adam_epsilon,
+                               warmup_steps=warmup_steps if warmup_steps is not None else a.warmup_steps)
             return registry.build_optimizer(view, t.model, schedule_for(learning_rate, num_warmup_steps), extra)
 
         return inject_hyperparams(member_optimizer, static_args=() if warmup_varies else ("num_warmup_steps",))
@@ -424,6 +437,7 @@ class PopulationTrainer:
 
     def _evaluate_state(self, state, eval_dataset=None, metric_key_prefix: str = "eval", on_batch=None) -> list[dict]:
         t = self.trainer
+        state = _state_for_eval(state)
         loader = t.get_eval_dataloader(eval_dataset)
         with_outputs = t.compute_metrics is not None
         step = P.make_population_eval_step(t.model, t._eval_loss_fn(), precision=t.args.precision,
@@ -479,6 +493,16 @@ def _early_stopping_from_callback(callback, patience, threshold) -> tuple[int, f
         raise ValueError(f"early_stopping_patience={patience} (threshold {threshold}) and an EarlyStoppingCallback("
                          f"{callback.early_stopping_patience}, {callback.early_stopping_threshold}) disagree; give one")
     return callback.early_stopping_patience, callback.early_stopping_threshold
+
+
+def _state_for_eval(state):
+    """Schedule-free members are evaluated at their averaged ``x``, as the Trainer does (HF's
+    ``optimizer.eval()``); other states as they are."""
+    if schedule_free_state(state.opt_state) is None:
+        return state
+    with foreach.per_tensor():
+        params = torch.func.vmap(schedule_free_eval_params)(state.opt_state, state.params)
+    return state.replace(params=params)
 
 
 def _keep_stopped(new_state, old_state, active: torch.Tensor, buffers: str):
