@@ -47,7 +47,8 @@ from functrain.step.train import (
 
 __all__ = [
     "PopulationError", "stack_states", "unstack_state", "population_size", "create_population",
-    "make_population_train_step", "make_population_eval_step", "warmup_linear",
+    "make_population_train_step", "make_population_eval_step", "warmup_linear", "Dropout", "use_tensor_dropout",
+    "dropout_buffers", "float_dropouts",
 ]
 
 
@@ -243,6 +244,56 @@ def applied_learning_rate(opt_state) -> torch.Tensor | None:
             return lr * _learning_rate_scale(opt_state)
     lr = find_learning_rate(opt_state)
     return None if lr is None else lr * _learning_rate_scale(opt_state)
+
+
+# -- dropout as a tensor hyperparameter -----------------------------------------------------------
+
+
+class Dropout(nn.Module):
+    """``nn.Dropout`` whose probability is a buffer ``p`` (a 0-d tensor), so it is part of each
+    member's state and may differ per member of a population (``nn.Dropout`` holds ``p`` as a
+    Python float, which one vmapped graph shares). Same masks distribution and scaling as
+    ``nn.Dropout``: an element is zeroed with probability ``p``, the others scaled by ``1/(1-p)``;
+    ``p=0`` is the identity and ``p=1`` zeros, exactly as ``torch.nn.functional.dropout``."""
+
+    def __init__(self, p: float = 0.5):
+        super().__init__()
+        if not 0.0 <= float(p) <= 1.0:
+            raise ValueError(f"dropout probability must be in [0, 1], got {p}")
+        self.register_buffer("p", torch.tensor(float(p)), persistent=False)  # not a weight: not saved
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        keep = (torch.rand_like(x) >= self.p).to(x.dtype)
+        scale = torch.where(self.p < 1, 1 / (1 - self.p), torch.zeros_like(self.p)).to(x.dtype)
+        return x * keep * scale
+
+    def extra_repr(self) -> str:
+        return f"p={float(self.p)}"
+
+
+def use_tensor_dropout(model: nn.Module) -> nn.Module:
+    """Replace every ``nn.Dropout`` submodule of ``model`` by a :class:`Dropout` with the same
+    ``p`` (in place; returns ``model``), so a population can vary it per member. Dropout a model
+    applies functionally (``F.dropout(x, p=self.attention_dropout)``, in many transformers
+    attention layers) keeps its float ``p``."""
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if type(child) is nn.Dropout:
+                setattr(module, child_name, Dropout(child.p))
+    return model
+
+
+def dropout_buffers(model: nn.Module) -> list[str]:
+    """The state names of the ``p`` buffers of the model's :class:`Dropout` modules."""
+    return [f"{name}.p" if name else "p" for name, m in model.named_modules() if isinstance(m, Dropout)]
+
+
+def float_dropouts(model: nn.Module) -> dict[str, float]:
+    """``{module name: p}`` of dropout modules holding ``p`` as a Python float (``nn.Dropout`` & co)."""
+    return {name: float(m.p) for name, m in model.named_modules()
+            if isinstance(m, nn.modules.dropout._DropoutNd) and not isinstance(m, Dropout)}
 
 
 # -- running the step's core under vmap -----------------------------------------------------------

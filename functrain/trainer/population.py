@@ -51,7 +51,7 @@ from functrain.trainer.evaluation import EvalPrediction, pad_and_concatenate
 from functrain.trainer.integrations import rewrite_logs
 
 TENSOR_HYPERPARAMETERS = ("learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon",
-                          "warmup_steps", "seed")
+                          "warmup_steps", "seed", "dropout")
 STATE_FILE = "population_state.safetensors"
 META_FILE = "population_trainer.json"
 LOG_FILE = "population_log.jsonl"
@@ -98,6 +98,7 @@ class PopulationTrainer:
                     f"{list(TENSOR_HYPERPARAMETERS)}. Run such trials one by one (Trainer.hyperparameter_search "
                     "without population=True)")
         self._check_optimizer_and_schedule(trainer)
+        _check_dropout(trainer.model, self.members)
         _check_report_to(a.report_to)
         self._check_pbt(trainer, pbt_interval, pbt_explore)
         self.callback_handler, stopping = population_loop.callback_handler(trainer, callbacks)
@@ -209,9 +210,24 @@ class PopulationTrainer:
         if is_peft_model(t.model) and t.model_init is None:
             # N adapters over the one frozen base (a copy per member would copy the base N times).
             self._buffers = "shared"
-            return adapter_population.create_adapter_population(t.model, self._tx_factory(max_steps, hps), hps,
-                                                                seeds=seeds)
-        return P.create_population(model_init, self._tx_factory(max_steps, hps), hps, seeds=seeds)
+            state, tx = adapter_population.create_adapter_population(t.model, self._tx_factory(max_steps, hps), hps,
+                                                                     seeds=seeds)
+        else:
+            state, tx = P.create_population(model_init, self._tx_factory(max_steps, hps), hps, seeds=seeds)
+        return self._with_dropout(state), tx
+
+    def _with_dropout(self, state):
+        """Each member's ``dropout`` in the ``p`` buffers of the model's tensor Dropout modules
+        (members without one keep the module's own ``p``)."""
+        if not any("dropout" in m for m in self.members) or self._buffers == "shared":
+            return state
+        buffers = dict(state.buffers)
+        for name in P.dropout_buffers(self.trainer.model):
+            default = buffers[name]
+            buffers[name] = torch.stack([torch.as_tensor(float(m["dropout"]), dtype=default.dtype,
+                                                         device=default.device) if "dropout" in m else default[i]
+                                         for i, m in enumerate(self.members)])
+        return state.replace(buffers=buffers)
 
     def _max_steps(self, loader) -> tuple[int, int]:
         a = self.trainer.args
@@ -463,6 +479,32 @@ class PopulationTrainer:
                                 for k, v in extra.items()})
             results.append(metrics)
         return results
+
+
+def _check_dropout(model, members: list[dict]) -> None:
+    """A ``dropout`` per member needs dropout probabilities held as tensors (buffers of
+    :class:`functrain.population.Dropout`); ``nn.Dropout`` bakes its float ``p`` into the graph."""
+    varying = [i for i, m in enumerate(members) if "dropout" in m]
+    if not varying:
+        return
+    for i in varying:
+        p = members[i]["dropout"]
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+            raise ValueError(f"member {i}: dropout must be a probability in [0, 1], got {p!r}")
+    if is_peft_model(model):
+        raise P.PopulationError(f"member {varying[0]} sets dropout, but the members of a peft population share the "
+                                "frozen base model's buffers, so a dropout probability cannot differ per member")
+    if P.dropout_buffers(model):
+        return
+    floats = P.float_dropouts(model)
+    held = (f"holds its dropout probabilities as Python floats ({dict(list(floats.items())[:3])}), which one vmapped "
+            "graph shares" if floats else "has no dropout modules")
+    raise P.PopulationError(
+        f"member {varying[0]} sets dropout={members[varying[0]]['dropout']}, but {type(model).__name__} {held}. A "
+        "per-member dropout needs its probability as a tensor in the state: build the model with "
+        "functrain.population.Dropout, or wrap model_init with functrain.population.use_tensor_dropout (replaces "
+        "nn.Dropout modules; dropout applied functionally, as in many transformers attention layers, stays a float); "
+        "else vary dropout across separate runs")
 
 
 def _check_report_to(report_to) -> None:
