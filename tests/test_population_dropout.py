@@ -68,3 +68,31 @@ def test_dropout_held_as_python_floats_is_refused_naming_the_member(tmp_path):
         PopulationTrainer(_trainer(_args(tmp_path), lambda: TinyClassifier(p=0.2)), [{}, {"dropout": 0.1}])
     with pytest.raises(ValueError, match=r"member 0: dropout must be a probability in \[0, 1\], got 1.5"):
         PopulationTrainer(_trainer(_args(tmp_path), lambda: TinyClassifier(p=0.2)), [{"dropout": 1.5}])
+
+
+class ReadsItem(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x, labels=None):
+        logits = self.fc(x)
+        temperature = logits.abs().mean().item()  # a host read: one graph cannot hold N values
+        return {"loss": nn.functional.cross_entropy(logits / temperature, labels), "logits": logits}
+
+
+def test_vmap_errors_name_the_members_the_line_and_the_cause(tmp_path):
+    pop = PopulationTrainer(_trainer(_args(tmp_path, gradient_accumulation_steps=1), ReadsItem), 3)
+    with pytest.raises(P.PopulationError, match=r"ReadsItem cannot be trained as a vmapped population: `\.item\(\)` "
+                                                r"reads a member's value on the host \(data-dependent\) at "
+                                                r"test_population_dropout\.py:\d+ in forward: `temperature = logits\.abs\(\)\.mean\(\)"
+                                                r"\.item\(\).*`, in the step of members 0\.\.2"):
+        pop.train()
+
+    def width_from_seed():  # a shape drawn from the member's seed: members cannot share one graph
+        return TinyClassifier(hidden=int(torch.randint(8, 64, ())), p=0.0)
+
+    pop = PopulationTrainer(_trainer(_args(tmp_path), width_from_seed), [{"seed": 1}, {"seed": 2}])
+    with pytest.raises(P.PopulationError, match=r"params\.net\.0\.\w+.* in member 1.*\(member 1 is \{'seed': 2\}, "
+                                                r"member 0 is \{'seed': 1\}: model_init built models of different shapes"):
+        pop.train()

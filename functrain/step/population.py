@@ -309,17 +309,56 @@ def _is_vmap_error(e: Exception) -> bool:
 
 
 @contextlib.contextmanager
-def _explain_vmap_errors(model, done: str, instead: str):
-    """Re-raise an error of vmap on one of the model's ops as a PopulationError saying what to do."""
+def _explain_vmap_errors(model, done: str, instead: str, members: int | None = None):
+    """Re-raise an error of vmap on one of the model's ops as a PopulationError naming the cause
+    (``.item()``, a Python branch on a tensor, an op without a batching rule), the line of the
+    model's code that does it, and the members (all of them: they run that line in one graph)."""
     try:
         yield
     except (RuntimeError, NotImplementedError, ValueError) as e:
         if not _is_vmap_error(e):
             raise
+        where, line = _user_frame(e)
+        members = "every member" if members is None else f"members 0..{members - 1}"
         raise PopulationError(
-            f"{type(model).__name__} cannot be {done} as a vmapped population: torch.func.vmap failed on one of "
-            f"its operations ({type(e).__name__}: {str(e).splitlines()[0][:300]}); {instead} (or replace the "
-            "unsupported op)") from e
+            f"{type(model).__name__} cannot be {done} as a vmapped population: {_vmap_cause(e, line)}"
+            f"{f' at {where}: `{line}`' if where else ''}, in the step of {members} (they run this code as one "
+            f"graph, so no member can take a branch of its own). torch.func.vmap said: {type(e).__name__}: "
+            f"{_shortened(str(e).splitlines()[0])} {instead} (or rewrite the op with tensor ops: torch.where instead of "
+            "a Python if, no .item())") from e
+
+
+def _shortened(text: str, limit: int = 160) -> str:
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
+
+
+def _vmap_cause(e: Exception, line: str) -> str:
+    text = str(e)
+    if ".item()" in line or "item()" in line:
+        return "`.item()` reads a member's value on the host (data-dependent)"
+    if "data-dependent control flow" in text or "Boolean value of Tensor" in text:
+        return "data-dependent control flow (a Python branch or loop on a tensor's value)"
+    if "batching rule" in text:
+        return "an operation without a vmap batching rule"
+    return "an operation vmap cannot batch"
+
+
+def _user_frame(e: Exception) -> tuple[str | None, str]:
+    """``("file.py:42 in forward", "source line")`` of the deepest frame outside torch and functrain."""
+    import linecache
+    import os
+    import traceback
+
+    import functrain
+
+    skip = (os.path.dirname(torch.__file__), os.path.dirname(functrain.__file__), "<")
+    found = None, ""
+    for frame in traceback.extract_tb(e.__traceback__):
+        if not frame.filename.startswith(skip) and "contextlib" not in frame.filename:
+            line = (frame.line or linecache.getline(frame.filename, frame.lineno)).strip()
+            found = f"{os.path.basename(frame.filename)}:{frame.lineno} in {frame.name}", line
+    return found
+
 
 def _population_key(keys: torch.Tensor) -> torch.Tensor:
     """One key from the N members' keys (a pure function of all of them, read on the CPU)."""
@@ -430,7 +469,8 @@ def make_population_train_step(
         if needs_loss_scale and loss_scale is None:
             raise PopulationError("precision='fp16' needs a stacked loss scale: pass loss_scale="
                                   "functrain.precision.dynamic_scale_init() to each member before stacking")
-        with _explain_vmap_errors(model, "trained", "train the members sequentially with functrain.make_train_step"), \
+        with _explain_vmap_errors(model, "trained", "Train the members sequentially with functrain.make_train_step",
+                                  members=n), \
                 rnglib.seeded(_population_key(state.rng)), _module_mode(model, training=True), foreach.per_tensor():
             params, buffers, opt_state, step, loss_scale, metrics = compiled(
                 state.params, state.buffers, state.opt_state, state.step, loss_scale, batch)
@@ -484,8 +524,10 @@ def make_population_eval_step(
     compiled = _compile(run, compile, compile_kwargs)
 
     def population_eval_step(state: TrainState, batch: Mapping):
-        batch = _validate_batch(batch, batch_dim, population_size(state), validate)
-        with _explain_vmap_errors(model, "evaluated", "evaluate the members one by one with functrain.make_eval_step"), \
+        n = population_size(state)
+        batch = _validate_batch(batch, batch_dim, n, validate)
+        with _explain_vmap_errors(model, "evaluated", "Evaluate the members one by one with functrain.make_eval_step",
+                                  members=n), \
                 rnglib.seeded(_population_key(state.rng)), _module_mode(model, training=False), foreach.per_tensor():
             return compiled(state.params, state.buffers, batch)
 

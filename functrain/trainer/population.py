@@ -29,6 +29,7 @@ import copy
 import json
 import math
 import os
+import re
 from typing import Sequence
 
 import torch
@@ -213,8 +214,20 @@ class PopulationTrainer:
             state, tx = adapter_population.create_adapter_population(t.model, self._tx_factory(max_steps, hps), hps,
                                                                      seeds=seeds)
         else:
-            state, tx = P.create_population(model_init, self._tx_factory(max_steps, hps), hps, seeds=seeds)
+            try:
+                state, tx = P.create_population(model_init, self._tx_factory(max_steps, hps), hps, seeds=seeds)
+            except P.PopulationError as e:
+                raise P.PopulationError(f"{e}{self._member_named_in(str(e))}") from e
         return self._with_dropout(state), tx
+
+    def _member_named_in(self, message: str) -> str:
+        """`` (member 1 is {...})``: the hyperparameters of the member an error names, if one."""
+        named = [int(i) for i in re.findall(r"in member (\d+)", message)]
+        i = max(named, default=0)  # "member 0" is the reference the others are compared with
+        if i == 0 or i >= len(self.members):
+            return ""
+        return (f" (member {i} is {self.members[i]}, member 0 is {self.members[0]}: model_init built models of "
+                "different shapes for them)")
 
     def _with_dropout(self, state):
         """Each member's ``dropout`` in the ``p`` buffers of the model's tensor Dropout modules
