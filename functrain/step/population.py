@@ -333,8 +333,8 @@ def _shortened(text: str, limit: int = 160) -> str:
 
 
 def _vmap_cause(e: Exception, line: str) -> str:
-    text = str(e)
-    if ".item()" in line or "item()" in line:
+    text, code = str(e), line.split("#")[0]
+    if ".item()" in code or ".tolist()" in code:
         return "`.item()` reads a member's value on the host (data-dependent)"
     if "data-dependent control flow" in text or "Boolean value of Tensor" in text:
         return "data-dependent control flow (a Python branch or loop on a tensor's value)"
