@@ -152,3 +152,28 @@ def test_resume_restores_trainer_state_and_stateful_callbacks(tmp_path):
     runtime = ("train_runtime", "train_samples_per_second", "train_steps_per_second")
     drop = [{k: v for k, v in e.items() if k not in runtime} for e in whole.trainer_state.log_history]
     assert [{k: v for k, v in e.items() if k not in runtime} for e in resumed.trainer_state.log_history] == drop
+
+
+class SigtermAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            import signal
+
+            os.kill(os.getpid(), signal.SIGTERM)  # the runner finishes the step, saves, and stops
+
+
+def test_sigterm_saves_the_population_and_the_resume_is_bitwise(tmp_path):
+    args = _args(tmp_path / "whole", max_steps=6, save_strategy="no", gradient_accumulation_steps=1)
+    whole = PopulationTrainer(_trainer(args), MEMBERS)
+    whole.train()
+    stopped_args = dataclasses.replace(args, output_dir=str(tmp_path / "stopped"))
+    stopped = PopulationTrainer(_trainer(stopped_args), MEMBERS, callbacks=[SigtermAt(4)])
+    assert stopped.train()["global_step"] == 4
+    assert sorted(d for d in os.listdir(tmp_path / "stopped") if d.startswith("checkpoint")) == ["checkpoint-4"]
+    resumed = PopulationTrainer(_trainer(stopped_args), MEMBERS)
+    assert resumed.train(resume_from_checkpoint=True)["global_step"] == 6
+    for a, b in zip(tree.leaves(whole.state), tree.leaves(resumed.state)):
+        assert torch.equal(a, b)
