@@ -1,10 +1,12 @@
 """PopulationTrainer's training loop: :func:`functrain.runner.run` with one hook speaking HF's callbacks.
 
 The runner steps the stacked state; :class:`PopulationLoop` is the hook that does everything a
-population adds around the steps, in HF's order: ``on_epoch_begin`` / ``on_step_begin`` (fired as
-the runner takes the next batch, see :class:`_Batches`), the step, ``on_step_end``,
-``on_epoch_end`` at the end of a pass, then what the :class:`TrainerControl` flags ask for (log,
-evaluate, PBT round, save) and a stop when ``should_training_stop`` is set or every member stopped.
+population adds around the steps, in HF's order: the runner's ``on_epoch_start`` / ``before_step``
+/ ``on_step`` / ``on_epoch_end`` are HF's ``on_epoch_begin`` / ``on_step_begin`` /
+``on_step_end`` / ``on_epoch_end``, each followed by what the :class:`TrainerControl` flags ask
+for (log, evaluate, PBT round, save; HF's ``_maybe_log_save_evaluate``), then
+``should_training_stop`` -> ``run.stop``, ``should_epoch_stop`` -> ``run.end_epoch`` (also a stop
+when every member stopped early).
 
 Metrics reach the callbacks as one flat dict per event (``on_log``'s ``logs``, ``on_evaluate``'s
 ``metrics``): HF's key (``loss``, ``eval_loss``, ...) holds the mean over the members, and
@@ -58,33 +60,26 @@ def callback_handler(trainer, callbacks) -> tuple[CallbackHandler, EarlyStopping
 
 
 class _Batches:
-    """The train loader as the runner's data: it resumes at a saved ``{"epoch", "batch_index"}``
-    (``state_dict`` / ``load_state_dict``), one pass per epoch, and fires HF's ``on_epoch_begin``
-    and ``on_step_begin`` as it hands out a batch (the runner steps right after), so the events
-    come in HF's order without a loop of their own. ``should_epoch_stop`` ends the pass."""
+    """The train loader as the runner's data: one pass per epoch (``loader.iter_from``), resumed
+    at a saved ``{"epoch", "batch_index"}`` (``state_dict`` / ``load_state_dict``); a position at
+    an epoch's end resumes at the next epoch's start (no empty pass, so no empty epoch events)."""
 
-    def __init__(self, loader, loop: "PopulationLoop"):
-        self.loader, self.loop, self.start = loader, loop, (0, 0)
+    def __init__(self, loader, steps_per_epoch: int):
+        self.loader, self.steps_per_epoch, self.start = loader, steps_per_epoch, (0, 0)
 
     def state_dict(self) -> dict:
         s = self.loader.state
         return {"epoch": int(s.epoch), "batch_index": int(s.batch_index)}
 
     def load_state_dict(self, position: dict) -> None:
-        self.start = (int(position["epoch"]), int(position["batch_index"]))
+        epoch, index = int(position["epoch"]), int(position["batch_index"])
+        self.start = (epoch + 1, 0) if index >= self.steps_per_epoch else (epoch, index)
 
     def __iter__(self):
+        # A generator: the position moves when the pass is read, not when iter() is merely called.
         epoch, index = self.start
-        if index >= self.loop.steps_per_epoch:  # saved after an epoch's last batch
-            epoch, index = epoch + 1, 0
         self.start = (epoch + 1, 0)  # where the next pass starts, however this one ends
-        for i, batch in enumerate(self.loader.iter_from(epoch, index)):
-            if i == 0:
-                self.loop.epoch_begin()
-            self.loop.step_begin()
-            yield batch
-            if self.loop.control.should_epoch_stop:
-                return
+        yield from self.loader.iter_from(epoch, index)
 
 
 class PopulationLoop(Hook):
@@ -127,6 +122,8 @@ class PopulationLoop(Hook):
         r.state, self.acc, r.step, meta = self.pop._load_checkpoint(self.resume_path, r.state, self.acc)
         r.data_position = meta.get("data_position") or dict(zip(("epoch", "batch_index"),
                                                                 divmod(r.step, self.steps_per_epoch)))
+        epoch, index = int(r.data_position["epoch"]), int(r.data_position["batch_index"])
+        r.epoch = epoch + 1 if index >= self.steps_per_epoch else epoch  # as _Batches resumes
         known = {f.name for f in dataclasses.fields(TrainerState)}
         saved = {k: v for k, v in meta.get("trainer_state", {}).items() if k in known}
         self.state = dataclasses.replace(self.state, **{k: v for k, v in saved.items()
@@ -141,10 +138,10 @@ class PopulationLoop(Hook):
         self.handler.train_state = r.state
         self.control = self.handler.on_train_begin(self.pop.trainer.args, self.state, self.control)
 
-    def epoch_begin(self):
+    def on_epoch_start(self, r):
         self.control = self.handler.on_epoch_begin(self.pop.trainer.args, self.state, self.control)
 
-    def step_begin(self):
+    def before_step(self, r):
         self.control = self.handler.on_step_begin(self.pop.trainer.args, self.state, self.control)
 
     def on_step(self, r):
@@ -158,14 +155,20 @@ class PopulationLoop(Hook):
         self.state.epoch = position.epoch + position.batch_index / self.steps_per_epoch
         self.control = self.handler.on_step_end(a, self.state, self.control)
         self._log_evaluate_save(r, pbt_round=True)
-        stopping = r.step >= self.max_steps or self.control.should_training_stop or not bool(acc["active"].any())
-        if position.batch_index >= self.steps_per_epoch or stopping or self.control.should_epoch_stop:
-            self.control = self.handler.on_epoch_end(a, self.state, self.control)
-            self._log_evaluate_save(r, pbt_round=False)
+        self._follow_stop_flags(r)
+
+    def on_epoch_end(self, r):
+        self.control = self.handler.on_epoch_end(self.pop.trainer.args, self.state, self.control)
+        self._log_evaluate_save(r, pbt_round=False)
+        self._follow_stop_flags(r)
+
+    def _follow_stop_flags(self, r):
         if self.control.should_training_stop:
             r.stop("should_training_stop")
-        elif not bool(acc["active"].any()):
+        elif not bool(self.acc["active"].any()):
             r.stop("every member stopped early")
+        elif self.control.should_epoch_stop:
+            r.end_epoch()
 
     def on_end(self, r):
         if r.stop_reason in _SIGNALS and self.last_saved != r.step:
@@ -229,7 +232,7 @@ class PopulationLoop(Hook):
 def train(pop, loader, steps_per_epoch: int, max_steps: int, state, tx, resume_path: str | None):
     """Run the population: ``(final stacked state, PopulationLoop)``."""
     loop = PopulationLoop(pop, loader, steps_per_epoch, max_steps, tx, resume_path)
-    r = run(loop.step, state, _Batches(loader, loop), steps=max_steps, hooks=[loop])
+    r = run(loop.step, state, _Batches(loader, steps_per_epoch), steps=max_steps, hooks=[loop])
     return r.state, loop
 
 
