@@ -349,9 +349,8 @@ def _user_frame(e: Exception) -> tuple[str | None, str]:
     import os
     import traceback
 
-    import functrain
-
-    skip = (os.path.dirname(torch.__file__), os.path.dirname(functrain.__file__), "<")
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # functrain/
+    skip = (os.path.dirname(torch.__file__), package, "<")
     found = None, ""
     for frame in traceback.extract_tb(e.__traceback__):
         if not frame.filename.startswith(skip) and "contextlib" not in frame.filename:

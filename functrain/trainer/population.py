@@ -41,7 +41,6 @@ from functrain.core import rng as rnglib
 from functrain.core import tree
 from functrain.core import foreach
 from functrain.core.optim import inject_hyperparams, schedule_free_eval_params
-from functrain.core.optim.schedule_free import _find as schedule_free_state
 from functrain.core.schedules import get_schedule
 from functrain.io import checkpoint as ck
 from functrain.step import pbt
@@ -466,7 +465,7 @@ class PopulationTrainer:
 
     def _evaluate_state(self, state, eval_dataset=None, metric_key_prefix: str = "eval", on_batch=None) -> list[dict]:
         t = self.trainer
-        state = _state_for_eval(state)
+        state = _state_for_eval(state, t.args.optim)
         loader = t.get_eval_dataloader(eval_dataset)
         with_outputs = t.compute_metrics is not None
         step = P.make_population_eval_step(t.model, t._eval_loss_fn(), precision=t.args.precision,
@@ -550,10 +549,10 @@ def _early_stopping_from_callback(callback, patience, threshold) -> tuple[int, f
     return callback.early_stopping_patience, callback.early_stopping_threshold
 
 
-def _state_for_eval(state):
+def _state_for_eval(state, optim_name: str):
     """Schedule-free members are evaluated at their averaged ``x``, as the Trainer does (HF's
     ``optimizer.eval()``); other states as they are."""
-    if schedule_free_state(state.opt_state) is None:
+    if not optim_name.startswith("schedule_free"):
         return state
     with foreach.per_tensor():
         params = torch.func.vmap(schedule_free_eval_params)(state.opt_state, state.params)
