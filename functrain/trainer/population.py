@@ -5,8 +5,12 @@ between members: the datasets and loaders, the collator, the loss, ``compute_met
 ``TrainingArguments``. Members differ in the hyperparameters the state can hold as tensors:
 
     ``learning_rate``, ``weight_decay``, ``adam_beta1``, ``adam_beta2``, ``adam_epsilon``,
-    ``warmup_steps`` and ``seed`` (model init through ``model_init`` and the dropout stream;
-    the data order is shared: ``args.data_seed``, else ``args.seed`` of the trainer).
+    ``warmup_steps``, ``seed`` (model init through ``model_init`` and the dropout stream;
+    the data order is shared: ``args.data_seed``, else ``args.seed`` of the trainer) and
+    ``dropout`` (the ``p`` of the model's :class:`functrain.population.Dropout` modules).
+
+Training runs on :func:`functrain.runner.run` (:mod:`functrain.trainer.population_loop`), with
+HF's ``TrainerCallback`` events (``callbacks=``).
 
 Every ``optim`` of :data:`functrain.trainer.registry.OPTIMIZERS` and every ``lr_scheduler_type``
 works: the optimizer is the Trainer's own (``registry.build_optimizer``) built by
@@ -78,6 +82,10 @@ class PopulationTrainer:
             threshold for ``patience`` evaluations stops (its state no longer changes; it still
             runs inside the one vmapped step). Training ends when every member has stopped. A
             member that PBT overwrites starts again with fresh patience.
+        callbacks: ``TrainerCallback`` s getting HF's events in the Trainer's order, with per-member
+            metrics as ``member_{i}/{key}`` next to the members' mean under HF's key
+            (:mod:`functrain.trainer.population_loop`); an ``EarlyStoppingCallback`` among them
+            is applied per member (as ``early_stopping_patience``/``early_stopping_threshold``).
     """
 
     def __init__(self, trainer, population: int | Sequence[dict], *, pbt_interval: int | None = None,
