@@ -267,7 +267,7 @@ class PopulationTrainer:
         state, tx = self._create(max_steps)
         path = self._resume_path(resume_from_checkpoint)
         self.state, loop = population_loop.train(self, loader, steps_per_epoch, max_steps, state, tx, path)
-        self.trainer_state = loop.state
+        self.trainer_state, self.control = loop.state, loop.control
         done = loop.state.global_step
         return {"train_loss": (loop.acc["total"] / max(done, 1)).tolist(), "global_step": done}
 
@@ -565,19 +565,6 @@ def _state_for_eval(state, optim_name: str):
     with foreach.per_tensor():
         params = torch.func.vmap(schedule_free_eval_params)(state.opt_state, state.params)
     return state.replace(params=params)
-
-
-def _keep_stopped(new_state, old_state, active: torch.Tensor, buffers: str):
-    """``new_state`` for the active members, ``old_state`` for the stopped ones (leaf-wise select;
-    shared buffers are not per member and stay as they are)."""
-    def pick(new, old):
-        mask = active.to(new.device).view(-1, *([1] * (new.ndim - 1)))
-        return torch.where(mask, new, old)
-
-    if buffers == "shared":
-        kept = tree.map(pick, new_state.replace(buffers={}), old_state.replace(buffers={}))
-        return kept.replace(buffers=new_state.buffers)
-    return tree.map(pick, new_state, old_state)
 
 
 class _MemberArgs:

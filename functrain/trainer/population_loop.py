@@ -23,15 +23,12 @@ import time
 import torch
 
 from functrain.adapters.outputs import batch_size_of
+from functrain.core import tree
 from functrain.runner import Hook, run
 from functrain.trainer import compat
 from functrain.trainer.callbacks import (
-    CallbackHandler, DefaultFlowCallback, EarlyStoppingCallback, ExportableState, TrainerCallback, TrainerControl,
-    TrainerState,
+    CallbackHandler, DefaultFlowCallback, EarlyStoppingCallback, ExportableState, TrainerCallback, TrainerState,
 )
-
-_SIGNALS = ("SIGTERM", "SIGINT", "a signal to another process")
-
 
 def member_metrics(rows: list[dict]) -> dict:
     """``[{"loss": a}, {"loss": b}]`` -> ``{"loss": (a + b) / 2, "member_0/loss": a, "member_1/loss": b}``.
@@ -57,6 +54,19 @@ def callback_handler(trainer, callbacks) -> tuple[CallbackHandler, EarlyStopping
     handler = CallbackHandler([DefaultFlowCallback(), *[cb for cb in callbacks if cb not in stopping]],
                               model=trainer.model, processing_class=trainer.processing_class)
     return handler, (stopping[0] if stopping else None)
+
+
+def _keep_stopped(new_state, old_state, active: torch.Tensor, buffers: str):
+    """``new_state`` for the active members, ``old_state`` for the stopped ones (leaf-wise select;
+    shared buffers are not per member and stay as they are)."""
+    def pick(new, old):
+        mask = active.to(new.device).view(-1, *([1] * (new.ndim - 1)))
+        return torch.where(mask, new, old)
+
+    if buffers == "shared":
+        kept = tree.map(pick, new_state.replace(buffers={}), old_state.replace(buffers={}))
+        return kept.replace(buffers=new_state.buffers)
+    return tree.map(pick, new_state, old_state)
 
 
 class _Batches:
@@ -109,8 +119,6 @@ class PopulationLoop(Hook):
         self.samples += batch_size_of(window)
         new_state, metrics = self.pop._step(self._steps, self.tx, state, window, self.accumulate)
         if not bool(self.acc["active"].all()):
-            from functrain.trainer.population import _keep_stopped
-
             new_state = _keep_stopped(new_state, state, self.acc["active"], self.pop._buffers)
         return new_state, metrics
 
@@ -171,7 +179,7 @@ class PopulationLoop(Hook):
             r.end_epoch()
 
     def on_end(self, r):
-        if r.stop_reason in _SIGNALS and self.last_saved != r.step:
+        if r.signal is not None and self.last_saved != r.step:
             self._save(r)  # SIGTERM / Ctrl-C: save, so train(resume_from_checkpoint=True) continues
         self._log(self._summary(r))
         self.control = self.handler.on_train_end(self.pop.trainer.args, self.state, self.control)
