@@ -76,6 +76,24 @@ def test_events_and_per_member_metrics_equal_separate_trainer_runs(tmp_path):
     assert pop.trainer_state.log_history[-1]["step"] == 7 and "member_1/train_loss" in pop.trainer_state.log_history[-1]
 
 
+def test_epoch_strategies_follow_the_trainer(tmp_path):
+    args = _args(tmp_path / "pop", max_steps=10, logging_strategy="epoch", eval_strategy="epoch",
+                 save_strategy="epoch")
+    seen, ref = Recorder(), Recorder()
+    pop = PopulationTrainer(_trainer(args), MEMBERS, callbacks=[seen])
+    pop.train()
+    trainer = _trainer(dataclasses.replace(args, output_dir=str(tmp_path / "ref"), **MEMBERS[1]), [ref])
+    trainer.train()
+    assert seen.events == ref.events
+    assert [s for s, _ in seen.evaluations] == [5, 10]
+    for (_, got), (_, want) in zip(seen.evaluations, ref.evaluations):
+        assert got["member_1/eval_loss"] == pytest.approx(want["eval_loss"], rel=1e-5)
+    assert sorted(d for d in os.listdir(tmp_path / "pop") if d.startswith("checkpoint")) == ["checkpoint-10",
+                                                                                               "checkpoint-5"]
+    with pytest.raises(TypeError, match=r"callbacks\[0\] is a object, not a TrainerCallback"):
+        PopulationTrainer(_trainer(args), MEMBERS, callbacks=[object()])
+
+
 class Steer(TrainerCallback):
     """Asks for a log at step 1, an evaluation at 2, a save at 3, the end of the epoch at 4 and
     the end of training at 7 (the arguments ask for none of these)."""
