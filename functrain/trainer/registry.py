@@ -269,11 +269,9 @@ LEAFWISE_OPTIMIZERS: frozenset[str] = frozenset(
 
 # PopulationTrainer builds these with per-member tensor hyperparameters (functrain.trainer.population;
 # each tested equal to Trainer runs); a warmup length that differs between members needs "linear".
-POPULATION_REFUSED: dict[str, str] = {
-    "schedule_free_adamw": "schedule-free optimizers are not tested as populations (their warmup is read from args)",
-    "schedule_free_sgd": "schedule-free optimizers are not tested as populations (their warmup is read from args)",
-    "galore_adamw": "GaLore's projection refresh (torch.cond) is not tested under vmap",
-}
+# Every registry optimizer vmaps (schedule-free's y/z states and GaLore's SVD projection refresh
+# under torch.cond included: tests/test_population_optimizers.py); none is refused today.
+POPULATION_REFUSED: dict[str, str] = {}
 POPULATION_OPTIMIZERS: tuple[str, ...] = tuple(n for n in OPTIMIZERS if n not in POPULATION_REFUSED)
 
 
