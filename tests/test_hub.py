@@ -30,8 +30,10 @@ def hub(monkeypatch):
     import huggingface_hub.constants
 
     server = start_fake_hub()
-    # What HF_ENDPOINT sets when huggingface_hub is imported (it is read once, at import).
+    # What HF_ENDPOINT / HF_HUB_DISABLE_XET set when huggingface_hub is imported (read once, at
+    # import). The fake Hub speaks LFS, not Xet: weights go preupload -> LFS batch -> PUT -> commit.
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", server.url)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
     yield server
     server.stop()
 
