@@ -9,6 +9,8 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
+import subprocess
 import sys
 import uuid
 import zipfile
@@ -239,15 +241,53 @@ def test_comet_offline_archive_read_back(tracked):
     assert params["args|learning_rate"] == 0.05 and params["args|run_name"] == RUN_NAME
 
 
+# -- ClearML --------------------------------------------------------------------------------------
+
+@pytest.mark.slow  # a child process: imports, compile and ClearML's session (~30 s on a loaded machine)
+@pytest.mark.skipif(importlib.util.find_spec("clearml") is None, reason="clearml is in the test extra")
+def test_clearml_offline_session_read_back(tmp_path):
+    """The run goes in a child process (ClearML's Task.init hooks its process); its offline session
+    folder holds the scalars (metrics.jsonl) and the task (task.json) ClearML would upload."""
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "CLEARML_OFFLINE_MODE": "1", "CLEARML_CACHE_DIR": str(tmp_path / "cache"),
+           "HOME": str(tmp_path), "CLEARML_PROJECT": "functrain-tests", "CLEARML_TASK": RUN_NAME,
+           "PYTHONPATH": os.pathsep.join([os.path.dirname(tests), tests, os.environ.get("PYTHONPATH", "")])}
+    # Run from a copy outside the git checkout: ClearML analyses the script's repository and its
+    # imports when the task closes, which takes minutes on a whole checkout.
+    script = tmp_path / "run.py"
+    shutil.copy(os.path.join(tests, "_clearml_run.py"), script)
+    out = tmp_path / "out"
+    subprocess.run([sys.executable, str(script), str(out)], env=env, cwd=tmp_path, check=True, timeout=600)
+    session, = [p for p in glob(str(tmp_path / "cache" / "offline" / "offline-*")) if os.path.isdir(p)]
+    with open(os.path.join(session, "task.json")) as f:
+        task = json.load(f)
+    with open(os.path.join(session, "metrics.jsonl")) as f:
+        events = [e for line in f for e in json.loads(line)]
+    history = json.load(open(out / "log_history.json"))
+
+    assert task["name"] == RUN_NAME  # CLEARML_TASK
+    hparams = task["hyperparams"]["Transformers"]
+    assert hparams["learning_rate"]["value"] == "0.05" and "hub_token" not in hparams
+    single = ("train_runtime", "train_samples_per_second", "train_steps_per_second", "train_loss", "total_flos",
+              "epoch")
+    got = sorted((e["iter"], e["metric"], e["variant"], e["value"]) for e in events
+                 if e["type"] == "training_stats_scalar" and e["metric"] != "Summary")
+    want = sorted((row["step"], *(("eval", k[5:]) if k.startswith("eval_") else ("train", k)), v)
+                  for row in history for k, v in row.items() if k != "step" and k not in single)
+    assert got == want
+    summary = {e["variant"]: e["value"] for e in events if e.get("metric") == "Summary"}
+    assert summary["train_runtime"] == history[-1]["train_runtime"] and summary["epoch"] == history[-1]["epoch"]
+
+
 # -- report_to resolution -------------------------------------------------------------------------
 
 def test_unknown_and_unsupported_tracker_names_are_refused():
     with pytest.raises(TrainingArgumentsError, match="'nope' is not a known tracker; supported: "
-                                                     r"\['tensorboard', 'mlflow', 'wandb', 'trackio', 'comet_ml'\]"):
+                                                     r"\['tensorboard', 'mlflow', 'wandb', 'trackio', 'comet_ml', 'clearml'\]"):
         TrainingArguments("o", report_to=["mlflow", "nope"])
-    with pytest.raises(TrainingArgumentsError, match="'clearml' is a transformers integration functrain does "
+    with pytest.raises(TrainingArgumentsError, match="'dvclive' is a transformers integration functrain does "
                                                      "not drive"):
-        TrainingArguments("o", report_to="clearml")
+        TrainingArguments("o", report_to="dvclive")
 
 
 def test_named_tracker_not_installed_is_refused(monkeypatch):
@@ -257,7 +297,7 @@ def test_named_tracker_not_installed_is_refused(monkeypatch):
 
 
 def test_report_to_all_with_no_tracker_installed_trains_and_says_so_once(tmp_path, monkeypatch, caplog):
-    for package in ("tensorboard", "mlflow", "wandb", "trackio", "comet_ml"):
+    for package in ("tensorboard", "mlflow", "wandb", "trackio", "comet_ml", "clearml"):
         monkeypatch.setitem(sys.modules, package, None)
     with caplog.at_level(logging.WARNING, logger="functrain"):
         trainer = Trainer(model=make_model(), args=_args(tmp_path, report_to="all", eval_strategy="no", max_steps=2),
@@ -265,7 +305,7 @@ def test_report_to_all_with_no_tracker_installed_trains_and_says_so_once(tmp_pat
         trainer.train()
     said = [r.getMessage() for r in caplog.records if "report_to='all'" in r.getMessage()]
     assert said == ["report_to='all': reporting to no tracker (none is installed); not installed: "
-                    "['tensorboard', 'mlflow', 'wandb', 'trackio', 'comet_ml']"]
+                    "['tensorboard', 'mlflow', 'wandb', 'trackio', 'comet_ml', 'clearml']"]
     assert trainer.args.report_to == [] and trainer.state.global_step == 2
     assert (tmp_path / "metrics.jsonl").is_file()
 
