@@ -176,7 +176,9 @@ FIELDS: dict[str, FieldStatus] = {
     "use_cpu": ok(),
     "accelerator_config": refused("functrain does not wrap its loaders or step in an accelerate Accelerator (the "
                                   "step is one pure compiled function); split_batches, dispatch_batches, "
-                                  "even_batches etc. have no equivalent. Leave it unset"),
+                                  "even_batches etc. have no equivalent; use_stateful_dataloader is what the "
+                                  "Trainer's loaders do already (streams resume from their saved state, map-style "
+                                  "datasets by slicing the epoch's order). Leave it unset"),
     "parallelism_config": refused("tensor/context/sequence parallelism are not implemented; use "
                                   "fsdp='full_shard' or data parallelism (docs/distributed.md)"),
     "dataloader_drop_last": ok(),
