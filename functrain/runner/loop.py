@@ -33,6 +33,7 @@ import threading
 from typing import Any, Callable
 
 from functrain.core import tree
+from functrain.data import stream
 from functrain.parallel import distributed as fd
 
 
@@ -190,8 +191,14 @@ def _one_pass(data, skip: list):
 
 
 def data_position(data) -> dict | None:
-    """What a checkpoint saves to continue ``data`` exactly (``None``: the step is enough)."""
-    return data.state_dict() if hasattr(data, "state_dict") and hasattr(data, "load_state_dict") else None
+    """What a checkpoint saves to continue ``data`` exactly (``None``: the step is enough).
+
+    A streaming loader's position holds each rank's own stream: every process calls this at the
+    same point, and the ranks' streams are gathered (``streams``, by rank) for the one writer.
+    """
+    if not (hasattr(data, "state_dict") and hasattr(data, "load_state_dict")):
+        return None
+    return stream.gathered(data.state_dict(), fd.all_gather_json)
 
 
 @contextlib.contextmanager
