@@ -1,6 +1,7 @@
 """Loop overhead in CPU microseconds per step: a bare loop, ``functrain.run``, ``Trainer.train()``.
 
     python benchmarks/loop_overhead.py [--rounds 5] [--steps 60] [--out file.json]
+    python benchmarks/loop_overhead.py --quick
 
 The same compiled step (``make_train_step``: the MLP of ``driver_overhead.py``, AdamW, clip 1.0,
 donating, one intra-op thread) over the same :class:`functrain.data.ResumableLoader` (fetch +
@@ -60,8 +61,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=60, help="steps per contender per round")
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="1 round of 6 steps (a smoke run)")
     ap.add_argument("--out", default=None)
     opts = ap.parse_args(argv)
+    if opts.quick:
+        opts.rounds, opts.steps, opts.warmup = 1, 6, 1
     torch.set_num_threads(1)
     cfg = D.config(False)
     torch.manual_seed(0)
@@ -143,7 +147,7 @@ def main(argv=None) -> dict:
         print(f"{name:<12}{m['cpu']:>14.0f}{m['wall']:>14.0f}")
     for name, o in over.items():
         print(f"{name} over the bare loop: {o['cpu']:.0f} us cpu, {o['wall']:.0f} us wall (difference of medians)")
-    report = {"config": cfg, "rounds": opts.rounds, "steps": n, "warmup_dropped": w, "loadavg_per_round": loads,
+    report = {"quick": opts.quick, "config": cfg, "rounds": opts.rounds, "steps": n, "warmup_dropped": w, "loadavg_per_round": loads,
               "functrain": os.path.dirname(ft.__file__), "trainer_has_runner": hasattr(trainer_module, "run"),
               "median_us": med, "overhead_over_bare_loop_us": over}
     C.write_report("loop_overhead", report, opts.out)

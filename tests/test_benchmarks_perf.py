@@ -75,6 +75,15 @@ def test_driver_overhead_quick(tmp_path):
 
 
 @pytest.mark.slow
+def test_loop_overhead_quick(tmp_path):
+    report, _ = run_script("loop_overhead", tmp_path)
+    assert report["trainer_has_runner"] is True and len(report["loadavg_per_round"]) == 1
+    for name in ("bare loop", "run()", "Trainer"):
+        assert report["median_us"][name]["cpu"] > 0 and report["median_us"][name]["wall"] > 0
+    assert set(report["overhead_over_bare_loop_us"]) == {"run()", "Trainer"}
+
+
+@pytest.mark.slow
 def test_resume_position_quick(tmp_path):
     report, _ = run_script("resume_position", tmp_path)
     hf = report["results"]["hf_skip_first_batches"]
