@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import functrain.core.optim as optim  # noqa: E402
 from functrain import tree  # noqa: E402
+from functrain.core.flat import plan_layout  # noqa: E402
 
 HP = dict(lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01)
 
@@ -110,6 +111,30 @@ def functrain_compiled_donated(params, grads):
     return lambda: compiled(params, grads, state)
 
 
+def _flat(params, grads):
+    """The params and grads as flat segments (:mod:`functrain.core.flat`), as a flat step sees them."""
+    layout = plan_layout(params, functrain_tx())
+    return layout.pack(params), layout.pack(grads)
+
+
+def functrain_flat_donated(params, grads):
+    return functrain_compiled_donated(*_flat(params, grads))
+
+
+def functrain_flat_eager_donated(params, grads):
+    """Eager, flat, donated: the update over the segments, then copied into their storages."""
+    tx = functrain_tx()
+    params, grads = _flat(params, grads)
+    state = tx.init(params)
+    pure = _pure_step(tx)
+
+    def step():
+        new_params, new_state = pure(params, grads, state)
+        tree.copy_((params, state), (new_params, new_state))
+
+    return step
+
+
 def _torch_adamw(params, grads, **kw):
     ps = [torch.nn.Parameter(p.clone()) for p in params.values()]
     for p, g in zip(ps, grads.values()):
@@ -157,6 +182,8 @@ VARIANTS = {
     "functrain eager": functrain_eager,
     "functrain compiled": functrain_compiled,
     "functrain compiled+donated": functrain_compiled_donated,
+    "functrain flat compiled+donated": functrain_flat_donated,
+    "functrain flat eager+donated": functrain_flat_eager_donated,
     "torch foreach": lambda p, g: _torch_adamw(p, g, foreach=True),
     "torch fused": lambda p, g: _torch_adamw(p, g, fused=True),
     "copy (bandwidth)": bandwidth_copy,

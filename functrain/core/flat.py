@@ -191,6 +191,7 @@ def plan_layout(params: Mapping, tx=None) -> FlatLayout:
     layout = FlatLayout(segments, tuple(names))
     if tx is not None:
         _check_over_segments(layout, tx, params, signature)
+        _check_same_update(layout, tx, params)
     return layout
 
 
@@ -247,6 +248,40 @@ def _check_over_segments(layout: FlatLayout, tx, params: Mapping, signature: dic
             raise ValueError(f"flat=True: a masked()/partition() selection of the optimizer answers differently for the "
                              f"flat segment starting at {key!r} than for the parameter itself (it depends on the "
                              "tensor's shape, not its name); select by name, or use flat=False")
+
+
+def _check_same_update(layout: FlatLayout, tx, params: Mapping, steps: int = 2) -> None:
+    """Two updates of ``tx`` on small stand-ins of the params (each dimension cut to 3), per tensor
+    and over segments, agree: ``tx`` is elementwise. A per-tensor norm or shape (LAMB, LARS, Muon)
+    would see a segment as one tensor and give other numbers."""
+    from functrain.core.optim.base import apply_updates, update_with_extra_args
+
+    g = torch.Generator().manual_seed(0)
+
+    def like(p):
+        return torch.randn(tuple(min(d, 3) for d in p.shape), generator=g).to(p.dtype)
+
+    small = {n: like(p) for n, p in params.items()}
+    small_layout = FlatLayout(tuple(dataclasses.replace(s, shapes=tuple(tuple(small[n].shape) for n in s.names),
+                                                        sizes=tuple(small[n].numel() for n in s.names), device="cpu")
+                                    for s in layout.segments), layout.order)
+    per_name, segs = small, small_layout.pack(small)
+    state_n, state_s = tx.init(per_name), tx.init(segs)
+    value = torch.zeros(())
+    for _ in range(steps):
+        grads = {n: torch.randn(p.shape, generator=g).to(p.dtype) for n, p in small.items()}
+        u, state_n = update_with_extra_args(tx, grads, state_n, per_name, value=value)
+        per_name = apply_updates(per_name, u)
+        u, state_s = update_with_extra_args(tx, small_layout.pack(grads), state_s, segs, value=value)
+        segs = apply_updates(segs, u)
+    start, expected = small_layout.pack(small), small_layout.pack(per_name)
+    moved = {k: (expected[k].double() - start[k].double()) for k in segs}  # compare the updates, not the params
+    diff = max(float((segs[k].double() - expected[k].double()).abs().max() / moved[k].abs().max().clamp_min(1e-30))
+               for k in segs)
+    if not diff <= 1e-3:
+        raise ValueError(f"flat=True needs an elementwise optimizer: over flat segments its update differs from the "
+                         f"per-tensor update (relative difference {diff:.1e}; a per-tensor norm or shape, as in LAMB, "
+                         "LARS, Muon?); use flat=False for this optimizer")
 
 
 # -- flat states -----------------------------------------------------------------------------------
