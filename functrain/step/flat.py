@@ -23,6 +23,10 @@ class FlatCores:
         self.build = build
         self.layouts: dict[tuple, FlatLayout] = {}
         self.cores: dict[FlatLayout, Callable] = {}
+        # The state the last step returned, and its segments: the next call gets that state
+        # (donated: the same dicts; pure: the views made in finish), so checking every view's
+        # storage again is skipped. States are immutable: their dicts are not edited in place.
+        self.last: tuple | None = None
 
     def layout_for(self, params) -> FlatLayout:
         key = tuple(params)
@@ -35,6 +39,9 @@ class FlatCores:
         """``(segment params, segment opt_state, core, templates)`` for ``state``; ``templates``:
         the per-name ``(params, opt_state)`` whose storages the segments are (a flat copy of
         ``state``'s when it was not flat)."""
+        last = self.last
+        if last is not None and last[0] is state.params and last[1] is state.opt_state:
+            return last[2]
         layout = self.layout_for(state.params)
         names = frozenset(state.params)
         params, opt_state = state.params, state.opt_state
@@ -48,12 +55,14 @@ class FlatCores:
             core = self.cores[layout] = self.build(layout)
         return seg_params, seg_opt, core, (layout, params, opt_state)
 
-    @staticmethod
-    def finish(templates, seg_params, seg_opt, donate: bool):
+    def finish(self, prepared, seg_params, seg_opt, donate: bool):
         """The per-name ``(params, opt_state)`` after the core: with donation the templates
         themselves (their storages were written), else views of the new segments."""
-        layout, params, opt_state = templates
+        old_params, old_opt, core, (layout, params, opt_state) = prepared
         if donate:
+            self.last = (params, opt_state, prepared)
             return params, opt_state
-        return (layout.views(seg_params, keys=list(params)),
-                layout.name_dicts(opt_state, seg_opt, frozenset(params)))
+        new_params = layout.views(seg_params, keys=list(params))
+        new_opt = layout.name_dicts(opt_state, seg_opt, frozenset(params))
+        self.last = (new_params, new_opt, (seg_params, seg_opt, core, (layout, new_params, new_opt)))
+        return new_params, new_opt

@@ -236,10 +236,10 @@ def make_train_step(
         key = rnglib.fold_in(state.rng, rng_stream) if rng_stream else state.rng
         with rnglib.seeded(key), _module_mode(model, training=True):
             if flat:
-                params, opt_state, run, templates = flat_steps.prepare(state)
-                params, buffers, opt_state, step, loss_scale, metrics = run(
-                    params, state.buffers, opt_state, state.step, loss_scale, dict(batch))
-                params, opt_state = flat_steps.finish(templates, params, opt_state, donate)
+                prepared = flat_steps.prepare(state)
+                params, buffers, opt_state, step, loss_scale, metrics = prepared[2](
+                    prepared[0], state.buffers, prepared[1], state.step, loss_scale, dict(batch))
+                params, opt_state = flat_steps.finish(prepared, params, opt_state, donate)
             else:
                 params, buffers, opt_state, step, loss_scale, metrics = core(
                     state.params, state.buffers, state.opt_state, state.step, loss_scale, dict(batch))
