@@ -171,10 +171,12 @@ def _is_per_name(node, names: frozenset) -> bool:
 # -- planning a layout -----------------------------------------------------------------------------
 
 
-def plan_layout(params: Mapping, tx=None) -> FlatLayout:
+def plan_layout(params: Mapping, tx=None, pieces: int = 1) -> FlatLayout:
     """The segments for ``params``: consecutive runs of parameters with the same dtype, device and,
     when ``tx`` is given, the same treatment by its ``masked``/``partition`` selections (recorded
     while ``tx.init`` runs on meta tensors), parameters of one kind gathered in first-seen order.
+    ``pieces > 1`` cuts each kind into runs of about ``1 / pieces`` of all elements (at parameter
+    boundaries), so an update can run a segment at a time (a donated eager step's memory).
 
     Raises ``ValueError`` when ``tx`` cannot run over segments: a selection that answers differently
     for a segment than for its parameters (a function of shapes rather than names), or a
@@ -186,13 +188,27 @@ def plan_layout(params: Mapping, tx=None) -> FlatLayout:
     for n in names:
         p = params[n]
         kinds.setdefault((p.dtype, p.device, signature.get(n)), []).append(n)
+    budget = max(1, sum(p.numel() for p in params.values()) // pieces)
+    runs = [run for ns in kinds.values() for run in _cut(ns, [params[n].numel() for n in ns], budget)]
     segments = tuple(Segment(tuple(ns), tuple(tuple(params[n].shape) for n in ns), tuple(params[n].numel() for n in ns),
-                             params[ns[0]].dtype, params[ns[0]].device) for ns in kinds.values())
+                             params[ns[0]].dtype, params[ns[0]].device) for ns in runs)
     layout = FlatLayout(segments, tuple(names))
     if tx is not None:
         _check_over_segments(layout, tx, params, signature)
         _check_same_update(layout, tx, params)
     return layout
+
+
+def _cut(names: list, sizes: list, budget: int) -> list[list]:
+    """``names`` in consecutive runs of at most ``budget`` elements (a larger tensor alone)."""
+    runs, current, size = [], [], 0
+    for n, k in zip(names, sizes):
+        if current and size + k > budget:
+            runs.append(current)
+            current, size = [], 0
+        current.append(n)
+        size += k
+    return runs + [current] if current else runs
 
 
 def _meta(params: Mapping) -> dict:

@@ -18,8 +18,9 @@ from functrain.core.flat import FlatLayout, param_buffers, plan_layout
 class FlatCores:
     """One core per layout (``build(layout)``, compiled or not) and the conversions around it."""
 
-    def __init__(self, tx, build: Callable[[FlatLayout], Callable]):
+    def __init__(self, tx, build: Callable[[FlatLayout], Callable], pieces: int = 1):
         self.tx = tx
+        self.pieces = pieces
         self.build = build
         self.layouts: dict[tuple, FlatLayout] = {}
         self.cores: dict[FlatLayout, Callable] = {}
@@ -32,7 +33,7 @@ class FlatCores:
         key = tuple(params)
         layout = self.layouts.get(key)
         if layout is None:
-            layout = self.layouts[key] = plan_layout(params, self.tx)
+            layout = self.layouts[key] = plan_layout(params, self.tx, self.pieces)
         return layout
 
     def prepare(self, state):

@@ -28,7 +28,7 @@ from functrain.step.grads import (
     LossFn, LossModule, autocast, buffer_names, default_loss_fn, device_type, make_grad_fn, module_buffers_of, prefixed,
 )
 from functrain.step.flat import FlatCores
-from functrain.step.grouped_update import apply_update_in_groups_
+from functrain.step.grouped_update import GROUPS, apply_update_in_groups_
 from functrain.step.update import apply_update, keep_if_finite, unscale_grads
 
 __all__ = ["default_loss_fn", "find_learning_rate", "make_eval_step", "make_train_step"]
@@ -156,7 +156,7 @@ def make_train_step(
                            grad_reduce=grad_reduce, count_reduce=count_reduce, param_transform=param_transform,
                            differentiate=differentiate)
     module_buffers = buffer_names(model)
-    grouped = leafwise_update and donate and not compile and not policy.needs_loss_scale and not flat
+    grouped = leafwise_update and donate and not compile and not policy.needs_loss_scale
 
     def train_core(params, buffers, opt_state, step, loss_scale, batch, layout=None):
         # layout (flat=True): params and per-parameter optimizer state come as flat segments; the
@@ -221,7 +221,8 @@ def make_train_step(
 
     core = _maybe_compile(train_core, compile, compile_kwargs, deterministic)
     flat_steps = FlatCores(tx, lambda layout: _maybe_compile(functools.partial(train_core, layout=layout), compile,
-                                                             compile_kwargs, deterministic)) if flat else None
+                                                             compile_kwargs, deterministic),
+                           pieces=GROUPS if grouped else 1) if flat else None
 
     def train_step(state: TrainState, batch: Mapping):
         if not isinstance(state, TrainState):
