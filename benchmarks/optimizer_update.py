@@ -12,7 +12,8 @@ Variants, all doing the same AdamW math on the same parameters and gradients:
   the copy into the update kernel (what ``make_train_step(donate=True)`` does).
 * ``functrain flat compiled+donated`` / ``functrain flat eager+donated``: the same update over the
   params packed in flat segments (:mod:`functrain.core.flat`; here one segment), as
-  ``make_train_step(flat=True)`` runs it: one loop over 25M elements instead of 200 tensors.
+  ``make_train_step(flat=True)`` runs it: one loop over 25M elements instead of 200 tensors;
+  ``... 8 pieces``: eager, a piece of ~1/8 of the elements at a time (``leafwise_update=True``).
 * ``torch foreach`` / ``torch fused``: ``torch.optim.AdamW(foreach=True)`` / ``(fused=True)``.
 * ``copy (bandwidth)`` / ``triad (bandwidth)``: ``a.copy_(b)`` and ``a = b + 0.5 * c`` over flat
   buffers of as many fp32 elements as the params, timed in the same interleaved rounds: the
@@ -42,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import functrain.core.optim as optim  # noqa: E402
 from functrain import tree  # noqa: E402
 from functrain.core.flat import plan_layout  # noqa: E402
+from functrain.step.grouped_update import GROUPS, apply_update_in_groups_  # noqa: E402
 
 HP = dict(lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01)
 
@@ -138,6 +140,17 @@ def functrain_flat_eager_donated(params, grads):
     return step
 
 
+def functrain_flat_eager_pieces(params, grads):
+    """Eager, flat, donated, in 8 pieces (``make_train_step(flat=True, donate=True,
+    leafwise_update=True)``): each piece's results are written at once, so the temporaries are
+    1/8 of the params (large temporaries cost page faults on every allocation)."""
+    tx = functrain_tx()
+    layout = plan_layout(params, tx, pieces=GROUPS)
+    params, grads = layout.pack(params), layout.pack(grads)
+    state = tx.init(params)
+    return lambda: apply_update_in_groups_(tx, params, state, dict(grads))
+
+
 def _torch_adamw(params, grads, **kw):
     ps = [torch.nn.Parameter(p.clone()) for p in params.values()]
     for p, g in zip(ps, grads.values()):
@@ -187,6 +200,7 @@ VARIANTS = {
     "functrain compiled+donated": functrain_compiled_donated,
     "functrain flat compiled+donated": functrain_flat_donated,
     "functrain flat eager+donated": functrain_flat_eager_donated,
+    "functrain flat eager+donated, 8 pieces": functrain_flat_eager_pieces,
     "torch foreach": lambda p, g: _torch_adamw(p, g, foreach=True),
     "torch fused": lambda p, g: _torch_adamw(p, g, fused=True),
     "copy (bandwidth)": bandwidth_copy,

@@ -20,7 +20,7 @@ def test_optimizer_update_benchmark_quick(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
     expected = {"functrain eager", "functrain compiled", "functrain compiled+donated", "functrain flat compiled+donated",
-                "functrain flat eager+donated", "torch foreach", "torch fused",
+                "functrain flat eager+donated", "functrain flat eager+donated, 8 pieces", "torch foreach", "torch fused",
                 "copy (bandwidth)", "triad (bandwidth)"}
     assert set(report["results"]) == expected
     assert all(r["median_ms"] > 0 and len(r["all_ms"]) == report["repeats"] for r in report["results"].values())
