@@ -30,7 +30,7 @@ class FlatCores:
         self.last: tuple | None = None
 
     def layout_for(self, params) -> FlatLayout:
-        key = tuple(params)
+        key = tuple((n, tuple(p.shape), p.dtype, p.device) for n, p in params.items())
         layout = self.layouts.get(key)
         if layout is None:
             layout = self.layouts[key] = plan_layout(params, self.tx, self.pieces)
