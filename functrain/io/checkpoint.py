@@ -436,6 +436,8 @@ def _verified(path: str, *, require_resumable: bool, keep: bool) -> "VerifiedChe
     files = manifest["files"]
     if require_resumable:
         _check_resumable(path, manifest)
+    # A sharded train state is read row by row, each rank its own (functrain.parallel.checkpoint).
+    keep = keep and SHARDED_LAYOUT_FILE not in files
     contents: dict[str, bytes] = {}
     for rel, entry in files.items():
         full = safe_file(path, rel, files)
