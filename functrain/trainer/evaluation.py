@@ -11,6 +11,10 @@ Two ways to get metrics, usable together:
   ``(B, T)`` ids) and labels are moved to the CPU batch by batch and concatenated as numpy at the
   end, padded with -100 where sequence lengths differ across batches.
 
+Each mode keeps only what it needs (:func:`reduced_outputs`): loss only drops the step's outputs
+as it returns, ``preprocess_logits_for_metrics`` runs on the device as the step returns, and no
+batch's outputs are alive while the next batch runs, so memory peaks at one batch's logits.
+
 ``eval_step(state, batch)`` is any callable returning a dict with ``"loss"`` (mean over the
 batch's supervised items), ``"num_items"`` and, when predictions are wanted, ``"outputs"``. A step
 may also return ``"labels"``: they replace the batch's labels as ``label_ids`` (the seq2seq
