@@ -69,7 +69,7 @@ from .schedule_free import (
     schedule_free_step,
 )
 from .prodigy import ProdigyState, prodigy
-from .galore import GaLoreAdamState, galore_adamw, galore_target_names
+from .galore import GaLoreAdafactorState, GaLoreAdamState, galore_adafactor, galore_adamw, galore_target_names
 from .wrappers import (
     LookaheadState,
     MultiSteps,

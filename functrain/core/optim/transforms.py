@@ -388,7 +388,8 @@ def _empty(x: torch.Tensor) -> torch.Tensor:
     return torch.zeros((0,), dtype=x.dtype, device=x.device)
 
 
-def _rms(x: torch.Tensor) -> torch.Tensor:
+def rms(x: torch.Tensor) -> torch.Tensor:
+    """Root mean square of a tensor's entries (Adafactor's scale)."""
     return torch.linalg.vector_norm(x) / (x.numel() ** 0.5)
 
 
@@ -432,7 +433,7 @@ def scale_by_factored_rms(decay_rate=-0.8, eps=1e-30, clip_threshold=1.0) -> Gra
             else:
                 v = torch.lerp(v, sq, 1.0 - beta2t)
                 u = v.rsqrt() * gi
-            u = u / torch.clamp(_rms(u) / clip_threshold, min=1.0)
+            u = u / torch.clamp(rms(u) / clip_threshold, min=1.0)
             rows.append(r), cols.append(c), fulls.append(v), out.append(u)
         new_state = FactoredState(count, tree.unflatten(treedef, rows), tree.unflatten(treedef, cols),
                                   tree.unflatten(treedef, fulls))
@@ -490,7 +491,7 @@ def scale_by_adafactor_step(learning_rate=None, *, eps=1e-3, beta1=None, weight_
         u, treedef = tree.flatten(updates)
         size = step_size(state.count)
         p = tree.leaves(params) if params is not None else [None] * len(u)
-        lrs = [size * torch.clamp(_rms(pi), min=eps) if scale_parameter else size for pi in p]
+        lrs = [size * torch.clamp(rms(pi), min=eps) if scale_parameter else size for pi in p]
         out = [lr * ui for lr, ui in zip(lrs, u)]
         exp_avg = ()
         if beta1 is not None:
