@@ -39,39 +39,59 @@ def _chunk_logits(h, weight, bias):
     return logits if bias is None else logits + bias.float()
 
 
+# An opaque op to torch.compile: inside it the chunk loop runs eagerly with its in-place updates, so
+# one chunk-sized tensor is alive at a time. (Traced, inductor functionalizes the in-place ops and
+# keeps two or three chunk-sized buffers: measured, that is more memory than the plain loss.)
+@torch.library.custom_op("functrain::fused_linear_cross_entropy", mutates_args=())
+def _loss_and_grads(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
+                    ignore_index: int, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy of ``hidden @ weight.T (+ bias)`` and its gradients for hidden, weight
+    and bias (an empty tensor without bias), chunk by chunk."""
+    valid_all = labels != ignore_index
+    denom = valid_all.sum().clamp_min(1).float()
+    loss = hidden.new_zeros((), dtype=torch.float32)
+    # Accumulated in place: a fresh [vocab, hidden] tensor per chunk would cost an allocation
+    # (page faults) and a full pass each time.
+    grad_h = torch.empty_like(hidden)
+    grad_w = torch.zeros_like(weight, dtype=torch.float32)
+    grad_b = None if bias is None else torch.zeros_like(bias, dtype=torch.float32)
+    for start in range(0, hidden.shape[0], chunk_size):
+        h, y = hidden[start:start + chunk_size], labels[start:start + chunk_size]
+        valid = y != ignore_index
+        target = torch.where(valid, y, 0).unsqueeze(1)
+        # One chunk-sized tensor, z, changed in place from logits to their gradient (a temporary
+        # such as torch.logsumexp's would double the peak).
+        z = _chunk_logits(h, weight, bias)
+        picked = z.gather(1, target).squeeze(1)
+        row_max = z.amax(dim=1, keepdim=True)
+        z.sub_(row_max).exp_()
+        total = z.sum(dim=1, keepdim=True)
+        loss = loss + ((row_max + total.log()).squeeze(1) - picked).mul(valid).sum()
+        # d(mean loss)/d logits = (softmax - onehot) / denom, zero on ignored tokens
+        scale = (valid.float() / denom).unsqueeze(1)
+        z.mul_(scale / total).scatter_add_(1, target, -scale)
+        grad_h[start:start + chunk_size] = (z.to(weight.dtype) @ weight).to(hidden.dtype)
+        grad_w.addmm_(z.T, h.float())
+        if grad_b is not None:
+            grad_b += z.sum(0)
+        del z  # freed before the next chunk's logits exist: nothing else refers to it
+    grad_b = weight.new_zeros(0) if grad_b is None else grad_b.to(bias.dtype)
+    return loss / denom, grad_h, grad_w.to(weight.dtype), grad_b
+
+
+@_loss_and_grads.register_fake
+def _(hidden, weight, bias, labels, ignore_index, chunk_size):
+    grad_b = weight.new_empty(0) if bias is None else torch.empty_like(bias)
+    return hidden.new_empty((), dtype=torch.float32), torch.empty_like(hidden), torch.empty_like(weight), grad_b
+
+
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of ``hidden @ weight.T (+ bias)`` against ``labels``; gradients made in forward."""
 
     @staticmethod
     def forward(hidden, weight, bias, labels, ignore_index, chunk_size):
-        valid_all = labels != ignore_index
-        denom = valid_all.sum().clamp_min(1).float()
-        loss = hidden.new_zeros((), dtype=torch.float32)
-        # Accumulated in place: a fresh [vocab, hidden] tensor per chunk would cost an allocation
-        # (page faults) and a full pass each time.
-        grad_h = torch.empty_like(hidden)
-        grad_w = torch.zeros_like(weight, dtype=torch.float32)
-        grad_b = None if bias is None else torch.zeros_like(bias, dtype=torch.float32)
-        for start in range(0, hidden.shape[0], chunk_size):
-            h, y = hidden[start:start + chunk_size], labels[start:start + chunk_size]
-            valid = y != ignore_index
-            target = torch.where(valid, y, 0).unsqueeze(1)
-            logits = _chunk_logits(h, weight, bias)
-            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-            loss = loss + ((lse.squeeze(1) - logits.gather(1, target).squeeze(1)) * valid).sum()
-            # d(mean loss)/d logits = (softmax - onehot) / denom, zero on ignored tokens; made in the
-            # logits' own storage so a chunk holds one [chunk, vocab] tensor.
-            scale = (valid.float() / denom).unsqueeze(1)
-            g = logits.sub_(lse).exp_().mul_(scale)
-            g.scatter_add_(1, target, -scale)
-            grad_h[start:start + chunk_size] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
-            grad_w.addmm_(g.T, h.float())
-            if grad_b is not None:
-                grad_b += g.sum(0)
-            del logits, g  # the chunk's logits die here: nothing else refers to them
-        grad_w = grad_w.to(weight.dtype)
-        grad_b = None if grad_b is None else grad_b.to(bias.dtype)
-        return loss / denom, grad_h, grad_w, grad_b
+        loss, grad_h, grad_w, grad_b = _loss_and_grads(hidden, weight, bias, labels, ignore_index, chunk_size)
+        return loss, grad_h, grad_w, (None if bias is None else grad_b)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
