@@ -28,6 +28,21 @@ def _max_rel(a, b):
     return max(float((a[k] - b[k]).abs().max() / b[k].abs().max()) for k in b)
 
 
+def _run_against(tx, state, params, ref, opt):
+    """STEPS updates of ours and of the torch optimizer ``opt`` (over ``ref``) on the same gradients;
+    our final params and the worst relative difference seen."""
+    worst = 0.0
+    for step in range(STEPS):
+        grads = _grads(params, step)
+        updates, state = tx.update(grads, state, params)
+        params = optim.apply_updates(params, updates)
+        for n, p in ref.items():
+            p.grad = grads[n].clone()
+        opt.step()
+        worst = max(worst, _max_rel(params, {n: p.detach() for n, p in ref.items()}))
+    return params, worst
+
+
 @pytest.mark.parametrize("proj_type", ["std", "reverse_std", "right", "left", "full"])
 def test_galore_adamw_matches_galore_torch(proj_type):
     from galore_torch import GaLoreAdamW
@@ -44,16 +59,9 @@ def test_galore_adamw_matches_galore_torch(proj_type):
                            {"params": [p for n, p in ref.items() if n in targets], **galore}],
                           lr=1e-2, weight_decay=0.05)
     tx = optim.galore_adamw(1e-2, weight_decay=0.05, targets=targets, **galore)
-    state, start, worst = tx.init(params), tree.clone(params), 0.0
+    state, start = tx.init(params), tree.clone(params)
     assert state.exp_avg["0.weight"].numel() < params["0.weight"].numel()  # low-rank moments
-    for step in range(STEPS):
-        grads = _grads(params, step)
-        updates, state = tx.update(grads, state, params)
-        params = optim.apply_updates(params, updates)
-        for n, p in ref.items():
-            p.grad = grads[n].clone()
-        opt.step()
-        worst = max(worst, _max_rel(params, {n: p.detach() for n, p in ref.items()}))
+    params, worst = _run_against(tx, state, params, ref, opt)
     # 'full' projects to U^T G V = diag(s) plus rounding noise off the diagonal, which Adam's
     # normalization blows up to O(1): the two implementations' matmul layouts differ in that noise
     # (measured 1.5e-5, constant from the first step, not growing).
@@ -84,17 +92,10 @@ def test_galore_adafactor_matches_galore_torch(proj_type, settings):
         opt = GaLoreAdafactor([{"params": [p for n, p in ref.items() if n not in targets]},
                                {"params": [p for n, p in ref.items() if n in targets], **galore}], **kw)
     tx = optim.galore_adafactor(kw["lr"], **{k: v for k, v in kw.items() if k != "lr"}, targets=targets, **galore)
-    state, start, worst = tx.init(params), tree.clone(params), 0.0
+    state, start = tx.init(params), tree.clone(params)
     rows, cols = state.adafactor[0].v_row["0.weight"], state.adafactor[0].v_col["0.weight"]
     assert rows.numel() * cols.numel() < params["0.weight"].numel()  # factored moments of the low-rank gradient
-    for step in range(STEPS):
-        grads = _grads(params, step)
-        updates, state = tx.update(grads, state, params)
-        params = optim.apply_updates(params, updates)
-        for n, p in ref.items():
-            p.grad = grads[n].clone()
-        opt.step()
-        worst = max(worst, _max_rel(params, {n: p.detach() for n, p in ref.items()}))
+    params, worst = _run_against(tx, state, params, ref, opt)
     assert worst <= TOL
     assert _max_rel(params, start) > 1e-3
 

@@ -85,7 +85,7 @@ FIELDS: dict[str, FieldStatus] = {
     "warmup_ratio": ok("transformers 4.x name, kept for older scripts"),
     "optim": ok(),
     "optim_args": ok(),
-    "optim_target_modules": ok("the linear layers optim='galore_adamw' projects (a list, a regex or 'all-linear')"),
+    "optim_target_modules": ok("the linear layers optim='galore_adamw'/'galore_adafactor' project (a list, a regex or 'all-linear')"),
     "weight_decay": ok(),
     "adam_beta1": ok(),
     "adam_beta2": ok(),
@@ -271,6 +271,7 @@ POPULATION_REFUSED: dict[str, str] = {
     "schedule_free_adamw": "schedule-free optimizers are not tested as populations (their warmup is read from args)",
     "schedule_free_sgd": "schedule-free optimizers are not tested as populations (their warmup is read from args)",
     "galore_adamw": "GaLore's projection refresh (torch.cond) is not tested under vmap",
+    "galore_adafactor": "GaLore's projection refresh (torch.cond) is not tested under vmap",
 }
 POPULATION_OPTIMIZERS: tuple[str, ...] = tuple(n for n in OPTIMIZERS if n not in POPULATION_REFUSED)
 
