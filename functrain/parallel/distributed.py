@@ -22,7 +22,9 @@ Launch helpers (:func:`init_distributed`, :func:`rank`, ...) read the variables 
 from __future__ import annotations
 
 import atexit
+import ctypes
 import datetime
+import json
 import os
 from collections.abc import Mapping
 from typing import Callable, NamedTuple
@@ -113,6 +115,7 @@ def init_distributed(backend: str | None = None, timeout: datetime.timedelta = D
 
     PartialState(cpu=not torch.cuda.is_available(), backend=backend, timeout=timeout)
     if dist.is_initialized():
+        _keep_until_exit(dist.group.WORLD)
         atexit.register(_destroy_process_group)
     return current_info()
 
@@ -136,10 +139,25 @@ def _check_backend(backend: str | None, local_rank: int) -> None:
 
 
 def _destroy_process_group() -> None:
-    # A process group left to interpreter teardown can abort the process ("terminate called
-    # without an active exception") while its background threads are still joinable.
+    # Shut the groups down while the interpreter is whole (an atexit handler).
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def _keep_until_exit(group):
+    """Keep a process group's C++ object alive until the process ends, and return the group.
+
+    Why: a gloo group's worker threads hold the last collective they ran (its tensors) until the
+    group object is destroyed. torch's own objects (a ``DeviceMesh``, DTensor caches) hold the
+    group past ``destroy_process_group``, so it would be destroyed during interpreter
+    finalization; the workers then free tensors Python created, which needs the GIL, which no
+    thread can take any more at that point: CPython ends the thread (``pthread_exit``) inside a C++
+    destructor and the process aborts ("terminate called without an active exception"). A group
+    that is never destroyed is harmless: after ``destroy_process_group`` (which shuts it down) its
+    threads wait idle until the process ends. One reference that nothing releases does that.
+    """
+    ctypes.pythonapi.Py_IncRef(ctypes.py_object(group))
+    return group
 
 
 def _device_for(local_rank: int, backend: str | None) -> torch.device:
@@ -179,6 +197,10 @@ def barrier() -> None:
         dist.barrier()
 
 
+def _own_group(**kwargs):
+    return _keep_until_exit(dist.new_group(**kwargs))
+
+
 class StopAgreement:
     """Every rank stops at the same step when any rank was asked to (SIGTERM to one rank only).
 
@@ -192,7 +214,7 @@ class StopAgreement:
         self._group = None
         self._pending = None
         if is_distributed():
-            self._group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+            self._group = dist.group.WORLD if dist.get_backend() == "gloo" else _own_group(backend="gloo")
 
     def update(self, requested: bool) -> bool:
         if self._group is None:
@@ -291,6 +313,23 @@ def all_reduce_sum(values: torch.Tensor, group=None) -> torch.Tensor:
     if is_distributed():
         dist.all_reduce(values, op=dist.ReduceOp.SUM, group=group)
     return values
+
+
+def all_gather_json(obj, group=None) -> list:
+    """Every rank's ``obj`` (JSON-able), in rank order: sent as JSON text, so nothing received is
+    unpickled. ``[obj]`` for one process. A collective: every rank calls it at the same point."""
+    if not is_distributed():
+        return [obj]
+    device = current_info().device
+    text = torch.tensor(list(json.dumps(obj).encode("utf-8")), dtype=torch.uint8, device=device)
+    sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world_size())]
+    dist.all_gather(sizes, torch.tensor([len(text)], dtype=torch.int64, device=device), group=group)
+    longest = int(max(sizes))
+    padded = torch.zeros(longest, dtype=torch.uint8, device=device)
+    padded[:len(text)] = text
+    texts = [torch.empty(longest, dtype=torch.uint8, device=device) for _ in range(world_size())]
+    dist.all_gather(texts, padded, group=group)
+    return [json.loads(bytes(t[:int(n)].cpu().tolist()).decode("utf-8")) for t, n in zip(texts, sizes)]
 
 
 def weighted_mean(value: float, weight: float, group=None) -> float:
