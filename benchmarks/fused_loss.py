@@ -103,6 +103,27 @@ def run_child(variant: str, quick: bool, steps: int) -> dict:
     return C.run_json_child(cmd)
 
 
+def summarize(runs: dict[str, list[dict]]) -> tuple[dict, dict]:
+    """Medians per variant, and fused / plain ratios. Time: the median over rounds of each round's
+    ratio (plain and fused ran back to back, so a round shares the machine's load)."""
+    cuda = "cuda_peak_growth_mb" in runs["plain"][0]
+    keys = ["peak_growth_mb", "train_peak_rss_mb", "median_s"] + (["cuda_peak_growth_mb"] if cuda else [])
+    results = {v: {k: statistics.median(x[k] for x in rs) for k in keys} | {"runs": rs} for v, rs in runs.items()}
+    mem_key = "cuda_peak_growth_mb" if cuda else "peak_growth_mb"
+    per_round = [_ratio(f["median_s"], p["median_s"]) for p, f in zip(runs["plain"], runs["fused"])]
+    summary = {"memory_key": mem_key,
+               "fused_vs_plain_peak": _ratio(results["fused"][mem_key], results["plain"][mem_key]),
+               "fused_vs_plain_time": statistics.median(per_round), "time_ratio_per_round": per_round,
+               "fused_vs_plain_whole_process_peak": _ratio(results["fused"]["train_peak_rss_mb"],
+                                                           results["plain"]["train_peak_rss_mb"]),
+               "targets": {"peak": 0.6, "time": 1.1},
+               "uptime": [x["uptime"] for rs in runs.values() for x in rs]}
+    print(f"fused / plain: peak growth {summary['fused_vs_plain_peak']:.3f}x, time {summary['fused_vs_plain_time']:.3f}x "
+          f"(per round {', '.join(f'{r:.2f}' for r in per_round)}; whole-process peak "
+          f"{summary['fused_vs_plain_whole_process_peak']:.3f}x)")
+    return results, summary
+
+
 def _ratio(a: float, b: float) -> float:
     return a / b if b > 0 else float("nan")
 
@@ -128,19 +149,7 @@ def main(argv=None) -> dict:
             x = runs[v][-1]
             print(f"  round {r + 1}: {v}: peak growth {x['peak_growth_mb']:.0f} MB (RSS peak {x['train_peak_rss_mb']:.0f} MB), "
                   f"{x['median_s'] * 1e3:.0f} ms/step, load {x['loadavg'][0]:.2f}", flush=True)
-    cuda = "cuda_peak_growth_mb" in runs["plain"][0]
-    keys = ["peak_growth_mb", "train_peak_rss_mb", "median_s"] + (["cuda_peak_growth_mb"] if cuda else [])
-    results = {v: {k: statistics.median(x[k] for x in rs) for k in keys} | {"runs": rs} for v, rs in runs.items()}
-    mem_key = "cuda_peak_growth_mb" if cuda else "peak_growth_mb"
-    summary = {"memory_key": mem_key,
-               "fused_vs_plain_peak": _ratio(results["fused"][mem_key], results["plain"][mem_key]),
-               "fused_vs_plain_time": _ratio(results["fused"]["median_s"], results["plain"]["median_s"]),
-               "targets": {"peak": 0.6, "time": 1.1}}
-    summary["fused_vs_plain_whole_process_peak"] = _ratio(results["fused"]["train_peak_rss_mb"],
-                                                          results["plain"]["train_peak_rss_mb"])
-    summary["uptime"] = [x["uptime"] for rs in runs.values() for x in rs]
-    print(f"fused / plain: peak growth {summary['fused_vs_plain_peak']:.3f}x, time {summary['fused_vs_plain_time']:.3f}x "
-          f"(whole-process peak {summary['fused_vs_plain_whole_process_peak']:.3f}x)")
+    results, summary = summarize(runs)
     report = {"quick": args.quick, "config": config(args.quick), "steps": steps, "rounds": rounds,
               "results": results, "summary": summary}
     C.write_report("fused_loss", report, args.out)
