@@ -159,6 +159,11 @@ def make_train_step(
                            differentiate=differentiate)
     module_buffers = buffer_names(model)
     grouped = leafwise_update and donate and not compile and not policy.needs_loss_scale
+    # A compiled step returns new tensors and the donation is written back eagerly after it:
+    # torch 2.13's inductor can compute an output from an input the same graph has already
+    # overwritten (an EMA from the new params, a schedule's rate from the new count), so copies
+    # into the inputs inside the graph give wrong numbers (tests/test_step_donation.py).
+    donate_in_graph = donate and not compile
 
     def train_core(params, buffers, opt_state, step, loss_scale, batch, layout=None):
         # layout (flat=True): params and per-parameter optimizer state come as flat segments; the
@@ -212,9 +217,8 @@ def make_train_step(
         if lr is not None:
             metrics["learning_rate"] = lr * _learning_rate_scale(new_opt_state)
         metrics.update(g.aux)
-        if donate:
-            # Write the results into the input storages; inside torch.compile this fuses with the
-            # computation, so no second copy of params/optimizer state is ever alive.
+        if donate_in_graph:
+            # Write the results into the input storages (eager: one copy alive after the update).
             tree.copy_((params, opt_state, step, loss_scale), (new_params, new_opt_state, new_step, new_loss_scale))
             if old_buffers:  # (dynamo cannot flatten an empty dict here)
                 tree.copy_(old_buffers, new_buffers)
@@ -240,12 +244,14 @@ def make_train_step(
         with rnglib.seeded(key), _module_mode(model, training=True):
             if flat:
                 prepared = flat_steps.prepare(state)
-                params, buffers, opt_state, step, loss_scale, metrics = prepared[2](
-                    prepared[0], state.buffers, prepared[1], state.step, loss_scale, dict(batch))
+                inputs = (prepared[0], state.buffers, prepared[1], state.step, loss_scale)
+                outputs = prepared[2](*inputs, dict(batch))
+                params, buffers, opt_state, step, loss_scale, metrics = _donated(outputs, inputs, donate, module_buffers)
                 params, opt_state = flat_steps.finish(prepared, params, opt_state, donate)
             else:
-                params, buffers, opt_state, step, loss_scale, metrics = core(
-                    state.params, state.buffers, state.opt_state, state.step, loss_scale, dict(batch))
+                inputs = (state.params, state.buffers, state.opt_state, state.step, loss_scale)
+                outputs = core(*inputs, dict(batch))
+                params, buffers, opt_state, step, loss_scale, metrics = _donated(outputs, inputs, donate, module_buffers)
         new_state = state.replace(params=params, buffers={**state.buffers, **buffers}, opt_state=opt_state, step=step,
                                   loss_scale=loss_scale, rng=rnglib.next_key(state.rng))
         if donate:
@@ -255,6 +261,20 @@ def make_train_step(
     train_step.core = core  # for tests and tools (e.g. torch._dynamo.explain)
     train_step.pure_core = train_core  # uncompiled, no RNG/mode handling: for transforms (vmap)
     return train_step
+
+
+def _donated(outputs: tuple, inputs: tuple, donate: bool, module_buffers) -> tuple:
+    """A core's outputs, written into its inputs' storages when a donating step's core returned
+    new tensors (compiled cores do; eager ones wrote into the inputs already)."""
+    params, buffers, opt_state, step, loss_scale, metrics = outputs
+    old_params, old_buffers, old_opt_state, old_step, old_loss_scale = inputs
+    if not donate or params is old_params:
+        return outputs
+    with torch.no_grad():
+        tree.copy_((old_params, old_opt_state, old_step, old_loss_scale), (params, opt_state, step, loss_scale))
+        old_module_buffers = module_buffers_of(old_buffers, module_buffers)
+        tree.copy_(old_module_buffers, buffers)
+    return old_params, old_module_buffers, old_opt_state, old_step, old_loss_scale, metrics
 
 
 # -- the eval step -------------------------------------------------------------------------------
