@@ -114,6 +114,38 @@ def quiet_transformers() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+# -- peak memory of a child process ---------------------------------------------------------------
+# Each variant runs in its own process; glibc serves large blocks by mmap, so a freed tensor leaves
+# the process and the peak RSS (VmHWM) follows what was alive at the worst moment.
+MMAP_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def status_mb(field: str) -> float:
+    """A ``/proc/self/status`` memory field (``VmRSS``, ``VmHWM``) in MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def reset_peak_rss() -> None:
+    """Restart ``VmHWM`` from the current RSS."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def run_json_child(cmd: list[str], env: dict | None = None, mmap: bool = True) -> dict:
+    """Run ``cmd`` (a benchmark's ``--child`` mode) with ``env`` (and ``MMAP_ENV`` if ``mmap``);
+    its last stdout line, as JSON."""
+    import subprocess
+
+    env = {**os.environ, **(MMAP_ENV if mmap else {}), **(env or {})}
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[1:])} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 # -- models and data ------------------------------------------------------------------------------
 
 

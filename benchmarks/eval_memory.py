@@ -10,7 +10,9 @@ subprocess reporting its peak RSS (``ru_maxrss``), so one run's allocations cann
   watchdog stops it once its RSS passes ``--hf-cap-mb`` and records how many batches it got through.
 * ``hf_argmax``: the HF Trainer with ``preprocess_logits_for_metrics`` (argmax), the fair match for
   ``argmax``.
-* ``hf_loss``: the HF Trainer without ``compute_metrics`` (loss only).
+* ``hf_loss``: the HF Trainer without ``compute_metrics``, ``prediction_loss_only=True`` (loss only).
+* ``trainer_loss`` / ``trainer_argmax``: functrain's Trainer in the same two bounded modes, the
+  fair match for ``hf_loss`` / ``hf_argmax`` (same model, data, collator and arguments).
 
 Usage:
     python benchmarks/eval_memory.py [--num-seqs 2000 --seq-len 128 --vocab 32000 --batch-size 8]
@@ -59,7 +61,8 @@ def run_variant(variant: str, a) -> dict:
 
         ds = datasets.Dataset.from_list(rows)
         args = transformers.TrainingArguments("/tmp/eval_memory_hf", per_device_eval_batch_size=a.batch_size,
-                                              report_to="none", use_cpu=True)
+                                              report_to="none", use_cpu=True,
+                                              prediction_loss_only=variant == "hf_loss")
         collator = transformers.DataCollatorForLanguageModeling(_hf_tokenizer(a.vocab), mlm=False)
 
         def compute_metrics(p):
@@ -79,6 +82,8 @@ def run_variant(variant: str, a) -> dict:
             peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             return {"variant": variant, "peak_rss_mb": peak_mb, "eval_loss": None, "stopped_at_cap_mb": a.hf_cap_mb,
                     "batches_done": e.batches, "num_batches": -(-a.num_seqs // a.batch_size)}
+    elif variant.startswith("trainer"):
+        loss = _functrain_trainer_loss(variant, model, rows, a)
     else:
         import functrain
         from functrain.data.collators import DataCollatorForLanguageModeling
@@ -103,6 +108,26 @@ def run_variant(variant: str, a) -> dict:
         loss = out.metrics["eval_loss"]
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"variant": variant, "peak_rss_mb": peak_mb, "eval_loss": float(loss)}
+
+
+def _functrain_trainer_loss(variant: str, model, rows, a) -> float:
+    """``Trainer.evaluate()`` of functrain in HF's bounded modes: loss only, or argmax predictions."""
+    import datasets
+    import numpy as np
+
+    from functrain.data.collators import DataCollatorForLanguageModeling
+    from functrain.trainer.args import TrainingArguments
+    from functrain.trainer.trainer import Trainer
+
+    args = TrainingArguments("/tmp/eval_memory_functrain", per_device_eval_batch_size=a.batch_size, report_to=[],
+                             prediction_loss_only=variant == "trainer_loss")
+    extra = {}
+    if variant == "trainer_argmax":
+        extra = {"compute_metrics": lambda p: {"n": float(np.asarray(p.predictions).size)},
+                 "preprocess_logits_for_metrics": lambda logits, labels: logits.argmax(-1)}
+    trainer = Trainer(model=model, args=args, eval_dataset=datasets.Dataset.from_list(rows),
+                      data_collator=DataCollatorForLanguageModeling(pad_token_id=0), **extra)
+    return trainer.evaluate()["eval_loss"]
 
 
 def _rss_mb() -> float:
@@ -153,8 +178,9 @@ def main():
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--variant", choices=["hf", "hf_argmax", "hf_loss", "streaming", "argmax"])
-    p.add_argument("--variants", default="streaming,argmax,hf_loss,hf_argmax,hf")
+    p.add_argument("--variant", choices=["hf", "hf_argmax", "hf_loss", "streaming", "argmax", "trainer_loss",
+                                         "trainer_argmax"])
+    p.add_argument("--variants", default="streaming,argmax,trainer_loss,trainer_argmax,hf_loss,hf_argmax,hf")
     p.add_argument("--hf-cap-mb", type=float, default=6000.0, help="stop the full-logits HF run above this RSS")
     a = p.parse_args()
     if a.variant:
@@ -163,7 +189,8 @@ def main():
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     common = ["--num-seqs", str(a.num_seqs), "--seq-len", str(a.seq_len), "--vocab", str(a.vocab),
               "--batch-size", str(a.batch_size), "--hf-cap-mb", str(a.hf_cap_mb)]
-    results = {"config": vars(a) | {"variant": None}, "import_baseline_mb": baseline_mb(), "runs": {}}
+    results = {"config": vars(a) | {"variant": None}, "import_baseline_mb": baseline_mb(), "runs": {},
+               "loadavg_at_start": list(os.getloadavg())}
     for v in a.variants.split(","):
         out = subprocess.run([sys.executable, __file__, "--variant", v, *common], env=env, text=True,
                              capture_output=True)
@@ -179,6 +206,7 @@ def main():
     _ratios(results, a)
     out_path = ROOT / "benchmarks" / "results" / "eval_memory.json"
     results["machine"] = _machine()
+    results["loadavg_at_end"] = list(os.getloadavg())
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(results, indent=2))
     print(f"wrote {out_path}")
@@ -190,7 +218,8 @@ def _ratios(results: dict, a) -> None:
     def peak(v):
         return runs.get(v, {}).get("peak_rss_mb")
 
-    for hf_v, ours in (("hf", "streaming"), ("hf", "argmax"), ("hf_argmax", "argmax"), ("hf_loss", "streaming")):
+    for hf_v, ours in (("hf", "streaming"), ("hf", "argmax"), ("hf_argmax", "argmax"), ("hf_loss", "streaming"),
+                       ("hf_loss", "trainer_loss"), ("hf_argmax", "trainer_argmax")):
         hf, mine = peak(hf_v), peak(ours)
         if not (hf and mine):
             continue

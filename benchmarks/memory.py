@@ -29,9 +29,7 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
-from pathlib import Path
 
 import torch
 
@@ -50,18 +48,6 @@ def config(quick: bool) -> dict:
     return dict(n_layer=6, n_embd=768, n_head=12, vocab=8192, seq=128, batch=4)
 
 
-def _status_mb(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _reset_peak_rss() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
 def child(variant: str, quick: bool, steps: int) -> dict:
     """Run one variant in this process; return its memory figures."""
     cfg = config(quick)
@@ -69,7 +55,7 @@ def child(variant: str, quick: bool, steps: int) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
     batches = [{k: v.to(device) for k, v in b.items()} for b in C.lm_batches(2, cfg["batch"], cfg["seq"], cfg["vocab"])]
-    baseline = _status_mb("VmRSS")
+    baseline = C.status_mb("VmRSS")
     if variant == "hand loop":
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, fused=True)
 
@@ -93,15 +79,15 @@ def child(variant: str, quick: bool, steps: int) -> dict:
 
     one(0)
     one(1)  # compiled, every buffer allocated once
-    peak_with_compile = _status_mb("VmHWM")
-    _reset_peak_rss()
+    peak_with_compile = C.status_mb("VmHWM")
+    C.reset_peak_rss()
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     for i in range(steps):
         one(i)
     out = {"variant": variant, "params": sum(p.numel() for p in model.parameters()), "baseline_rss_mb": baseline,
-           "train_peak_rss_mb": _status_mb("VmHWM"), "peak_rss_mb": max(peak_with_compile, _status_mb("VmHWM"))}
+           "train_peak_rss_mb": C.status_mb("VmHWM"), "peak_rss_mb": max(peak_with_compile, C.status_mb("VmHWM"))}
     if device == "cuda":
         out["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out
@@ -109,10 +95,7 @@ def child(variant: str, quick: bool, steps: int) -> dict:
 
 def run_child(variant: str, quick: bool, steps: int) -> dict:
     cmd = [sys.executable, __file__, "--child", variant, "--steps", str(steps)] + (["--quick"] if quick else [])
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=C.ROOT)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{variant} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return C.run_json_child(cmd, mmap=False)
 
 
 def main(argv=None) -> dict:

@@ -24,10 +24,8 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-from pathlib import Path
 
 try:
     from . import _common as C
@@ -41,18 +39,6 @@ def config(quick: bool) -> dict:
     if quick:
         return dict(n_layer=1, n_embd=64, n_head=2, vocab=512, seq=32, batch=4)
     return dict(n_layer=6, n_embd=512, n_head=8, vocab=8192, seq=128, batch=4)
-
-
-def _status_mb(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _reset_peak_rss() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
 
 
 def child(variant: str, quick: bool, steps: int, compiled: bool) -> dict:
@@ -81,22 +67,17 @@ def child(variant: str, quick: bool, steps: int, compiled: bool) -> dict:
         import functrain as ft
 
         trainer = ft.Trainer(model=model, args=ft.TrainingArguments(**common), train_dataset=data)
-    baseline = _status_mb("VmRSS")
-    _reset_peak_rss()
+    baseline = C.status_mb("VmRSS")
+    C.reset_peak_rss()
     trainer.train()
     return {"variant": variant, "params": sum(p.numel() for p in model.parameters()), "baseline_rss_mb": baseline,
-            "peak_rss_mb": _status_mb("VmHWM"), "growth_mb": _status_mb("VmHWM") - baseline}
+            "peak_rss_mb": C.status_mb("VmHWM"), "growth_mb": C.status_mb("VmHWM") - baseline}
 
 
 def run_child(variant: str, quick: bool, steps: int, compiled: bool) -> dict:
     cmd = [sys.executable, __file__, "--child", variant, "--steps", str(steps)]
     cmd += (["--quick"] if quick else []) + (["--compiled"] if compiled else [])
-    # Large blocks by mmap: a freed tensor leaves the process, so peak RSS is peak live memory.
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=C.ROOT, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{variant} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return C.run_json_child(cmd, {"OMP_NUM_THREADS": "1"})
 
 
 def measure(quick: bool, steps: int, rounds: int, compiled: bool) -> dict:

@@ -11,7 +11,7 @@ importable paths too.
 """
 
 from functrain import optim, schedules
-from functrain.core import metrics, precision, rng, tree
+from functrain.core import flat, metrics, precision, rng, tree
 from functrain.core.state import ConsumedStateError, TrainState
 from functrain.step import per_example, population
 from functrain.step.population import make_population_eval_step, make_population_train_step, stack_states, unstack_state

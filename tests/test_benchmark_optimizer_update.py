@@ -19,12 +19,14 @@ def test_optimizer_update_benchmark_quick(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
-    expected = {"functrain eager", "functrain compiled", "functrain compiled+donated", "torch foreach", "torch fused",
+    expected = {"functrain eager", "functrain compiled", "functrain compiled+donated", "functrain flat compiled+donated",
+                "functrain flat eager+donated", "functrain flat eager+donated, 8 pieces", "torch foreach", "torch fused",
                 "copy (bandwidth)", "triad (bandwidth)"}
     assert set(report["results"]) == expected
     assert all(r["median_ms"] > 0 and len(r["all_ms"]) == report["repeats"] for r in report["results"].values())
     assert report["results"]["torch fused"]["ratio_vs_fused"] == pytest.approx(1.0)
     assert report["relative_difference_vs_fused"] < 1e-5  # the timed functrain update is AdamW
+    assert report["relative_difference_flat_vs_fused"] < 1e-5
     assert "vs fused" in proc.stdout
     results = report["results"]
     assert all(r["gb_per_s"] > 0 for r in results.values())

@@ -44,6 +44,7 @@ def test_overhead_step_quick(tmp_path):
     report, _ = run_script("overhead_step", tmp_path)
     _medians_positive(report["results"], ["functrain", "functrain pure", "hand loop"])
     assert report["summary"]["functrain_vs_hand"] > 0
+    assert report["summary"]["functrain_flat_vs_hand"] > 0
 
 
 @pytest.mark.slow

@@ -1,6 +1,6 @@
 """Parity of the wider optimizer set with outside references over 30 steps (fp32, <= 1e-5 relative).
 
-References: torch.optim (Adamax, RAdam, NAdam, Adadelta, Muon, SGD), torch.optim.swa_utils
+References: torch.optim (Adamax, RAdam, NAdam, Adadelta, Muon, SGD), optax's NAdam formula, torch.optim.swa_utils
 (parameter EMA), torch.optim.AdamW with its moment rounded to bf16 after each step (mu_dtype),
 plain per-tensor loops written from the LAMB / LARS papers as optax defines them.
 """
@@ -24,8 +24,8 @@ TORCH_CASES = {
     "radam_decoupled": (lambda: optim.radam(1e-2, b2=0.9, weight_decay=0.1, decoupled_weight_decay=True),
                         lambda p: torch.optim.RAdam(p, lr=1e-2, betas=(0.9, 0.9), weight_decay=0.1,
                                                     decoupled_weight_decay=True)),
-    "nadam": (lambda: optim.nadam(1e-2), lambda p: torch.optim.NAdam(p, lr=1e-2)),
-    "nadam_decoupled": (lambda: optim.nadam(1e-2, momentum_decay=0.01, weight_decay=0.1, decoupled_weight_decay=True),
+    "nadam_torch": (lambda: optim.nadam_torch(1e-2), lambda p: torch.optim.NAdam(p, lr=1e-2)),
+    "nadam_torch_decoupled": (lambda: optim.nadam_torch(1e-2, momentum_decay=0.01, weight_decay=0.1, decoupled_weight_decay=True),
                         lambda p: torch.optim.NAdam(p, lr=1e-2, momentum_decay=0.01, weight_decay=0.1,
                                                     decoupled_weight_decay=True)),
     "adadelta": (lambda: optim.adadelta(1.0), lambda p: torch.optim.Adadelta(p)),
@@ -40,6 +40,38 @@ TORCH_CASES = {
 def test_matches_torch_optim(case):
     ours, theirs = TORCH_CASES[case]
     assert run_parity(ours(), theirs) <= TOL
+
+
+class _OptaxNAdam:
+    """optax.nadam written from optax's definition (``scale_by_adam(nesterov=True)`` then ``-lr``),
+    in float64: ``mu = b1 mu + (1 - b1) g``, ``nu = b2 nu + (1 - b2) g^2``,
+    ``mu_hat = b1 mu / (1 - b1^(t+1)) + (1 - b1) g / (1 - b1^t)``, ``nu_hat = nu / (1 - b2^t)``,
+    ``p -= lr mu_hat / (sqrt(nu_hat + eps_root) + eps)``."""
+
+    def __init__(self, params, lr, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0):
+        self.params, self.lr, self.b1, self.b2, self.eps, self.eps_root = params, lr, b1, b2, eps, eps_root
+        self.mu = [torch.zeros_like(p, dtype=torch.float64) for p in params]
+        self.nu = [torch.zeros_like(p, dtype=torch.float64) for p in params]
+        self.t = 0
+
+    @torch.no_grad()
+    def step(self):
+        self.t += 1
+        b1, b2, t = self.b1, self.b2, self.t
+        for p, mu, nu in zip(self.params, self.mu, self.nu):
+            g = p.grad.double()
+            mu.mul_(b1).add_((1 - b1) * g)
+            nu.mul_(b2).add_((1 - b2) * g * g)
+            mu_hat = b1 * mu / (1 - b1 ** (t + 1)) + (1 - b1) * g / (1 - b1 ** t)
+            nu_hat = nu / (1 - b2 ** t)
+            p.sub_((self.lr * mu_hat / (torch.sqrt(nu_hat + self.eps_root) + self.eps)).to(p.dtype))
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"b1": 0.8, "b2": 0.99, "eps": 1e-6, "eps_root": 1e-8}])
+def test_nadam_is_optaxs_nadam(kwargs):
+    assert run_parity(optim.nadam(1e-2, **kwargs), lambda p: _OptaxNAdam(p, 1e-2, **kwargs)) <= TOL
+    # and it is not torch's NAdam (momentum schedule): the names really mean different optimizers
+    assert run_parity(optim.nadam(1e-2), lambda p: torch.optim.NAdam(p, lr=1e-2)) > 1e-3
 
 
 # -- optax defaults under optax names --------------------------------------------------------------

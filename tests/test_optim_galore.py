@@ -1,9 +1,10 @@
-"""GaLore as a pure transformation against galore-torch's GaLoreAdamW (50 steps, <= 1e-5 relative)."""
+"""GaLore as a pure transformation against galore-torch's GaLoreAdamW and GaLoreAdafactor (50 steps, <= 1e-5 relative)."""
 
 import warnings
 
 import pytest
 import torch
+import torch._dynamo.testing
 from torch import nn
 
 import functrain.optim as optim
@@ -27,6 +28,21 @@ def _max_rel(a, b):
     return max(float((a[k] - b[k]).abs().max() / b[k].abs().max()) for k in b)
 
 
+def _run_against(tx, state, params, ref, opt):
+    """STEPS updates of ours and of the torch optimizer ``opt`` (over ``ref``) on the same gradients;
+    our final params and the worst relative difference seen."""
+    worst = 0.0
+    for step in range(STEPS):
+        grads = _grads(params, step)
+        updates, state = tx.update(grads, state, params)
+        params = optim.apply_updates(params, updates)
+        for n, p in ref.items():
+            p.grad = grads[n].clone()
+        opt.step()
+        worst = max(worst, _max_rel(params, {n: p.detach() for n, p in ref.items()}))
+    return params, worst
+
+
 @pytest.mark.parametrize("proj_type", ["std", "reverse_std", "right", "left", "full"])
 def test_galore_adamw_matches_galore_torch(proj_type):
     from galore_torch import GaLoreAdamW
@@ -43,16 +59,9 @@ def test_galore_adamw_matches_galore_torch(proj_type):
                            {"params": [p for n, p in ref.items() if n in targets], **galore}],
                           lr=1e-2, weight_decay=0.05)
     tx = optim.galore_adamw(1e-2, weight_decay=0.05, targets=targets, **galore)
-    state, start, worst = tx.init(params), tree.clone(params), 0.0
+    state, start = tx.init(params), tree.clone(params)
     assert state.exp_avg["0.weight"].numel() < params["0.weight"].numel()  # low-rank moments
-    for step in range(STEPS):
-        grads = _grads(params, step)
-        updates, state = tx.update(grads, state, params)
-        params = optim.apply_updates(params, updates)
-        for n, p in ref.items():
-            p.grad = grads[n].clone()
-        opt.step()
-        worst = max(worst, _max_rel(params, {n: p.detach() for n, p in ref.items()}))
+    params, worst = _run_against(tx, state, params, ref, opt)
     # 'full' projects to U^T G V = diag(s) plus rounding noise off the diagonal, which Adam's
     # normalization blows up to O(1): the two implementations' matmul layouts differ in that noise
     # (measured 1.5e-5, constant from the first step, not growing).
@@ -60,13 +69,50 @@ def test_galore_adamw_matches_galore_torch(proj_type):
     assert _max_rel(params, start) > 1e-3
 
 
-def test_galore_refreshes_inside_a_compiled_update_without_recompiling():
+ADAFACTOR_SETTINGS = {
+    # what HF's Trainer builds for optim="galore_adafactor": an external lr, no parameter scaling
+    "hf": dict(lr=1e-2, scale_parameter=False, relative_step=False),
+    # Adafactor's own defaults (relative step, full-weight RMS scale) with momentum and weight decay
+    "relative_beta1_wd": dict(lr=None, beta1=0.9, weight_decay=0.1, scale_parameter=True, relative_step=True),
+}
+
+
+@pytest.mark.parametrize("proj_type, settings", [("std", "hf"), ("reverse_std", "hf"), ("left", "hf"),
+                                                 ("right", "relative_beta1_wd")])
+def test_galore_adafactor_matches_galore_torch(proj_type, settings):
+    from galore_torch import GaLoreAdafactor
+
+    model = _model()
+    targets = optim.galore_target_names(model, ["0", "2"])
+    params = {n: p.detach().clone() + 0.1 for n, p in model.named_parameters()}  # differ from the module
+    ref = {n: nn.Parameter(p.clone()) for n, p in params.items()}
+    galore, kw = dict(rank=3, update_proj_gap=7, scale=0.5, proj_type=proj_type), ADAFACTOR_SETTINGS[settings]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = GaLoreAdafactor([{"params": [p for n, p in ref.items() if n not in targets]},
+                               {"params": [p for n, p in ref.items() if n in targets], **galore}], **kw)
+    tx = optim.galore_adafactor(kw["lr"], **{k: v for k, v in kw.items() if k != "lr"}, targets=targets, **galore)
+    state, start = tx.init(params), tree.clone(params)
+    rows, cols = state.adafactor[0].v_row["0.weight"], state.adafactor[0].v_col["0.weight"]
+    assert rows.numel() * cols.numel() < params["0.weight"].numel()  # factored moments of the low-rank gradient
+    params, worst = _run_against(tx, state, params, ref, opt)
+    assert worst <= TOL
+    assert _max_rel(params, start) > 1e-3
+
+
+@pytest.mark.parametrize("make", [
+    lambda: optim.galore_adamw(1e-2, targets={"0.weight"}, rank=2, update_proj_gap=3),
+    lambda: optim.galore_adafactor(1e-2, targets={"0.weight"}, rank=2, update_proj_gap=3, scale_parameter=False,
+                                   relative_step=False),
+], ids=["adamw", "adafactor"])
+def test_galore_refreshes_inside_a_compiled_update_without_recompiling(make):
     model = _model()
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
-    tx = optim.galore_adamw(1e-2, targets={"0.weight"}, rank=2, update_proj_gap=3)
+    tx = make()
     eager_state = compiled_state = tx.init(params)
     eager_params = compiled_params = params
-    update = torch.compile(tx.update, fullgraph=True)
+    compiles = torch._dynamo.testing.CompileCounterWithBackend("inductor")
+    update = torch.compile(tx.update, fullgraph=True, backend=compiles)
     torch._dynamo.reset()
     with torch._dynamo.config.patch(error_on_recompile=True):
         for step in range(8):  # refreshes at updates 0, 3, 6
@@ -75,6 +121,7 @@ def test_galore_refreshes_inside_a_compiled_update_without_recompiling():
             eager_params = optim.apply_updates(eager_params, u)
             uc, compiled_state = update(grads, compiled_state, compiled_params)
             compiled_params = optim.apply_updates(compiled_params, uc)
+    assert compiles.frame_count == 1
     assert _max_rel(compiled_params, eager_params) <= TOL
 
 
@@ -89,3 +136,5 @@ def test_target_module_matching_follows_hf():
         optim.galore_target_names(model, ["norm"])
     with pytest.raises(ValueError, match="proj_type"):
         optim.galore_adamw(1e-3, targets=(), proj_type="diag")
+    with pytest.raises(ValueError, match="rank"):
+        optim.galore_adafactor(1e-3, targets=(), rank=0, relative_step=False)

@@ -1,4 +1,4 @@
-"""Schedule-free and GaLore populations: N members in one vmapped step equal N Trainer runs.
+"""Schedule-free and GaLore (AdamW, Adafactor) populations: N members in one vmapped step equal N Trainer runs.
 
 Schedule-free keeps y, z (and the averaged x it is evaluated at) per member; GaLore refreshes its
 projections with an SVD inside ``torch.cond`` every ``update_proj_gap`` steps, under vmap too."""
@@ -31,7 +31,8 @@ def _trainer(args):
 
 @pytest.mark.parametrize("optim,settings", [
     ("schedule_free_adamw", {}), ("schedule_free_sgd", {"gradient_accumulation_steps": 1}),
-    ("galore_adamw", {"optim_target_modules": ["net.0"], "optim_args": "rank=2,update_proj_gap=2"})])
+    ("galore_adamw", {"optim_target_modules": ["net.0"], "optim_args": "rank=2,update_proj_gap=2"}),
+    ("galore_adafactor", {"optim_target_modules": ["net.0"], "optim_args": "rank=2,update_proj_gap=2"})])
 def test_population_equals_separate_trainer_runs(tmp_path, optim, settings):
     args = _args(tmp_path, optim=optim, **settings)
     pop = PopulationTrainer(_trainer(args), MEMBERS)

@@ -82,9 +82,18 @@ def test_galore_adamw_matches_hf_trainer(tmp_path, targets):
     assert _logged(ours, "learning_rate") == pytest.approx(_logged(theirs, "learning_rate"), rel=1e-6)
 
 
-def test_refused_and_incomplete_optimizer_names(tmp_path):
+def test_galore_adafactor_matches_hf_trainer(tmp_path):
+    ours, theirs = _run_both(tmp_path, optim="galore_adafactor", optim_target_modules=r"net\.[03]", learning_rate=1e-2,
+                             optim_args="rank=2,update_proj_gap=3,scale=0.5,proj_type=reverse_std")
+    assert _max_rel(_params(theirs.model), _params(make_model(p=0.0))) > 1e-3
+    assert _max_rel(_params(ours.model), _params(theirs.model)) <= 1e-5
+    assert _logged(ours, "learning_rate") == pytest.approx(_logged(theirs, "learning_rate"), rel=1e-6)
+
+
+@pytest.mark.parametrize("name", ["galore_adamw_8bit", "galore_adafactor_layerwise", "galore_adamw_layerwise"])
+def test_refused_and_incomplete_optimizer_names(tmp_path, name):
     with pytest.raises(ValueError, match="galore_adamw"):
-        TrainingArguments(str(tmp_path), optim="galore_adafactor")
+        TrainingArguments(str(tmp_path), optim=name)
     args = TrainingArguments(str(tmp_path), optim="galore_adamw", report_to="none")
     with pytest.raises(ValueError, match="optim_target_modules"):
         Trainer(model=make_model(), args=args, train_dataset=make_dataset()).train()

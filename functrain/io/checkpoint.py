@@ -15,9 +15,14 @@ A checkpoint holds
 - ``manifest.json``: size and sha256 of every file above, written last.
 
 It is written into a temporary folder next to its final place, every file and the folder are
-fsynced, then the folder is renamed: a crash leaves either the whole checkpoint or none.
+fsynced, then the folder is renamed: a crash leaves either the whole checkpoint or none. The
+safetensors files functrain saves itself are hashed from the tensors in memory as they are written
+(no read-back of their data); files a library writes (``save_pretrained``'s, the JSON files) are
+hashed once after.
 Loading verifies the manifest first and only ever parses safetensors and JSON; files that look like
 pickles (``optimizer.pt``, ``*.bin``, ``*.pkl`` ...) are reported and ignored, never opened.
+:func:`read_checkpoint` reads each listed file once: its bytes are hashed and parsed from the same
+buffer, so resuming reads the checkpoint once and loads exactly the bytes that were verified.
 
 Nothing in a checkpoint is trusted for paths: a file is opened only if the (shape-checked) manifest
 lists it under a plain relative name and it is a regular file inside the folder (no symlink, no
@@ -36,12 +41,13 @@ import shutil
 import stat
 import sys
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load as load_safetensors_bytes, save_file
 
 from functrain.core import tree
 
@@ -103,12 +109,12 @@ def save_checkpoint(output_dir: str, step: int, *, model, train_state=None, trai
     then not resumable.
     """
 
-    def write_files(tmp: str) -> None:
-        written = write_model(model, tmp, processing_class=processing_class)
+    def write_files(tmp: str, hashes: dict) -> None:
+        written = write_model(model, tmp, processing_class=processing_class, hashes=hashes)
         if train_state is not None:
-            write_train_state(train_state, model, tmp, model_keys=written)
+            write_train_state(train_state, model, tmp, model_keys=written, hashes=hashes)
             if save_rng:
-                write_rng_state(tmp)
+                write_rng_state(tmp, hashes=hashes)
         if trainer_state is not None:
             trainer_state.save_to_json(os.path.join(tmp, TRAINER_STATE_FILE))
         if args is not None:
@@ -123,9 +129,9 @@ def save_tree_checkpoint(output_dir: str, step: int, state, progress: dict) -> s
     JSON-able dict: step, data position, hook states) as ``trainer_state.json``. Atomic, as
     :func:`save_checkpoint`; :func:`load_tree` reads it back."""
 
-    def write_files(tmp: str) -> None:
-        write_train_state(state, None, tmp, model_keys=set())
-        write_rng_state(tmp)
+    def write_files(tmp: str, hashes: dict) -> None:
+        write_train_state(state, None, tmp, model_keys=set(), hashes=hashes)
+        write_rng_state(tmp, hashes=hashes)
         with open(os.path.join(tmp, TRAINER_STATE_FILE), "w", encoding="utf-8") as f:
             json.dump(progress, f, indent=2, sort_keys=True)
 
@@ -133,7 +139,8 @@ def save_tree_checkpoint(output_dir: str, step: int, state, progress: dict) -> s
 
 
 def write_checkpoint(output_dir: str, step: int, write_files, *, resumable: bool) -> str:
-    """The atomic part of every checkpoint: ``write_files(tmp)`` fills a temporary folder, then the
+    """The atomic part of every checkpoint: ``write_files(tmp, hashes)`` fills a temporary folder
+    (recording in ``hashes`` the manifest entries of the files it hashed while writing), then the
     manifest (sizes, sha256) is written last, everything is fsynced and the folder renamed to
     ``checkpoint-{step}``. A crash leaves the whole checkpoint or none."""
     os.makedirs(output_dir, exist_ok=True)
@@ -141,8 +148,9 @@ def write_checkpoint(output_dir: str, step: int, write_files, *, resumable: bool
     tmp = os.path.join(output_dir, f".tmp-{PREFIX}-{step}-{uuid.uuid4().hex[:8]}")
     os.makedirs(tmp)
     try:
-        write_files(tmp)
-        write_manifest(tmp, step=step, resumable=resumable)
+        hashes: dict[str, dict] = {}
+        write_files(tmp, hashes)
+        write_manifest(tmp, step=step, resumable=resumable, known=hashes)
         fsync_dir(tmp)
         replace_dir(tmp, final)
     except BaseException:
@@ -173,18 +181,23 @@ def remove_stale_temporaries(output_dir: str) -> None:
             shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
 
 
-def write_model(model, folder: str, *, processing_class=None) -> set[str]:
-    """Save the model's weights (and config, tokenizer) into ``folder``; return the tensor names written."""
+def write_model(model, folder: str, *, processing_class=None, hashes: dict | None = None) -> set[str]:
+    """Save the model's weights (and config, tokenizer) into ``folder``; return the tensor names written.
+
+    ``hashes``: receives the manifest entry of a weights file functrain serializes itself (a plain
+    module's); ``save_pretrained`` writes its own files, which the manifest hashes afterwards.
+    """
     os.makedirs(folder, exist_ok=True)
     adapter_only = saves_adapter_only(model)
     if adapter_only or _is_pretrained(model):
         model.save_pretrained(folder)
     else:
-        save_file(_dedup_state_dict(model.state_dict()), os.path.join(folder, MODEL_FILE), metadata={"format": "pt"})
+        write_safetensors(folder, MODEL_FILE, _dedup_state_dict(model.state_dict()), {"format": "pt"}, hashes)
     if processing_class is not None and hasattr(processing_class, "save_pretrained"):
         processing_class.save_pretrained(folder)
     for name in os.listdir(folder):
-        fsync_file(os.path.join(folder, name))
+        if hashes is None or name not in hashes:  # written and fsynced above
+            fsync_file(os.path.join(folder, name))
     return set() if adapter_only else set(weights_index(folder))
 
 
@@ -220,7 +233,7 @@ def _dedup_state_dict(sd: dict) -> dict:
     return out
 
 
-def write_train_state(state, model, folder: str, *, model_keys: set[str]) -> None:
+def write_train_state(state, model, folder: str, *, model_keys: set[str], hashes: dict | None = None) -> None:
     """Save every TrainState leaf not already in the model file, keyed by its pytree path.
 
     With ``model=None`` (any pytree of states, see :func:`save_tree_checkpoint`) every leaf is saved.
@@ -241,8 +254,7 @@ def write_train_state(state, model, folder: str, *, model_keys: set[str]) -> Non
     metadata = {"format": FORMAT, **({BUFFERS_KEY: "from_model"} if buffers_from_model else {})}
     if hasattr(state, "opt_state"):  # a TrainState (tree checkpoints hold any pytree)
         metadata["opt_state_structure"] = opt_state_structure(state)
-    save_file(tensors, os.path.join(folder, STATE_FILE), metadata=metadata)
-    fsync_file(os.path.join(folder, STATE_FILE))
+    write_safetensors(folder, STATE_FILE, tensors, metadata, hashes)
 
 
 def opt_state_structure(state) -> str:
@@ -276,7 +288,7 @@ def model_file_name(path: str, aliases: dict, model_keys: set[str]) -> str | Non
     return None
 
 
-def write_rng_state(folder: str) -> None:
+def write_rng_state(folder: str, *, hashes: dict | None = None) -> None:
     """The global generators (torch CPU/CUDA, numpy, Python ``random``) as tensors."""
     np_state = np.random.get_state()
     py_version, py_internal, py_gauss = random.getstate()
@@ -293,11 +305,59 @@ def write_rng_state(folder: str) -> None:
         "numpy_cached_gaussian": repr(float(np_state[4])), "python_version": str(py_version),
         "python_gauss": "" if py_gauss is None else repr(float(py_gauss)),
     }
-    save_file(tensors, os.path.join(folder, RNG_FILE), metadata=metadata)
-    fsync_file(os.path.join(folder, RNG_FILE))
+    write_safetensors(folder, RNG_FILE, tensors, metadata, hashes)
 
 
-def write_manifest(folder: str, *, step: int, resumable: bool) -> None:
+def write_safetensors(folder: str, rel: str, tensors: dict, metadata: dict, hashes: dict | None) -> None:
+    """Save ``tensors`` as safetensors into ``folder/rel`` (fsynced); its manifest entry goes into
+    ``hashes`` (when given).
+
+    The sha256 is taken over the bytes safetensors wrote, but from memory: the file's header (a few
+    KB, read back) and then each tensor's bytes in the header's order, while the file is fsynced
+    (which releases the GIL) in a second thread. The tensor data is never read back.
+    """
+    path = os.path.join(folder, rel)
+    save_file(tensors, path, metadata=metadata)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="functrain-fsync") as pool:
+        synced = pool.submit(fsync_file, path)
+        entry = _entry_as_written(path, tensors)
+        synced.result()
+    if hashes is not None:
+        hashes[rel] = entry
+
+
+def _entry_as_written(path: str, tensors: dict) -> dict:
+    """The manifest entry of the safetensors file at ``path`` that :func:`save_file` just wrote
+    from ``tensors``: header bytes from the file, data bytes from the tensors."""
+    if sys.byteorder != "little":  # safetensors byte-swaps on big-endian machines: hash the file
+        return {"sha256": _sha256(path), "bytes": os.path.getsize(path)}
+    with open(path, "rb") as f:
+        head = f.read(8)
+        head += f.read(int.from_bytes(head, "little"))
+    layout = json.loads(head[8:])
+    layout.pop("__metadata__", None)
+    h, end = hashlib.sha256(head), 0
+    for name, info in sorted(layout.items(), key=lambda kv: kv[1]["data_offsets"]):
+        data = _bytes_of(tensors[name])
+        if info["data_offsets"] != [end, end + len(data)]:  # never, unless safetensors changes its layout
+            raise CheckpointError(f"{path!r}: {name!r} is not where its header says; cannot hash it from memory")
+        h.update(data)
+        end += len(data)
+    size = os.path.getsize(path)
+    if size != len(head) + end:
+        raise CheckpointError(f"{path!r} has {size} bytes, its header describes {len(head) + end}")
+    return {"sha256": h.hexdigest(), "bytes": size}
+
+
+def _bytes_of(t: torch.Tensor):
+    """A tensor's bytes as safetensors stores them (C order, on a little-endian machine), without a copy."""
+    return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
+def write_manifest(folder: str, *, step: int, resumable: bool, known: dict | None = None) -> None:
+    """Write ``manifest.json`` listing every file in ``folder``; ``known``: entries of files hashed
+    while written (the others, written by libraries, are hashed here)."""
+    known = known or {}
     files = {}
     for root, _dirs, names in os.walk(folder):
         for name in sorted(names):
@@ -305,7 +365,9 @@ def write_manifest(folder: str, *, step: int, resumable: bool) -> None:
             rel = os.path.relpath(full, folder)
             if rel == MANIFEST_FILE:  # re-listing a folder whose files changed (e.g. weights re-saved)
                 continue
-            files[rel] = {"sha256": _sha256(full), "bytes": os.path.getsize(full)}
+            size = os.path.getsize(full)
+            entry = known.get(rel)
+            files[rel] = entry if entry is not None and entry["bytes"] == size else {"sha256": _sha256(full), "bytes": size}
     manifest = {"format": FORMAT, "version": VERSION, "step": step, "resumable": resumable, "files": files}
     path = os.path.join(folder, MANIFEST_FILE)
     with open(path, "w", encoding="utf-8") as f:
@@ -351,31 +413,135 @@ def verify_checkpoint(path: str, *, require_resumable: bool = True) -> dict:
     """Check a checkpoint folder against its manifest; return the manifest or raise CheckpointError.
 
     The manifest's shape is checked, every listed file must be a regular file inside the folder
-    with the listed size and sha256. Pickle-looking files are reported with a warning and ignored
-    (never opened).
+    with the listed size and sha256 (each file is read once, in chunks, and nothing is kept).
+    Pickle-looking files are reported with a warning and ignored (never opened).
     """
+    return _verified(path, require_resumable=require_resumable, keep=False).manifest
+
+
+def read_checkpoint(path: str, *, require_resumable: bool = True, keep: bool = True) -> "VerifiedCheckpoint":
+    """Verify a checkpoint as :func:`verify_checkpoint` does and keep what it read: each listed
+    file is read once, hashed, and its safetensors are parsed from the same bytes, so the
+    loaders given the result (:func:`load_train_state`, :func:`load_rng_state`,
+    :func:`non_finite_tensors`, ...) read nothing from the disk again. ``keep=False``: verify
+    only (the loaders then read from the disk, e.g. each rank its own rows)."""
+    return _verified(path, require_resumable=require_resumable, keep=keep)
+
+
+def _verified(path: str, *, require_resumable: bool, keep: bool) -> "VerifiedCheckpoint":
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint {path!r} does not exist or is not a folder")
     warn_about_pickles(path)
     manifest = read_manifest(path)
     files = manifest["files"]
-    for rel, entry in files.items():
-        full = safe_file(path, rel)
-        size = os.path.getsize(full)
-        if size != entry["bytes"]:
-            raise CheckpointError(f"checkpoint {path!r}: {rel!r} has {size} bytes, the manifest says "
-                                  f"{entry['bytes']} (truncated or overwritten)")
-        if _sha256(full) != entry["sha256"]:
-            raise CheckpointError(f"checkpoint {path!r}: {rel!r} fails its sha256 check (corrupted)")
     if require_resumable:
-        if not manifest["resumable"]:
-            raise CheckpointError(f"checkpoint {path!r} holds only the model (save_only_model=True); "
-                                  "it cannot be resumed from")
-        # A sharded checkpoint (functrain.parallel.checkpoint) has per-rank files + a layout instead.
-        for needed in (STATE_FILE if SHARDED_LAYOUT_FILE not in files else SHARDED_LAYOUT_FILE, TRAINER_STATE_FILE):
-            if needed not in files:
-                raise CheckpointError(f"checkpoint {path!r} has no {needed!r}; it cannot be resumed from")
-    return manifest
+        _check_resumable(path, manifest)
+    # A sharded train state is read row by row, each rank its own (functrain.parallel.checkpoint).
+    keep = keep and SHARDED_LAYOUT_FILE not in files
+    contents: dict[str, bytes] = {}
+    for rel, entry in files.items():
+        full = safe_file(path, rel, files)
+        if keep and rel.endswith((".safetensors", ".json")):
+            data = read_file(full, entry["bytes"])
+            _check_entry(path, rel, entry, len(data), hashlib.sha256(data).hexdigest())
+            contents[rel] = data
+        else:
+            size, digest = _hash_file(full)
+            _check_entry(path, rel, entry, size, digest)
+    return VerifiedCheckpoint(path, manifest, contents)
+
+
+def _check_resumable(path: str, manifest: dict) -> None:
+    if not manifest["resumable"]:
+        raise CheckpointError(f"checkpoint {path!r} holds only the model (save_only_model=True); "
+                              "it cannot be resumed from")
+    # A sharded checkpoint (functrain.parallel.checkpoint) has per-rank files + a layout instead.
+    files = manifest["files"]
+    for needed in (STATE_FILE if SHARDED_LAYOUT_FILE not in files else SHARDED_LAYOUT_FILE, TRAINER_STATE_FILE):
+        if needed not in files:
+            raise CheckpointError(f"checkpoint {path!r} has no {needed!r}; it cannot be resumed from")
+
+
+def _check_entry(path: str, rel: str, entry: dict, size: int, digest: str) -> None:
+    if size != entry["bytes"]:
+        raise CheckpointError(f"checkpoint {path!r}: {rel!r} has {size} bytes, the manifest says "
+                              f"{entry['bytes']} (truncated or overwritten)")
+    if digest != entry["sha256"]:
+        raise CheckpointError(f"checkpoint {path!r}: {rel!r} fails its sha256 check (corrupted)")
+
+
+def read_file(full: str, expected: int) -> bytes:
+    """The bytes of a checkpoint file (one read; a longer file gives ``expected + 1`` bytes, so a
+    size mismatch shows). Every byte :func:`read_checkpoint` keeps comes through here."""
+    with _open_no_follow(full) as f:
+        return f.read(expected + 1)
+
+
+def _hash_file(full: str) -> tuple[int, str]:
+    """``(size, sha256)`` of a file read once in chunks."""
+    h, size = hashlib.sha256(), 0
+    with _open_no_follow(full) as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+            size += len(chunk)
+    return size, h.hexdigest()
+
+
+def _open_no_follow(full: str):
+    # The folder's files were checked to be regular files inside it; O_NOFOLLOW keeps a symlink
+    # swapped in since then from being followed.
+    return os.fdopen(os.open(full, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)), "rb")
+
+
+class VerifiedCheckpoint:
+    """A checkpoint whose listed files were checked against its manifest.
+
+    From :func:`read_checkpoint` it holds the bytes of its safetensors and JSON files as they were
+    verified (the loaders parse them; the disk is not read again); from :func:`verify_checkpoint`
+    (``contents`` empty) it reads from the folder like a path does.
+    """
+
+    def __init__(self, path: str, manifest: dict, contents: dict[str, bytes]):
+        self.path, self.manifest, self.listed = path, manifest, manifest["files"]
+        self._contents = contents
+        self._parsed: dict[str, tuple[dict, dict]] = {}
+
+    def __repr__(self):
+        return f"VerifiedCheckpoint({self.path!r}, {len(self._contents)} files in memory)"
+
+    def holds(self, rel: str) -> bool:
+        return rel in self._contents
+
+    def tensors(self, rel: str) -> dict[str, torch.Tensor]:
+        return self._parse(rel)[0]
+
+    def metadata(self, rel: str) -> dict:
+        return self._parse(rel)[1]
+
+    def json(self, rel: str):
+        return json.loads(self._contents[rel])
+
+    def drop(self) -> None:
+        """Let go of the bytes and tensors held (once loaded, they live in the state)."""
+        self._contents.clear()
+        self._parsed.clear()
+
+    def _parse(self, rel: str) -> tuple[dict, dict]:
+        if rel not in self._parsed:
+            data = self._contents[rel]
+            try:
+                tensors = load_safetensors_bytes(data)
+            except Exception as e:  # safetensors raises its own error types
+                raise CheckpointError(f"{os.path.join(self.path, rel)!r} is not a readable safetensors file ({e})") from None
+            self._parsed[rel] = (tensors, _header_metadata(data))
+            self._contents[rel] = b""  # parsed: the tensors hold the data now
+        return self._parsed[rel]
+
+
+def _header_metadata(data: bytes) -> dict:
+    """The ``__metadata__`` of a safetensors buffer (8-byte little-endian header length, JSON header)."""
+    n = int.from_bytes(data[:8], "little")
+    return json.loads(data[8:8 + n]).get("__metadata__") or {}
 
 
 def read_manifest(path: str) -> dict[str, Any]:
@@ -481,21 +647,95 @@ def find_resumable_checkpoint(output_dir: str, *, require_finite: bool = False) 
 
     ``require_finite``: also skip checkpoints holding NaN/Inf values (reads their tensors).
     """
+    found = read_resumable_checkpoint(output_dir, require_finite=require_finite, keep=False)
+    return None if found is None else found.path
+
+
+def read_resumable_checkpoint(output_dir: str, *, require_finite: bool = False,
+                              keep: bool = True) -> VerifiedCheckpoint | None:
+    """:func:`find_resumable_checkpoint`, returning the checkpoint as :func:`read_checkpoint`
+    read it (``keep=False``: verified only, as :func:`verify_checkpoint`)."""
     for step, path in reversed(checkpoint_dirs(output_dir)):
         try:
-            verify_checkpoint(path)
-            bad = non_finite_tensors(path) if require_finite else []
+            found = read_checkpoint(path, keep=keep)
+            bad = non_finite_tensors(found) if require_finite else []
             if bad:
                 raise CheckpointError(f"it holds non-finite values (NaN/Inf) in {bad}")
         except CheckpointError as e:
             logger.warning("skipping %s: %s", os.path.basename(path), e)
             continue
         logger.info("resuming from %s (step %d), the newest valid checkpoint", path, step)
-        return path
+        return found
     return None
 
 
 # -- loading ----------------------------------------------------------------------------------------
+#
+# Every loader takes a folder path or a VerifiedCheckpoint (from read_checkpoint: the verified bytes
+# are parsed, the disk is not read again) and reads through _files().
+
+
+class _DiskFiles:
+    """A folder's files read from the disk (safetensors memory-mapped, only the tensors asked for).
+
+    ``listed``: the manifest's files; when given only those are opened (else any regular file
+    inside the folder: a model folder without a manifest)."""
+
+    def __init__(self, folder: str, listed):
+        self.path, self.listed = folder, listed
+
+    def has(self, rel: str) -> bool:
+        if self.listed is not None:
+            return rel in self.listed
+        return os.path.lexists(os.path.join(self.path, rel))
+
+    def keys(self, rel: str) -> list[str]:
+        with open_safetensors(_checked(self.path, rel, self.listed)) as f:
+            return list(f.keys())
+
+    def tensors(self, rel: str, keys=None) -> dict[str, torch.Tensor]:
+        with open_safetensors(_checked(self.path, rel, self.listed)) as f:
+            return {k: f.get_tensor(k) for k in (f.keys() if keys is None else keys)}
+
+    def metadata(self, rel: str) -> dict:
+        with open_safetensors(_checked(self.path, rel, self.listed)) as f:
+            return f.metadata() or {}
+
+    def json(self, rel: str):
+        with open(_checked(self.path, rel, self.listed), encoding="utf-8") as f:
+            return json.load(f)
+
+
+class _HeldFiles(_DiskFiles):
+    """A VerifiedCheckpoint's files: the ones it holds from memory, any other from the disk."""
+
+    def __init__(self, checkpoint: VerifiedCheckpoint):
+        super().__init__(checkpoint.path, checkpoint.listed)
+        self.checkpoint = checkpoint
+
+    def keys(self, rel: str) -> list[str]:
+        return list(self.checkpoint.tensors(rel)) if self.checkpoint.holds(rel) else super().keys(rel)
+
+    def tensors(self, rel: str, keys=None) -> dict[str, torch.Tensor]:
+        if not self.checkpoint.holds(rel):
+            return super().tensors(rel, keys)
+        held = self.checkpoint.tensors(rel)
+        return dict(held) if keys is None else {k: held[k] for k in keys}
+
+    def metadata(self, rel: str) -> dict:
+        return self.checkpoint.metadata(rel) if self.checkpoint.holds(rel) else super().metadata(rel)
+
+    def json(self, rel: str):
+        return self.checkpoint.json(rel) if self.checkpoint.holds(rel) else super().json(rel)
+
+
+def _files(source) -> _DiskFiles:
+    """The files of ``source``: a VerifiedCheckpoint's (held ones from memory) or a folder's (only
+    those its manifest lists when it has one)."""
+    if isinstance(source, VerifiedCheckpoint):
+        return _HeldFiles(source)
+    folder = os.fspath(source)
+    return _DiskFiles(folder, _listed_files(folder))
 
 
 def weights_index(folder: str, listed=None) -> dict[str, str]:
@@ -505,23 +745,25 @@ def weights_index(folder: str, listed=None) -> dict[str, str]:
     listed, and every shard it names must be listed too; without it (a folder just written), the
     folder's own files are read.
     """
-    check = (lambda rel: rel in listed) if listed is not None else (lambda rel: os.path.isfile(os.path.join(folder, rel)))
-    if check(MODEL_INDEX_FILE):
-        with open(_checked(folder, MODEL_INDEX_FILE, listed), encoding="utf-8") as f:
-            try:
-                weight_map = json.load(f)["weight_map"]
-            except (ValueError, KeyError, TypeError) as e:
-                raise CheckpointError(f"{folder!r}: {MODEL_INDEX_FILE} is malformed ({e})") from None
+    return _weights_index(_DiskFiles(folder, listed))
+
+
+def _weights_index(files: _DiskFiles) -> dict[str, str]:
+    folder = files.path
+    if files.has(MODEL_INDEX_FILE):
+        try:
+            weight_map = files.json(MODEL_INDEX_FILE)["weight_map"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{folder!r}: {MODEL_INDEX_FILE} is malformed ({e})") from None
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise CheckpointError(f"{folder!r}: {MODEL_INDEX_FILE} has no weight_map of name -> file")
         for shard in set(weight_map.values()):
-            _checked(folder, shard, listed)
+            _checked(folder, shard, files.listed)
         return dict(weight_map)
-    if not check(MODEL_FILE):
+    if not files.has(MODEL_FILE):
         raise CheckpointError(f"{folder!r} has no {MODEL_FILE} (nor {MODEL_INDEX_FILE})"
-                              + (" listed in its manifest" if listed is not None else ""))
-    with open_safetensors(_checked(folder, MODEL_FILE, listed)) as f:
-        return {k: MODEL_FILE for k in f.keys()}
+                              + (" listed in its manifest" if files.listed is not None else ""))
+    return {k: MODEL_FILE for k in files.keys(MODEL_FILE)}
 
 
 def _checked(folder: str, rel: str, listed) -> str:
@@ -545,30 +787,27 @@ def open_safetensors(path: str):
         raise CheckpointError(f"{path!r} is not a readable safetensors file ({e})") from None
 
 
-def _read_tensors(folder: str, wanted: dict[str, str], listed=None) -> dict[str, torch.Tensor]:
+def _read_tensors(files: _DiskFiles, wanted: dict[str, str]) -> dict[str, torch.Tensor]:
     """Read ``{key: tensor}`` for ``wanted = {key: filename}``, opening each file once."""
     by_file: dict[str, list[str]] = {}
     for k, fname in wanted.items():
         by_file.setdefault(fname, []).append(k)
     out = {}
     for fname, keys in by_file.items():
-        with open_safetensors(_checked(folder, fname, listed)) as f:
-            for k in keys:
-                out[k] = f.get_tensor(k)
+        out.update(files.tensors(fname, keys))
     return out
 
 
-def check_optimizer_structure(folder: str, template) -> None:
+def check_optimizer_structure(folder, template) -> None:
     """Raise :class:`OptimizerMismatchError` when the checkpoint's optimizer state has another
     structure than ``template``'s (checkpoints from before this record are not checked)."""
-    listed = read_manifest(folder)["files"]
-    if STATE_FILE not in listed:
+    files = _files(folder)
+    if not files.has(STATE_FILE):
         return
-    with open_safetensors(safe_file(folder, STATE_FILE, listed)) as f:
-        saved = (f.metadata() or {}).get("opt_state_structure")
+    saved = files.metadata(STATE_FILE).get("opt_state_structure")
     current = opt_state_structure(template)
     if saved is not None and saved != current:
-        raise OptimizerMismatchError(f"checkpoint {folder!r} holds the state of another optimizer: saved "
+        raise OptimizerMismatchError(f"checkpoint {files.path!r} holds the state of another optimizer: saved "
                                      f"{_short(saved)}, this run's optimizer has {_short(current)}")
 
 
@@ -576,38 +815,44 @@ def _short(structure: str, limit: int = 300) -> str:
     return structure if len(structure) <= limit else structure[:limit] + "..."
 
 
-def non_finite_tensors(folder: str, limit: int = 5) -> list[str]:
+def non_finite_tensors(folder, limit: int = 5) -> list[str]:
     """Names (``file:tensor``) of floating-point tensors holding NaN/Inf in the checkpoint's
     weights and train state (up to ``limit``); the generators' file is not checked."""
-    listed = read_manifest(folder)["files"]
+    files = _files(folder)
     found = []
-    for rel in sorted(listed):
+    for rel in sorted(files.listed):
         if not rel.endswith(".safetensors") or rel == RNG_FILE:
             continue
-        with open_safetensors(safe_file(folder, rel, listed)) as f:
-            for key in f.keys():
-                t = f.get_tensor(key)
-                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                    found.append(f"{rel}:{key}")
-                    if len(found) >= limit:
-                        return found
+        for key, t in files.tensors(rel).items():
+            if t.is_floating_point() and not _all_finite(t):
+                found.append(f"{rel}:{key}")
+                if len(found) >= limit:
+                    return found
     return found
 
 
-def load_train_state(folder: str, template, model):
+def _all_finite(t: torch.Tensor) -> bool:
+    # A NaN or Inf anywhere makes the sum non-finite, so a finite sum settles it in one cheap pass;
+    # a non-finite sum may be an overflow of finite values: check element by element then.
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+
+
+def load_train_state(folder, template, model):
     """Rebuild a TrainState from ``folder`` shaped exactly like ``template`` (a fresh state).
 
-    The template gives the tree structure (so NamedTuple types come back exactly), and each
-    leaf's shape, dtype and device; a mismatch is a clear error naming the leaf. With
-    ``model=None`` every leaf comes from ``train_state.safetensors`` (any pytree, no model file).
-    Only files the manifest lists are opened.
+    ``folder``: a path, or the :class:`VerifiedCheckpoint` :func:`read_checkpoint` returned (then
+    nothing is read from the disk again). The template gives the tree structure (so NamedTuple
+    types come back exactly), and each leaf's shape, dtype and device; a mismatch is a clear error
+    naming the leaf. With ``model=None`` every leaf comes from ``train_state.safetensors`` (any
+    pytree, no model file). Only files the manifest lists are opened.
     """
-    listed = read_manifest(folder)["files"]
-    with open_safetensors(safe_file(folder, STATE_FILE, listed)) as f:
-        state_keys = set(f.keys())
-        buffers_from_model = (f.metadata() or {}).get(BUFFERS_KEY) == "from_model"
+    files = _files(folder)
+    if files.listed is None:
+        read_manifest(files.path)  # raises: a checkpoint has a manifest
+    state_keys = set(files.keys(STATE_FILE))
+    buffers_from_model = files.metadata(STATE_FILE).get(BUFFERS_KEY) == "from_model"
     # An adapter checkpoint, or a tree checkpoint (model=None): no model file.
-    model_index = {} if buffers_from_model or model is None else weights_index(folder, listed)
+    model_index = {} if buffers_from_model or model is None else _weights_index(files)
     aliases = alias_groups(model)
     wanted_model, wanted_state = {}, {}
     paths = tree.paths(template)
@@ -619,11 +864,11 @@ def load_train_state(folder: str, template, model):
         else:
             name = model_file_name(path, aliases, set(model_index))
             if name is None:
-                raise CheckpointError(f"checkpoint {folder!r} has no tensor for {path!r} (neither in {STATE_FILE} "
+                raise CheckpointError(f"checkpoint {files.path!r} has no tensor for {path!r} (neither in {STATE_FILE} "
                                       "nor in the model weights); was it written for a different model or optimizer?")
             wanted_model[path] = name
-    from_state = _read_tensors(folder, wanted_state, listed)
-    from_model = _read_tensors(folder, {name: model_index[name] for name in wanted_model.values()}, listed)
+    from_state = _read_tensors(files, wanted_state)
+    from_model = _read_tensors(files, {name: model_index[name] for name in wanted_model.values()})
     leaves = []
     for path, ref in zip(paths, tree.leaves(template)):
         if path not in from_state and path not in wanted_model:
@@ -631,26 +876,25 @@ def load_train_state(folder: str, template, model):
             continue
         t = from_state[path] if path in from_state else from_model[wanted_model[path]]
         if t.shape != ref.shape or t.dtype != ref.dtype:
-            raise CheckpointError(f"checkpoint {folder!r}: {path!r} is {t.dtype}{list(t.shape)}, the current "
+            raise CheckpointError(f"checkpoint {files.path!r}: {path!r} is {t.dtype}{list(t.shape)}, the current "
                                   f"state expects {ref.dtype}{list(ref.shape)}")
         leaves.append(t.to(ref.device))
     _, treedef = tree.flatten(template)
     return tree.unflatten(treedef, leaves)
 
 
-def load_model_weights(model, folder: str) -> None:
+def load_model_weights(model, folder) -> None:
     """Copy the weights in ``folder`` into ``model`` (tied aliases may be absent from the file).
 
     In a checkpoint (a folder with a manifest) only listed files are read."""
-    listed = _listed_files(folder)
-    index = weights_index(folder, listed)
-    tensors = _read_tensors(folder, index, listed)
+    files = _files(folder)
+    tensors = _read_tensors(files, _weights_index(files))
     aliases = alias_groups(model)
     own = dict(model.state_dict(keep_vars=True))
     missing = [n for n in own if not any(a in tensors for a in aliases.get(n, [n]))]
     unexpected = [n for n in tensors if n not in own]
     if missing or unexpected:
-        raise CheckpointError(f"weights in {folder!r} do not fit the model: missing {missing[:5]}, "
+        raise CheckpointError(f"weights in {files.path!r} do not fit the model: missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]}")
     with torch.no_grad():
         for name, target in own.items():
@@ -658,15 +902,13 @@ def load_model_weights(model, folder: str) -> None:
             target.copy_(src)
 
 
-def load_rng_state(folder: str) -> None:
+def load_rng_state(folder) -> None:
     """Restore the global generators saved by :func:`write_rng_state` (if the manifest lists them)."""
-    listed = _listed_files(folder)
-    present = RNG_FILE in listed if listed is not None else os.path.lexists(os.path.join(folder, RNG_FILE))
-    if not present:
+    files = _files(folder)
+    if not files.has(RNG_FILE):
         return
-    with open_safetensors(_checked(folder, RNG_FILE, listed)) as f:
-        meta = f.metadata() or {}
-        t = {k: f.get_tensor(k) for k in f.keys()}
+    meta = files.metadata(RNG_FILE)
+    t = files.tensors(RNG_FILE)
     torch.set_rng_state(t["torch_cpu"])
     cuda = sorted(k for k in t if k.startswith("torch_cuda_"))
     if cuda and torch.cuda.is_available():
@@ -723,12 +965,12 @@ def _remove_dir(path: str) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def load_tree(folder: str, template) -> tuple[Any, dict]:
-    """``(state, progress)`` from a :func:`save_tree_checkpoint` folder, ``state`` shaped like
-    ``template``; restores the global generators too. Verify the folder first."""
-    state = load_train_state(folder, template, None)
-    with open(safe_file(folder, TRAINER_STATE_FILE), encoding="utf-8") as f:
-        progress = json.load(f)
+def load_tree(folder, template) -> tuple[Any, dict]:
+    """``(state, progress)`` from a :func:`save_tree_checkpoint` folder (a path, verify it first;
+    or :func:`read_checkpoint`'s result), ``state`` shaped like ``template``; restores the global
+    generators too."""
+    state = load_train_state(folder, template, None)  # (raises for a folder without a manifest)
+    progress = _files(folder).json(TRAINER_STATE_FILE)
     load_rng_state(folder)
     return state, progress
 

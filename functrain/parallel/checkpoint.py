@@ -26,7 +26,6 @@ import os
 import shutil
 
 import torch
-from safetensors.torch import save_file
 
 from functrain.io import checkpoint as ck
 from functrain.parallel import distributed as fd
@@ -78,10 +77,10 @@ def save_sharded_checkpoint(output_dir: str, step: int, *, model, train_state, t
             elif r == 0:
                 tensors[path] = leaf.detach().contiguous().cpu()
                 offsets[path] = 0
-        name = shard_file_name(r, world)
-        save_file(tensors, os.path.join(tmp, name), metadata={"format": LAYOUT_FORMAT, "offsets": json.dumps(offsets)})
-        ck.fsync_file(os.path.join(tmp, name))
-        fd.barrier()
+        hashes: dict[str, dict] = {}
+        ck.write_safetensors(tmp, shard_file_name(r, world), tensors,
+                             {"format": LAYOUT_FORMAT, "offsets": json.dumps(offsets)}, hashes)
+        hashes = _entries_of_all_ranks(hashes)  # each rank hashed its own shard while writing it
         if r == 0:
             layout = {"format": LAYOUT_FORMAT, "world_size": world,
                       "files": [shard_file_name(i, world) for i in range(world)],
@@ -89,13 +88,13 @@ def save_sharded_checkpoint(output_dir: str, step: int, *, model, train_state, t
                                      "sharded": fd.is_dtensor(t)} for p, t in leaves.items()}}
             with open(os.path.join(tmp, LAYOUT_FILE), "w", encoding="utf-8") as f:
                 json.dump(layout, f, indent=1, sort_keys=True)
-            ck.write_model(model, tmp, processing_class=processing_class)
-            ck.write_rng_state(tmp)
+            ck.write_model(model, tmp, processing_class=processing_class, hashes=hashes)
+            ck.write_rng_state(tmp, hashes=hashes)
             if trainer_state is not None:
                 trainer_state.save_to_json(os.path.join(tmp, ck.TRAINER_STATE_FILE))
             if args is not None:
                 args.save_to_json(os.path.join(tmp, ck.ARGS_FILE))
-            ck.write_manifest(tmp, step=step, resumable=True)
+            ck.write_manifest(tmp, step=step, resumable=True, known=hashes)
             ck.fsync_dir(tmp)
             ck.replace_dir(tmp, final)
             ck.fsync_dir(output_dir)
@@ -105,6 +104,15 @@ def save_sharded_checkpoint(output_dir: str, step: int, *, model, train_state, t
         raise
     fd.barrier()
     return final
+
+
+def _entries_of_all_ranks(entries: dict) -> dict:
+    """Every rank's manifest entries merged (a collective; it also waits for every shard's write)."""
+    if not fd.is_distributed():
+        return dict(entries)
+    gathered: list = [None] * fd.world_size()
+    torch.distributed.all_gather_object(gathered, entries)
+    return {rel: entry for part in gathered for rel, entry in part.items()}
 
 
 def is_sharded_checkpoint(folder: str) -> bool:

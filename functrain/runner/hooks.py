@@ -336,10 +336,11 @@ class Checkpoint(Hook):
         if run.is_main_process:
             ck.remove_stale_temporaries(self.output_dir)
         fd.barrier()
-        path = ck.find_resumable_checkpoint(self.output_dir) if self.resume else None
-        if path is None:
+        found = ck.read_resumable_checkpoint(self.output_dir) if self.resume else None
+        if found is None:
             return
-        run.state, progress = ck.load_tree(path, run.state)
+        path = found.path
+        run.state, progress = ck.load_tree(found, run.state)  # from the bytes verified, read once
         run.step, run.data_position = int(progress["global_step"]), progress.get("data_position")
         run.epoch = int(progress.get("epoch", 0))
         saved = progress.get("stateful_callbacks", {})

@@ -28,7 +28,8 @@ from functrain.step import batch as batching
 from functrain.step.grads import (
     LossFn, LossModule, autocast, buffer_names, default_loss_fn, device_type, make_grad_fn, module_buffers_of, prefixed,
 )
-from functrain.step.grouped_update import apply_update_in_groups_
+from functrain.step.flat import FlatCores
+from functrain.step.grouped_update import GROUPS, apply_update_in_groups_
 from functrain.step.recompute import uses_checkpointing
 from functrain.step.update import apply_update, keep_if_finite, unscale_grads
 
@@ -59,6 +60,7 @@ def make_train_step(
     skip_non_finite: bool = False,
     deterministic: bool = False,
     leafwise_update: bool = False,
+    flat: bool = False,
 ):
     """Build ``train_step(state, batch) -> (new_state, metrics)``, a pure function.
 
@@ -114,6 +116,15 @@ def make_train_step(
         skip_non_finite: when the window's loss or any gradient is NaN/Inf, keep params, optimizer
             state and step unchanged and report ``skipped`` (fp16 always does this, for its loss
             scale). Decided on the device: no host sync.
+        flat: run the optimizer update, the global norm and clipping over flat segments (one
+            contiguous buffer per dtype, device and optimizer treatment; see
+            :mod:`functrain.core.flat`): a few kernels per operation instead of one per tensor.
+            The state keeps its names and shapes (its tensors are views into the segments); a
+            state that is not flat yet is copied into segments on the first call (use
+            ``functrain.flat.flatten_state(state, tx, model)`` to keep the module's parameters as
+            the storage). Needs an elementwise ``tx`` (Adam(W), SGD, Lion, RMSprop, Adagrad, global
+            clipping; masks by name); not with populations (``differentiate="func"``) or sharded
+            params (``param_transform``).
 
     Metrics (0-d tensors, never read on the host by the step): ``loss`` (mean over the
     supervised items of the whole window), ``grad_norm`` (global norm before clipping),
@@ -137,20 +148,33 @@ def make_train_step(
                          f"{torch.__version__} (it recomputes each unit in backward; one recompute region per "
                          "graph): use accumulate=1, compile=False, or gather before the forward "
                          "(functrain.distributed.sharded_hooks())")
+    if flat and differentiate == "func":
+        raise ValueError("flat=True cannot run under torch.func (populations vmap per-tensor states); use flat=False")
+    if flat and param_transform is not None:
+        raise ValueError("flat=True cannot run with param_transform (sharded params are DTensor shards, not views of "
+                         "a flat buffer); use flat=False")
     # The blocks (functrain.step.grads / .update): gradients of the window, the update, the loss scale.
     grad_fn = make_grad_fn(model, loss_fn, accumulate=accumulate, precision=precision, count_items=count_items,
                            grad_reduce=grad_reduce, count_reduce=count_reduce, param_transform=param_transform,
                            differentiate=differentiate)
     module_buffers = buffer_names(model)
     grouped = leafwise_update and donate and not compile and not policy.needs_loss_scale
+    # A compiled step returns new tensors and the donation is written back eagerly after it:
+    # torch 2.13's inductor can compute an output from an input the same graph has already
+    # overwritten (an EMA from the new params, a schedule's rate from the new count), so copies
+    # into the inputs inside the graph give wrong numbers (tests/test_step_donation.py).
+    donate_in_graph = donate and not compile
 
-    def train_core(params, buffers, opt_state, step, loss_scale, batch):
+    def train_core(params, buffers, opt_state, step, loss_scale, batch, layout=None):
+        # layout (flat=True): params and per-parameter optimizer state come as flat segments; the
+        # forward binds views of them and the gradients are packed the same way before the update.
         scale = loss_scale.scale if policy.needs_loss_scale else None
-        g = grad_fn(params, buffers, batch, scale)
+        g = grad_fn(params if layout is None else layout.views(params), buffers, batch, scale)
         # The module's buffers (BatchNorm running statistics, ...) are outputs of the step: the
         # forward updated copies, so the input state's buffers never change.
         old_buffers, new_buffers = module_buffers_of(buffers, module_buffers), module_buffers_of(g.buffers, module_buffers)
-        grads, metrics = g.grads, {"loss": g.loss, "num_items": g.num_items}
+        grads = g.grads if layout is None else layout.pack(g.grads)
+        metrics = {"loss": g.loss, "num_items": g.num_items}
         if grouped:  # donated eager, leafwise tx: params and opt_state updated in place
             finite = torch.isfinite(g.loss) & tree.all_finite(grads) if skip_non_finite else None
             metrics["grad_norm"] = apply_update_in_groups_(tx, params, opt_state, grads, max_grad_norm=max_grad_norm,
@@ -193,9 +217,8 @@ def make_train_step(
         if lr is not None:
             metrics["learning_rate"] = lr * _learning_rate_scale(new_opt_state)
         metrics.update(g.aux)
-        if donate:
-            # Write the results into the input storages; inside torch.compile this fuses with the
-            # computation, so no second copy of params/optimizer state is ever alive.
+        if donate_in_graph:
+            # Write the results into the input storages (eager: one copy alive after the update).
             tree.copy_((params, opt_state, step, loss_scale), (new_params, new_opt_state, new_step, new_loss_scale))
             if old_buffers:  # (dynamo cannot flatten an empty dict here)
                 tree.copy_(old_buffers, new_buffers)
@@ -203,6 +226,9 @@ def make_train_step(
         return new_params, new_buffers, new_opt_state, new_step, new_loss_scale, metrics
 
     core = _maybe_compile(train_core, compile, compile_kwargs, deterministic)
+    flat_steps = FlatCores(tx, lambda layout: _maybe_compile(functools.partial(train_core, layout=layout), compile,
+                                                             compile_kwargs, deterministic),
+                           pieces=GROUPS if grouped else 1) if flat else None
 
     def train_step(state: TrainState, batch: Mapping):
         if not isinstance(state, TrainState):
@@ -216,8 +242,16 @@ def make_train_step(
             raise TypeError(f"precision='fp16' needs state.loss_scale to be a DynamicScale, got {type(loss_scale).__name__}")
         key = rnglib.fold_in(state.rng, rng_stream) if rng_stream else state.rng
         with rnglib.seeded(key), _module_mode(model, training=True):
-            params, buffers, opt_state, step, loss_scale, metrics = core(
-                state.params, state.buffers, state.opt_state, state.step, loss_scale, dict(batch))
+            if flat:
+                prepared = flat_steps.prepare(state)
+                inputs = (prepared[0], state.buffers, prepared[1], state.step, loss_scale)
+                outputs = prepared[2](*inputs, dict(batch))
+                params, buffers, opt_state, step, loss_scale, metrics = _donated(outputs, inputs, donate, module_buffers)
+                params, opt_state = flat_steps.finish(prepared, params, opt_state, donate)
+            else:
+                inputs = (state.params, state.buffers, state.opt_state, state.step, loss_scale)
+                outputs = core(*inputs, dict(batch))
+                params, buffers, opt_state, step, loss_scale, metrics = _donated(outputs, inputs, donate, module_buffers)
         new_state = state.replace(params=params, buffers={**state.buffers, **buffers}, opt_state=opt_state, step=step,
                                   loss_scale=loss_scale, rng=rnglib.next_key(state.rng))
         if donate:
@@ -227,6 +261,20 @@ def make_train_step(
     train_step.core = core  # for tests and tools (e.g. torch._dynamo.explain)
     train_step.pure_core = train_core  # uncompiled, no RNG/mode handling: for transforms (vmap)
     return train_step
+
+
+def _donated(outputs: tuple, inputs: tuple, donate: bool, module_buffers) -> tuple:
+    """A core's outputs, written into its inputs' storages when a donating step's core returned
+    new tensors (compiled cores do; eager ones wrote into the inputs already)."""
+    params, buffers, opt_state, step, loss_scale, metrics = outputs
+    old_params, old_buffers, old_opt_state, old_step, old_loss_scale = inputs
+    if not donate or params is old_params:
+        return outputs
+    with torch.no_grad():
+        tree.copy_((old_params, old_opt_state, old_step, old_loss_scale), (params, opt_state, step, loss_scale))
+        old_module_buffers = module_buffers_of(old_buffers, module_buffers)
+        tree.copy_(old_module_buffers, buffers)
+    return old_params, old_module_buffers, old_opt_state, old_step, old_loss_scale, metrics
 
 
 # -- the eval step -------------------------------------------------------------------------------

@@ -11,6 +11,10 @@ Two ways to get metrics, usable together:
   ``(B, T)`` ids) and labels are moved to the CPU batch by batch and concatenated as numpy at the
   end, padded with -100 where sequence lengths differ across batches.
 
+Each mode keeps only what it needs (:func:`reduced_outputs`): loss only drops the step's outputs
+as it returns, ``preprocess_logits_for_metrics`` runs on the device as the step returns, and no
+batch's outputs are alive while the next batch runs, so memory peaks at one batch's logits.
+
 ``eval_step(state, batch)`` is any callable returning a dict with ``"loss"`` (mean over the
 batch's supervised items), ``"num_items"`` and, when predictions are wanted, ``"outputs"``. A step
 may also return ``"labels"``: they replace the batch's labels as ``label_ids`` (the seq2seq
@@ -179,6 +183,10 @@ def evaluation_loop(
     keep = compute_metrics is not None if collect_predictions is None else collect_predictions
     keep = keep and not prediction_loss_only and not (batched and not collect_predictions)
     wants_outputs = (keep or batched) and not prediction_loss_only
+    if streaming_metrics is None:  # (streaming metrics see the step's raw outputs)
+        eval_step = reduced_outputs(eval_step, preprocess_logits_for_metrics if wants_outputs else None,
+                                    keep_outputs=wants_outputs, label_names=label_names, ignore_keys=ignore_keys)
+        preprocess_logits_for_metrics = None  # done in the step
     start = time.perf_counter()
     loss = Average.empty()
     has_loss = False
@@ -215,6 +223,8 @@ def evaluation_loop(
                                                          losses=batch_losses), compute_result=is_last) or {}
         if on_batch_end is not None:
             on_batch_end()
+        # Let go of this batch's outputs before the next step runs (the streaming path's are whole logits).
+        out = outputs = logits = None
     if across_ranks is not None:  # every rank then holds what one process would have
         preds, labels, inputs, losses = (across_ranks.gather_batches(x) for x in (preds, labels, inputs, losses))
         loss, stream = across_ranks.merge(loss), across_ranks.merge(stream)
@@ -238,6 +248,30 @@ def evaluation_loop(
     metrics["samples_per_second"] = round(num_samples / runtime, 3) if runtime > 0 else float("inf")
     metrics["steps_per_second"] = round(num_batches / runtime, 3) if runtime > 0 else float("inf")
     return EvalLoopOutput(predictions, label_ids, _prefixed(metrics, metric_key_prefix), num_samples)
+
+
+def reduced_outputs(eval_step: Callable, preprocess: Callable | None, *, keep_outputs: bool,
+                    label_names: Sequence[str] = ("labels",), ignore_keys: Sequence[str] = ("past_key_values",)):
+    """``eval_step`` whose result carries only what the loop keeps: no ``outputs`` when
+    ``keep_outputs`` is False (loss only), else ``preprocess(logits, labels)`` of them when
+    ``preprocess`` is given (HF's ``preprocess_logits_for_metrics``, e.g. an argmax), computed on
+    the device as the step returns, so a whole batch's logits never reach the loop."""
+    if keep_outputs and preprocess is None:
+        return eval_step
+
+    def step(state, batch):
+        out = eval_step(state, batch)
+        outputs = out.get("outputs")
+        if outputs is None:
+            return out
+        out = {k: v for k, v in out.items() if k != "outputs"}
+        logits = logits_from_outputs(outputs, ignore_keys) if keep_outputs else None
+        if logits is not None:
+            labels = out["labels"] if out.get("labels") is not None else labels_of(batch, label_names)
+            out["outputs"] = preprocess(logits, labels)
+        return out
+
+    return step
 
 
 def _append_numpy(store: list, value) -> None:

@@ -85,7 +85,7 @@ FIELDS: dict[str, FieldStatus] = {
     "warmup_ratio": ok("transformers 4.x name, kept for older scripts"),
     "optim": ok(),
     "optim_args": ok(),
-    "optim_target_modules": ok("the linear layers optim='galore_adamw' projects (a list, a regex or 'all-linear')"),
+    "optim_target_modules": ok("the linear layers optim='galore_adamw'/'galore_adafactor' project (a list, a regex or 'all-linear')"),
     "weight_decay": ok(),
     "adam_beta1": ok(),
     "adam_beta2": ok(),

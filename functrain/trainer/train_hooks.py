@@ -246,15 +246,17 @@ class TrainerCheckpoint(Hook):
 
     order = 100
 
-    def __init__(self, trainer, resume_path: str | None, loader, claim: dict):
-        self.trainer, self.resume_path, self.loader, self.claim = trainer, resume_path, loader, claim
+    def __init__(self, trainer, resume: ck.VerifiedCheckpoint | None, loader, claim: dict):
+        self.trainer, self.resume, self.loader, self.claim = trainer, resume, loader, claim
+        self.resume_path = None if resume is None else resume.path
         self.last_saved: int | None = None
 
     def restore(self, run):
         t, a = self.trainer, self.trainer.args
-        if self.resume_path is not None:
+        if self.resume is not None:
             max_steps, num_epochs = t.state.max_steps, t.state.num_train_epochs
-            run.state = t._load_checkpoint(self.resume_path, run.state)
+            run.state = t._load_checkpoint(self.resume, run.state)
+            self.resume = None  # its tensors now live in the state
             position = t._resume_position(t.state.data_position or {"epoch": 0, "batch_index": 0}, self.loader)
             t.state.max_steps, t.state.num_train_epochs = max_steps, num_epochs
             t.state.compute_steps(a, max_steps)

@@ -487,20 +487,23 @@ class Trainer(PublishMixin):
         state.is_local_process_zero = self.dist.local_rank == 0
         return state
 
-    def _read_state(self, path: str, template: TrainState) -> TrainState:
-        """Load a checkpoint's TrainState; sharded templates/checkpoints reshard to this run."""
+    def _read_state(self, source, template: TrainState) -> TrainState:
+        """Load a checkpoint's TrainState (``source``: a path or a ``ck.VerifiedCheckpoint`` read
+        once); sharded templates/checkpoints reshard to this run (reading their rows from the disk)."""
         from functrain.parallel import checkpoint as dck
 
-        self._check_same_optimizer(path, template)
+        path = source.path if isinstance(source, ck.VerifiedCheckpoint) else source
+        self._check_same_optimizer(source, template)
         if fd.is_distributed() or dck.is_sharded_checkpoint(path):
             return dck.load_train_state(path, template, self.model)
-        return ck.load_train_state(path, template, self.model)
+        return ck.load_train_state(source, template, self.model)
 
-    def _check_same_optimizer(self, path: str, template: TrainState) -> None:
+    def _check_same_optimizer(self, source, template: TrainState) -> None:
         """Optimizer state is stored by position: another optimizer's could load silently."""
         try:
-            ck.check_optimizer_structure(path, template)
+            ck.check_optimizer_structure(source, template)
         except ck.OptimizerMismatchError as e:
+            path = source.path if isinstance(source, ck.VerifiedCheckpoint) else source
             saved = _saved_arg(path, "optim")
             raise ck.CheckpointError(
                 f"checkpoint {path!r} was trained with optim={saved!r}, this run uses optim={self.args.optim!r}"
@@ -623,7 +626,8 @@ class Trainer(PublishMixin):
 
     def _train(self, resume_from_checkpoint, ignore_keys_for_eval) -> TrainOutput:
         a = self.args
-        resume_path = self._resolve_resume(resume_from_checkpoint)
+        resume = self._resolve_resume(resume_from_checkpoint)
+        resume_path = None if resume is None else resume.path
         claim = dict(require_finite=not a.resume_allow_non_finite)
         run_dir.claim_output_dir(a.output_dir, resume_path, a.overwrite_output_dir, act=False, **claim)  # refuse early
         if self.model_init is not None:  # HF re-initializes on every train(), seeded (a resume loads over it)
@@ -655,7 +659,7 @@ class Trainer(PublishMixin):
         self._flos = 0.0
         self._train_log = TrainerLog(self)
         hooks = [CallbackHook(self, steps_per_epoch), self._train_log, TrainerEvaluate(self, ignore_keys_for_eval),
-                 TrainerCheckpoint(self, resume_path, loader, claim), ControlFlow(self, num_epochs)]
+                 TrainerCheckpoint(self, resume, loader, claim), ControlFlow(self, num_epochs)]
         neftune = self._activate_neftune()
         try:
             out = run(self._train_window, state, TrainWindows(loader, self._global_window()), steps=max_steps,
@@ -679,25 +683,29 @@ class Trainer(PublishMixin):
         self.train_state = None
         self._eval_steps = {}  # they were built for the previous model
 
-    def _resolve_resume(self, resume_from_checkpoint):
+    def _resolve_resume(self, resume_from_checkpoint) -> ck.VerifiedCheckpoint | None:
+        """The checkpoint to resume from, verified; in one process its files are read once here and
+        loaded from what was verified (every rank of a distributed run reads its own rows later)."""
         if resume_from_checkpoint is None or resume_from_checkpoint is False:
             return None
         allow = self.args.resume_allow_non_finite
+        keep = not fd.is_distributed()
         if resume_from_checkpoint is True:
-            path = ck.find_resumable_checkpoint(self.args.output_dir, require_finite=not allow)
-            if path is None:
+            found = ck.read_resumable_checkpoint(self.args.output_dir, require_finite=not allow, keep=keep)
+            if found is None:
                 raise ValueError(f"resume_from_checkpoint=True but no valid checkpoint was found in "
                                  f"{self.args.output_dir!r}")
-            return path
+            return found
         path = os.fspath(resume_from_checkpoint)
-        ck.verify_checkpoint(path)  # an explicit path that is corrupted is a clear error
-        bad = [] if allow else ck.non_finite_tensors(path)
+        # an explicit path that is corrupted is a clear error
+        found = ck.read_checkpoint(path, keep=keep)
+        bad = [] if allow else ck.non_finite_tensors(found)
         if bad:
             raise ck.CheckpointError(f"checkpoint {path!r} holds non-finite values (NaN/Inf) in {bad}; training on from "
                                      "it would only produce NaN. Resume from an earlier checkpoint, or set "
                                      "resume_allow_non_finite=True to load it anyway")
         logger.info("resuming from %s", path)
-        return path
+        return found
 
     def _resume_position(self, position: dict, loader) -> dict:
         """Where the data resumes: the saved position, in this run's batches (see docs/reliability.md)."""
@@ -715,13 +723,15 @@ class Trainer(PublishMixin):
         _resume_stream(loader, position, mapped)
         return mapped
 
-    def _load_checkpoint(self, path: str, template: TrainState) -> TrainState:
-        state = _into_storages(template, self._read_state(path, template))
+    def _load_checkpoint(self, source: ck.VerifiedCheckpoint, template: TrainState) -> TrainState:
+        path = source.path
+        state = _into_storages(template, self._read_state(source, template))
         self.state = self._mark_process(TrainerState.load_from_json(ck.safe_file(path, ck.TRAINER_STATE_FILE)))
         self.state.best_model_checkpoint = _checked_best(self.state.best_model_checkpoint, self.args.output_dir)
         compat.restore_callbacks(self.callback_handler, self.state.stateful_callbacks,
                                  rebuild=bool(getattr(self.args, "restore_callback_states_from_checkpoint", False)))
-        ck.load_rng_state(path)
+        ck.load_rng_state(source)
+        source.drop()
         return state
 
     def _global_window(self) -> int:

@@ -55,7 +55,7 @@ from .adam_family import (
     ScaleByRAdamState,
     scale_by_adadelta,
     scale_by_adamax,
-    scale_by_nadam,
+    scale_by_nadam_torch,
     scale_by_radam,
 )
 from .trust_ratio import scale_by_trust_ratio, set_to_zero
@@ -69,7 +69,7 @@ from .schedule_free import (
     schedule_free_step,
 )
 from .prodigy import ProdigyState, prodigy
-from .galore import GaLoreAdamState, galore_adamw, galore_target_names
+from .galore import GaLoreAdafactorState, GaLoreAdamState, galore_adafactor, galore_adamw, galore_target_names
 from .wrappers import (
     LookaheadState,
     MultiSteps,
@@ -91,6 +91,7 @@ from .aliases import (
     lion,
     muon,
     nadam,
+    nadam_torch,
     radam,
     rmsprop,
     sgd,

@@ -1,4 +1,4 @@
-"""Adam's relatives (optax names): Adamax, RAdam, NAdam and Adadelta preconditioning.
+"""Adam's relatives (optax names): Adamax, RAdam, torch's NAdam and Adadelta preconditioning.
 
 Each computes what the ``torch.optim`` class of the same name computes (so results agree to
 float rounding); where optax's definition differs, the docstring says how. The learning rate and
@@ -110,13 +110,13 @@ class ScaleByNAdamState(NamedTuple):
     nu: tree.PyTree
 
 
-def scale_by_nadam(b1=0.9, b2=0.999, eps=1e-8, momentum_decay=4e-3) -> GradientTransformation:
+def scale_by_nadam_torch(b1=0.9, b2=0.999, eps=1e-8, momentum_decay=4e-3) -> GradientTransformation:
     """NAdam (Dozat 2016) with its momentum schedule, as ``torch.optim.NAdam`` computes it.
 
     ``mu_t = b1 * (1 - 0.5 * 0.96 ** (t * momentum_decay))``; the update is
     ``((1 - mu_t) / (1 - prod mu) * g + mu_{t+1} / (1 - prod mu * mu_{t+1}) * m) / (sqrt(nu_hat) + eps)``.
-    optax's ``nadam`` (``scale_by_adam(nesterov=True)``) has no momentum schedule (constant
-    ``b1``); the two give different numbers.
+    optax's ``nadam`` (``scale_by_adam(nesterov=True)``, our ``nadam``) has no momentum schedule
+    (constant ``b1``); the two give different numbers. (optax has no ``scale_by_nadam``.)
     """
     b1, b2, eps = as_hyperparam(b1, "b1"), as_hyperparam(b2, "b2"), as_hyperparam(eps, "eps")
     momentum_decay = as_hyperparam(momentum_decay, "momentum_decay")

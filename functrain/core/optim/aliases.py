@@ -158,11 +158,23 @@ def radam(learning_rate, b1=0.9, b2=0.999, eps=1e-8, threshold=5.0, *, weight_de
     return chain(before, F.scale_by_radam(b1, b2, eps, threshold), after, T.scale_by_learning_rate(learning_rate))
 
 
-def nadam(learning_rate, b1=0.9, b2=0.999, eps=1e-8, *, momentum_decay=4e-3, weight_decay=0.0,
-          decoupled_weight_decay: bool = False) -> GradientTransformation:
-    """NAdam matching ``torch.optim.NAdam`` (momentum schedule; optax's ``nadam`` has none)."""
+def nadam(learning_rate, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, mu_dtype=None) -> GradientTransformation:
+    """optax's NAdam: Adam with Nesterov momentum (``scale_by_adam(nesterov=True)``), constant ``b1``.
+
+    Not ``torch.optim.NAdam``, which schedules the momentum (``momentum_decay``): that is
+    :func:`nadam_torch`. The two give different numbers from the first step.
+    """
+    return chain(T.scale_by_adam(b1, b2, eps, eps_root, mu_dtype=mu_dtype, nesterov=True),
+                 T.scale_by_learning_rate(learning_rate))
+
+
+def nadam_torch(learning_rate, b1=0.9, b2=0.999, eps=1e-8, *, momentum_decay=4e-3, weight_decay=0.0,
+                decoupled_weight_decay: bool = False) -> GradientTransformation:
+    """NAdam matching ``torch.optim.NAdam`` (Dozat's momentum schedule, ``momentum_decay``; L2 or
+    decoupled ``weight_decay``). optax's definition is :func:`nadam`."""
     before, after = _l2_or_decoupled(weight_decay, decoupled_weight_decay)
-    return chain(before, F.scale_by_nadam(b1, b2, eps, momentum_decay), after, T.scale_by_learning_rate(learning_rate))
+    return chain(before, F.scale_by_nadam_torch(b1, b2, eps, momentum_decay), after,
+                 T.scale_by_learning_rate(learning_rate))
 
 
 def adadelta(learning_rate=1.0, rho=0.9, eps=1e-6, weight_decay=0.0) -> GradientTransformation:

@@ -13,8 +13,10 @@ An inner transformation always sees the selected leaves as a flat ``{dotted_path
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import re
+import threading
 from typing import Any, Callable, Hashable, Mapping, NamedTuple
 
 import torch
@@ -74,6 +76,30 @@ def _merge(leaves: list, names: list[str], chosen: list[bool], selected: dict) -
     return [selected[n] if c else x for n, x, c in zip(names, leaves, chosen)]
 
 
+# -- recording selections (for flat layouts) ---------------------------------------------------
+
+_log = threading.local()
+
+
+@contextlib.contextmanager
+def recording_selections():
+    """Collect, in this thread, what each ``masked``/``partition`` ``init`` selects: a list of
+    ``{name: flag or label}``, one per selection, in call order. :mod:`functrain.core.flat` groups
+    parameters that every selection treats alike into one flat segment."""
+    before = getattr(_log, "entries", None)
+    _log.entries = []
+    try:
+        yield _log.entries
+    finally:
+        _log.entries = before
+
+
+def _record(names: list[str], values: list) -> None:
+    entries = getattr(_log, "entries", None)
+    if entries is not None:
+        entries.append(dict(zip(names, values)))
+
+
 # -- masked --------------------------------------------------------------------------------------
 
 
@@ -116,6 +142,7 @@ def masked(inner: GradientTransformation, mask) -> GradientTransformation:
     def init(params):
         names, leaves, _ = _names_and_leaves(params, None)
         flags = _resolve_mask(mask, params, names)
+        _record(names, flags)
         return MaskedState(inner.init(_select(names, leaves, flags)))
 
     def update(updates, state, params=None, **extra_args):
@@ -195,6 +222,7 @@ def partition(transforms: Mapping[Hashable, GradientTransformation], labels) -> 
     def init(params):
         names, leaves, _ = _names_and_leaves(params, None)
         flags = groups(names, leaves, params)
+        _record(names, _resolve_labels(labels, params, names, leaves))
         return PartitionState({label: t.init(_select(names, leaves, flags[label])) for label, t in transforms.items()})
 
     def update(updates, state, params=None, **extra_args):

@@ -23,6 +23,8 @@ import torch
 from torch import nn
 
 from functrain.core import tree
+from functrain.core.optim import aliases as A
+from functrain.core.optim import transforms as T
 from functrain.core.optim.base import GradientTransformation, as_hyperparam, counter_like
 
 PROJ_TYPES = ("std", "reverse_std", "right", "left", "full")
@@ -101,6 +103,47 @@ def _project_back(low, mats, side, proj_type):
     return mats[0] @ low @ mats[1]
 
 
+def _validated_pick(targets, rank, update_proj_gap, proj_type):
+    """Check the projection settings; ``(name, param) -> bool`` for ``targets``."""
+    if proj_type not in PROJ_TYPES:
+        raise ValueError(f"galore: proj_type must be one of {PROJ_TYPES}, got {proj_type!r}")
+    for name, v in (("rank", rank), ("update_proj_gap", update_proj_gap)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"galore: {name} must be an int >= 1, got {v!r}")
+    return targets if callable(targets) else (lambda name, p, _t=frozenset(targets): name in _t)
+
+
+def _plan(params, pick, rank: int, proj_type: str) -> dict:
+    """``{name: (side, projection shapes, low-rank shape)}`` for the targeted leaves."""
+    out = {}
+    for name, p in tree.named_leaves(params).items():
+        if pick(name, p):
+            if p.ndim != 2:
+                raise ValueError(f"galore: target {name!r} has shape {tuple(p.shape)}; only 2-D weights project")
+            out[name] = _projection_shapes(tuple(p.shape), rank, proj_type)
+    return out
+
+
+def _init_projections(named: dict, plan: dict, targets) -> dict:
+    if targets and not plan:
+        raise ValueError("galore: no parameter matches targets")
+    return {n: [named[n].new_zeros(s) for s in shapes] for n, (_, shapes, _) in plan.items()}
+
+
+def _projected(g, old: list, refresh, side: str, shapes) -> tuple[torch.Tensor, list]:
+    """``g`` projected, and the projection: from an SVD of ``g`` when ``refresh`` (a 0-d bool), else
+    ``old``. A ``torch.cond``, so a compiled update holds both branches and never recompiles."""
+    k = shapes[0][0] if side == "right" else shapes[0][1]
+    mats = torch.cond(refresh, lambda g_, *old_: tuple(_orthogonal(g_, k, side)),
+                      lambda g_, *old_: tuple(o.clone().contiguous() for o in old_), (g, *old))
+    return _project(g, mats, side), list(mats)
+
+
+def _current_lr(learning_rate, count):
+    lr = learning_rate(count) if callable(learning_rate) and not isinstance(learning_rate, torch.Tensor) else learning_rate
+    return torch.as_tensor(lr, dtype=torch.float32, device=count.device)
+
+
 class GaLoreAdamState(NamedTuple):
     count: torch.Tensor  # updates done, 0-d int64
     projections: dict  # {name: [matrix, ...]} for the projected leaves
@@ -118,58 +161,33 @@ def galore_adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-6, weight_decay=0.0, *,
     or a function ``(name, param) -> bool``. Defaults are galore-torch's (``eps=1e-6``).
     """
     learning_rate = as_hyperparam(learning_rate, "learning_rate", allow_schedule=True)
-    if proj_type not in PROJ_TYPES:
-        raise ValueError(f"galore: proj_type must be one of {PROJ_TYPES}, got {proj_type!r}")
-    for name, v in (("rank", rank), ("update_proj_gap", update_proj_gap)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"galore: {name} must be an int >= 1, got {v!r}")
-    pick = targets if callable(targets) else (lambda name, p, _t=frozenset(targets): name in _t)
-
-    def current_lr(count):
-        lr = learning_rate(count) if callable(learning_rate) and not isinstance(learning_rate, torch.Tensor) else learning_rate
-        return torch.as_tensor(lr, dtype=torch.float32, device=count.device)
-
-    def targeted(params) -> dict:
-        out = {}
-        for name, p in tree.named_leaves(params).items():
-            if pick(name, p):
-                if p.ndim != 2:
-                    raise ValueError(f"galore: target {name!r} has shape {tuple(p.shape)}; only 2-D weights project")
-                out[name] = _projection_shapes(tuple(p.shape), rank, proj_type)
-        return out
+    pick = _validated_pick(targets, rank, update_proj_gap, proj_type)
 
     def init(params):
         count = counter_like(params)
         named = tree.named_leaves(params)
-        plan = targeted(params)
-        if targets and not plan:
-            raise ValueError("galore: no parameter matches targets")
-        projections = {n: [named[n].new_zeros(s) for s in shapes] for n, (_, shapes, _) in plan.items()}
+        plan = _plan(params, pick, rank, proj_type)
+        projections = _init_projections(named, plan, targets)
         moment = {n: (named[n].new_zeros(plan[n][2]) if n in plan else torch.zeros_like(p)) for n, p in named.items()}
         return GaLoreAdamState(count, projections, moment, {n: torch.zeros_like(m) for n, m in moment.items()},
-                               current_lr(count))
+                               _current_lr(learning_rate, count))
 
     def update(updates, state, params=None):
         if params is None and weight_decay:
             raise ValueError("galore_adamw needs params for weight decay: call update(grads, state, params)")
         named_g, treedef = tree.named_leaves(updates), tree.structure(updates)
         named_p = tree.named_leaves(params) if params is not None else {}
-        plan = targeted(updates if params is None else params)
+        plan = _plan(updates if params is None else params, pick, rank, proj_type)
         refresh = (state.count % update_proj_gap) == 0
         t = (state.count + 1).to(torch.float64)
-        step_size = current_lr(state.count).double()
+        lr = _current_lr(learning_rate, state.count)
+        step_size = lr.double()
         if correct_bias:
             step_size = step_size * torch.sqrt(1 - b2 ** t) / (1 - b1 ** t)
-        lr = current_lr(state.count)
         out, projections, exp_avg, exp_avg_sq = [], {}, {}, {}
         for name, g in named_g.items():
             if name in plan:
-                side, shapes, _ = plan[name]
-                k = shapes[0][0] if side == "right" else shapes[0][1]
-                mats = torch.cond(refresh, lambda g_, *old: tuple(_orthogonal(g_, k, side)),
-                                  lambda g_, *old: tuple(o.clone().contiguous() for o in old), (g, *state.projections[name]))
-                projections[name] = list(mats)
-                g = _project(g, mats, side)
+                g, projections[name] = _projected(g, state.projections[name], refresh, *plan[name][:2])
             m = state.exp_avg[name] * b1 + g * (1 - b1)
             v = state.exp_avg_sq[name] * b2 + g * g * (1 - b2)
             exp_avg[name], exp_avg_sq[name] = m, v
@@ -181,5 +199,75 @@ def galore_adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-6, weight_decay=0.0, *,
                 u = u - (lr * weight_decay) * (named_p[name] + u)
             out.append(u)
         return tree.unflatten(treedef, out), GaLoreAdamState(state.count + 1, projections, exp_avg, exp_avg_sq, lr)
+
+    return GradientTransformation(init, update)
+
+
+class GaLoreAdafactorState(NamedTuple):
+    count: torch.Tensor  # updates done, 0-d int64
+    projections: dict  # {name: [matrix, ...]} for the projected leaves
+    adafactor: tuple  # Adafactor's state over the low-rank shaped gradients (targets) and the others
+    learning_rate: torch.Tensor  # Adafactor's step size of the last update, 0-d fp32 (logged)
+
+
+def galore_adafactor(learning_rate=None, eps=(1e-30, 1e-3), clip_threshold=1.0, decay_rate=-0.8, beta1=None,
+                     weight_decay=0.0, scale_parameter: bool = True, relative_step: bool = True,
+                     warmup_init: bool = False, *, targets=(), rank: int = 128, update_proj_gap: int = 200,
+                     scale=0.25, proj_type: str = "std") -> GradientTransformation:
+    """``galore_torch.GaLoreAdafactor`` with the parameters named in ``targets`` (2-D) projected.
+
+    Adafactor (:func:`functrain.optim.adafactor`, transformers' arguments and defaults) runs on the
+    projected gradients of the targets, so their factored second moments and first moment are
+    low-rank shaped; its update is projected back and multiplied by ``scale``. As galore-torch:
+    the parameter scale (``scale_parameter``) is the full weight's RMS, and weight decay
+    ``weight_decay * lr * param`` is on the full weight (before the update), ``lr`` being
+    Adafactor's per-leaf rate. The projection refreshes as in :func:`galore_adamw`.
+    """
+    pick = _validated_pick(targets, rank, update_proj_gap, proj_type)
+    if not (isinstance(eps, (tuple, list)) and len(eps) == 2):
+        raise ValueError(f"galore_adafactor: eps must be a pair (eps_square, eps_scale), got {eps!r}")
+    weight_decay = as_hyperparam(weight_decay, "weight_decay")
+    # Decay comes after projecting back (it is on the full weight), so Adafactor itself gets none.
+    inner = A.adafactor(learning_rate, eps, clip_threshold, decay_rate, beta1, 0.0, scale_parameter, relative_step,
+                      warmup_init)
+    decays = isinstance(weight_decay, torch.Tensor) or weight_decay != 0
+
+    def low_rank_like(tree_, plan):
+        named, treedef = tree.named_leaves(tree_), tree.structure(tree_)
+        return tree.unflatten(treedef, [x.new_zeros(plan[n][2]) if n in plan else x for n, x in named.items()])
+
+    def init(params):
+        count = counter_like(params)
+        plan = _plan(params, pick, rank, proj_type)
+        projections = _init_projections(tree.named_leaves(params), plan, targets)
+        inner_state = inner.init(low_rank_like(params, plan))
+        return GaLoreAdafactorState(count, projections, inner_state, inner_state[1].learning_rate)
+
+    def update(updates, state, params=None):
+        if params is None and (scale_parameter or decays):
+            raise ValueError("galore_adafactor needs params (parameter scaling / weight decay): "
+                             "call update(grads, state, params)")
+        named_g, treedef = tree.named_leaves(updates), tree.structure(updates)
+        plan = _plan(updates if params is None else params, pick, rank, proj_type)
+        refresh = (state.count % update_proj_gap) == 0
+        low, projections = [], {}
+        for name, g in named_g.items():
+            if name in plan:
+                g, projections[name] = _projected(g, state.projections[name], refresh, *plan[name][:2])
+            low.append(g)
+        low_u, inner_state = inner.update(tree.unflatten(treedef, low), state.adafactor, params)
+        step_size = inner_state[1].learning_rate
+        named_p = tree.named_leaves(params) if params is not None else {}
+        out = []
+        for name, u in tree.named_leaves(low_u).items():
+            if name in plan:
+                u = _project_back(u, projections[name], plan[name][0], proj_type) * scale
+            if decays:  # galore-torch: p -= weight_decay * lr * p, lr = step size (x max(eps, rms(p)))
+                p = named_p[name]
+                lr = step_size * torch.clamp(T.rms(p), min=eps[1]) if scale_parameter else step_size
+                u = u - (weight_decay * lr) * p
+            out.append(u)
+        return (tree.unflatten(treedef, out),
+                GaLoreAdafactorState(state.count + 1, projections, inner_state, step_size))
 
     return GradientTransformation(init, update)

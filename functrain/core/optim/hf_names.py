@@ -114,18 +114,33 @@ def _schedule_free_sgd(lr, hp: HFHyperparams):
     return SF.schedule_free_sgd(lr, **_schedule_free_settings("schedule_free_sgd", hp))
 
 
+def _galore_settings(name: str, hp: HFHyperparams) -> dict:
+    """HF's GaLore ``optim_args`` (with its defaults) and the targets from ``optim_target_modules``."""
+    extra = _only(name, hp.optim_args, ("rank", "update_proj_gap", "scale", "proj_type"))
+    if not hp.galore_targets:
+        raise ValueError(f"optim={name!r} needs optim_target_modules (a list of module names, a regex or "
+                         "'all-linear') naming the linear layers to project")
+    return dict(targets=hp.galore_targets, rank=int(extra.get("rank", 128)),
+                update_proj_gap=int(extra.get("update_proj_gap", 200)), scale=float(extra.get("scale", 0.25)),
+                proj_type=str(extra.get("proj_type", "std")))
+
+
 def _galore_adamw(lr, hp: HFHyperparams):
     """``galore_torch.GaLoreAdamW`` as HF builds it: only ``lr`` is passed (galore-torch's betas,
     ``eps=1e-6``, no weight decay); ``optim_args`` give the projection settings."""
     from functrain.core.optim.galore import galore_adamw
 
-    extra = _only("galore_adamw", hp.optim_args, ("rank", "update_proj_gap", "scale", "proj_type"))
-    if not hp.galore_targets:
-        raise ValueError("optim='galore_adamw' needs optim_target_modules (a list of module names, a regex or "
-                         "'all-linear') naming the linear layers to project")
-    return galore_adamw(lr, targets=hp.galore_targets, rank=int(extra.get("rank", 128)),
-                        update_proj_gap=int(extra.get("update_proj_gap", 200)), scale=float(extra.get("scale", 0.25)),
-                        proj_type=str(extra.get("proj_type", "std")))
+    return galore_adamw(lr, **_galore_settings("galore_adamw", hp))
+
+
+def _galore_adafactor(lr, hp: HFHyperparams):
+    """``galore_torch.GaLoreAdafactor`` as HF builds it: ``lr`` with ``scale_parameter=False,
+    relative_step=False`` (Adafactor's other defaults, no weight decay); ``optim_args`` give the
+    projection settings."""
+    from functrain.core.optim.galore import galore_adafactor
+
+    return galore_adafactor(lr, scale_parameter=False, relative_step=False,
+                            **_galore_settings("galore_adafactor", hp))
 
 
 HF_OPTIMIZERS: dict[str, Callable[[Any, HFHyperparams], GradientTransformation]] = {
@@ -142,14 +157,16 @@ HF_OPTIMIZERS: dict[str, Callable[[Any, HFHyperparams], GradientTransformation]]
     "schedule_free_adamw": _schedule_free_adamw,
     "schedule_free_sgd": _schedule_free_sgd,
     "galore_adamw": _galore_adamw,
+    "galore_adafactor": _galore_adafactor,
 }
 
 # HF names functrain refuses, with why and what to use instead.
 REFUSED_HF_OPTIMIZERS = {
-    "galore_adafactor": "GaLore with Adafactor is not implemented; use optim='galore_adamw'",
+    "galore_adamw_8bit": "8-bit (bitsandbytes-quantized) GaLore moments are not implemented; use optim='galore_adamw' "
+                         "or 'galore_adafactor' (their moments are already rank-sized)",
     "schedule_free_radam": "schedule-free RAdam is not implemented; use optim='schedule_free_adamw'",
     **{name: "layer-wise optimizers step inside backward hooks, which a pure train step has none of; use "
-             "optim='galore_adamw' (its memory saving comes from the low-rank moments)"
+             "optim='galore_adamw' or 'galore_adafactor' (their memory saving comes from the low-rank moments)"
        for name in ("galore_adamw_layerwise", "galore_adafactor_layerwise", "galore_adamw_8bit_layerwise")},
 }
 

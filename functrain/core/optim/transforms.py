@@ -92,18 +92,20 @@ class ScaleByAdamState(NamedTuple):
     nu_max: tree.PyTree  # running max of nu for amsgrad; an empty tuple otherwise
 
 
-def scale_by_adam(b1=0.9, b2=0.999, eps=1e-8, *, amsgrad: bool = False,
-                  mu_dtype: torch.dtype | None = None) -> GradientTransformation:
-    """Adam's preconditioning: ``mu_hat / (sqrt(nu_hat) + eps)`` with bias correction.
+def scale_by_adam(b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, *, amsgrad: bool = False,
+                  mu_dtype: torch.dtype | None = None, nesterov: bool = False) -> GradientTransformation:
+    """Adam's preconditioning: ``mu_hat / (sqrt(nu_hat + eps_root) + eps)`` with bias correction.
 
     Computed as ``torch.optim.Adam`` does (``eps`` added after dividing ``sqrt(nu)`` by
     ``sqrt(1 - b2**t)``), so results agree with it to float rounding. ``mu_dtype`` (optax) stores
     the first moment in that dtype (e.g. ``torch.bfloat16``, half the memory); the update itself
     is computed in the gradients' dtype before the moment is rounded for storage.
+    ``nesterov=True`` is optax's NAdam: ``mu_hat = b1 * mu / (1 - b1**(t+1)) + (1 - b1) * g / (1 - b1**t)``.
     """
     b1 = as_hyperparam(b1, "b1")
     b2 = as_hyperparam(b2, "b2")
     eps = as_hyperparam(eps, "eps")
+    eps_root = as_hyperparam(eps_root, "eps_root")
 
     def init(params):
         return ScaleByAdamState(
@@ -133,15 +135,23 @@ def scale_by_adam(b1=0.9, b2=0.999, eps=1e-8, *, amsgrad: bool = False,
             nu_for_denom = nu_max
         count = safe_increment(state.count)
         t = count.to(torch.float64)
-        bc1, bc2_sqrt = _materialized(
-            (1 - torch.pow(torch.as_tensor(b1, dtype=torch.float64), t)).float(),
+        b1_64 = torch.as_tensor(b1, dtype=torch.float64)
+        bc1, bc1_next, bc2_sqrt = _materialized(
+            (1 - torch.pow(b1_64, t)).float(), (1 - torch.pow(b1_64, t + 1)).float(),
             torch.sqrt(1 - torch.pow(torch.as_tensor(b2, dtype=torch.float64), t)).float(),
         )
-        denom = foreach.sqrt(nu_for_denom)
-        foreach.div_(denom, bc2_sqrt)
+        if _is_zero(eps_root):
+            denom = foreach.sqrt(nu_for_denom)
+            foreach.div_(denom, bc2_sqrt)
+        else:
+            denom = foreach.sqrt(foreach.add(foreach.div(nu_for_denom, bc2_sqrt * bc2_sqrt), eps_root))
         foreach.add_(denom, eps)
-        out = foreach.div(mu, denom)
-        foreach.div_(out, bc1)
+        if nesterov:  # optax: b1 * mu_hat(t + 1) + (1 - b1) * g_hat(t)
+            out = foreach.add(foreach.mul(mu, b1 / bc1_next), foreach.mul(g, (1 - b1) / bc1))
+            foreach.div_(out, denom)
+        else:
+            out = foreach.div(mu, denom)
+            foreach.div_(out, bc1)
         new_state = ScaleByAdamState(
             count,
             tree.unflatten(treedef, mu if mu_dtype is None else [m.to(mu_dtype) for m in mu]),
@@ -370,7 +380,8 @@ def _empty(x: torch.Tensor) -> torch.Tensor:
     return torch.zeros((0,), dtype=x.dtype, device=x.device)
 
 
-def _rms(x: torch.Tensor) -> torch.Tensor:
+def rms(x: torch.Tensor) -> torch.Tensor:
+    """Root mean square of a tensor's entries (Adafactor's scale)."""
     return torch.linalg.vector_norm(x) / (x.numel() ** 0.5)
 
 
@@ -413,7 +424,7 @@ def scale_by_factored_rms(decay_rate=-0.8, eps=1e-30, clip_threshold=1.0) -> Gra
             else:
                 v = torch.lerp(v, sq, 1.0 - beta2t)
                 u = v.rsqrt() * gi
-            u = u / torch.clamp(_rms(u) / clip_threshold, min=1.0)
+            u = u / torch.clamp(rms(u) / clip_threshold, min=1.0)
             rows.append(r), cols.append(c), fulls.append(v), out.append(u)
         new_state = FactoredState(count, tree.unflatten(treedef, rows), tree.unflatten(treedef, cols),
                                   tree.unflatten(treedef, fulls))
@@ -470,7 +481,7 @@ def scale_by_adafactor_step(learning_rate=None, *, eps=1e-3, beta1=None, weight_
         u, treedef = flat_updates(updates, params)
         size = step_size(state.count)
         p = tree.leaves(params) if params is not None else [None] * len(u)
-        lrs = [size * torch.clamp(_rms(pi), min=eps) if scale_parameter else size for pi in p]
+        lrs = [size * torch.clamp(rms(pi), min=eps) if scale_parameter else size for pi in p]
         out = [lr * ui for lr, ui in zip(lrs, u)]
         exp_avg = ()
         if beta1 is not None:

@@ -1,0 +1,183 @@
+"""Checkpoint I/O: functrain's save against a raw ``safetensors.torch.save_file`` of the same
+tensors, and how many bytes a resume reads.
+
+A GPT-2 of ~23M params (6 layers, d512, vocab 8192) with an AdamW state (mu, nu filled with
+random values): ~280 MB of tensors. Contenders, interleaved round by round in one process:
+
+* ``raw_save_file``: ``safetensors.torch.save_file`` of every tensor (weights + optimizer state)
+  into one file: the floor (no fsync, no hash, no atomic rename);
+* ``raw_save_file_fsync``: the same plus an fsync (what a crash-safe write needs at least);
+* ``raw_fsync_rehash``: the same plus a sha256 of the file read back: what a checksummed
+  checkpoint cost before the hash moved into the write;
+* ``functrain_save``: ``functrain.io.checkpoint.save_checkpoint`` (``save_pretrained`` weights,
+  ``train_state.safetensors`` hashed while written, rng state, manifest, fsyncs, rename).
+
+Resume: ``read_checkpoint`` + ``load_train_state`` + ``load_rng_state`` + ``non_finite_tensors``
+(what the Trainer runs), bytes read counted by ``/proc/self/io`` ``rchar`` (every ``read`` call of
+the process) against the checkpoint's size, timed against ``safetensors.torch.load_file`` of the
+raw file. (Files come from the page cache: the machine's disk is not what is measured.)
+
+Usage: python benchmarks/checkpoint_io.py [--rounds 7]
+Writes benchmarks/results/checkpoint_io.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import statistics
+import tempfile
+import time
+
+import _common  # noqa: F401  (puts the repository on sys.path)
+import torch
+from _common import gpt2, interleave, table, write_report
+from safetensors.torch import load_file, save_file
+
+import functrain
+from functrain.core import tree
+from functrain.io import checkpoint as ck
+
+
+def build_state():
+    model = gpt2(n_layer=6, n_embd=512, n_head=8, vocab=8192, seq=128)
+    state = functrain.TrainState.create(model, functrain.optim.adamw(1e-3), copy=True)
+    g = torch.Generator().manual_seed(0)
+    for leaf in tree.leaves(state.opt_state):  # a trained state's moments, not zeros
+        if leaf.is_floating_point() and leaf.ndim:
+            leaf.copy_(torch.randn(leaf.shape, generator=g).abs_())
+    return model, state
+
+
+def raw_tensors(model, state) -> dict:
+    """The same tensors functrain writes: weights (tied ones once) + the optimizer state."""
+    out = ck._dedup_state_dict(model.state_dict())
+    out.update({f"opt.{p}": t.contiguous() for p, t in tree.named_leaves(state.opt_state).items()})
+    return out
+
+
+def fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sha256_of(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def timed(fn, cleanup) -> list[float]:
+    start = time.perf_counter()
+    fn()
+    took = time.perf_counter() - start
+    cleanup()
+    return [took]
+
+
+def rchar() -> int:
+    with open("/proc/self/io") as f:
+        return int(next(line for line in f if line.startswith("rchar:")).split()[1])
+
+
+def folder_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(path, n)) for n in os.listdir(path))
+
+
+def resume(path: str, template, model):
+    found = ck.read_checkpoint(path, require_resumable=False)  # (no trainer_state.json: no Trainer here)
+    bad = ck.non_finite_tensors(found)
+    ck.check_optimizer_structure(found, template)
+    state = ck.load_train_state(found, template, model)
+    ck.load_rng_state(found)
+    assert not bad
+    return state
+
+
+def resume_from_paths(path: str, template, model):
+    """The previous sequence: verify (a hash of every file), then read the tensors from the files."""
+    ck.verify_checkpoint(path, require_resumable=False)
+    bad = ck.non_finite_tensors(path)
+    ck.check_optimizer_structure(path, template)
+    state = ck.load_train_state(path, template, model)
+    ck.load_rng_state(path)
+    assert not bad
+    return state
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--out", default=None)
+    a = p.parse_args()
+    model, state = build_state()
+    tensors = raw_tensors(model, state)
+    nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    print(f"{sum(t.numel() for t in model.parameters()) / 1e6:.1f}M params, {nbytes / 2**20:.0f} MiB of tensors")
+    root = tempfile.mkdtemp(prefix="functrain-ckpt-io-")
+    raw = os.path.join(root, "raw.safetensors")
+
+    def remove_raw():
+        os.remove(raw)
+
+    def remove_ckpt():
+        shutil.rmtree(ck.checkpoint_path(root, 1))
+
+    def raw_fsync():
+        save_file(tensors, raw)
+        fsync(raw)
+
+    def raw_fsync_rehash():
+        raw_fsync()
+        sha256_of(raw)
+
+    contenders = {
+        "raw_save_file": lambda: timed(lambda: save_file(tensors, raw), remove_raw),
+        "raw_save_file_fsync": lambda: timed(raw_fsync, remove_raw),
+        "raw_fsync_rehash": lambda: timed(raw_fsync_rehash, remove_raw),
+        "functrain_save": lambda: timed(lambda: ck.save_checkpoint(root, 1, model=model, train_state=state),
+                                        remove_ckpt),
+    }
+    try:
+        print("save:")
+        save = interleave(contenders, a.rounds)
+        print(table(save, "raw_save_file", unit="ms/save"))
+        for ref in ("raw_save_file_fsync", "raw_fsync_rehash"):
+            save[f"functrain_save_over_{ref}"] = save["functrain_save"]["median_ms"] / save[ref]["median_ms"]
+            print(f"functrain_save / {ref}: {save[f'functrain_save_over_{ref}']:.3f}x")
+
+        path = ck.save_checkpoint(root, 1, model=model, train_state=state)
+        save_file(tensors, raw)
+        size = folder_bytes(path)
+        before = rchar()
+        loaded = resume(path, state, model)
+        read = rchar() - before
+        assert all(torch.equal(x, y) for x, y in zip(tree.leaves(loaded), tree.leaves(state)))
+        print(f"resume read {read / 2**20:.1f} MiB of a {size / 2**20:.1f} MiB checkpoint: {read / size:.3f}x")
+        del loaded
+        print("load:")
+        load = interleave({
+            "raw_load_file": lambda: timed(lambda: load_file(raw), lambda: None),
+            "functrain_resume": lambda: timed(lambda: resume(path, state, model), lambda: None),
+            "functrain_resume_from_paths": lambda: timed(lambda: resume_from_paths(path, state, model), lambda: None),
+        }, a.rounds)
+        print(table(load, "raw_load_file", unit="ms/load"))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    write_report("checkpoint_io", {
+        "config": {"params": sum(t.numel() for t in model.parameters()), "tensor_bytes": nbytes, "rounds": a.rounds},
+        "save": save, "load": load,
+        "resume_bytes_read": read, "checkpoint_bytes": size, "resume_read_ratio": read / size,
+        "median_load_s": statistics.median([x[0] for x in load["_loadavg"]]),
+    }, a.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,188 @@
+"""Checkpoint I/O costs: hashes taken as files are written (no read-back), and a resume that reads
+each byte of the checkpoint once and loads exactly the bytes it verified."""
+
+import hashlib
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import functrain as ft
+from functrain.io import checkpoint as ck
+from functrain.trainer.args import TrainingArguments
+from functrain.trainer.callbacks import TrainerCallback, TrainerState
+from functrain.trainer.trainer import Trainer
+
+from _trainer_fixtures import make_dataset, make_model, params_of
+
+
+class Mixed(nn.Module):
+    """Leaves of several dtypes and shapes (bf16, 0-d, empty, bool): every byte layout is hashed."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(5, 3)
+        self.low = nn.Parameter(torch.randn(7, 3).to(torch.bfloat16))
+        self.register_buffer("scalar", torch.tensor(2.5))
+        self.register_buffer("empty", torch.zeros(0, 4))
+        self.register_buffer("mask", torch.tensor([True, False, True]))
+
+
+def _state(model):
+    tx = ft.optim.adamw(1e-2)
+    state = ft.TrainState.create(model, tx, seed=3, copy=True)
+    grads = {n: torch.randn_like(p) for n, p in state.params.items()}
+    _, opt = tx.update(grads, state.opt_state, state.params)  # non-zero moments
+    return state.replace(opt_state=opt)  # (params stay the model's: the weights file holds those)
+
+
+def _file_sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def _save(tmp_path, model=None):
+    model = model or Mixed()
+    state = _state(model)
+    path = ck.save_checkpoint(str(tmp_path / "out"), 1, model=model, train_state=state,
+                              trainer_state=TrainerState(global_step=1))
+    return path, model, state
+
+
+def test_own_files_are_hashed_while_written_not_read_back(tmp_path, monkeypatch):
+    read_back = []
+    hash_file = ck._sha256
+    monkeypatch.setattr(ck, "_sha256", lambda p: read_back.append(os.path.basename(p)) or hash_file(p))
+    path, _, _ = _save(tmp_path)
+    # The weights, train state and generators are functrain's own safetensors: none is read back;
+    # only the JSON a library wrote (trainer_state.json) is.
+    assert read_back == [ck.TRAINER_STATE_FILE]
+    manifest = ck.read_manifest(path)
+    for rel in (ck.MODEL_FILE, ck.STATE_FILE, ck.RNG_FILE, ck.TRAINER_STATE_FILE):
+        full = os.path.join(path, rel)
+        assert manifest["files"][rel] == {"sha256": _file_sha256(full), "bytes": os.path.getsize(full)}
+    ck.verify_checkpoint(path)
+
+
+def _counting_reads(monkeypatch):
+    """Bytes read from checkpoint files, per file name, through the reader and the hasher; opening
+    a safetensors file from the disk (a second read) fails."""
+    counts = {}
+    read_file, hash_file = ck.read_file, ck._hash_file
+
+    def counted_read(full, expected):
+        data = read_file(full, expected)
+        counts[os.path.basename(full)] = counts.get(os.path.basename(full), 0) + len(data)
+        return data
+
+    def counted_hash(full):
+        size, digest = hash_file(full)
+        counts[os.path.basename(full)] = counts.get(os.path.basename(full), 0) + size
+        return size, digest
+
+    def no_disk(path):
+        raise AssertionError(f"{path} was opened from the disk again after it was verified")
+
+    monkeypatch.setattr(ck, "read_file", counted_read)
+    monkeypatch.setattr(ck, "_hash_file", counted_hash)
+    monkeypatch.setattr(ck, "open_safetensors", no_disk)
+    return counts
+
+
+def _listed_sizes(path):
+    return {rel: entry["bytes"] for rel, entry in ck.read_manifest(path)["files"].items()}
+
+
+def test_read_checkpoint_reads_each_byte_once_and_loads_it(tmp_path, monkeypatch):
+    path, model, state = _save(tmp_path)
+    counts = _counting_reads(monkeypatch)
+    found = ck.read_checkpoint(path)
+    assert ck.non_finite_tensors(found) == []
+    ck.check_optimizer_structure(found, state)
+    loaded = ck.load_train_state(found, _state(Mixed()), model)
+    ck.load_rng_state(found)
+    assert counts == _listed_sizes(path)  # every listed byte once, nothing more
+    for a, b in zip(ft.tree.leaves(loaded), ft.tree.leaves(state)):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_loading_uses_the_verified_bytes_not_the_disk(tmp_path):
+    path, model, state = _save(tmp_path)
+    found = ck.read_checkpoint(path)
+    with open(os.path.join(path, ck.STATE_FILE), "r+b") as f:  # changed on disk after verification
+        f.seek(-4, os.SEEK_END)
+        f.write(b"\xff\xff\xff\x7f")
+    loaded = ck.load_train_state(found, _state(Mixed()), model)
+    assert all(torch.equal(a, b) for a, b in zip(ft.tree.leaves(loaded), ft.tree.leaves(state)))
+    with pytest.raises(ck.CheckpointError, match="sha256"):
+        ck.read_checkpoint(path)
+
+
+def test_loaded_leaves_are_writable_and_independent(tmp_path):
+    path, model, state = _save(tmp_path)
+    loaded = ck.load_train_state(ck.read_checkpoint(path), _state(Mixed()), model)
+    before = loaded.params["lin.weight"].clone()
+    loaded.params["lin.weight"].add_(1.0)  # a donated step writes into its state
+    assert torch.equal(loaded.params["lin.weight"], before + 1.0)
+    assert torch.equal(state.params["lin.weight"], before)
+
+
+@pytest.mark.parametrize("change", ["longer", "shorter"])
+def test_read_checkpoint_refuses_a_file_of_another_size(tmp_path, change):
+    path, _, _ = _save(tmp_path)
+    target = os.path.join(path, ck.STATE_FILE)
+    data = open(target, "rb").read()
+    with open(target, "wb") as f:
+        f.write(data + b"\0" if change == "longer" else data[:-1])
+    with pytest.raises(ck.CheckpointError, match="bytes, the manifest says"):
+        ck.read_checkpoint(path)
+
+
+def test_read_checkpoint_refuses_a_symlinked_file(tmp_path):
+    path, _, _ = _save(tmp_path)
+    outside = tmp_path / "outside.safetensors"
+    target = os.path.join(path, ck.STATE_FILE)
+    os.replace(target, outside)
+    os.symlink(outside, target)
+    with pytest.raises(ck.CheckpointError, match="not a regular file"):
+        ck.read_checkpoint(path)
+
+
+class StopAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+
+
+class Undo(TrainerCallback):
+    def __init__(self, monkeypatch):
+        self.monkeypatch = monkeypatch
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.monkeypatch.undo()
+
+
+def _trainer(out, **kw):
+    args = TrainingArguments(str(out), per_device_train_batch_size=6, num_train_epochs=2, learning_rate=0.05,
+                             save_strategy="steps", save_steps=1, logging_steps=2, seed=7, report_to=[], **kw)
+    return Trainer(model=make_model(), args=args, train_dataset=make_dataset())
+
+
+def test_trainer_resume_reads_the_checkpoint_once(tmp_path, monkeypatch):
+    reference = _trainer(tmp_path / "ref")
+    reference.train()
+    first = _trainer(tmp_path / "run")
+    first.add_callback(StopAt(3))
+    first.train()
+    newest = ck.checkpoint_path(str(tmp_path / "run"), 3)
+    counts = _counting_reads(monkeypatch)
+    second = _trainer(tmp_path / "run")
+    second.add_callback(Undo(monkeypatch))  # the resume is done: saving may read what it wrote
+    second.train(resume_from_checkpoint=True)
+    assert counts == _listed_sizes(newest)
+    got, want = params_of(second), params_of(reference)
+    assert all(torch.equal(got[n], want[n]) for n in want)
