@@ -105,7 +105,29 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-class MLflowCallback(TrainerCallback):
+class _LazyTracker(TrainerCallback):
+    """A tracker set up at train begin or at its first log (as HF's integrations): subclasses
+    write ``setup(args, state, model)``; ``_ready()`` says whether it ran."""
+
+    _initialized = False
+
+    def _ready(self) -> bool:
+        return self._initialized
+
+    def _ensure_setup(self, args, state, model) -> None:
+        if not self._ready():
+            self.setup(args, state, model)
+
+    def _to_send(self, args, state, model, logs):
+        """``logs`` when this process sends them (the main one, something to send), else None."""
+        self._ensure_setup(args, state, model)
+        return logs if state.is_world_process_zero and logs else None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._ensure_setup(args, state, model)
+
+
+class MLflowCallback(_LazyTracker):
     """Sends parameters and metrics to MLflow (the fluent API: ``mlflow.start_run``/``log_metrics``)."""
 
     def __init__(self):
@@ -154,14 +176,9 @@ class MLflowCallback(TrainerCallback):
         for i in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
             self._ml_flow.log_params(dict(items[i: i + MAX_PARAMS_TAGS_PER_BATCH]), synchronous=False)
 
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if not self._initialized:
-            self.setup(args, state, model)
-
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
-        if not self._initialized:
-            self.setup(args, state, model)
-        if not state.is_world_process_zero or not logs:
+        logs = self._to_send(args, state, model, logs)
+        if logs is None:
             return
         metrics = {}
         for k, v in logs.items():
@@ -182,7 +199,7 @@ class MLflowCallback(TrainerCallback):
             self._auto_end_run = False
 
 
-class _StepKeyedTracker(TrainerCallback):
+class _StepKeyedTracker(_LazyTracker):
     """wandb and trackio: ``train/...`` keys and ``train/global_step`` logged with every row."""
 
     def __init__(self):
@@ -197,14 +214,9 @@ class _StepKeyedTracker(TrainerCallback):
     def _summary(self, key, value) -> None:
         pass
 
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if not self._initialized:
-            self.setup(args, state, model)
-
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
-        if not self._initialized:
-            self.setup(args, state, model)
-        if not state.is_world_process_zero or not logs:
+        logs = self._to_send(args, state, model, logs)
+        if logs is None:
             return
         for k in SINGLE_VALUE_SCALARS:
             if k in logs:
@@ -213,9 +225,8 @@ class _StepKeyedTracker(TrainerCallback):
         self._log({**rewrite_logs(rest), "train/global_step": state.global_step})
 
     def on_predict(self, args, state, control, metrics=None, **kwargs):
-        if not self._initialized:
-            self.setup(args, state, kwargs.get("model"))
-        if state.is_world_process_zero and metrics:
+        metrics = self._to_send(args, state, kwargs.get("model"), metrics)
+        if metrics is not None:
             self._log(rewrite_logs(metrics))
 
 
@@ -298,7 +309,7 @@ class TrackioCallback(_StepKeyedTracker):
                 self._initialized = False
 
 
-class CometCallback(TrainerCallback):
+class CometCallback(_LazyTracker):
     """Logs to Comet (``COMET_START_ONLINE=false``: an offline archive, no account needed)."""
 
     def __init__(self):
@@ -340,18 +351,12 @@ class CometCallback(TrainerCallback):
             self._experiment.__internal_api__log_metrics__(rewrite_logs(logs), step=state.global_step,
                                                            epoch=state.epoch, framework="functrain")
 
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if not self._initialized:
-            self.setup(args, state, model)
-
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
-        if not self._initialized:
-            self.setup(args, state, model)
+        self._ensure_setup(args, state, model)
         self._log(state, logs)
 
     def on_predict(self, args, state, control, metrics=None, **kwargs):
-        if not self._initialized:
-            self.setup(args, state, kwargs.get("model"))
+        self._ensure_setup(args, state, kwargs.get("model"))
         self._log(state, metrics)
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -366,7 +371,7 @@ class CometCallback(TrainerCallback):
     # As HF, the experiment stays open after train(); comet_ml.end() or the process's exit ends it.
 
 
-class ClearMLCallback(TrainerCallback):
+class ClearMLCallback(_LazyTracker):
     """Logs to ClearML (``CLEARML_OFFLINE_MODE=1``: a local session folder, no server needed)."""
 
     HPARAMS_SECTION = "Transformers"
@@ -403,14 +408,12 @@ class ClearMLCallback(TrainerCallback):
             self._task.set_configuration_object(
                 name=self.MODEL_CONFIG_SECTION, config_dict=config if isinstance(config, dict) else config.to_dict())
 
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if self._task is None:
-            self.setup(args, state, model)
+    def _ready(self) -> bool:
+        return self._task is not None
 
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
-        if self._task is None:
-            self.setup(args, state, model)
-        if not state.is_world_process_zero or not logs:
+        logs = self._to_send(args, state, model, logs)
+        if logs is None:
             return
         report = self._task.get_logger()
         for k, v in logs.items():
