@@ -21,9 +21,22 @@ from functrain.core.optim.base import (
 )
 
 
-def _moments_init(state_type):
-    """``init`` of a ``(count, mu, nu)`` state: a zero count and zero first and second moments."""
-    return lambda params: state_type(counter_like(params), tree.zeros_like(params), tree.zeros_like(params))
+def _moments_transform(state_type, step) -> GradientTransformation:
+    """A transform over a ``(count, mu, nu)`` state, all zero at first: ``step(g, mu, nu, count)
+    -> (updates, mu, nu)`` on leaf lists, ``count`` already incremented."""
+
+    def init(params):
+        return state_type(counter_like(params), tree.zeros_like(params), tree.zeros_like(params))
+
+    def update(updates, state, params=None):
+        g, treedef = flat_updates(updates, params)
+        count = safe_increment(state.count)
+        if not g:
+            return updates, state._replace(count=count)
+        out, mu, nu = step(g, tree.leaves(state.mu), tree.leaves(state.nu), count)
+        return tree.unflatten(treedef, out), state_type(count, tree.unflatten(treedef, mu), tree.unflatten(treedef, nu))
+
+    return GradientTransformation(init, update)
 
 
 class ScaleByAdamaxState(NamedTuple):
@@ -36,23 +49,15 @@ def scale_by_adamax(b1=0.9, b2=0.999, eps=1e-8) -> GradientTransformation:
     """Adamax: ``mu_hat / nu`` with ``nu = max(b2 * nu, |g| + eps)`` (optax and torch agree)."""
     b1, b2, eps = as_hyperparam(b1, "b1"), as_hyperparam(b2, "b2"), as_hyperparam(eps, "eps")
 
-    init = _moments_init(ScaleByAdamaxState)
-
-    def update(updates, state, params=None):
-        g, treedef = flat_updates(updates, params)
-        count = safe_increment(state.count)
-        if not g:
-            return updates, state._replace(count=count)
-        mu = foreach.lerp(tree.leaves(state.mu), g, 1 - b1)
-        nu = foreach.maximum(foreach.mul(tree.leaves(state.nu), b2),
-                                    foreach.add(foreach.abs(g), eps))
+    def step(g, mu, nu, count):
+        mu = foreach.lerp(mu, g, 1 - b1)
+        nu = foreach.maximum(foreach.mul(nu, b2), foreach.add(foreach.abs(g), eps))
         bc1 = 1 - torch.pow(torch.as_tensor(b1, dtype=torch.float64), count.to(torch.float64)).float()
         out = foreach.div(mu, nu)
         foreach.div_(out, bc1)
-        return tree.unflatten(treedef, out), ScaleByAdamaxState(count, tree.unflatten(treedef, mu),
-                                                                 tree.unflatten(treedef, nu))
+        return out, mu, nu
 
-    return GradientTransformation(init, update)
+    return _moments_transform(ScaleByAdamaxState, step)
 
 
 class ScaleByRAdamState(NamedTuple):
@@ -74,15 +79,9 @@ def scale_by_radam(b1=0.9, b2=0.999, eps=1e-8, threshold=5.0) -> GradientTransfo
         raise TypeError("scale_by_radam: b2 must be a number (it fixes the SMA length rho_inf)")
     rho_inf = 2 / (1 - b2) - 1
 
-    init = _moments_init(ScaleByRAdamState)
-
-    def update(updates, state, params=None):
-        g, treedef = flat_updates(updates, params)
-        count = safe_increment(state.count)
-        if not g:
-            return updates, state._replace(count=count)
-        mu = foreach.lerp(tree.leaves(state.mu), g, 1 - b1)
-        nu = foreach.mul(tree.leaves(state.nu), b2)
+    def step(g, mu, nu, count):
+        mu = foreach.lerp(mu, g, 1 - b1)
+        nu = foreach.mul(nu, b2)
         foreach.addcmul_(nu, g, g, value=1 - b2)
         t = count.to(torch.float64)
         b2t = torch.pow(torch.as_tensor(b2, dtype=torch.float64), t)
@@ -96,11 +95,9 @@ def scale_by_radam(b1=0.9, b2=0.999, eps=1e-8, threshold=5.0) -> GradientTransfo
         denom = foreach.add(foreach.sqrt(nu), eps)
         adaptive = foreach.mul(foreach.div(mu_hat, denom), coef)
         plain = foreach.mul(mu_hat, (~rectified).float())
-        out = foreach.add(adaptive, plain)
-        return tree.unflatten(treedef, out), ScaleByRAdamState(count, tree.unflatten(treedef, mu),
-                                                                tree.unflatten(treedef, nu))
+        return foreach.add(adaptive, plain), mu, nu
 
-    return GradientTransformation(init, update)
+    return _moments_transform(ScaleByRAdamState, step)
 
 
 class ScaleByNAdamState(NamedTuple):
