@@ -84,6 +84,19 @@ def stateless(fn: Callable[[Updates, Params], Updates]) -> GradientTransformatio
     return GradientTransformation(lambda params: EmptyState(), update)
 
 
+def stateless_over_leaves(name: str, fn: Callable[[list, list], list]) -> GradientTransformation:
+    """A stateless transformation that needs params: ``fn(update_leaves, param_leaves) -> new
+    update leaves``, called only when there are leaves (``_foreach`` ops reject empty lists)."""
+
+    def update(updates, state, params=None):
+        u, treedef = flat_updates(updates, params, requires_params=name)
+        if not u:
+            return updates, state
+        return tree.unflatten(treedef, fn(u, tree.leaves(params))), state
+
+    return GradientTransformation(lambda params: EmptyState(), update)
+
+
 def chain(*transforms: GradientTransformation) -> GradientTransformation:
     """Apply ``transforms`` in sequence; the state is the tuple of their states."""
     for i, t in enumerate(transforms):

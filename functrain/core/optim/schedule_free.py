@@ -19,7 +19,6 @@ import torch
 
 from functrain.core import foreach, tree
 from functrain.core.optim.base import (
-    require_params,
     EmptyState,
     GradientTransformation,
     as_hyperparam,
@@ -27,6 +26,7 @@ from functrain.core.optim.base import (
     check_structure,
     counter_like,
     identity,
+    require_params,
     safe_increment,
 )
 from functrain.core.optim.transforms import add_decayed_weights

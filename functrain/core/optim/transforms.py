@@ -15,9 +15,10 @@ from .base import (
     EmptyState,
     GradientTransformation,
     as_hyperparam,
-    flat_updates,
     counter_like,
+    flat_updates,
     safe_increment,
+    stateless_over_leaves,
 )
 
 # -- scaling -------------------------------------------------------------------------------------
@@ -183,18 +184,12 @@ def add_decayed_weights(weight_decay=0.0) -> GradientTransformation:
     """``updates + weight_decay * params`` (decoupled weight decay when placed before the lr)."""
     weight_decay = as_hyperparam(weight_decay, "weight_decay")
 
-    def update(updates, state, params=None):
-        u, treedef = flat_updates(updates, params, requires_params="add_decayed_weights")
-        if not u:
-            return updates, state
-        p = tree.leaves(params)
+    def decay(u, p):
         if isinstance(weight_decay, torch.Tensor):
-            out = foreach.add(u, foreach.mul(p, weight_decay))
-        else:
-            out = foreach.add(u, p, alpha=weight_decay)
-        return tree.unflatten(treedef, out), state
+            return foreach.add(u, foreach.mul(p, weight_decay))
+        return foreach.add(u, p, alpha=weight_decay)
 
-    return GradientTransformation(lambda params: EmptyState(), update)
+    return stateless_over_leaves("add_decayed_weights", decay)
 
 
 def clip_factor(norm: torch.Tensor, max_norm) -> torch.Tensor:

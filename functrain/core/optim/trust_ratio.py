@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from functrain.core import foreach, tree
-from functrain.core.optim.base import EmptyState, GradientTransformation, as_hyperparam, flat_updates
+from functrain.core.optim.base import EmptyState, GradientTransformation, as_hyperparam, stateless_over_leaves
 
 
 def scale_by_trust_ratio(min_norm=0.0, trust_coefficient=1.0, eps=0.0) -> GradientTransformation:
@@ -17,21 +17,15 @@ def scale_by_trust_ratio(min_norm=0.0, trust_coefficient=1.0, eps=0.0) -> Gradie
     trust_coefficient = as_hyperparam(trust_coefficient, "trust_coefficient")
     eps = as_hyperparam(eps, "eps")
 
-    def update(updates, state, params=None):
-        u, treedef = flat_updates(updates, params, requires_params="scale_by_trust_ratio")
-        if not u:
-            return updates, state
-        p = tree.leaves(params)
-        p_norm = foreach.clamp_min(foreach.norm(p), min_norm)
-        u_norm = foreach.norm(u)
+    def scale(u, p):
         out = []
-        for ui, pn, un in zip(u, p_norm, u_norm):
+        for ui, pn, un in zip(u, foreach.clamp_min(foreach.norm(p), min_norm), foreach.norm(u)):
             ratio = trust_coefficient * pn / (un + eps)
             ratio = torch.where((pn == 0) | (un == 0), torch.ones_like(ratio), ratio)
             out.append(ui * ratio.to(ui.dtype))
-        return tree.unflatten(treedef, out), state
+        return out
 
-    return GradientTransformation(lambda params: EmptyState(), update)
+    return stateless_over_leaves("scale_by_trust_ratio", scale)
 
 
 def set_to_zero() -> GradientTransformation:

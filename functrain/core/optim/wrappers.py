@@ -13,11 +13,11 @@ import torch
 
 from functrain.core import foreach, tree
 from functrain.core.optim.base import (
-    require_params,
     GradientTransformationExtraArgs,
     apply_updates,
     as_hyperparam,
     counter_like,
+    require_params,
     update_with_extra_args,
 )
 
