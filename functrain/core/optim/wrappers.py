@@ -83,6 +83,11 @@ class ParamEmaState(NamedTuple):
     inner_state: Any
 
 
+def _wrapping_init(state_type, own, inner):
+    """``init`` of a ``(count, own(params), inner state)`` state: a wrapper's."""
+    return lambda params: state_type(counter_like(params), own(params), inner.init(params))
+
+
 def _inner_update(name: str, inner, updates, state, params, extra_args):
     """Run the wrapped optimizer: its updates, its new state and the leaves of the params they give."""
     require_params(params, name)
@@ -101,8 +106,7 @@ def with_param_ema(inner, decay) -> GradientTransformationExtraArgs:
     """
     decay = as_hyperparam(decay, "decay")
 
-    def init(params):
-        return ParamEmaState(counter_like(params), tree.zeros_like(params), inner.init(params))
+    init = _wrapping_init(ParamEmaState, tree.zeros_like, inner)
 
     def update(updates, state, params=None, **extra_args):
         updates, inner_state, new_params = _inner_update("with_param_ema", inner, updates, state, params, extra_args)
@@ -145,8 +149,7 @@ def lookahead(fast_optimizer, sync_period: int = 6, slow_step_size=0.5) -> Gradi
         raise ValueError(f"lookahead: sync_period must be an int >= 1, got {sync_period!r}")
     slow_step_size = as_hyperparam(slow_step_size, "slow_step_size")
 
-    def init(params):
-        return LookaheadState(counter_like(params), tree.clone(params), fast_optimizer.init(params))
+    init = _wrapping_init(LookaheadState, tree.clone, fast_optimizer)
 
     def update(updates, state, params=None, **extra_args):
         updates, inner_state, fast = _inner_update("lookahead", fast_optimizer, updates, state, params, extra_args)
