@@ -25,20 +25,24 @@ PROMPT = "def "
 @dataclasses.dataclass
 class DemoConfig:
     output_dir: str = "runs/demo"
-    max_steps: int = 600
-    seq_len: int = 128
-    batch_size: int = 16
+    # the model: a small GPT-2
     n_layer: int = 4
     n_embd: int = 128
     n_head: int = 4
-    learning_rate: float = 2e-3
+    # the data: the standard library's source as bytes
     corpus_bytes: int = 2_000_000
     eval_fraction: float = 0.02
+    seq_len: int = 128
+    batch_size: int = 16
+    # training
+    max_steps: int = 600
+    learning_rate: float = 2e-3
+    seed: int = 0
+    torch_compile: bool = False
+    # what it reports: eval loss, logs, a sample
     eval_steps: int = 200
     logging_steps: int = 20
     sample_tokens: int = 124
-    seed: int = 0
-    torch_compile: bool = False
 
     @classmethod
     def quick(cls, output_dir: str) -> "DemoConfig":
