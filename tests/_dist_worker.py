@@ -4,7 +4,7 @@
 Modes: ``steps`` (pure-step parity: DDP, per-rank normalizer, sharded, activation checkpointing,
 bf16, optimizer bytes),
 ``trainer`` (a Trainer run, optionally sharded/resumed; saves the final model), ``fail`` (rank 1
-raises at step 3).
+raises at step 3), ``exit`` (leaves with a mesh alive; the process must exit cleanly).
 """
 
 import json
@@ -296,6 +296,23 @@ def make_trainer(out_dir, opts):
                       eval_dataset=make_dataset(n=14, seed=5) if opts.get("eval") else None)
 
 
+def mode_exit(out_dir, opts):
+    """Ends the way a user's script can: the process group held by a module global (and by a live
+    DeviceMesh/DTensor), the last collectives on tensors Python created and dropped, no barrier."""
+    global SHARDED, GROUP
+    fd.init_distributed()
+    GROUP = torch.distributed.group.WORLD
+    SHARDED = fd.shard_tensor(torch.randn(6, 4), fd.make_mesh())
+    with open(os.path.join(out_dir, f"result-{fd.rank()}.json"), "w") as f:
+        json.dump({"full": SHARDED.full_tensor().tolist()}, f)
+    for i in range(3):
+        t = torch.full((4,), float(i))
+        torch.distributed.all_reduce(t)
+        del t
+    if opts.get("destroy"):  # the user's own destroy_process_group() before leaving (HF's examples do)
+        torch.distributed.destroy_process_group()
+
+
 def mode_trainer(out_dir, opts):
     trainer = make_trainer(out_dir, opts)
     trainer.train(resume_from_checkpoint=opts.get("resume"))
@@ -349,11 +366,6 @@ if __name__ == "__main__":
     mode, out = sys.argv[1], sys.argv[2]
     options = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
     {"steps": mode_steps, "trainer": mode_trainer, "fail": mode_fail, "sigterm": mode_sigterm_one_rank,
-     "gather": mode_gather, "evaluate": mode_evaluate}[mode](out, options)
-    fd.barrier()
-    # A rank has aborted after finishing its work, in process-group destruction or interpreter
-    # teardown ("terminate called without an active exception", issue 14, cause not found yet):
-    # every result is written and every rank is past the barrier, so the worker leaves without them.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+     "gather": mode_gather, "evaluate": mode_evaluate, "exit": mode_exit}[mode](out, options)
+    if mode != "exit":
+        fd.barrier()

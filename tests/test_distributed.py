@@ -183,6 +183,19 @@ def test_two_simulated_nodes_equal_one_process(tmp_path, reference):
     assert ft.tree.relative_difference(final_weights(tmp_path), final_weights(reference)) <= 1e-5
 
 
+# -- exit -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("opts", [{}, {"destroy": True}], ids=["atexit", "user_destroys"])
+def test_ranks_exit_cleanly_with_a_mesh_alive(tmp_path, opts):
+    """A gloo worker thread keeps its last collective's tensors until the group is destroyed; a mesh
+    keeps the group past destroy_process_group, into interpreter finalization, where freeing them
+    aborted the process ("terminate called without an active exception") every time."""
+    proc = torchrun("exit", tmp_path, opts)
+    log = proc.stdout + proc.stderr
+    assert "terminate called" not in log and proc.returncode == 0, log[-4000:]
+
+
 # -- failures -----------------------------------------------------------------------------------------
 
 

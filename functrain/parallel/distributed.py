@@ -22,6 +22,7 @@ Launch helpers (:func:`init_distributed`, :func:`rank`, ...) read the variables 
 from __future__ import annotations
 
 import atexit
+import ctypes
 import datetime
 import os
 from collections.abc import Mapping
@@ -113,6 +114,7 @@ def init_distributed(backend: str | None = None, timeout: datetime.timedelta = D
 
     PartialState(cpu=not torch.cuda.is_available(), backend=backend, timeout=timeout)
     if dist.is_initialized():
+        _keep_until_exit(dist.group.WORLD)
         atexit.register(_destroy_process_group)
     return current_info()
 
@@ -136,10 +138,25 @@ def _check_backend(backend: str | None, local_rank: int) -> None:
 
 
 def _destroy_process_group() -> None:
-    # A process group left to interpreter teardown can abort the process ("terminate called
-    # without an active exception") while its background threads are still joinable.
+    # Shut the groups down while the interpreter is whole (an atexit handler).
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def _keep_until_exit(group):
+    """Keep a process group's C++ object alive until the process ends, and return the group.
+
+    Why: a gloo group's worker threads hold the last collective they ran (its tensors) until the
+    group object is destroyed. When the last reference to the group goes during interpreter
+    finalization (a module global, torch's own objects), the workers then free tensors Python
+    created, which needs the GIL, which no thread can take any more at that point: CPython ends
+    the thread (``pthread_exit``) inside a C++ destructor and the process aborts ("terminate
+    called without an active exception"). A group that is never destroyed is harmless: after
+    ``destroy_process_group`` (which shuts it down) its threads wait idle until the process ends.
+    One reference that nothing releases does that.
+    """
+    ctypes.pythonapi.Py_IncRef(ctypes.py_object(group))
+    return group
 
 
 def _device_for(local_rank: int, backend: str | None) -> torch.device:
@@ -179,6 +196,10 @@ def barrier() -> None:
         dist.barrier()
 
 
+def _own_group(**kwargs):
+    return _keep_until_exit(dist.new_group(**kwargs))
+
+
 class StopAgreement:
     """Every rank stops at the same step when any rank was asked to (SIGTERM to one rank only).
 
@@ -192,7 +213,7 @@ class StopAgreement:
         self._group = None
         self._pending = None
         if is_distributed():
-            self._group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+            self._group = dist.group.WORLD if dist.get_backend() == "gloo" else _own_group(backend="gloo")
 
     def update(self, requested: bool) -> bool:
         if self._group is None:
