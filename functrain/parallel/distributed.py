@@ -25,6 +25,7 @@ import atexit
 import ctypes
 import datetime
 import os
+import time
 from collections.abc import Mapping
 from typing import Callable, NamedTuple
 
@@ -138,9 +139,39 @@ def _check_backend(backend: str | None, local_rank: int) -> None:
 
 
 def _destroy_process_group() -> None:
-    # Shut the groups down while the interpreter is whole (an atexit handler).
+    # Shut the groups down while the interpreter is whole (an atexit handler; the user may have
+    # done it already), then let gloo's workers finish freeing what their last collectives held.
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _wait_for_idle_gloo_workers()
+
+
+def _wait_for_idle_gloo_workers(timeout: float = 5.0, poll: float = 0.02) -> None:
+    """Return once every gloo worker thread sleeps, seen twice in a row (Linux; else at once).
+
+    A worker that completed a collective frees its tensors a moment later; on a loaded machine
+    that moment can come after the main thread has started interpreter finalization, too late to
+    take the GIL (see :func:`_keep_until_exit`). Each poll sleeps without the GIL, so a worker
+    waiting for it runs; a worker not yet scheduled shows as running ("R") and is waited for.
+    """
+    deadline, idle_polls = time.monotonic() + timeout, 0
+    while idle_polls < 2 and time.monotonic() < deadline:
+        time.sleep(poll)
+        idle_polls = idle_polls + 1 if all(state == "S" for state in _gloo_worker_states()) else 0
+
+
+def _gloo_worker_states():
+    """Scheduler states of this process's gloo worker threads (named ``pt_gloo_runloop``)."""
+    tasks = "/proc/self/task"
+    for tid in os.listdir(tasks) if os.path.isdir(tasks) else ():
+        try:
+            with open(f"{tasks}/{tid}/comm") as f:
+                if f.read().strip() != "pt_gloo_runloop":
+                    continue
+            with open(f"{tasks}/{tid}/stat") as f:
+                yield f.read().rsplit(")", 1)[1].split()[0]
+        except OSError:  # the thread ended meanwhile
+            continue
 
 
 def _keep_until_exit(group):
