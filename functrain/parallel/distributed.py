@@ -94,13 +94,15 @@ def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def init_distributed(backend: str | None = None, timeout: datetime.timedelta = DEFAULT_TIMEOUT) -> DistInfo:
+def init_distributed(backend: str | None = None, timeout: datetime.timedelta = DEFAULT_TIMEOUT, *,
+                     cpu: bool = False) -> DistInfo:
     """Join the process group the launcher describes (no-op for a single process or if done already).
 
     The set-up is accelerate's ``PartialState`` (as HF's ``TrainingArguments`` does it): it reads
     torchrun / ``accelerate launch`` / MPI / SLURM variables, picks ``nccl`` on CUDA and ``gloo``
     (or ``mpi``) on CPU unless ``backend`` (HF's ``ddp_backend``) says otherwise, sets the CUDA
-    device to ``LOCAL_RANK`` and bounds every collective by ``timeout``. Checked first, with a
+    device to ``LOCAL_RANK`` and bounds every collective by ``timeout``. ``cpu=True`` (HF's
+    ``use_cpu``) keeps every process on the CPU (gloo) even where GPUs are present. Checked first, with a
     :class:`DistributedLaunchError` naming the problem: a misconfigured launch (variables missing,
     more processes per node than GPUs, ``nccl`` without GPUs, an unknown backend). The process
     group is destroyed at interpreter exit, before torch's own teardown.
@@ -110,10 +112,11 @@ def init_distributed(backend: str | None = None, timeout: datetime.timedelta = D
     _, world, local = read_launch_env()
     if world == 1 and not _mpi_launched():
         return DistInfo(0, 1, local, None, _device_for(local, None))
-    _check_backend(backend, local)
+    cpu = cpu or not torch.cuda.is_available()
+    _check_backend(backend, local, cpu)
     from accelerate import PartialState
 
-    PartialState(cpu=not torch.cuda.is_available(), backend=backend, timeout=timeout)
+    PartialState(cpu=cpu, backend=backend, timeout=timeout)
     if dist.is_initialized():
         _keep_until_exit(dist.group.WORLD)
         atexit.register(_destroy_process_group)
@@ -125,11 +128,14 @@ def _mpi_launched() -> bool:
     return any(int(os.environ.get(v, "1") or "1") > 1 for v in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"))
 
 
-def _check_backend(backend: str | None, local_rank: int) -> None:
+def _check_backend(backend: str | None, local_rank: int, cpu: bool = False) -> None:
     if backend is not None and backend not in ("gloo", "nccl", "mpi", "xccl", "cpu:gloo,cuda:nccl"):
         raise DistributedLaunchError(f"ddp_backend={backend!r} is not a torch.distributed backend; expected "
                                      "'nccl' (GPUs), 'gloo' (CPU) or 'mpi'")
-    if (backend or default_backend()) == "nccl":
+    if cpu and backend == "nccl":
+        raise DistributedLaunchError("backend 'nccl' runs on GPUs but the CPU was asked for (use_cpu=True / "
+                                     "ACCELERATE_USE_CPU); use 'gloo' or drop use_cpu")
+    if (backend or ("gloo" if cpu else default_backend())) == "nccl":
         if not torch.cuda.is_available():
             raise DistributedLaunchError("backend 'nccl' needs CUDA GPUs, none is available; use 'gloo' on CPU")
         if local_rank >= torch.cuda.device_count():

@@ -111,7 +111,8 @@ class Trainer(PublishMixin):
         self._memory_tracker.start("init")
         set_log_level(self.args)
         # Joins the process group when launched by torchrun / accelerate (no-op for one process).
-        self.dist = fd.init_distributed(self.args.ddp_backend, datetime.timedelta(seconds=self.args.ddp_timeout))
+        self.dist = fd.init_distributed(self.args.ddp_backend, datetime.timedelta(seconds=self.args.ddp_timeout),
+                                        cpu=self.args.use_cpu)
         (enable_full_determinism if self.args.full_determinism else set_seed)(self.args.seed)
         self.model_init = model_init
         if model is None:
@@ -156,8 +157,11 @@ class Trainer(PublishMixin):
         self._memory_tracker.stop("init")
 
     def _place(self, model: nn.Module) -> nn.Module:
-        """``use_cpu=True``: the model on the CPU even where an accelerator is present (as transformers)."""
-        return model.to(self.args.device) if self.args.use_cpu else model
+        """The model on ``args.device`` (this rank's GPU, or the CPU with ``use_cpu``), as transformers
+        does; a model spread over several devices (``hf_device_map``) stays where it is."""
+        if len(set((getattr(model, "hf_device_map", None) or {}).values())) > 1:
+            return model
+        return model.to(self.args.device)
 
     # -- callbacks ------------------------------------------------------------------------------
     def add_callback(self, callback):
