@@ -146,7 +146,51 @@ def sharded_in_use(model, tx, batches, r, world):
     out["before_forward_empty_microbatch"] = ft.tree.relative_difference(fd.unshard_state(masked.params),
                                                                          ref_masked.params)
     out.update(state_from_meta(tx))
+    out.update(mixed_precision_policy(model, tx, batches, start, r, world))
     return out
+
+
+def mixed_precision_policy(model, tx, batches, start, r, world):
+    """FSDP2's MixedPrecisionPolicy: bf16 all-gather + fp32 reduce-scatter == bf16 compute data parallel;
+    a bf16 reduce-scatter moves the result. Records the dtypes the collectives ran in."""
+    from step_models import MLP
+
+    from functrain.parallel import fsdp
+
+    ddp_hooks = dict(zip(("grad_reduce", "count_reduce"), fd.data_parallel_hooks()))
+    bf_ddp, _ = run_steps(ft.make_train_step(model, tx, accumulate=2, precision="bf16", **ddp_hooks), start, batches,
+                          r, world)
+    bf_one, _ = run_steps(ft.make_train_step(model, tx, accumulate=2, precision="bf16"), start, batches, 0, 1)
+    out = {}
+    for name, reduce in (("mixed_fp32_reduce", torch.float32), ("mixed_bf16_reduce", None)):
+        fresh = MLP(d_in=8, hidden=15, classes=4)  # its own unit plan (the plan lives on the module)
+        fresh.load_state_dict(model.state_dict())
+        hooks = fsdp.sharded_in_use_hooks(fresh, mixed=fd.MixedPrecision(torch.bfloat16, reduce))
+        step = ft.make_train_step(fresh, tx, accumulate=2, precision="bf16", **hooks)
+        with CollectiveDtypes() as seen:
+            step(fd.shard_state(start), {k: v[r::world] for k, v in batches[1].items()})
+        sharded, _ = run_steps(step, fd.shard_state(start), batches, r, world)
+        full = fd.unshard_state(sharded.params)
+        out[name + "_vs_ddp"] = ft.tree.relative_difference(full, bf_ddp.params)
+        out[name + "_vs_one"] = ft.tree.relative_difference(full, bf_one.params)
+        out[name + "_dtypes"] = sorted(seen.dtypes)
+        out[name + "_master"] = sorted({str(p.dtype) for p in full.values()})
+    out["ddp_bf16_vs_one"] = ft.tree.relative_difference(bf_ddp.params, bf_one.params)
+    return out
+
+
+class CollectiveDtypes(torch.utils._python_dispatch.TorchDispatchMode):
+    """The (collective, dtype) pairs of the all-gathers and reduce-scatters issued under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.dtypes = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kind = next((k for k in ("all_gather", "reduce_scatter") if k in func.name()), None)
+        if kind and args and isinstance(args[0], torch.Tensor):
+            self.dtypes.add(f"{kind}:{str(args[0].dtype).removeprefix('torch.')}")
+        return func(*args, **(kwargs or {}))
 
 
 def _masked_mean_loss(model, batch):
@@ -291,6 +335,7 @@ def make_trainer(out_dir, opts):
         gradient_accumulation_steps=2, learning_rate=1e-2, weight_decay=0.1, lr_scheduler_type="linear",
         warmup_steps=2, save_strategy="steps", save_steps=opts.get("save_steps", 5), logging_steps=5,
         report_to="none", disable_tqdm=True, fsdp=opts.get("fsdp", ""), fsdp_config=opts.get("fsdp_config"), seed=3,
+        bf16=opts.get("bf16", False),
         eval_strategy="steps" if opts.get("eval") else "no", eval_steps=5, per_device_eval_batch_size=3)
     return ft.Trainer(model=make_model(p=0.0), args=args, train_dataset=make_dataset(n=48),
                       eval_dataset=make_dataset(n=14, seed=5) if opts.get("eval") else None)

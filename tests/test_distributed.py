@@ -106,6 +106,15 @@ def test_step_parity_ddp_and_sharded(tmp_path):
     assert r["bf16_in_use_vs_ddp"] <= 1e-6
     # A microbatch whose loss has a NaN gradient (0/0, no items) is masked before the reduce-scatter.
     assert r["in_use_empty_microbatch"] <= 1e-5 and r["before_forward_empty_microbatch"] <= 1e-5
+    # FSDP2's MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32): gathers run in bf16, the
+    # reduce-scatters in fp32, the shards stay fp32; the numbers are bf16-compute data parallel's exactly
+    # and as far from a 1-process bf16 run as data parallel is. A bf16 reduce-scatter moves them.
+    assert r["mixed_fp32_reduce_dtypes"] == ["all_gather:bfloat16", "reduce_scatter:float32"]
+    assert r["mixed_bf16_reduce_dtypes"] == ["all_gather:bfloat16", "reduce_scatter:bfloat16"]
+    assert r["mixed_fp32_reduce_master"] == r["mixed_bf16_reduce_master"] == ["torch.float32"]
+    assert r["mixed_fp32_reduce_vs_ddp"] == 0.0
+    assert r["mixed_fp32_reduce_vs_one"] == r["ddp_bf16_vs_one"] < 1e-3
+    assert r["mixed_bf16_reduce_vs_ddp"] > 1e-5
     # Start-up without the whole model: shards built module by module from a meta-device model.
     assert r["meta_state_equal"] and r["meta_state_sharded"] and r["meta_module_stays_meta"]
 
@@ -146,6 +155,20 @@ def test_sharded_trainer_matches_one_process_and_resumes_on_one(tmp_path, refere
     shutil.copytree(ckpt, out1 / "run" / "checkpoint-5")
     run_here("trainer", out1, {"output_dir": str(out1 / "run"), "per_device": 6, "eval": True, "resume": True})
     assert ft.tree.relative_difference(final_weights(out1), ref) <= 1e-5
+
+
+@pytest.mark.slow
+def test_sharded_trainer_with_bf16_gathers_equals_bf16_data_parallel(tmp_path):
+    """bf16=True + fsdp_config's mixed_precision_policy (bf16 all-gather, fp32 reduce-scatter) through the
+    Trainer: the same final weights as the bf16 data-parallel run."""
+    policy = {"param_dtype": "bfloat16", "reduce_dtype": "float32"}
+    runs = {"ddp": {}, "sharded": {"fsdp": "full_shard", "fsdp_config": {"mixed_precision_policy": policy}}}
+    for name, extra in runs.items():
+        out = tmp_path / name
+        check(torchrun("trainer", out, {"output_dir": str(out / "run"), "per_device": 3, "bf16": True,
+                                        "save_steps": 10_000, **extra}))
+    sharded, ddp = final_weights(tmp_path / "sharded"), final_weights(tmp_path / "ddp")
+    assert ft.tree.relative_difference(sharded, ddp) <= 1e-6
 
 
 @pytest.mark.slow
@@ -261,6 +284,30 @@ def test_single_process_helpers_and_args():
         ft.TrainingArguments("o", fsdp="full_shard offload")
     with pytest.raises(ValueError, match="ddp_backend"):
         ft.TrainingArguments("o", ddp_backend="tcp")
+
+
+def test_fsdp_mixed_precision_policy_arguments():
+    """fsdp_config's mixed_precision_policy (accelerate's dict or torch's MixedPrecisionPolicy) -> the
+    gather/reduce dtypes; bf16 gathers need bf16=True; unknown keys and dtypes are errors."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    from functrain.parallel.fsdp import mixed_precision_of
+
+    def policy(value, **kw):
+        args = ft.TrainingArguments("o", fsdp="full_shard", fsdp_config={"mixed_precision_policy": value}, **kw)
+        return mixed_precision_of(args.fsdp_config)
+
+    assert policy({"param_dtype": "bfloat16", "reduce_dtype": "float32"}, bf16=True) == (torch.bfloat16, torch.float32)
+    assert policy(MixedPrecisionPolicy(param_dtype=torch.bfloat16), bf16=True) == (torch.bfloat16, None)
+    assert policy({"param_dtype": None}) is None
+    with pytest.raises(ValueError, match="set bf16=True"):
+        policy({"param_dtype": "bf16"})
+    with pytest.raises(ValueError, match="'cast_inputs'"):
+        policy({"param_dtype": "bf16", "cast_inputs": True}, bf16=True)
+    with pytest.raises(ValueError, match="is not a dtype"):
+        policy({"param_dtype": "bf17"}, bf16=True)
+    with pytest.raises(ValueError, match="fp16 compute"):
+        policy({"param_dtype": "float16"}, fp16=True)
 
 
 # -- distributed evaluation -------------------------------------------------------------------------

@@ -414,30 +414,60 @@ def unshard_state(state):
     return tree.map(to_local_full, state)
 
 
-def gather_param(p, has_items=None):
+class MixedPrecision(NamedTuple):
+    """FSDP2's ``MixedPrecisionPolicy`` for sharded params: all-gather (and compute) in
+    ``param_dtype``, reduce-scatter the gradients in ``reduce_dtype`` (``None``: ``param_dtype``).
+    The shards, their gradients and the optimizer state stay in the shards' dtype (fp32)."""
+    param_dtype: torch.dtype
+    reduce_dtype: torch.dtype | None = None
+
+
+class _GatherInDtype(torch.autograd.Function):
+    """All-gather a ``Shard(0)`` DTensor cast to ``param_dtype``; backward: the gradient cast to
+    ``reduce_dtype``, reduce-scattered with SUM, returned in the shard's dtype."""
+
+    @staticmethod
+    def forward(ctx, shard, param_dtype, reduce_dtype):
+        Replicate = _dtensor()[2]
+        ctx.mesh, ctx.placements, ctx.reduce_dtype, ctx.shard_dtype = (shard.device_mesh, shard.placements,
+                                                                       reduce_dtype, shard.dtype)
+        return shard.to(param_dtype).redistribute(shard.device_mesh, [Replicate()]).to_local()
+
+    @staticmethod
+    def backward(ctx, grad):
+        DTensor, Partial = _dtensor()[:2]
+        partial = DTensor.from_local(grad.to(ctx.reduce_dtype), ctx.mesh, [Partial("sum")], run_check=False)
+        return partial.redistribute(ctx.mesh, ctx.placements).to(ctx.shard_dtype), None, None
+
+
+def gather_param(p, has_items=None, mixed: MixedPrecision | None = None):
     """The full tensor of a ``DTensor`` shard for compute (anything else is returned as is).
 
     ``to_local(grad_placements=[Partial("sum")])`` makes the backward reduce-scatter the
     gradient with SUM: each rank's gradient is already divided by the global item count, so the
     sum is the gradient of the global mean (``Partial("avg")`` would divide it by N again).
     ``has_items`` False (a microbatch without supervised items) zeroes the gradient before the
-    reduce-scatter: where() passes the value through and masks the gradient.
+    reduce-scatter: where() passes the value through and masks the gradient. ``mixed``: gather in
+    its ``param_dtype`` and reduce in its ``reduce_dtype`` (:class:`MixedPrecision`).
     """
     if not is_dtensor(p):
         return p
     _, Partial, Replicate, _ = _dtensor()
-    full = p.redistribute(p.device_mesh, [Replicate()]).to_local(grad_placements=[Partial("sum")])
+    if mixed is not None:
+        full = _GatherInDtype.apply(p, mixed.param_dtype, mixed.reduce_dtype or mixed.param_dtype)
+    else:
+        full = p.redistribute(p.device_mesh, [Replicate()]).to_local(grad_placements=[Partial("sum")])
     if has_items is not None:
         full = torch.where(has_items, full, full.detach())
     return full
 
 
-def gather_params(params: Mapping, has_items=None) -> dict:
+def gather_params(params: Mapping, has_items=None, mixed: MixedPrecision | None = None) -> dict:
     """``param_transform`` for sharded mode: every ``DTensor`` param all-gathered before the
     forward (:func:`gather_param`), so the gathered copies live through forward and backward.
     Per unit, where used: :func:`functrain.parallel.fsdp.shard_in_use`.
     """
-    return {k: gather_param(p, has_items) for k, p in params.items()}
+    return {k: gather_param(p, has_items, mixed) for k, p in params.items()}
 
 
 def sharded_hooks(group=None) -> dict:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import inspect
 import itertools
 import json
@@ -467,15 +468,17 @@ class Trainer(PublishMixin):
     def _sharded_transform(self, accumulate: int = 1):
         """Sharded mode gathers each unit's params where it runs (FSDP semantics in use); units are
         ``fsdp_config['transformer_layer_cls_to_wrap']`` blocks or the model's ``_no_split_modules``."""
-        from functrain.parallel.fsdp import shard_in_use
+        from functrain.parallel.fsdp import mixed_precision_of, shard_in_use
+
+        mixed = mixed_precision_of(self.args.fsdp_config)
 
         if self.args.torch_compile and accumulate > 1:
             logger.warning("fsdp with torch_compile and %d microbatches: torch %s compiles one recompute region per "
                            "graph, so params are gathered before the forward (a full replica during the step) "
                            "instead of unit by unit; use gradient_accumulation_steps=1 for per-unit gathers",
                            accumulate, torch.__version__)
-            return fd.gather_params
-        return shard_in_use(self.model, (self.args.fsdp_config or {}).get("transformer_layer_cls_to_wrap"))
+            return functools.partial(fd.gather_params, mixed=mixed)
+        return shard_in_use(self.model, (self.args.fsdp_config or {}).get("transformer_layer_cls_to_wrap"), mixed)
 
     def _mark_process(self, state: TrainerState) -> TrainerState:
         state.is_world_process_zero = fd.is_main_process()
