@@ -7,6 +7,7 @@ bf16, optimizer bytes),
 raises at step 3), ``exit`` (leaves with a mesh alive; the process must exit cleanly).
 """
 
+import dataclasses
 import json
 import os
 import sys
@@ -358,6 +359,72 @@ def mode_exit(out_dir, opts):
         torch.distributed.destroy_process_group()
 
 
+class DeepClassifier(torch.nn.Module):
+    """A deep MLP classifier (forward(x, labels) -> {"loss", "logits"}) for start-up memory."""
+
+    def __init__(self, layers, width, classes=3):
+        super().__init__()
+        blocks = []
+        for _ in range(layers):
+            blocks += [torch.nn.Linear(width, width), torch.nn.Tanh()]
+        self.net = torch.nn.Sequential(*blocks, torch.nn.Linear(width, classes))
+
+    def forward(self, x, labels=None):
+        logits = self.net(x)
+        out = {"logits": logits}
+        if labels is not None:
+            out["loss"] = torch.nn.functional.cross_entropy(logits, labels)
+        return out
+
+
+def _status_mb(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":")) / 1024
+
+
+def mode_meta_start(out_dir, opts):
+    """A sharded Trainer given model_init (built on meta, shards materialized) or the whole model:
+    per-rank peak memory growth at start-up (VmHWM at on_train_begin, the state built) and the
+    final weights."""
+    from _trainer_fixtures import make_dataset
+
+    from functrain.trainer.callbacks import TrainerCallback
+
+    fd.init_distributed()
+    layers, width = opts["layers"], opts["width"]
+
+    def model_init():
+        torch.manual_seed(0)
+        return DeepClassifier(layers, width)
+
+    peak = {}
+
+    class StartUpPeak(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            peak["growth_mb"] = _status_mb("VmHWM") - baseline
+
+    args = ft.TrainingArguments(opts["output_dir"], max_steps=4, per_device_train_batch_size=3, learning_rate=1e-2,
+                                optim="sgd", report_to="none", disable_tqdm=True, save_strategy="no",
+                                fsdp="full_shard", seed=3)
+    data = make_dataset(n=24, dim=width)
+    # Everything a Trainer imports and allocates once is loaded by a tiny run first; then the peak is
+    # reset (clear_refs 5), so the figure is the start-up's own.
+    ft.Trainer(model=DeepClassifier(1, width), args=dataclasses.replace(args, output_dir=args.output_dir + "-warm",
+                                                                       max_steps=1, fsdp=""),
+               train_dataset=data).train()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    baseline = _status_mb("VmRSS")
+    kwargs = {"model_init": model_init} if opts["meta"] else {"model": model_init()}
+    trainer = ft.Trainer(args=args, train_dataset=data, callbacks=[StartUpPeak()], **kwargs)
+    built_on_meta = all(p.is_meta for p in trainer.model.parameters())
+    trainer.train()
+    trainer.save_model(os.path.join(out_dir, "final"))
+    model_mb = sum(p.numel() * 4 for p in DeepClassifier(layers, width).parameters()) / 2**20
+    with open(os.path.join(out_dir, f"result-{fd.rank()}.json"), "w") as f:
+        json.dump({"startup_growth_mb": peak["growth_mb"], "model_mb": model_mb, "built_on_meta": built_on_meta}, f)
+
+
 def mode_trainer(out_dir, opts):
     trainer = make_trainer(out_dir, opts)
     trainer.train(resume_from_checkpoint=opts.get("resume"))
@@ -411,6 +478,6 @@ if __name__ == "__main__":
     mode, out = sys.argv[1], sys.argv[2]
     options = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
     {"steps": mode_steps, "trainer": mode_trainer, "fail": mode_fail, "sigterm": mode_sigterm_one_rank,
-     "gather": mode_gather, "evaluate": mode_evaluate, "exit": mode_exit}[mode](out, options)
+     "gather": mode_gather, "evaluate": mode_evaluate, "exit": mode_exit, "meta_start": mode_meta_start}[mode](out, options)
     if mode != "exit":
         fd.barrier()

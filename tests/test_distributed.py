@@ -172,6 +172,30 @@ def test_sharded_trainer_with_bf16_gathers_equals_bf16_data_parallel(tmp_path):
 
 
 @pytest.mark.slow
+def test_sharded_trainer_with_model_init_never_builds_the_whole_model(tmp_path):
+    """fsdp + model_init: the model is built on the meta device and each rank materializes its shards
+    module by module. Per-rank peak memory growth of the start-up (VmHWM with glibc returning freed
+    blocks, MALLOC_MMAP_THRESHOLD_) stays near half the model plus one layer; built whole it is the
+    model plus the shards. The trained weights are the whole-model run's, bitwise."""
+    results = {}
+    for meta in (True, False):
+        out = tmp_path / str(meta)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(free_port()), WORKER, "meta_start", str(out),
+               json.dumps({"output_dir": str(out / "run"), "meta": meta, "layers": 8, "width": 768})]
+        check(subprocess.run(cmd, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT,
+                             env={**_env(), "MALLOC_MMAP_THRESHOLD_": "65536"}))
+        results[meta] = [json.loads((out / f"result-{r}.json").read_text()) for r in (0, 1)]
+    model_mb = results[True][0]["model_mb"]
+    assert all(r["built_on_meta"] for r in results[True]) and not any(r["built_on_meta"] for r in results[False])
+    assert all(r["startup_growth_mb"] < 0.7 * model_mb for r in results[True])  # measured ~0.6x
+    assert all(r["startup_growth_mb"] > 1.2 * model_mb for r in results[False])  # measured ~1.5x
+    meta_weights, whole_weights = final_weights(tmp_path / "True"), final_weights(tmp_path / "False")
+    assert sorted(meta_weights) == sorted(whole_weights)
+    assert all(torch.equal(meta_weights[k], v) for k, v in whole_weights.items())
+
+
+@pytest.mark.slow
 def test_accelerate_launch_resumes_one_process_checkpoint_on_two(tmp_path, reference):
     """1 -> 2 through `accelerate launch` (2 CPU processes): sharded resume of a 1-process checkpoint."""
     shutil.copytree(reference / "run" / "checkpoint-5", tmp_path / "run" / "checkpoint-5")

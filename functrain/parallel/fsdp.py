@@ -205,7 +205,7 @@ def sharded_state_from_meta(model: nn.Module, tx, *, seed: int = 0, mesh=None):
     """
     from functrain.core.state import TrainState
 
-    _check_meta_model(model)
+    check_meta_model(model)
     mesh = mesh if mesh is not None else fd.make_mesh()
     params = {}
     for name, m in model.named_modules():
@@ -228,7 +228,8 @@ def _key(seed: int):
     return rng.key(seed)
 
 
-def _check_meta_model(model: nn.Module) -> None:
+def check_meta_model(model: nn.Module) -> None:
+    """A ValueError naming why ``model`` cannot go through :func:`sharded_state_from_meta`."""
     problems = []
     if any(p.device.type != "meta" for p in model.parameters()):
         problems.append("its parameters are not on the meta device (build it under `with torch.device('meta'):`)")

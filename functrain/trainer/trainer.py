@@ -40,7 +40,7 @@ from functrain.trainer.callbacks import (
     CallbackHandler, DefaultFlowCallback, ExportableState, PrinterCallback, ProgressCallback, TrainerControl,
     TrainerState,
 )
-from functrain.trainer import registry
+from functrain.trainer import registry, sharded_start
 from functrain.trainer.arg_effects import compile_kwargs, set_log_level
 from functrain.trainer.integrations import integration_callbacks
 from functrain.trainer.logging import MetricsFileCallback
@@ -116,10 +116,12 @@ class Trainer(PublishMixin):
                                         cpu=self.args.use_cpu)
         (enable_full_determinism if self.args.full_determinism else set_seed)(self.args.seed)
         self.model_init = model_init
+        self._meta_start = None
         if model is None:
             if model_init is None:
                 raise ValueError("Trainer needs a model or a model_init function")
-            model = model_init()
+            # Sharded: built on the meta device, each rank materializes its shards only.
+            model, self._meta_start = sharded_start.build(model_init, self.args.sharded)
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = self._place(model)
@@ -159,8 +161,8 @@ class Trainer(PublishMixin):
 
     def _place(self, model: nn.Module) -> nn.Module:
         """The model on ``args.device`` (this rank's GPU, or the CPU with ``use_cpu``), as transformers
-        does; a model spread over several devices (``hf_device_map``) stays where it is."""
-        if len(set((getattr(model, "hf_device_map", None) or {}).values())) > 1:
+        does; a model spread over several devices (``hf_device_map``) or a meta skeleton stays."""
+        if len(set((getattr(model, "hf_device_map", None) or {}).values())) > 1 or sharded_start.is_meta(model):
             return model
         return model.to(self.args.device)
 
@@ -541,7 +543,10 @@ class Trainer(PublishMixin):
         if self.args.fp16:
             from functrain.core.precision import dynamic_scale_init
 
-            loss_scale = dynamic_scale_init(device=next(self.model.parameters()).device)
+            loss_scale = dynamic_scale_init(device=self.args.device if sharded_start.is_meta(self.model)
+                                            else next(self.model.parameters()).device)
+        if self._meta_start is not None:  # shards built module by module, never whole
+            return self._meta_start.sharded_state(tx, self.args.seed).replace(loss_scale=loss_scale)
         # auto_find_batch_size: the (donated) state is a copy, so a retry after an out-of-memory error
         # starts from the module's initial weights.
         state = TrainState.create(self.model, tx, seed=self.args.seed, loss_scale=loss_scale,
@@ -579,6 +584,7 @@ class Trainer(PublishMixin):
         s = self.train_state
         if self.args.sharded and fd.is_distributed():  # gather the shards (a collective: every rank)
             s = s.replace(params=fd.unshard_state(s.params))
+            sharded_start.materialize(self.model, self.args.device)
         with torch.no_grad():
             for name, t in list(self.model.named_parameters()) + list(self.model.named_buffers()):
                 src = s.params.get(name, s.buffers.get(name))
@@ -673,7 +679,8 @@ class Trainer(PublishMixin):
 
     def _reinitialize_model(self) -> None:
         set_seed(self.args.seed)
-        self.model = self._place(self.model_init())
+        model, self._meta_start = sharded_start.build(self.model_init, self.args.sharded)
+        self.model = self._place(model)
         self.callback_handler.model = self.model
         self.train_state = None
         self._eval_steps = {}  # they were built for the previous model
