@@ -112,11 +112,10 @@ def init_distributed(backend: str | None = None, timeout: datetime.timedelta = D
     _, world, local = read_launch_env()
     if world == 1 and not _mpi_launched():
         return DistInfo(0, 1, local, None, _device_for(local, None))
-    cpu = cpu or not torch.cuda.is_available()
     _check_backend(backend, local, cpu)
     from accelerate import PartialState
 
-    PartialState(cpu=cpu, backend=backend, timeout=timeout)
+    PartialState(cpu=cpu or not torch.cuda.is_available(), backend=backend, timeout=timeout)
     if dist.is_initialized():
         _keep_until_exit(dist.group.WORLD)
         atexit.register(_destroy_process_group)
