@@ -83,6 +83,15 @@ def test_resume_position_quick(tmp_path):
     assert report["summary"]["target_s"] == 1.0
 
 
+@pytest.mark.slow
+def test_streaming_resume_quick(tmp_path):
+    report, _ = run_script("streaming_resume", tmp_path)
+    assert report["bitwise_equal"] is True and len(report["loadavg_per_round"]) == report["rounds"]
+    for name in ("datasets", "torch"):
+        assert report["summary"][name]["stream_state_s"] > 0 and report["summary"][name]["skip_s"] > 0
+    assert report["summary"]["datasets_workers2_stream_state_s"] > 0
+
+
 def test_resume_position_slope_fit():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from resume_position import slope

@@ -5,6 +5,7 @@ hub_strategy, one upload in flight, resume from a downloaded ``last-checkpoint/`
 """
 
 import logging
+import os
 import types
 
 import pytest
@@ -30,8 +31,10 @@ def hub(monkeypatch):
     import huggingface_hub.constants
 
     server = start_fake_hub()
-    # What HF_ENDPOINT sets when huggingface_hub is imported (it is read once, at import).
+    # What HF_ENDPOINT / HF_HUB_DISABLE_XET set when huggingface_hub is imported (read once, at
+    # import). The fake Hub speaks LFS, not Xet: weights go preupload -> LFS batch -> PUT -> commit.
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", server.url)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
     yield server
     server.stop()
 
@@ -57,8 +60,6 @@ def _log(hub):
     return [(c.message, sorted(c.files)) for c in hub.commits]
 
 
-@pytest.mark.xfail(strict=False, reason="known race (issue 16 note): an upload reads output_dir's files when it "
-                   "runs, so in a full-suite run a root commit has carried bytes saved after it was queued")
 @pytest.mark.parametrize("strategy", ["every_save", "all_checkpoints"])
 def test_pushed_root_weights_are_the_checkpoints_they_were_copied_from(tmp_path, hub, strategy):
     revision = "dev" if strategy == "all_checkpoints" else None
@@ -68,6 +69,58 @@ def test_pushed_root_weights_are_the_checkpoints_they_were_copied_from(tmp_path,
     if strategy == "all_checkpoints":
         assert hub.commits[1].files["checkpoint-2/model.safetensors"] == step2
     assert (tmp_path / "run" / "model.safetensors").read_bytes() != step2  # step 4's weights since
+
+
+class _HoldUploadsUntilStep(TrainerCallback):
+    """Keeps what each save wrote (checkpoint files as saved) and opens the Hub's gate only once
+    step ``release`` was saved, so the uploads queued before run after later saves (and rotations)."""
+
+    def __init__(self, hub, release):
+        self.hub, self.release, self.saved = hub, release, {}
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        self.saved[state.global_step] = {f: open(os.path.join(folder, f), "rb").read() for f in os.listdir(folder)}
+        if state.global_step == self.release:
+            self.hub.gate.set()
+
+
+def test_a_queued_push_sends_what_was_saved_when_it_was_queued(tmp_path, hub):
+    """The race seen under load, made deterministic: the Hub holds the step-2 uploads until step 4
+    was saved, which replaced output_dir's weights and (save_total_limit=1) deleted checkpoint-2.
+    The step-2 commits still carry checkpoint-2's bytes."""
+    hub.gate.clear()
+    keep = _HoldUploadsUntilStep(hub, release=4)
+    trainer = _trainer(tmp_path / "run", hub_strategy="checkpoint", save_total_limit=1, callbacks=[keep])
+    trainer.train()
+    assert not (tmp_path / "run" / "checkpoint-2").exists()  # rotated away before its upload ran
+    assert hub.commits[0].message == "Training in progress, step 2"
+    assert hub.commits[0].files["model.safetensors"] == keep.saved[2]["model.safetensors"]
+    assert keep.saved[2]["model.safetensors"] != keep.saved[4]["model.safetensors"]
+    assert _log(hub)[:2] == [("Training in progress, step 2", ROOT_FILES),
+                             ("Training in progress, step 2, checkpoint", [f"last-checkpoint/{f}" for f in CKPT_FILES])]
+    assert hub.commits[1].files == {f"last-checkpoint/{f}": b for f, b in keep.saved[2].items()}
+    assert hub.files("tester/run")["model.safetensors"] == keep.saved[4]["model.safetensors"]
+    assert not [p for p in os.listdir(tmp_path / "run") if p.startswith("_")]  # staging folders removed
+
+
+def test_large_weights_go_through_lfs_and_arrive_intact(tmp_path, hub):
+    """A 3 MB model.safetensors (safetensors files are LFS on the Hub): preupload says "lfs", the
+    bytes go through the LFS batch API and a PUT checked against their sha256, the commit names the
+    object; the final push finds it stored already (no second PUT) and the repo holds the same bytes."""
+    trainer = Trainer(model=make_model(hidden=70_000),
+                      args=TrainingArguments(str(tmp_path / "run"), max_steps=2, save_steps=2,
+                                             per_device_train_batch_size=4, report_to="none", disable_tqdm=True,
+                                             push_to_hub=True, hub_token="hf_test_token"),
+                      train_dataset=make_dataset())
+    trainer.train()
+    trainer.push_to_hub()
+    local = (tmp_path / "run" / "model.safetensors").read_bytes()
+    assert len(local) > 3_000_000 and local == (tmp_path / "run" / "checkpoint-2" / "model.safetensors").read_bytes()
+    assert [c.message for c in hub.commits] == ["Training in progress, step 2", "End of training"]
+    for commit in hub.commits:
+        assert commit.lfs == {"model.safetensors"} and commit.files["model.safetensors"] == local
+    assert list(hub.lfs_objects.values()) == [local]
 
 
 @pytest.mark.parametrize("strategy", ["every_save", "checkpoint", "all_checkpoints", "end"])
@@ -171,6 +224,7 @@ def test_failed_upload_warns_and_training_goes_on(tmp_path, hub, no_backoff, cap
     for step in (2, 4):  # nothing local lost
         ck.verify_checkpoint(str(tmp_path / "run" / f"checkpoint-{step}"))
     assert (tmp_path / "run" / "model.safetensors").is_file() and (tmp_path / "run" / "README.md").is_file()
+    assert not [p for p in os.listdir(tmp_path / "run") if p.startswith("_")]  # staging folders removed
 
 
 def test_repo_that_cannot_be_created_is_an_error_before_training(tmp_path, hub):

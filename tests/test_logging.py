@@ -98,11 +98,12 @@ def test_report_to_all_enables_only_installed_integrations(monkeypatch):
 
     monkeypatch.setitem(integrations.INTEGRATIONS, "fake_tracker",
                         integrations.Integration("functrain_no_such_package", TrainerCallback))
-    assert TrainingArguments("o", report_to="all").report_to == ["tensorboard", "mlflow", "wandb", "trackio"]
+    assert TrainingArguments("o", report_to="all").report_to == ["tensorboard", "mlflow", "wandb", "trackio",
+                                                                    "comet_ml", "clearml"]
     with pytest.raises(TrainingArgumentsError, match="fake_tracker.*not installed"):
         TrainingArguments("o", report_to=["fake_tracker"])
     monkeypatch.setitem(sys.modules, "tensorboard", None)  # find_spec now reports it missing
-    assert TrainingArguments("o", report_to="all").report_to == ["mlflow", "wandb", "trackio"]
+    assert TrainingArguments("o", report_to="all").report_to == ["mlflow", "wandb", "trackio", "comet_ml", "clearml"]
 
 
 @pytest.mark.parametrize("disable_tqdm", [True, False])

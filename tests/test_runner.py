@@ -231,3 +231,29 @@ def test_docs_runner_page_example_runs_trains_and_resumes(tmp_path, capsys):
     exec(compile(code, "docs/runner.md", "exec"), {})  # again: resumes at 200, nothing left to do
     assert len(open(tmp_path / "ema" / "metrics.jsonl").readlines()) == 10
     assert [s for s, _ in ck.checkpoint_dirs(str(tmp_path / "ema"))] == [100, 200]
+
+
+def test_epoch_events_before_step_and_end_epoch():
+    """Each pass over the data is an epoch; before_step sees the batch; end_epoch leaves the pass."""
+    batches = [{"i": torch.tensor(i)} for i in range(3)]
+    events = []
+
+    class Recorder(Hook):
+        def on_epoch_start(self, run):
+            events.append(("start", run.epoch))
+
+        def before_step(self, run):
+            events.append(("batch", int(run.batch["i"])))
+
+        def on_step(self, run):
+            if run.step == 4:  # second epoch, after its first batch
+                run.end_epoch()
+
+        def on_epoch_end(self, run):
+            events.append(("end", run.epoch))
+
+    out = ft.run(lambda s, b: (s + b["i"], {}), torch.tensor(0), batches, steps=6, hooks=[Recorder()])
+    assert events == [("start", 0), ("batch", 0), ("batch", 1), ("batch", 2), ("end", 0),
+                      ("start", 1), ("batch", 0), ("end", 1),
+                      ("start", 2), ("batch", 0), ("batch", 1), ("end", 2)]
+    assert out.step == 6 and out.epoch == 3 and int(out.state) == 4

@@ -1,14 +1,19 @@
 """report_to trackers, read back through each tracker's own client: MLflow (local file store,
 ``MlflowClient``), W&B (offline run file, wandb's protobuf records) and trackio (its local SQLite
-store). Keys and steps must equal ``trainer.state.log_history``; MLflow and W&B are also compared
-with transformers' own MLflowCallback / WandbCallback fed the same log history."""
+store), Comet (its offline archive's messages). Keys and steps must equal
+``trainer.state.log_history``; MLflow and W&B are also compared with transformers' own
+MLflowCallback / WandbCallback fed the same log history."""
 
 import dataclasses
 import importlib.util
+import json
 import logging
 import os
+import shutil
+import subprocess
 import sys
 import uuid
+import zipfile
 from glob import glob
 
 import pytest
@@ -20,7 +25,7 @@ from functrain.trainer.trainer import Trainer
 from _trainer_fixtures import make_dataset, make_model
 
 # Checked without importing: trackio reads TRACKIO_DIR when imported (the fixture sets it first).
-pytestmark = pytest.mark.skipif(any(importlib.util.find_spec(p) is None for p in ("mlflow", "wandb", "trackio")),
+pytestmark = pytest.mark.skipif(any(importlib.util.find_spec(p) is None for p in ("mlflow", "wandb", "trackio", "comet_ml")),
                                 reason="the tracker clients are in the test extra")
 
 RUN_NAME = "functrain-tracker-test"
@@ -37,23 +42,27 @@ def _args(out, **kw):
 
 @pytest.fixture(scope="module")
 def tracked(tmp_path_factory):
-    """One training run reporting to mlflow, wandb and trackio at once."""
+    """One training run reporting to mlflow, wandb, trackio and comet_ml at once."""
     root = tmp_path_factory.mktemp("trackers")
     project = f"functrain-test-{uuid.uuid4().hex[:8]}"
     env = dict(MLFLOW_TRACKING_URI=f"file://{root / 'mlruns'}", MLFLOW_ALLOW_FILE_STORE="true",
                MLFLOW_EXPERIMENT_NAME="functrain-tests", WANDB_MODE="offline", WANDB_DIR=str(root),
-               WANDB_PROJECT="functrain-tests", WANDB_SILENT="true", TRACKIO_DIR=str(root / "trackio"))
+               WANDB_PROJECT="functrain-tests", WANDB_SILENT="true", TRACKIO_DIR=str(root / "trackio"),
+               COMET_START_ONLINE="false", COMET_OFFLINE_DIRECTORY=str(root / "comet"),
+               COMET_PROJECT_NAME="functrain-tests")
     with pytest.MonkeyPatch.context() as mp:
         for k, v in env.items():
             mp.setenv(k, v)
-        trainer = Trainer(model=make_model(), args=_args(root / "out", report_to=["mlflow", "wandb", "trackio"],
+        trainer = Trainer(model=make_model(), args=_args(root / "out", report_to=["mlflow", "wandb", "trackio", "comet_ml"],
                                                          project=project),
                           train_dataset=make_dataset(), eval_dataset=make_dataset(n=8, seed=5))
         trainer.train()
         trainer.predict_metrics = trainer.predict(make_dataset(n=8, seed=7)).metrics  # wandb and trackio log test/... metrics
+        import comet_ml
         import wandb
 
         wandb.finish()  # as in HF the run stays open after train(); close it to read the files
+        comet_ml.end()  # the same for Comet: ending it writes the offline archive
         yield root, project, trainer
 
 
@@ -203,15 +212,82 @@ def test_trackio_local_store_read_back(tracked):
         assert got == pytest.approx(expected, rel=1e-12)
 
 
+# -- Comet ----------------------------------------------------------------------------------------
+
+def _comet_messages(root):
+    """The messages of the one offline experiment archive (what ``comet upload`` would send)."""
+    archive, = glob(str(root / "comet" / "*.zip"))
+    with zipfile.ZipFile(archive) as z:
+        experiment = json.loads(z.read("experiment.json"))
+        messages = [json.loads(line) for line in z.read("messages.json").splitlines()]
+    return experiment, messages
+
+
+def test_comet_offline_archive_read_back(tracked):
+    root, _, trainer = tracked
+    experiment, messages = _comet_messages(root)
+    assert experiment["project_name"] == "functrain-tests"  # COMET_PROJECT_NAME
+    assert {"key": "Name", "value": RUN_NAME} in [{k: m["payload"].get(k) for k in ("key", "value")}
+                                                  for m in messages if m["type"] == "log_other"]
+    ours = ("train/", "eval/", "test/")  # comet adds its own sys.* metrics
+    got = sorted((m["payload"]["metric"]["step"], m["payload"]["metric"]["metricName"],
+                  m["payload"]["metric"]["metricValue"]) for m in messages
+                 if m["type"] == "metric_msg" and m["payload"]["metric"]["metricName"].startswith(ours))
+    want = [(step, k, v) for step, logs in _rows(trainer) for k, v in rewrite_logs(logs).items()]
+    want += [(trainer.state.global_step, k, v) for k, v in rewrite_logs(trainer.predict_metrics).items()]
+    assert got == sorted(want)
+    params = [m["payload"].get("param") or m["payload"]["params"] for m in messages if m["type"] == "parameter_msg"]
+    params = {p["paramName"]: p["paramValue"] for p in params if p["source"] == "manual"}
+    assert params["args|learning_rate"] == 0.05 and params["args|run_name"] == RUN_NAME
+
+
+# -- ClearML --------------------------------------------------------------------------------------
+
+@pytest.mark.slow  # a child process: imports, compile and ClearML's session (~30 s on a loaded machine)
+@pytest.mark.skipif(importlib.util.find_spec("clearml") is None, reason="clearml is in the test extra")
+def test_clearml_offline_session_read_back(tmp_path):
+    """The run goes in a child process (ClearML's Task.init hooks its process); its offline session
+    folder holds the scalars (metrics.jsonl) and the task (task.json) ClearML would upload."""
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "CLEARML_OFFLINE_MODE": "1", "CLEARML_CACHE_DIR": str(tmp_path / "cache"),
+           "HOME": str(tmp_path), "CLEARML_PROJECT": "functrain-tests", "CLEARML_TASK": RUN_NAME,
+           "PYTHONPATH": os.pathsep.join([os.path.dirname(tests), tests, os.environ.get("PYTHONPATH", "")])}
+    # Run from a copy outside the git checkout: ClearML analyses the script's repository and its
+    # imports when the task closes, which takes minutes on a whole checkout.
+    script = tmp_path / "run.py"
+    shutil.copy(os.path.join(tests, "_clearml_run.py"), script)
+    out = tmp_path / "out"
+    subprocess.run([sys.executable, str(script), str(out)], env=env, cwd=tmp_path, check=True, timeout=600)
+    session, = [p for p in glob(str(tmp_path / "cache" / "offline" / "offline-*")) if os.path.isdir(p)]
+    with open(os.path.join(session, "task.json")) as f:
+        task = json.load(f)
+    with open(os.path.join(session, "metrics.jsonl")) as f:
+        events = [e for line in f for e in json.loads(line)]
+    history = json.load(open(out / "log_history.json"))
+
+    assert task["name"] == RUN_NAME  # CLEARML_TASK
+    hparams = task["hyperparams"]["Transformers"]
+    assert hparams["learning_rate"]["value"] == "0.05" and "hub_token" not in hparams
+    single = ("train_runtime", "train_samples_per_second", "train_steps_per_second", "train_loss", "total_flos",
+              "epoch")
+    got = sorted((e["iter"], e["metric"], e["variant"], e["value"]) for e in events
+                 if e["type"] == "training_stats_scalar" and e["metric"] != "Summary")
+    want = sorted((row["step"], *(("eval", k[5:]) if k.startswith("eval_") else ("train", k)), v)
+                  for row in history for k, v in row.items() if k != "step" and k not in single)
+    assert got == want
+    summary = {e["variant"]: e["value"] for e in events if e.get("metric") == "Summary"}
+    assert summary["train_runtime"] == history[-1]["train_runtime"] and summary["epoch"] == history[-1]["epoch"]
+
+
 # -- report_to resolution -------------------------------------------------------------------------
 
 def test_unknown_and_unsupported_tracker_names_are_refused():
     with pytest.raises(TrainingArgumentsError, match="'nope' is not a known tracker; supported: "
-                                                     r"\['tensorboard', 'mlflow', 'wandb', 'trackio'\]"):
+                                                     r"\['tensorboard', 'mlflow', 'wandb', 'trackio', 'comet_ml', 'clearml'\]"):
         TrainingArguments("o", report_to=["mlflow", "nope"])
-    with pytest.raises(TrainingArgumentsError, match="'comet_ml' is a transformers integration functrain does "
+    with pytest.raises(TrainingArgumentsError, match="'dvclive' is a transformers integration functrain does "
                                                      "not drive"):
-        TrainingArguments("o", report_to="comet_ml")
+        TrainingArguments("o", report_to="dvclive")
 
 
 def test_named_tracker_not_installed_is_refused(monkeypatch):
@@ -221,7 +297,7 @@ def test_named_tracker_not_installed_is_refused(monkeypatch):
 
 
 def test_report_to_all_with_no_tracker_installed_trains_and_says_so_once(tmp_path, monkeypatch, caplog):
-    for package in ("tensorboard", "mlflow", "wandb", "trackio"):
+    for package in ("tensorboard", "mlflow", "wandb", "trackio", "comet_ml", "clearml"):
         monkeypatch.setitem(sys.modules, package, None)
     with caplog.at_level(logging.WARNING, logger="functrain"):
         trainer = Trainer(model=make_model(), args=_args(tmp_path, report_to="all", eval_strategy="no", max_steps=2),
@@ -229,7 +305,7 @@ def test_report_to_all_with_no_tracker_installed_trains_and_says_so_once(tmp_pat
         trainer.train()
     said = [r.getMessage() for r in caplog.records if "report_to='all'" in r.getMessage()]
     assert said == ["report_to='all': reporting to no tracker (none is installed); not installed: "
-                    "['tensorboard', 'mlflow', 'wandb', 'trackio']"]
+                    "['tensorboard', 'mlflow', 'wandb', 'trackio', 'comet_ml', 'clearml']"]
     assert trainer.args.report_to == [] and trainer.state.global_step == 2
     assert (tmp_path / "metrics.jsonl").is_file()
 

@@ -32,7 +32,7 @@ def test_hf_defaults(tmp_path):
     (dict(gradient_accumulation_steps=1.5), "integer"),
     (dict(max_steps=0), "max_steps"),
     (dict(adam_beta2=1.0), "adam_beta2"),
-    (dict(report_to="comet_ml"), "does not drive"),
+    (dict(report_to="swanlab"), "does not drive"),
     (dict(report_to="no_such_tracker"), "not a known tracker"),
     (dict(hub_strategy="sometimes"), "hub_strategy='sometimes'"),
     (dict(save_strategy="steps", save_steps=0), "save_steps must be > 0"),
@@ -52,7 +52,8 @@ def test_derived_defaults(tmp_path):
     c = TrainingArguments(str(tmp_path), eval_strategy="steps", logging_steps=7)
     assert c.eval_steps == 7  # falls back on logging_steps, as in transformers
     assert TrainingArguments(str(tmp_path), report_to="none").report_to == []
-    assert TrainingArguments(str(tmp_path), report_to="all").report_to == ["tensorboard", "mlflow", "wandb", "trackio"]
+    assert TrainingArguments(str(tmp_path), report_to="all").report_to == [
+        "tensorboard", "mlflow", "wandb", "trackio", "comet_ml", "clearml"]
     assert TrainingArguments(str(tmp_path), bf16=True).precision == "bf16"
     assert TrainingArguments(str(tmp_path), warmup_steps=0.1).get_warmup_steps(95) == 10
     assert TrainingArguments(str(tmp_path), warmup_ratio=0.2).get_warmup_steps(10) == 2

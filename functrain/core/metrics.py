@@ -27,6 +27,11 @@ def _zero() -> torch.Tensor:
     return torch.zeros((), dtype=_ACC_DTYPE)
 
 
+def _all_zero(cls):
+    """``empty()`` of a metric whose fields are all running sums: every field a 0-d zero."""
+    return cls(*(_zero() for _ in cls._fields))
+
+
 def _add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     # empty() lives on the CPU; follow the device of the other operand (no host sync).
     if a.device != b.device:
@@ -41,9 +46,7 @@ class Average(NamedTuple):
     total: torch.Tensor
     count: torch.Tensor
 
-    @classmethod
-    def empty(cls) -> "Average":
-        return cls(_zero(), _zero())
+    empty = classmethod(_all_zero)
 
     @classmethod
     def from_batch(cls, values: torch.Tensor, weights: torch.Tensor | None = None) -> "Average":
@@ -79,9 +82,7 @@ class Accuracy(NamedTuple):
     correct: torch.Tensor
     count: torch.Tensor
 
-    @classmethod
-    def empty(cls) -> "Accuracy":
-        return cls(_zero(), _zero())
+    empty = classmethod(_all_zero)
 
     @classmethod
     def from_batch(cls, predictions: torch.Tensor, labels: torch.Tensor,

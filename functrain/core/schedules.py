@@ -201,19 +201,18 @@ def _min_lr_rate(peak: float, min_lr, min_lr_rate) -> float:
     return float(min_lr_rate)
 
 
-def cosine_with_min_lr(
-    peak: float,
-    num_warmup_steps: int,
-    num_training_steps: int,
-    num_cycles: float = 0.5,
-    min_lr: float | None = None,
-    min_lr_rate: float | None = None,
-) -> Schedule:
+def _min_lr_cosine_args(peak, num_warmup_steps, num_training_steps, min_lr, min_lr_rate):
+    """The checked ``(peak, warmup, total, min rate)`` of the two cosine-with-floor schedules."""
+    peak = _check_peak(peak)
+    w = _check_steps("num_warmup_steps", num_warmup_steps)
+    t = _check_steps("num_training_steps", num_training_steps)
+    return peak, w, t, _min_lr_rate(peak, min_lr, min_lr_rate)
+
+
+def cosine_with_min_lr(peak: float, num_warmup_steps: int, num_training_steps: int, num_cycles: float = 0.5,
+                       min_lr: float | None = None, min_lr_rate: float | None = None) -> Schedule:
     """Linear warmup, then cosine from ``peak`` down to ``min_lr`` (or ``min_lr_rate * peak``)."""
-    peak, w, t = _check_peak(peak), _check_steps("num_warmup_steps", num_warmup_steps), _check_steps(
-        "num_training_steps", num_training_steps
-    )
-    rate = _min_lr_rate(peak, min_lr, min_lr_rate)
+    peak, w, t, rate = _min_lr_cosine_args(peak, num_warmup_steps, num_training_steps, min_lr, min_lr_rate)
 
     def multiplier(s):
         factor = _half_cosine(_progress(s, w, t - w), num_cycles) * (1 - rate) + rate
@@ -222,24 +221,15 @@ def cosine_with_min_lr(
     return lambda step: _evaluate(step, lambda s: peak * multiplier(s))
 
 
-def cosine_warmup_with_min_lr(
-    peak: float,
-    num_warmup_steps: int,
-    num_training_steps: int,
-    num_cycles: float = 0.5,
-    min_lr: float | None = None,
-    min_lr_rate: float | None = None,
-    warmup_lr_rate: float | None = None,
-) -> Schedule:
+def cosine_warmup_with_min_lr(peak: float, num_warmup_steps: int, num_training_steps: int, num_cycles: float = 0.5,
+                              min_lr: float | None = None, min_lr_rate: float | None = None,
+                              warmup_lr_rate: float | None = None) -> Schedule:
     """HF ``"cosine_warmup_with_min_lr"``: like :func:`cosine_with_min_lr`, shifted by one step.
 
     The warmup starts at ``1/W`` of peak (or ``warmup_lr_rate``) rather than 0 and reaches the peak
     at step ``W - 1``; the cosine is one step further along than in ``cosine_with_min_lr``.
     """
-    peak, w, t = _check_peak(peak), _check_steps("num_warmup_steps", num_warmup_steps), _check_steps(
-        "num_training_steps", num_training_steps
-    )
-    rate = _min_lr_rate(peak, min_lr, min_lr_rate)
+    peak, w, t, rate = _min_lr_cosine_args(peak, num_warmup_steps, num_training_steps, min_lr, min_lr_rate)
 
     def multiplier(s):
         if warmup_lr_rate is None:

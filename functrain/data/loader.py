@@ -6,43 +6,60 @@ batch sampler over this epoch's remaining indices. Its state is ``{epoch, batch_
 ``loader.iter_from(epoch, batch_index)`` slices the epoch's index permutation: no earlier batch
 is read, collated or replayed (the HF Trainer spent hours skipping batches, issues 11284, 21934).
 
-Iterable (streaming) datasets have no length and no random access: resuming there skips
-``batch_index * batch_size`` examples of this rank's stream without collating them
-(``datasets.IterableDataset.skip`` or ``itertools.islice``), which is linear in the position.
-They need ``max_steps``, see :func:`check_iterable_requires_max_steps`.
+Iterable (streaming) datasets have no length and no random access: they run on torchdata's
+``StatefulDataLoader`` and the state also holds the stream's own position (``stream``, see
+:mod:`functrain.data.stream`), so a resume continues the stream where it stopped without reading
+the examples before it, workers included. Without a saved stream (an older checkpoint, another
+batch layout) a resume reads this rank's stream up to the position without collating it
+(exact, linear in the position). They need ``max_steps``, see
+:func:`check_iterable_requires_max_steps`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
+import warnings
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.utils.data as tud
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from .collators import default_data_collator
+from . import stream as st
 from .sampler import DeterministicSampler, SliceBatchSampler
-from .seeded import Positioned, PositionedBatches, PositionedStream, SeededCollate
+from .seeded import Positioned, PositionedBatches, SeededCollate
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
 class LoaderState:
-    """Where a loader is: ``batch_index`` batches of epoch ``epoch`` were consumed."""
+    """Where a loader is: ``batch_index`` batches of epoch ``epoch`` were consumed.
+
+    ``stream`` (streaming loaders only): the stream's own state after those batches (JSON; ``{}``
+    at an epoch's start), with which the next iteration continues it in O(1).
+    """
 
     epoch: int = 0
     batch_index: int = 0
     seed: int = 0
+    stream: dict | None = None
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if self.stream is None:
+            del d["stream"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "LoaderState":
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
-            raise ValueError(f"unknown loader state keys {sorted(unknown)}; expected epoch, batch_index, seed")
-        return cls(**{k: int(v) for k, v in d.items()})
+            raise ValueError(f"unknown loader state keys {sorted(unknown)}; expected epoch, batch_index, seed, stream")
+        return cls(**{k: v if k == "stream" else int(v) for k, v in d.items()})
 
 
 DataLoaderState = LoaderState
@@ -50,27 +67,19 @@ DataLoaderState = LoaderState
 
 def has_length(dataset: Any) -> bool:
     """True when ``len(dataset)`` works (map-style); streaming datasets have no length."""
-    if isinstance(dataset, tud.IterableDataset) and not _is_hf_iterable(dataset):
+    if isinstance(dataset, tud.IterableDataset) and not st.is_hf_iterable(dataset):
         try:
             len(dataset)
             return True
         except TypeError:
             return False
-    if _is_hf_iterable(dataset):
+    if st.is_hf_iterable(dataset):
         return False
     try:
         len(dataset)
     except (TypeError, NotImplementedError):
         return False
     return True
-
-
-def _is_hf_iterable(dataset) -> bool:
-    try:
-        import datasets
-    except ImportError:
-        return False
-    return isinstance(dataset, datasets.IterableDataset)
 
 
 def check_iterable_requires_max_steps(dataset: Any, max_steps: int | None) -> None:
@@ -139,8 +148,9 @@ class ResumableLoader:
         if num_workers > 0:  # torch refuses these without worker processes
             self.loader_kwargs.update(prefetch_factor=prefetch_factor, multiprocessing_context=multiprocessing_context,
                                       in_order=in_order)
-        self.state = LoaderState(seed=seed)
         self.is_iterable = not has_length(dataset)
+        self.shard_block = shard_block
+        self.state = LoaderState(seed=seed, stream=self._epoch_start())
         self.sampler = None
         if not self.is_iterable:
             group_lengths = _lengths_for_grouping(dataset, lengths, length_column_name) if group_by_length else None
@@ -164,21 +174,30 @@ class ResumableLoader:
         return self.state.to_dict()
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue from ``state`` (a ``state_dict()``; a checkpoint's position with every rank's
+        ``streams`` gives this rank its own)."""
+        state = dict(state)
+        if self.is_iterable and st.STREAMS in state:
+            state[st.STREAM] = st.rank_stream(state, self.rank, self.world_size)
+        state.pop(st.STREAMS, None)
         new = LoaderState.from_dict(state)
         if new.seed != self.state.seed:
             raise ValueError(f"loader state has seed {new.seed} but this loader was built with seed "
                              f"{self.state.seed}; the data order would differ")
-        self.state = new
+        self.state = dataclasses.replace(new, stream=new.stream if self.is_iterable else None)
 
     def use_seed(self, seed: int) -> None:
         """Draw the data order (and the collator's per-batch seeds) from ``seed`` from now on (a
         resume keeps the order its checkpoint was drawn with)."""
-        self.state = LoaderState(epoch=self.state.epoch, batch_index=self.state.batch_index, seed=int(seed))
+        self.state = dataclasses.replace(self.state, seed=int(seed))
         if self.sampler is not None:
             self.sampler.seed = int(seed)
 
     def set_epoch(self, epoch: int) -> None:
-        self.state = LoaderState(epoch=epoch, batch_index=0, seed=self.state.seed)
+        self.state = LoaderState(epoch=epoch, batch_index=0, seed=self.state.seed, stream=self._epoch_start())
+
+    def _epoch_start(self) -> dict | None:
+        return {} if self.is_iterable else None
 
     # -- iteration ------------------------------------------------------------------------------
     def __iter__(self) -> Iterator:
@@ -186,19 +205,26 @@ class ResumableLoader:
         return self.iter_from(self.state.epoch, self.state.batch_index)
 
     def iter_from(self, epoch: int, batch_index: int = 0) -> Iterator:
-        """Batches of ``epoch`` starting at batch ``batch_index`` (0-based), updating ``state``."""
+        """Batches of ``epoch`` starting at batch ``batch_index`` (0-based), updating ``state``.
+
+        A streaming loader whose state holds the stream at exactly this position (a resume)
+        continues the stream from it; otherwise it reads the stream up to the position.
+        """
         if batch_index < 0:
             raise ValueError(f"batch_index must be >= 0, got {batch_index}")
-        self.state = LoaderState(epoch=epoch, batch_index=batch_index, seed=self.state.seed)
-        loader = self._iterable_loader(epoch, batch_index) if self.is_iterable else self._map_loader(epoch, batch_index)
-        return self._counting(loader, epoch)
+        saved = self.state.stream if (self.state.epoch, self.state.batch_index) == (epoch, batch_index) else None
+        self.state = LoaderState(epoch=epoch, batch_index=batch_index, seed=self.state.seed, stream=saved)
+        if self.is_iterable:
+            return self._stream_batches(epoch, batch_index, saved)
+        return self._counting(self._map_loader(epoch, batch_index), epoch)
 
-    def _counting(self, loader, epoch):
+    def _counting(self, loader, epoch, stream_state: Callable[[], dict | None] = lambda: None):
         for batch in loader:
             # Count before yielding: a checkpoint taken while the caller holds this batch resumes after it.
-            self.state = LoaderState(epoch=epoch, batch_index=self.state.batch_index + 1, seed=self.state.seed)
+            self.state = LoaderState(epoch=epoch, batch_index=self.state.batch_index + 1, seed=self.state.seed,
+                                     stream=stream_state())
             yield batch
-        self.state = LoaderState(epoch=epoch + 1, batch_index=0, seed=self.state.seed)
+        self.state = LoaderState(epoch=epoch + 1, batch_index=0, seed=self.state.seed, stream=self._epoch_start())
 
     def _map_loader(self, epoch: int, batch_index: int) -> tud.DataLoader:
         if not self.is_iterable and batch_index > len(self):
@@ -211,33 +237,27 @@ class ResumableLoader:
     def _seeded_collate(self) -> SeededCollate:
         return SeededCollate(self.collate_fn, self.state.seed, self.rank)
 
-    def _iterable_loader(self, epoch: int, batch_index: int) -> tud.DataLoader:
-        skip = batch_index * self.batch_size
-        stream = _shard_and_skip(self.dataset, epoch, skip, self.world_size, self.rank, self.shuffle)
-        return tud.DataLoader(PositionedStream(stream, epoch, skip, self.batch_size), batch_size=self.batch_size,
-                              drop_last=self.drop_last, collate_fn=self._seeded_collate(), **self.loader_kwargs)
-
-
-class _ShardSkipIterable(tud.IterableDataset):
-    """Round-robin share of a torch iterable for ``rank``, after skipping ``skip`` of its examples."""
-
-    def __init__(self, dataset, skip: int, world_size: int, rank: int):
-        self.dataset, self.skip, self.world_size, self.rank = dataset, skip, world_size, rank
-
-    def __iter__(self):
-        start = self.rank + self.skip * self.world_size
-        return itertools.islice(iter(self.dataset), start, None, self.world_size)
-
-
-def _shard_and_skip(dataset, epoch: int, skip: int, world_size: int, rank: int, shuffle: bool):
-    if _is_hf_iterable(dataset):
-        from datasets.distributed import split_dataset_by_node
-
-        if shuffle and hasattr(dataset, "set_epoch"):
-            dataset.set_epoch(epoch)  # reshuffles the buffer/shards of a shuffled stream per epoch
-        if world_size > 1:
-            dataset = split_dataset_by_node(dataset, rank=rank, world_size=world_size)
-        return dataset.skip(skip) if skip else dataset
-    if hasattr(dataset, "set_epoch"):
-        dataset.set_epoch(epoch)
-    return _ShardSkipIterable(dataset, skip, world_size, rank)
+    def _stream_batches(self, epoch: int, batch_index: int, saved: dict | None) -> Iterator:
+        layout = st.layout(self.batch_size, self.loader_kwargs["num_workers"], self.world_size, self.shard_block)
+        view = st.rank_view(self.dataset, epoch, world_size=self.world_size, rank=self.rank, block=self.shard_block,
+                            shuffle=self.shuffle)
+        counted = st.CountedStream(view, epoch, self.batch_size)
+        with warnings.catch_warnings():  # torchdata 0.11 calls a torch function torch has deprecated
+            warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
+            loader = StatefulDataLoader(counted, batch_size=self.batch_size, drop_last=self.drop_last,
+                                        collate_fn=self._seeded_collate(), **self.loader_kwargs)
+        batches: Iterator | StatefulDataLoader = loader
+        if saved and saved.get("layout") == layout:
+            loader.load_state_dict(saved["loader"])  # O(1): the stream continues where it stopped
+        elif batch_index:
+            if saved:
+                logger.warning("the saved stream position was taken with %s, this loader has %s: reading the "
+                               "stream up to batch %d instead", saved.get("layout"), layout, batch_index)
+            # A new iterator's first batch comes from worker 0: skip whole rounds of workers, then
+            # drop the few batches left, so the batches are those of an uninterrupted run.
+            rounds = max(1, self.loader_kwargs["num_workers"])
+            counted.skip_batches(batch_index - batch_index % rounds)
+            batches = itertools.islice(loader, batch_index % rounds, None)
+        if self.loader_kwargs["num_workers"] and not self.loader_kwargs.get("in_order", True):
+            return self._counting(batches, epoch, dict)  # out-of-order workers have no exact position to save
+        return self._counting(batches, epoch, lambda: {"layout": layout, "loader": st.json_copy(loader.state_dict())})

@@ -66,17 +66,6 @@ class PositionedBatches(torch.utils.data.Sampler):
             yield [((self.epoch, b), i) for i in indices]
 
 
-class PositionedStream(torch.utils.data.IterableDataset):
-    """A stream of examples as ``((epoch, example_number // batch_size), example)``."""
-
-    def __init__(self, stream, epoch: int, first: int, batch_size: int):
-        self.stream, self.epoch, self.first, self.batch_size = stream, epoch, first, batch_size
-
-    def __iter__(self):
-        for n, ex in enumerate(self.stream, start=self.first):
-            yield (self.epoch, n // self.batch_size), ex
-
-
 class SeededCollate:
     """Call ``collate_fn`` on a batch of positioned examples under the batch's own seed."""
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import atexit
 import ctypes
 import datetime
+import json
 import os
 import time
 from collections.abc import Mapping
@@ -348,6 +349,23 @@ def all_reduce_sum(values: torch.Tensor, group=None) -> torch.Tensor:
     if is_distributed():
         dist.all_reduce(values, op=dist.ReduceOp.SUM, group=group)
     return values
+
+
+def all_gather_json(obj, group=None) -> list:
+    """Every rank's ``obj`` (JSON-able), in rank order: sent as JSON text, so nothing received is
+    unpickled. ``[obj]`` for one process. A collective: every rank calls it at the same point."""
+    if not is_distributed():
+        return [obj]
+    device = current_info().device
+    text = torch.tensor(list(json.dumps(obj).encode("utf-8")), dtype=torch.uint8, device=device)
+    sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world_size())]
+    dist.all_gather(sizes, torch.tensor([len(text)], dtype=torch.int64, device=device), group=group)
+    longest = int(max(sizes))
+    padded = torch.zeros(longest, dtype=torch.uint8, device=device)
+    padded[:len(text)] = text
+    texts = [torch.empty(longest, dtype=torch.uint8, device=device) for _ in range(world_size())]
+    dist.all_gather(texts, padded, group=group)
+    return [json.loads(bytes(t[:int(n)].cpu().tolist()).decode("utf-8")) for t, n in zip(texts, sizes)]
 
 
 def weighted_mean(value: float, weight: float, group=None) -> float:

@@ -44,7 +44,16 @@ class Hook:
     def on_start(self, run: Run) -> None:
         pass
 
+    def on_epoch_start(self, run: Run) -> None:
+        pass
+
+    def before_step(self, run: Run) -> None:
+        """``run.batch`` is the batch the next step gets."""
+
     def on_step(self, run: Run) -> None:
+        pass
+
+    def on_epoch_end(self, run: Run) -> None:
         pass
 
     def on_log(self, run: Run, logs: dict) -> None:
@@ -332,6 +341,7 @@ class Checkpoint(Hook):
             return
         run.state, progress = ck.load_tree(path, run.state)
         run.step, run.data_position = int(progress["global_step"]), progress.get("data_position")
+        run.epoch = int(progress.get("epoch", 0))
         saved = progress.get("stateful_callbacks", {})
         for name, hook in _named_hooks(run.hooks).items():
             if name in saved:
@@ -346,7 +356,7 @@ class Checkpoint(Hook):
             self.save(run)
 
     def save(self, run: Run) -> str:
-        progress = {"global_step": run.step, "data_position": data_position(run.data),
+        progress = {"global_step": run.step, "epoch": run.epoch, "data_position": data_position(run.data),
                     "stateful_callbacks": {n: h.state_dict() for n, h in _named_hooks(run.hooks).items()}}
         path = ck.checkpoint_path(self.output_dir, run.step)
         if run.is_main_process:  # every process holds the same state: one writer

@@ -6,24 +6,33 @@ a teacher. The loop below is all there is; logging, evaluation, checkpoints and 
 and profiling are hooks (:mod:`functrain.runner.hooks`), objects with a few optional methods the
 loop calls at fixed points:
 
-    restore(run)       before anything runs (the checkpoint hook resumes here)
+    restore(run)         before anything runs (the checkpoint hook resumes here)
     on_start(run)
-    on_step(run)       after a step, when ``run.step % hook.every == 0``
-    on_log(run, logs)  whenever a hook calls ``run.log(logs)`` (writers: JSONL, TensorBoard, tqdm)
-    on_end(run)        after the last step, also after SIGTERM/SIGINT (not after an exception)
+    on_epoch_start(run)  before a pass over the data is read (``run.epoch`` counts the passes)
+    before_step(run)     ``run.batch`` is the batch the step is about to get
+    on_step(run)         after a step, when ``run.step % hook.every == 0``
+    on_epoch_end(run)    after a pass, or after the last step (not after a signal: the epoch is
+                         not over, the run is interrupted)
+    on_log(run, logs)    whenever a hook calls ``run.log(logs)`` (writers: JSONL, TensorBoard, tqdm)
+    on_end(run)          after the last step, also after SIGTERM/SIGINT (not after an exception)
 
-The loop never reads a tensor on the host: hooks do, on their steps only.
+A hook ends the run with ``run.stop(reason)`` and the current pass over the data with
+``run.end_epoch()``. The loop never reads a tensor on the host: hooks do, on their steps only.
+The Hugging Face ``Trainer`` (:mod:`functrain.trainer`) is this loop with HF's callbacks,
+logging and checkpoint folders as hooks.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import signal
 import threading
 from typing import Any, Callable
 
 from functrain.core import tree
+from functrain.data import stream
 from functrain.parallel import distributed as fd
 
 
@@ -32,8 +41,10 @@ class Run:
     """What the loop knows; every hook gets it.
 
     ``state`` and ``metrics`` are the latest step's outputs (tensors: reading one syncs the
-    device, so hooks read them on their own steps only). ``step`` counts the steps done, on the
-    host. ``data_position`` is where the data continues on resume (``data.state_dict()``).
+    device, so hooks read them on their own steps only), ``batch`` the latest step's input.
+    ``step`` counts the steps done, ``epoch`` the passes over the data begun before this one, on
+    the host. ``data_position`` is where the data continues on resume (``data.state_dict()``).
+    ``signal`` names the signal (``"SIGTERM"``) that stopped the run, if one did.
     """
 
     state: Any
@@ -45,11 +56,25 @@ class Run:
     data_position: dict | None = None
     eval_metrics: dict = dataclasses.field(default_factory=dict)
     stop_reason: str | None = None
+    signal: str | None = None
+    epoch: int = 0
+    batch: Any = None
+    epoch_ended: bool = False
 
     def stop(self, reason: str) -> None:
         """Finish after the current step (the ``on_end`` hooks still run, and checkpoint)."""
         if self.stop_reason is None:
             self.stop_reason = reason
+
+    def end_epoch(self) -> None:
+        """Leave the current pass over the data after this step; the next pass is ``iter(data)``
+        again (a list or DataLoader starts over; a loader with a position, like
+        :class:`functrain.data.ResumableLoader`, continues where it stands)."""
+        self.epoch_ended = True
+
+    @property
+    def finished(self) -> bool:
+        return self.step >= self.steps or self.stop_reason is not None
 
     def log(self, logs: dict) -> None:
         """Send host numbers (``{"loss": 0.3}``) at the current step to every hook's ``on_log``."""
@@ -69,7 +94,7 @@ def run(step: Callable, state, data, *, steps: int, hooks=()) -> Run:
         step: a pure ``step(state, batch) -> (state, metrics)`` (compiled or not, donating or not).
         state: the initial pytree of states (a fresh one: on resume it is the template the
             checkpoint is read into).
-        data: where batches come from (see :func:`batches`): a loader with ``state_dict`` /
+        data: where batches come from (see :func:`passes`): a loader with ``state_dict`` /
             ``load_state_dict`` (:class:`functrain.data.ResumableLoader`, torchdata's
             ``StatefulDataLoader``), a function ``data(i) -> batch`` of the step index, or any
             iterable (restarted at its end, one epoch after another).
@@ -79,6 +104,9 @@ def run(step: Callable, state, data, *, steps: int, hooks=()) -> Run:
 
     Returns the :class:`Run`: ``.state`` is the final state, ``.stop_reason`` says why it ended
     early (``"SIGTERM"``, a stop hook's reason, ``"data exhausted"``) or is ``None``.
+
+    Each pass over ``data`` is an epoch: ``on_epoch_start``, the steps, ``on_epoch_end``, then
+    ``iter(data)`` again, until ``steps`` or a stop.
     """
     _check_arguments(step, steps, hooks)
     # Stable sort by ``order``: the checkpoint hook (order 100) runs after the others on a step,
@@ -86,66 +114,89 @@ def run(step: Callable, state, data, *, steps: int, hooks=()) -> Run:
     r = Run(state=state, steps=steps, data=data, hooks=sorted(hooks, key=lambda h: h.order))
     for hook in r.hooks:
         hook.restore(r)  # the checkpoint hook: state, step, data position, generators, hook states
-    for hook in r.hooks:
-        hook.on_start(r)
-    stream = batches(data, r)
+    _call(r.hooks, "on_start", r)
     agreement = fd.StopAgreement()  # a signal to one process stops all of them at the same step
+    empty_passes = 0
     with _signals_received() as received:
-        while r.step < steps and r.stop_reason is None:
-            batch = next(stream, _END)
-            if batch is _END:
-                r.stop("data exhausted")
+        for epoch_batches in passes(data, r):
+            if r.finished or empty_passes == 2:  # two empty passes in a row: the data has ended
                 break
-            r.state, r.metrics = step(r.state, batch)
-            r.step += 1
-            for hook in r.hooks:
-                if r.step % hook.every == 0:
-                    hook.on_step(r)
-            if agreement.update(bool(received)):
-                r.stop(received[0] if received else "a signal to another process")
+            r.epoch_ended = False
+            _call(r.hooks, "on_epoch_start", r)
+            empty_passes += 1
+            for r.batch in epoch_batches:
+                empty_passes = 0
+                _call(r.hooks, "before_step", r)
+                r.state, r.metrics = step(r.state, r.batch)
+                r.step += 1
+                for hook in r.hooks:
+                    if r.step % hook.every == 0:
+                        hook.on_step(r)
+                if agreement.update(bool(received)):
+                    r.signal = received[0] if received else "a signal to another process"
+                    r.stop(r.signal)
+                if r.finished or r.epoch_ended:
+                    break
+            if r.signal is not None:
+                break
+            _call(r.hooks, "on_epoch_end", r)
+            r.epoch += 1
+        if not r.finished:  # the passes ended (a one-shot iterator) or two in a row were empty
+            r.stop("data exhausted")
     agreement.close()
-    for hook in r.hooks:
-        hook.on_end(r)
+    _call(r.hooks, "on_end", r)
     return r
 
 
-_END = object()
+def _call(hooks, event: str, r: Run) -> None:
+    for hook in hooks:
+        getattr(hook, event)(r)
 
 
-def batches(data, r: Run):
-    """Batches from where the run stands, forever (epoch after epoch) unless the data ends.
+def passes(data, r: Run):
+    """Passes over the data (epochs), each an iterator of batches, from where the run stands:
 
     - a loader with ``load_state_dict``: restored to ``r.data_position`` (the position saved in
-      the checkpoint), so it continues at the next batch without reading the earlier ones;
-    - a callable ``data(i)``: called with the step index (resume is the step itself);
-    - another iterable: read from its start, the ``r.step`` batches already consumed skipped
-      (read again: O(position)); an iterator that is not re-iterable ends the run when it ends.
+      the checkpoint), so it continues at the next batch without reading the earlier ones; each
+      pass is ``iter(data)``;
+    - a callable ``data(i)``: one endless pass, called with the step index (resume is the step);
+    - another iterable: each pass is ``iter(data)``, the ``r.step`` batches already consumed
+      skipped on resume (read again: O(position)); a one-shot iterator is one pass.
+
+    Two empty passes in a row end the run (one is the tail of an epoch a checkpoint ended at).
     """
     if callable(data) and not hasattr(data, "__iter__"):
-        i = r.step
-        while True:
-            yield data(i)
-            i += 1
+        yield (data(i) for i in itertools.count(r.step))
+        return
     stateful = hasattr(data, "state_dict") and hasattr(data, "load_state_dict")
     if stateful and r.data_position is not None:
         data.load_state_dict(r.data_position)
-    skip = 0 if stateful else r.step
-    empty_passes = 0
-    while empty_passes < 2:  # one empty pass is the tail of an epoch a checkpoint ended at
-        empty_passes += 1
-        for batch in data:
-            empty_passes = 0
-            if skip:
-                skip -= 1
-                continue
-            yield batch
-        if iter(data) is data:  # a one-shot iterator: it is over
-            return
+    skip = [0 if stateful else r.step]
+    if iter(data) is data:  # a one-shot iterator: one pass
+        yield _skipping(data, skip)
+        return
+    while True:
+        yield _skipping(iter(data), skip)
+
+
+def _skipping(batches, skip: list):
+    """``batches`` without the first ``skip[0]`` of them (counted down across passes)."""
+    for batch in batches:
+        if skip[0]:
+            skip[0] -= 1
+            continue
+        yield batch
 
 
 def data_position(data) -> dict | None:
-    """What a checkpoint saves to continue ``data`` exactly (``None``: the step is enough)."""
-    return data.state_dict() if hasattr(data, "state_dict") and hasattr(data, "load_state_dict") else None
+    """What a checkpoint saves to continue ``data`` exactly (``None``: the step is enough).
+
+    A streaming loader's position holds each rank's own stream: every process calls this at the
+    same point, and the ranks' streams are gathered (``streams``, by rank) for the one writer.
+    """
+    if not (hasattr(data, "state_dict") and hasattr(data, "load_state_dict")):
+        return None
+    return stream.gathered(data.state_dict(), fd.all_gather_json)
 
 
 @contextlib.contextmanager

@@ -22,9 +22,11 @@ import torch
 from torch import nn
 
 from functrain.adapters import outputs as hf_outputs
+from functrain.adapters.models import pin_loss_function, prepare_for_differentiation
 from functrain.core import tree
 from functrain.core.precision import get_policy
 from functrain.step import batch as batching
+from functrain.step.recompute import uses_checkpointing
 
 LossFn = Callable[[nn.Module, Mapping], Any]  # -> loss | (loss, aux dict)
 
@@ -61,22 +63,20 @@ def make_grad_fn(model: nn.Module, loss_fn: LossFn | None = None, *, accumulate:
             DTensor params work) or ``"func"`` (``torch.func.grad``: composes with ``vmap``).
     ``scale`` multiplies the loss before differentiation (the fp16 loss scale).
     """
-    from functrain.step.train import _check_checkpointing, _pin_hf_loss_function, _uses_checkpointing
-
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not (isinstance(accumulate, int) and accumulate >= 1):
         raise ValueError(f"accumulate must be an int >= 1, got {accumulate!r}")
     if differentiate not in ("autograd", "func"):
         raise ValueError(f"differentiate must be 'autograd' or 'func', got {differentiate!r}")
-    _check_checkpointing(model)
+    prepare_for_differentiation(model)
     if differentiate == "func" and param_transform is not None:
         raise ValueError("differentiate='func' (vmapped populations) does not support param_transform "
                          "(sharded DTensor params need torch.autograd.grad)")
-    if differentiate == "func" and _uses_checkpointing(model):
+    if differentiate == "func" and uses_checkpointing(model):
         raise ValueError("differentiate='func' (torch.func.grad, used by vmapped populations) cannot run activation "
                          "checkpointing (it forbids saved-tensor hooks); disable checkpointing for this model")
-    _pin_hf_loss_function(model)
+    pin_loss_function(model)
     policy = get_policy(precision)
     count_items = count_items or batching.make_count_items(model)
     grad_reduce = grad_reduce or _identity

@@ -41,11 +41,14 @@ from functrain.core import tree
 from functrain.core.optim.base import GradientTransformation
 from functrain.core.precision import get_policy
 from functrain.core.state import TrainState
-from functrain.step.train import _module_mode, make_eval_step, make_train_step
+from functrain.step.train import (
+    _learning_rate_scale, _module_mode, find_learning_rate, make_eval_step, make_train_step,
+)
 
 __all__ = [
     "PopulationError", "stack_states", "unstack_state", "population_size", "create_population",
-    "make_population_train_step", "make_population_eval_step", "warmup_linear",
+    "make_population_train_step", "make_population_eval_step", "warmup_linear", "Dropout", "use_tensor_dropout",
+    "dropout_buffers", "float_dropouts",
 ]
 
 
@@ -228,6 +231,71 @@ def warmup_linear(peak, num_warmup_steps, num_training_steps) -> Callable[[torch
     return schedule
 
 
+def applied_learning_rate(opt_state) -> torch.Tensor | None:
+    """The learning rate the last update applied: the one a schedule state records
+    (``ScaleByLearningRateState.learning_rate``), else :func:`find_learning_rate`'s.
+
+    A member's optimizer is ``inject_hyperparams`` of one whose schedule multiplies the member's
+    peak: the injected ``learning_rate`` is that peak, the schedule state holds the value used
+    (what the ordinary step reports), times any ``reduce_on_plateau`` scale."""
+    for node in _walk(opt_state):
+        lr = getattr(node, "learning_rate", None) if isinstance(node, tuple) and hasattr(node, "_fields") else None
+        if isinstance(lr, torch.Tensor):
+            return lr * _learning_rate_scale(opt_state)
+    lr = find_learning_rate(opt_state)
+    return None if lr is None else lr * _learning_rate_scale(opt_state)
+
+
+# -- dropout as a tensor hyperparameter -----------------------------------------------------------
+
+
+class Dropout(nn.Module):
+    """``nn.Dropout`` whose probability is a buffer ``p`` (a 0-d tensor), so it is part of each
+    member's state and may differ per member of a population (``nn.Dropout`` holds ``p`` as a
+    Python float, which one vmapped graph shares). Same masks distribution and scaling as
+    ``nn.Dropout``: an element is zeroed with probability ``p``, the others scaled by ``1/(1-p)``;
+    ``p=0`` is the identity and ``p=1`` zeros, exactly as ``torch.nn.functional.dropout``."""
+
+    def __init__(self, p: float = 0.5):
+        super().__init__()
+        if not 0.0 <= float(p) <= 1.0:
+            raise ValueError(f"dropout probability must be in [0, 1], got {p}")
+        self.register_buffer("p", torch.tensor(float(p)), persistent=False)  # not a weight: not saved
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        keep = (torch.rand_like(x) >= self.p).to(x.dtype)
+        scale = torch.where(self.p < 1, 1 / (1 - self.p), torch.zeros_like(self.p)).to(x.dtype)
+        return x * keep * scale
+
+    def extra_repr(self) -> str:
+        return f"p={float(self.p)}"
+
+
+def use_tensor_dropout(model: nn.Module) -> nn.Module:
+    """Replace every ``nn.Dropout`` submodule of ``model`` by a :class:`Dropout` with the same
+    ``p`` (in place; returns ``model``), so a population can vary it per member. Dropout a model
+    applies functionally (``F.dropout(x, p=self.attention_dropout)``, in many transformers
+    attention layers) keeps its float ``p``."""
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if type(child) is nn.Dropout:
+                setattr(module, child_name, Dropout(child.p))
+    return model
+
+
+def dropout_buffers(model: nn.Module) -> list[str]:
+    """The state names of the ``p`` buffers of the model's :class:`Dropout` modules."""
+    return [f"{name}.p" if name else "p" for name, m in model.named_modules() if isinstance(m, Dropout)]
+
+
+def float_dropouts(model: nn.Module) -> dict[str, float]:
+    """``{module name: p}`` of dropout modules holding ``p`` as a Python float (``nn.Dropout`` & co)."""
+    return {name: float(m.p) for name, m in model.named_modules()
+            if isinstance(m, nn.modules.dropout._DropoutNd) and not isinstance(m, Dropout)}
+
+
 # -- running the step's core under vmap -----------------------------------------------------------
 
 
@@ -241,17 +309,55 @@ def _is_vmap_error(e: Exception) -> bool:
 
 
 @contextlib.contextmanager
-def _explain_vmap_errors(model, done: str, instead: str):
-    """Re-raise an error of vmap on one of the model's ops as a PopulationError saying what to do."""
+def _explain_vmap_errors(model, done: str, instead: str, members: int | None = None):
+    """Re-raise an error of vmap on one of the model's ops as a PopulationError naming the cause
+    (``.item()``, a Python branch on a tensor, an op without a batching rule), the line of the
+    model's code that does it, and the members (all of them: they run that line in one graph)."""
     try:
         yield
     except (RuntimeError, NotImplementedError, ValueError) as e:
         if not _is_vmap_error(e):
             raise
+        where, line = _user_frame(e)
+        members = "every member" if members is None else f"members 0..{members - 1}"
         raise PopulationError(
-            f"{type(model).__name__} cannot be {done} as a vmapped population: torch.func.vmap failed on one of "
-            f"its operations ({type(e).__name__}: {str(e).splitlines()[0][:300]}); {instead} (or replace the "
-            "unsupported op)") from e
+            f"{type(model).__name__} cannot be {done} as a vmapped population: {_vmap_cause(e, line)}"
+            f"{f' at {where}: `{line}`' if where else ''}, in the step of {members} (they run this code as one "
+            f"graph, so no member can take a branch of its own). torch.func.vmap said: {type(e).__name__}: "
+            f"{_shortened(str(e).splitlines()[0])} {instead} (or rewrite the op with tensor ops: torch.where instead of "
+            "a Python if, no .item())") from e
+
+
+def _shortened(text: str, limit: int = 160) -> str:
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
+
+
+def _vmap_cause(e: Exception, line: str) -> str:
+    text, code = str(e), line.split("#")[0]
+    if ".item()" in code or ".tolist()" in code:
+        return "`.item()` reads a member's value on the host (data-dependent)"
+    if "data-dependent control flow" in text or "Boolean value of Tensor" in text:
+        return "data-dependent control flow (a Python branch or loop on a tensor's value)"
+    if "batching rule" in text:
+        return "an operation without a vmap batching rule"
+    return "an operation vmap cannot batch"
+
+
+def _user_frame(e: Exception) -> tuple[str | None, str]:
+    """``("file.py:42 in forward", "source line")`` of the deepest frame outside torch and functrain."""
+    import linecache
+    import os
+    import traceback
+
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # functrain/
+    skip = (os.path.dirname(torch.__file__), package, "<")
+    found = None, ""
+    for frame in traceback.extract_tb(e.__traceback__):
+        if not frame.filename.startswith(skip) and "contextlib" not in frame.filename:
+            line = (frame.line or linecache.getline(frame.filename, frame.lineno)).strip()
+            found = f"{os.path.basename(frame.filename)}:{frame.lineno} in {frame.name}", line
+    return found
+
 
 def _population_key(keys: torch.Tensor) -> torch.Tensor:
     """One key from the N members' keys (a pure function of all of them, read on the CPU)."""
@@ -362,12 +468,15 @@ def make_population_train_step(
         if needs_loss_scale and loss_scale is None:
             raise PopulationError("precision='fp16' needs a stacked loss scale: pass loss_scale="
                                   "functrain.precision.dynamic_scale_init() to each member before stacking")
-        with _explain_vmap_errors(model, "trained", "train the members sequentially with functrain.make_train_step"), \
+        with _explain_vmap_errors(model, "trained", "Train the members sequentially with functrain.make_train_step",
+                                  members=n), \
                 rnglib.seeded(_population_key(state.rng)), _module_mode(model, training=True), foreach.per_tensor():
             params, buffers, opt_state, step, loss_scale, metrics = compiled(
                 state.params, state.buffers, state.opt_state, state.step, loss_scale, batch)
         new_state = state.replace(params=params, buffers={**state.buffers, **buffers}, opt_state=opt_state, step=step,
                                   loss_scale=loss_scale, rng=rnglib.next_key(state.rng))
+        if "learning_rate" in metrics:
+            metrics = {**metrics, "learning_rate": applied_learning_rate(opt_state)}
         return new_state, metrics
 
     population_step.member_step = inner  # the ordinary step the members follow (differentiate="func")
@@ -414,8 +523,10 @@ def make_population_eval_step(
     compiled = _compile(run, compile, compile_kwargs)
 
     def population_eval_step(state: TrainState, batch: Mapping):
-        batch = _validate_batch(batch, batch_dim, population_size(state), validate)
-        with _explain_vmap_errors(model, "evaluated", "evaluate the members one by one with functrain.make_eval_step"), \
+        n = population_size(state)
+        batch = _validate_batch(batch, batch_dim, n, validate)
+        with _explain_vmap_errors(model, "evaluated", "Evaluate the members one by one with functrain.make_eval_step",
+                                  members=n), \
                 rnglib.seeded(_population_key(state.rng)), _module_mode(model, training=False), foreach.per_tensor():
             return compiled(state.params, state.buffers, batch)
 

@@ -75,3 +75,8 @@ def _wrap(module: nn.Module) -> None:
 
     setattr(module, _ORIGINAL_FORWARD, original)
     module.forward = forward
+
+
+def uses_checkpointing(model: nn.Module) -> bool:
+    """Whether any submodule recomputes its activations (transformers' flag or ours)."""
+    return any(getattr(m, "gradient_checkpointing", False) is True or is_checkpointed(m) for m in model.modules())

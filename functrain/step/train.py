@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from functrain.adapters import outputs as hf_outputs
+from functrain.adapters.models import pin_loss_function
 from functrain.core import rng as rnglib
 from functrain.core import tree
 from functrain.core.precision import DynamicScale, dynamic_scale_init, get_policy
@@ -28,6 +29,7 @@ from functrain.step.grads import (
     LossFn, LossModule, autocast, buffer_names, default_loss_fn, device_type, make_grad_fn, module_buffers_of, prefixed,
 )
 from functrain.step.grouped_update import apply_update_in_groups_
+from functrain.step.recompute import uses_checkpointing
 from functrain.step.update import apply_update, keep_if_finite, unscale_grads
 
 __all__ = ["default_loss_fn", "find_learning_rate", "make_eval_step", "make_train_step"]
@@ -102,7 +104,6 @@ def make_train_step(
             on any thread count (see ``_deterministic_algorithms``). Eager CPU steps are already.
         rng_stream: folded into the state's key before seeding (0: the key as is). Data-parallel
             ranks pass their rank so each draws its own dropout masks from the same state.
-<<<<<<< HEAD
         leafwise_update: declare that ``tx`` updates each parameter from its own gradient, state
             and value alone (Adam(W), SGD, Lion, RMSprop, Adagrad; not a global-norm clip or
             ``apply_if_finite`` inside ``tx``; weight-decay masks given as functions of the params).
@@ -110,11 +111,9 @@ def make_train_step(
             at a time, in place, so eager training holds one copy of params and optimizer state
             plus one group's temporaries (same numbers; see :mod:`functrain.step.grouped_update`).
             Ignored otherwise (compiled steps fuse the donation already) and with fp16.
-=======
         skip_non_finite: when the window's loss or any gradient is NaN/Inf, keep params, optimizer
             state and step unchanged and report ``skipped`` (fp16 always does this, for its loss
             scale). Decided on the device: no host sync.
->>>>>>> main
 
     Metrics (0-d tensors, never read on the host by the step): ``loss`` (mean over the
     supervised items of the whole window), ``grad_norm`` (global norm before clipping),
@@ -127,7 +126,7 @@ def make_train_step(
     user_loss = loss_fn is not None
     required_keys = tuple(required_keys) if required_keys is not None else (() if user_loss else ("labels",))
     forward_keys = None if user_loss else batching.forward_argument_names(model)
-    if compile and accumulate > 1 and _uses_checkpointing(model):
+    if compile and accumulate > 1 and uses_checkpointing(model):
         # torch 2.13 AOTAutograd rematerializes only one backward region per compiled graph.
         raise ValueError("compile=True with accumulate > 1 cannot use activation checkpointing in torch "
                          f"{torch.__version__} (one recompute region per graph); use accumulate=1 with a "
@@ -265,7 +264,7 @@ def make_eval_step(
     count_items = count_items or batching.make_count_items(model)
     required_keys = tuple(required_keys) if required_keys is not None else ()
     forward_keys = None if user_loss else batching.forward_argument_names(model)
-    _pin_hf_loss_function(model)
+    pin_loss_function(model)
     ignore = hf_outputs.ignore_keys_of(model)
     label_names = hf_outputs.find_labels(model)
 
@@ -415,55 +414,3 @@ def _module_mode(model: nn.Module, training: bool):
             m.training = mode
 
 
-def _pin_hf_loss_function(model: nn.Module) -> None:
-    """Resolve a transformers model's ``loss_function`` once, outside the compiled step.
-
-    For models whose ``loss_type`` is not in ``LOSS_MAPPING`` (``GPT2LMHeadModel`` among them)
-    the ``loss_function`` property logs a warning and falls back to ``ForCausalLMLoss`` on every
-    forward; a logger call inside ``torch.compile(fullgraph=True)`` is a graph break. Setting the
-    attribute to the function the property would return keeps the behaviour and the graph whole.
-    Wrapped models (a ``peft.PeftModel`` around a transformers model) get their inner model pinned.
-    """
-    for m in model.modules():
-        _pin_one_loss_function(m)
-
-
-def _pin_one_loss_function(model: nn.Module) -> None:
-    if "_loss_function" in vars(model) or not isinstance(type(model).__dict__.get("loss_function")
-                                                         or getattr(type(model), "loss_function", None), property):
-        return
-    try:
-        from transformers.loss.loss_utils import LOSS_MAPPING
-    except Exception:
-        return
-    if getattr(model, "loss_type", None) not in LOSS_MAPPING:
-        model.loss_function = model.loss_function
-
-
-def _uses_checkpointing(model: nn.Module) -> bool:
-    from functrain.step.recompute import is_checkpointed
-
-    return any(getattr(m, "gradient_checkpointing", False) is True or is_checkpointed(m) for m in model.modules())
-
-
-def _check_checkpointing(model: nn.Module) -> None:
-    """Make a transformers model's activation checkpointing usable under ``torch.func.grad``.
-
-    ``gradient_checkpointing_enable()`` also registers forward hooks that call
-    ``requires_grad_()`` on the embeddings' output, so that *reentrant* checkpointing sees an
-    input requiring grad. ``torch.func`` forbids ``requires_grad_`` inside a transform, and the
-    step differentiates with respect to the params explicitly, so the hooks are not needed:
-    they are removed (``model.disable_input_require_grads()``). Reentrant checkpointing itself
-    cannot be differentiated with ``torch.autograd.grad`` and is rejected with a clear error.
-    """
-    if getattr(model, "_require_grads_hooks", None) or hasattr(model, "_require_grads_hook"):
-        model.disable_input_require_grads()
-    for m in model.modules():
-        if not getattr(m, "gradient_checkpointing", False):
-            continue
-        fn = getattr(m, "_gradient_checkpointing_func", None)
-        if getattr(fn, "keywords", {}).get("use_reentrant", False):
-            raise ValueError(
-                f"{type(m).__name__} uses reentrant gradient checkpointing, which torch.autograd.grad cannot "
-                "differentiate (it needs .backward()); enable it with model.gradient_checkpointing_enable("
-                "gradient_checkpointing_kwargs={'use_reentrant': False}) (the default in transformers 5)")

@@ -14,6 +14,16 @@ own Trainer (``WANDB_LOG_MODEL`` builds one). What is kept from HF, per tracker:
   the x-axis; ``train_runtime``-style one-off values go to the run summary.
 - ``trackio``: ``project=args.project``, ``name=args.run_name``, the same keys as wandb; local
   store only (no Space: functrain has no ``trackio_space_id``).
+- ``comet_ml``: ``comet_ml.start`` with the experiment named ``args.run_name``; parameters
+  ``args|...``, ``config|...`` (flattened); metrics as ``train/loss``, ``eval/loss``... at
+  ``step=global_step`` with ``epoch``; ``COMET_MODE``, ``COMET_START_ONLINE`` (offline: an archive
+  in ``COMET_OFFLINE_DIRECTORY``), ``COMET_PROJECT_NAME``, ``COMET_LOG_ASSETS``.
+- ``clearml``: ``Task.init(project_name=$CLEARML_PROJECT or "HuggingFace Transformers",
+  task_name=$CLEARML_TASK or "Trainer")`` (or the task already running); the arguments (no
+  ``*_token``) as hyperparameters in section ``Transformers``, the model config as configuration
+  object ``Model Configuration``; ``report_scalar(title="train"|"eval"|"test", series=key,
+  iteration=global_step)``, one-off values with ``report_single_value``. Differs: checkpoints are
+  not logged as models (``CLEARML_LOG_MODEL``; warned when set).
 
 Where they differ from HF (see docs/trackers_and_hub.md): ``HF_MLFLOW_LOG_ARTIFACTS`` logs the
 checkpoint files with ``mlflow.log_artifacts`` (HF: a pyfunc model); ``WANDB_LOG_MODEL`` and
@@ -22,6 +32,7 @@ checkpoint files with ``mlflow.log_artifacts`` (HF: a pyfunc model); ``WANDB_LOG
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import logging
@@ -41,8 +52,8 @@ SINGLE_VALUE_SCALARS = ("train_runtime", "train_samples_per_second", "train_step
                         "total_flos")
 
 # transformers' report_to names that functrain does not drive (refused with a clear message).
-HF_ONLY_INTEGRATIONS = ("azure_ml", "clearml", "codecarbon", "comet_ml", "dagshub", "dvclive", "flyte",
-                        "kubeflow", "neptune", "swanlab")
+HF_ONLY_INTEGRATIONS = ("azure_ml", "codecarbon", "dagshub", "dvclive", "flyte", "kubeflow", "neptune",
+                        "swanlab")
 
 
 def _env_true(name: str) -> bool:
@@ -287,6 +298,137 @@ class TrackioCallback(_StepKeyedTracker):
                 self._initialized = False
 
 
+class CometCallback(TrainerCallback):
+    """Logs to Comet (``COMET_START_ONLINE=false``: an offline archive, no account needed)."""
+
+    def __init__(self):
+        import comet_ml
+
+        self._comet = comet_ml
+        self._initialized = False
+        self._log_assets = False
+        self._experiment = None
+
+    def setup(self, args, state, model):
+        self._initialized = True
+        self._log_assets = _env_true("COMET_LOG_ASSETS")
+        if not state.is_world_process_zero:
+            return
+        mode = (os.getenv("COMET_MODE") or "").lower() or None
+        if mode not in (None, "get", "get_or_create", "create"):
+            logger.warning("comet_ml: COMET_MODE=%r is not one of get, get_or_create, create: Comet logging is "
+                           "disabled for this run", mode)
+            return
+        if state.is_hyper_param_search:  # one experiment per trial, as HF
+            mode = "create"
+        comet = self._comet
+        self._experiment = comet.start(mode=mode, experiment_config=comet.ExperimentConfig(name=args.run_name))
+        self._experiment.__internal_api__set_model_graph__(model, framework="functrain")
+        params = {"args": args.to_dict()}
+        config = getattr(model, "config", None)
+        if config is not None:
+            params["config"] = config if isinstance(config, dict) else config.to_dict()
+        if getattr(model, "peft_config", None) is not None:
+            params["peft_config"] = model.peft_config
+        self._experiment.__internal_api__log_parameters__(params, framework="functrain", source="manual",
+                                                          flatten_nested=True)
+        if state.is_hyper_param_search:
+            self._experiment.log_optimization(optimization_id=state.trial_name, parameters=state.trial_params)
+
+    def _log(self, state, logs) -> None:
+        if state.is_world_process_zero and self._experiment is not None and logs:
+            self._experiment.__internal_api__log_metrics__(rewrite_logs(logs), step=state.global_step,
+                                                           epoch=state.epoch, framework="functrain")
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if not self._initialized:
+            self.setup(args, state, model)
+
+    def on_log(self, args, state, control, logs=None, model=None, **kwargs):
+        if not self._initialized:
+            self.setup(args, state, model)
+        self._log(state, logs)
+
+    def on_predict(self, args, state, control, metrics=None, **kwargs):
+        if not self._initialized:
+            self.setup(args, state, kwargs.get("model"))
+        self._log(state, metrics)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if not (self._initialized and state.is_world_process_zero and self._experiment is not None):
+            return
+        if self._log_assets:
+            self._experiment.log_asset_folder(args.output_dir, recursive=True, log_file_name=True,
+                                              step=state.global_step)
+        if state.is_hyper_param_search:
+            self._experiment.clean()
+            self._initialized = False
+    # As HF, the experiment stays open after train(); comet_ml.end() or the process's exit ends it.
+
+
+class ClearMLCallback(TrainerCallback):
+    """Logs to ClearML (``CLEARML_OFFLINE_MODE=1``: a local session folder, no server needed)."""
+
+    HPARAMS_SECTION = "Transformers"
+    MODEL_CONFIG_SECTION = "Model Configuration"
+    SINGLE_VALUES = (*SINGLE_VALUE_SCALARS, "epoch")  # report_single_value, as HF
+
+    def __init__(self):
+        import clearml
+
+        self._clearml = clearml
+        self._task = None
+        self._close_on_train_end = False
+        if _env_true("CLEARML_LOG_MODEL"):
+            logger.warning("CLEARML_LOG_MODEL is not supported by functrain's ClearMLCallback and is ignored: "
+                           "checkpoints are not logged as ClearML models (log checkpoint-N/ with "
+                           "OutputModel.update_weights_package in a callback)")
+
+    def setup(self, args, state, model):
+        if not state.is_world_process_zero:
+            return
+        Task = self._clearml.Task
+        self._task = Task.current_task()
+        if self._task is None:  # else: a task started outside (a pipeline, the user's script) is kept open
+            self._task = Task.init(project_name=os.getenv("CLEARML_PROJECT", "HuggingFace Transformers"),
+                                   task_name=os.getenv("CLEARML_TASK", "Trainer"),
+                                   auto_connect_frameworks={"tensorboard": False, "pytorch": False}, output_uri=True)
+            self._close_on_train_end = True
+        hparams = {f.name: getattr(args, f.name) for f in dataclasses.fields(args)
+                   if f.init and not f.name.endswith("_token")}
+        flat = self._clearml.utilities.proxy_object.flatten_dictionary(hparams)
+        self._task.set_parameters({f"{self.HPARAMS_SECTION}/{k}": v for k, v in flat.items()})
+        config = getattr(model, "config", None)
+        if config is not None:
+            self._task.set_configuration_object(
+                name=self.MODEL_CONFIG_SECTION, config_dict=config if isinstance(config, dict) else config.to_dict())
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if self._task is None:
+            self.setup(args, state, model)
+
+    def on_log(self, args, state, control, logs=None, model=None, **kwargs):
+        if self._task is None:
+            self.setup(args, state, model)
+        if not state.is_world_process_zero or not logs:
+            return
+        report = self._task.get_logger()
+        for k, v in logs.items():
+            if not isinstance(v, (int, float)):
+                logger.warning("clearml: dropped %r=%r: report_scalar() takes only int and float", k, v)
+            elif k in self.SINGLE_VALUES:
+                report.report_single_value(name=k, value=v)
+            else:
+                title, series = next(((p[:-1], k[len(p):]) for p in ("eval_", "test_") if k.startswith(p)),
+                                     ("train", k))
+                report.report_scalar(title=title, series=series, value=v, iteration=state.global_step)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._task is not None and self._close_on_train_end:
+            self._task.close()
+            self._task, self._close_on_train_end = None, False
+
+
 @dataclass(frozen=True)
 class Integration:
     package: str  # the import name that must be installed
@@ -299,6 +441,8 @@ INTEGRATIONS: dict[str, Integration] = {
     "mlflow": Integration("mlflow", MLflowCallback),
     "wandb": Integration("wandb", WandbCallback),
     "trackio": Integration("trackio", TrackioCallback),
+    "comet_ml": Integration("comet_ml", CometCallback),
+    "clearml": Integration("clearml", ClearMLCallback),
 }
 
 

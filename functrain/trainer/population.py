@@ -5,8 +5,12 @@ between members: the datasets and loaders, the collator, the loss, ``compute_met
 ``TrainingArguments``. Members differ in the hyperparameters the state can hold as tensors:
 
     ``learning_rate``, ``weight_decay``, ``adam_beta1``, ``adam_beta2``, ``adam_epsilon``,
-    ``warmup_steps`` and ``seed`` (model init through ``model_init`` and the dropout stream;
-    the data order is shared: ``args.data_seed``, else ``args.seed`` of the trainer).
+    ``warmup_steps``, ``seed`` (model init through ``model_init`` and the dropout stream;
+    the data order is shared: ``args.data_seed``, else ``args.seed`` of the trainer) and
+    ``dropout`` (the ``p`` of the model's :class:`functrain.population.Dropout` modules).
+
+Training runs on :func:`functrain.runner.run` (:mod:`functrain.trainer.population_loop`), with
+HF's ``TrainerCallback`` events (``callbacks=``).
 
 Every ``optim`` of :data:`functrain.trainer.registry.OPTIMIZERS` and every ``lr_scheduler_type``
 works: the optimizer is the Trainer's own (``registry.build_optimizer``) built by
@@ -29,6 +33,7 @@ import copy
 import json
 import math
 import os
+import re
 from typing import Sequence
 
 import torch
@@ -38,17 +43,19 @@ from functrain.adapters.outputs import batch_size_of
 from functrain.adapters.peft import is_peft_model
 from functrain.core import rng as rnglib
 from functrain.core import tree
-from functrain.core.optim import inject_hyperparams
+from functrain.core import foreach
+from functrain.core.optim import inject_hyperparams, schedule_free_eval_params
 from functrain.core.schedules import get_schedule
 from functrain.io import checkpoint as ck
 from functrain.step import pbt
 from functrain.step import population as P
-from functrain.trainer import adapter_population, registry
+from functrain.trainer import adapter_population, compat, population_loop, registry
+from functrain.trainer.callbacks import TrainerControl, TrainerState
 from functrain.trainer.evaluation import EvalPrediction, pad_and_concatenate
 from functrain.trainer.integrations import rewrite_logs
 
 TENSOR_HYPERPARAMETERS = ("learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon",
-                          "warmup_steps", "seed")
+                          "warmup_steps", "seed", "dropout")
 STATE_FILE = "population_state.safetensors"
 META_FILE = "population_trainer.json"
 LOG_FILE = "population_log.jsonl"
@@ -75,12 +82,16 @@ class PopulationTrainer:
             threshold for ``patience`` evaluations stops (its state no longer changes; it still
             runs inside the one vmapped step). Training ends when every member has stopped. A
             member that PBT overwrites starts again with fresh patience.
+        callbacks: ``TrainerCallback`` s getting HF's events in the Trainer's order, with per-member
+            metrics as ``member_{i}/{key}`` next to the members' mean under HF's key
+            (:mod:`functrain.trainer.population_loop`); an ``EarlyStoppingCallback`` among them
+            is applied per member (as ``early_stopping_patience``/``early_stopping_threshold``).
     """
 
     def __init__(self, trainer, population: int | Sequence[dict], *, pbt_interval: int | None = None,
                  pbt_fraction: float = 0.25, pbt_explore: Sequence[str] = ("learning_rate",),
                  pbt_perturb: Sequence[float] = (0.8, 1.2), early_stopping_patience: int | None = None,
-                 early_stopping_threshold: float = 0.0):
+                 early_stopping_threshold: float = 0.0, callbacks: Sequence | None = None):
         a = trainer.args
         if isinstance(population, int):
             if population < 1:
@@ -95,8 +106,13 @@ class PopulationTrainer:
                     f"{list(TENSOR_HYPERPARAMETERS)}. Run such trials one by one (Trainer.hyperparameter_search "
                     "without population=True)")
         self._check_optimizer_and_schedule(trainer)
+        _check_dropout(trainer.model, self.members)
         _check_report_to(a.report_to)
         self._check_pbt(trainer, pbt_interval, pbt_explore)
+        self.callback_handler, stopping = population_loop.callback_handler(trainer, callbacks)
+        if stopping is not None:  # HF's EarlyStoppingCallback: its rule, applied per member
+            early_stopping_patience, early_stopping_threshold = _early_stopping_from_callback(
+                stopping, early_stopping_patience, early_stopping_threshold)
         _check_early_stopping(trainer, early_stopping_patience)
         self.trainer = trainer
         self.pbt_interval, self.pbt_fraction = pbt_interval, pbt_fraction
@@ -107,6 +123,9 @@ class PopulationTrainer:
         self.log_history: list[dict] = []
         self.pbt_schedule: list[dict] = []
         self._tb_writers: dict[int, object] = {}
+        self.control = TrainerControl()
+        self.trainer_state = TrainerState()  # HF's bookkeeping of the latest train() (callbacks get it)
+        self.control = self.callback_handler.on_init_end(a, self.trainer_state, self.control)
 
     # -- validation ---------------------------------------------------------------------------
     def _check_optimizer_and_schedule(self, trainer) -> None:
@@ -128,6 +147,11 @@ class PopulationTrainer:
             raise P.PopulationError(f"members {sorted(warmups)} set different warmup_steps; a warmup length that "
                                     f"varies per member needs lr_scheduler_type='linear', got "
                                     f"{a.lr_scheduler_type!r} (keep warmup_steps equal across members)")
+        if a.optim.startswith("schedule_free") and warmups and len(set(warmups.values())) + (
+                len(warmups) < len(self.members)) > 1:
+            raise P.PopulationError(f"optim={a.optim!r} takes its warmup as a Python int (schedule-free's own warmup, "
+                                    f"HF's warmup_steps), so it cannot vary per member: members {sorted(warmups)} set "
+                                    "warmup_steps; give every member the same warmup_steps (or set it in the args)")
         absolute = [k for k in _ABSOLUTE_LR_SETTINGS if k in (a.lr_scheduler_kwargs or {})]
         if absolute and any("learning_rate" in m for m in self.members):
             raise P.PopulationError(f"lr_scheduler_kwargs {absolute} are absolute learning rates, which cannot follow "
@@ -163,6 +187,9 @@ class PopulationTrainer:
 
         extra = registry.parse_optim_args(a.optim_args)
         warmup_varies = len({h["num_warmup_steps"] for h in hps}) > 1
+        given = {m["warmup_steps"] for m in self.members if "warmup_steps" in m}
+        warmup_steps = next(iter(given)) if len(given) == 1 and len(hps) == sum("warmup_steps" in m
+                                                                                   for m in self.members) else None
 
         def schedule_for(learning_rate, num_warmup_steps):
             if warmup_varies:  # a tensor warmup length: HF's linear schedule reading tensors
@@ -174,8 +201,11 @@ class PopulationTrainer:
             return lambda count: learning_rate * unit(count)
 
         def member_optimizer(learning_rate, weight_decay, adam_beta1, adam_beta2, adam_epsilon, num_warmup_steps):
+            # warmup_steps: what schedule-free optimizers read (HF hands them args.warmup_steps);
+            # a member's own when it sets one (equal across members: checked at construction).
             view = _MemberArgs(a, learning_rate=learning_rate, weight_decay=weight_decay, adam_beta1=adam_beta1,
-                               adam_beta2=adam_beta2, adam_epsilon=adam_epsilon)
+                               adam_beta2=adam_beta2, adam_epsilon=adam_epsilon,
+                               warmup_steps=warmup_steps if warmup_steps is not None else a.warmup_steps)
             return registry.build_optimizer(view, t.model, schedule_for(learning_rate, num_warmup_steps), extra)
 
         return inject_hyperparams(member_optimizer, static_args=() if warmup_varies else ("num_warmup_steps",))
@@ -188,9 +218,36 @@ class PopulationTrainer:
         if is_peft_model(t.model) and t.model_init is None:
             # N adapters over the one frozen base (a copy per member would copy the base N times).
             self._buffers = "shared"
-            return adapter_population.create_adapter_population(t.model, self._tx_factory(max_steps, hps), hps,
-                                                                seeds=seeds)
-        return P.create_population(model_init, self._tx_factory(max_steps, hps), hps, seeds=seeds)
+            state, tx = adapter_population.create_adapter_population(t.model, self._tx_factory(max_steps, hps), hps,
+                                                                     seeds=seeds)
+        else:
+            try:
+                state, tx = P.create_population(model_init, self._tx_factory(max_steps, hps), hps, seeds=seeds)
+            except P.PopulationError as e:
+                raise P.PopulationError(f"{e}{self._member_named_in(str(e))}") from e
+        return self._with_dropout(state), tx
+
+    def _member_named_in(self, message: str) -> str:
+        """`` (member 1 is {...})``: the hyperparameters of the member an error names, if one."""
+        named = [int(i) for i in re.findall(r"in member (\d+)", message)]
+        i = max(named, default=0)  # "member 0" is the reference the others are compared with
+        if i == 0 or i >= len(self.members):
+            return ""
+        return (f" (member {i} is {self.members[i]}, member 0 is {self.members[0]}: model_init built models of "
+                "different shapes for them)")
+
+    def _with_dropout(self, state):
+        """Each member's ``dropout`` in the ``p`` buffers of the model's tensor Dropout modules
+        (members without one keep the module's own ``p``)."""
+        if not any("dropout" in m for m in self.members) or self._buffers == "shared":
+            return state
+        buffers = dict(state.buffers)
+        for name in P.dropout_buffers(self.trainer.model):
+            default = buffers[name]
+            buffers[name] = torch.stack([torch.as_tensor(float(m["dropout"]), dtype=default.dtype,
+                                                         device=default.device) if "dropout" in m else default[i]
+                                         for i, m in enumerate(self.members)])
+        return state.replace(buffers=buffers)
 
     def _max_steps(self, loader) -> tuple[int, int]:
         a = self.trainer.args
@@ -205,74 +262,35 @@ class PopulationTrainer:
         for the latest one in ``output_dir``; training continues bitwise as if uninterrupted.
         """
         t = self.trainer
-        loader = t.get_train_dataloader()
+        loader = compat.as_train_loader(t.get_train_dataloader())
         steps_per_epoch, max_steps = self._max_steps(loader)
         state, tx = self._create(max_steps)
-        n = len(self.members)
-        acc = {"total": torch.zeros(n), "since_log": torch.zeros(n), "logged_at": torch.zeros((), dtype=torch.int64),
-               "active": torch.ones(n, dtype=torch.bool), "best": torch.full((n,), math.nan),
-               "patience": torch.zeros(n, dtype=torch.int64)}
-        done = 0
         path = self._resume_path(resume_from_checkpoint)
-        if path is not None:
-            state, acc, done = self._load_checkpoint(path, state, acc)
-        else:
-            self.log_history, self.pbt_schedule = [], []
-        self._rewrite_logs()  # the files hold exactly this run's entries (those restored on resume)
-        steps = {}
-        while done < max_steps:
-            epoch, start = divmod(done, steps_per_epoch)
-            for window in loader.iter_from(epoch, start):
-                new_state, metrics = self._step(steps, tx, state, window)
-                if not bool(acc["active"].all()):
-                    new_state = _keep_stopped(new_state, state, acc["active"], self._buffers)
-                state = new_state
-                done += 1
-                acc["total"] = acc["total"] + metrics["loss"]
-                acc["since_log"] = acc["since_log"] + metrics["loss"]
-                state, acc = self._after_step(state, acc, metrics, done, max_steps)
-                if done >= max_steps or not bool(acc["active"].any()):
-                    break
-            if not bool(acc["active"].any()):
-                break
-        self.state = state
-        self._close_writers()
-        return {"train_loss": (acc["total"] / max(done, 1)).tolist(), "global_step": done}
+        self.state, loop = population_loop.train(self, loader, steps_per_epoch, max_steps, state, tx, path)
+        self.trainer_state, self.control = loop.state, loop.control
+        done = loop.state.global_step
+        return {"train_loss": (loop.acc["total"] / max(done, 1)).tolist(), "global_step": done}
 
-    def _step(self, steps: dict, tx, state, window):
+    def _accumulation(self, window) -> int:
+        """Microbatches of a window: the arguments', or 1 for a last window they do not divide."""
+        k = self.trainer.args.gradient_accumulation_steps
+        return k if batch_size_of(window) % k == 0 else 1
+
+    def _step(self, steps: dict, tx, state, window, k: int):
         t, a = self.trainer, self.trainer.args
-        rows = batch_size_of(window)
-        k = a.gradient_accumulation_steps if rows % a.gradient_accumulation_steps == 0 else 1
         if k not in steps:
             steps[k] = P.make_population_train_step(t.model, tx, t._train_loss_fn(), accumulate=k,
                                                     precision=a.precision, max_grad_norm=a.max_grad_norm or None,
                                                     compile=a.torch_compile, buffers=self._buffers)
         return steps[k](state, window)
 
-    def _after_step(self, state, acc, metrics, done: int, max_steps: int):
-        a = self.trainer.args
-        if a.logging_steps and (done % _every(a.logging_steps, max_steps) == 0 or done == max_steps):
-            self._log_members(done, acc["since_log"] / (done - int(acc["logged_at"])), metrics)
-            acc = {**acc, "since_log": torch.zeros_like(acc["since_log"]), "logged_at": torch.tensor(done)}
-        eval_due = _eval_due(a, done, max_steps)
-        pbt_due = bool(self.pbt_interval) and done % self.pbt_interval == 0 and done < max_steps
-        results = self._evaluate_state(state) if eval_due or pbt_due else None
-        if eval_due:
-            self._log_rows(done, results)
-            if self.early_stopping_patience is not None:
-                acc = self._update_stopping(acc, results)
-        if pbt_due:
-            state, acc = self._pbt_round(state, done, results, acc)
-        if _save_due(a, done, max_steps):
-            self._save_checkpoint(state, acc, done)
-        return state, acc
-
     # -- per-member logging -------------------------------------------------------------------
-    def _log_members(self, step: int, loss: torch.Tensor, metrics: dict) -> None:
+    def _log_members(self, step: int, loss: torch.Tensor, metrics: dict) -> list[dict]:
         lrs = metrics.get("learning_rate")
         rows = [{"loss": float(loss[i]), **({"learning_rate": float(lrs[i])} if lrs is not None else {})}
                 for i in range(len(self.members))]
         self._log_rows(step, rows)
+        return rows
 
     def _log_rows(self, step: int, rows: list[dict]) -> None:
         """One entry per member (``{"member": i, "step": step, **metrics}``), kept and written as JSONL."""
@@ -366,7 +384,7 @@ class PopulationTrainer:
         return [{k: v[i] for k, v in values.items()} for i in range(len(self.members))]
 
     # -- checkpoints --------------------------------------------------------------------------
-    def _save_checkpoint(self, state, acc: dict, step: int) -> str:
+    def _save_checkpoint(self, state, acc: dict, step: int, extra: dict | None = None) -> str:
         a = self.trainer.args
         path = ck.checkpoint_path(a.output_dir, step)
         os.makedirs(path, exist_ok=True)
@@ -374,7 +392,7 @@ class PopulationTrainer:
         tensors.update({f"driver.{k}": v.contiguous().clone() for k, v in acc.items()})
         save_file(tensors, os.path.join(path, STATE_FILE))
         meta = {"global_step": step, "members": self.members, "pbt_schedule": self.pbt_schedule,
-                "log_history": self.log_history}
+                "log_history": self.log_history, **(extra or {})}
         with open(os.path.join(path, META_FILE), "w") as f:
             json.dump(meta, f, indent=1)
         ck.rotate_checkpoints(a.output_dir, a.save_total_limit)
@@ -407,7 +425,7 @@ class PopulationTrainer:
         state = tree.unflatten(treedef, [tensors[f"state.{k}"].to(x.device) for k, x in zip(names, leaves)])
         acc = {k: tensors[f"driver.{k}"] for k in acc}
         self.pbt_schedule, self.log_history = meta["pbt_schedule"], meta["log_history"]
-        return state, acc, meta["global_step"]
+        return state, acc, meta["global_step"], meta
 
     # -- saving a member ----------------------------------------------------------------------
     def save_model(self, member: int, output_dir: str | None = None) -> str:
@@ -453,8 +471,9 @@ class PopulationTrainer:
             raise RuntimeError("call train() first")
         return self._evaluate_state(self.state, eval_dataset, metric_key_prefix)
 
-    def _evaluate_state(self, state, eval_dataset=None, metric_key_prefix: str = "eval") -> list[dict]:
+    def _evaluate_state(self, state, eval_dataset=None, metric_key_prefix: str = "eval", on_batch=None) -> list[dict]:
         t = self.trainer
+        state = _state_for_eval(state, t.args.optim)
         loader = t.get_eval_dataloader(eval_dataset)
         with_outputs = t.compute_metrics is not None
         step = P.make_population_eval_step(t.model, t._eval_loss_fn(), precision=t.args.precision,
@@ -462,6 +481,8 @@ class PopulationTrainer:
         loss_sum, items, outputs, labels = 0.0, 0, [], []
         for batch in loader:
             out = step(state, batch)
+            if on_batch is not None:
+                on_batch()  # HF's on_prediction_step
             loss_sum = loss_sum + out["loss"].double() * out["num_items"]
             items = items + out["num_items"]
             if with_outputs:
@@ -478,6 +499,32 @@ class PopulationTrainer:
                                 for k, v in extra.items()})
             results.append(metrics)
         return results
+
+
+def _check_dropout(model, members: list[dict]) -> None:
+    """A ``dropout`` per member needs dropout probabilities held as tensors (buffers of
+    :class:`functrain.population.Dropout`); ``nn.Dropout`` bakes its float ``p`` into the graph."""
+    varying = [i for i, m in enumerate(members) if "dropout" in m]
+    if not varying:
+        return
+    for i in varying:
+        p = members[i]["dropout"]
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+            raise ValueError(f"member {i}: dropout must be a probability in [0, 1], got {p!r}")
+    if is_peft_model(model):
+        raise P.PopulationError(f"member {varying[0]} sets dropout, but the members of a peft population share the "
+                                "frozen base model's buffers, so a dropout probability cannot differ per member")
+    if P.dropout_buffers(model):
+        return
+    floats = P.float_dropouts(model)
+    held = (f"holds its dropout probabilities as Python floats ({dict(list(floats.items())[:3])}), which one vmapped "
+            "graph shares" if floats else "has no dropout modules")
+    raise P.PopulationError(
+        f"member {varying[0]} sets dropout={members[varying[0]]['dropout']}, but {type(model).__name__} {held}. A "
+        "per-member dropout needs its probability as a tensor in the state: build the model with "
+        "functrain.population.Dropout, or wrap model_init with functrain.population.use_tensor_dropout (replaces "
+        "nn.Dropout modules; dropout applied functionally, as in many transformers attention layers, stays a float); "
+        "else vary dropout across separate runs")
 
 
 def _check_report_to(report_to) -> None:
@@ -499,17 +546,25 @@ def _check_early_stopping(trainer, patience) -> None:
                          f"eval_dataset on the trainer (got eval_strategy={strategy!r})")
 
 
-def _keep_stopped(new_state, old_state, active: torch.Tensor, buffers: str):
-    """``new_state`` for the active members, ``old_state`` for the stopped ones (leaf-wise select;
-    shared buffers are not per member and stay as they are)."""
-    def pick(new, old):
-        mask = active.to(new.device).view(-1, *([1] * (new.ndim - 1)))
-        return torch.where(mask, new, old)
+def _early_stopping_from_callback(callback, patience, threshold) -> tuple[int, float]:
+    """An ``EarlyStoppingCallback`` in ``callbacks`` is ``early_stopping_patience`` /
+    ``early_stopping_threshold``: HF's rule, applied to each member (one member's plateau does
+    not stop the others)."""
+    if patience is not None and (patience, threshold) != (callback.early_stopping_patience,
+                                                           callback.early_stopping_threshold):
+        raise ValueError(f"early_stopping_patience={patience} (threshold {threshold}) and an EarlyStoppingCallback("
+                         f"{callback.early_stopping_patience}, {callback.early_stopping_threshold}) disagree; give one")
+    return callback.early_stopping_patience, callback.early_stopping_threshold
 
-    if buffers == "shared":
-        kept = tree.map(pick, new_state.replace(buffers={}), old_state.replace(buffers={}))
-        return kept.replace(buffers=new_state.buffers)
-    return tree.map(pick, new_state, old_state)
+
+def _state_for_eval(state, optim_name: str):
+    """Schedule-free members are evaluated at their averaged ``x``, as the Trainer does (HF's
+    ``optimizer.eval()``); other states as they are."""
+    if not optim_name.startswith("schedule_free"):
+        return state
+    with foreach.per_tensor():
+        params = torch.func.vmap(schedule_free_eval_params)(state.opt_state, state.params)
+    return state.replace(params=params)
 
 
 class _MemberArgs:
@@ -522,21 +577,6 @@ class _MemberArgs:
 
     def __getattr__(self, name):
         return getattr(self._args, name)
-
-
-def _every(steps, max_steps: int) -> int:
-    """HF's ``logging_steps``/``eval_steps``/``save_steps``: an int, or a float ratio of max_steps."""
-    return max(1, math.ceil(steps * max_steps)) if isinstance(steps, float) and steps < 1 else int(steps)
-
-
-def _eval_due(a, done: int, max_steps: int) -> bool:
-    strategy = getattr(a.eval_strategy, "value", a.eval_strategy)
-    return strategy == "steps" and done % _every(a.eval_steps or a.logging_steps, max_steps) == 0
-
-
-def _save_due(a, done: int, max_steps: int) -> bool:
-    strategy = getattr(a.save_strategy, "value", a.save_strategy)
-    return strategy == "steps" and done % _every(a.save_steps, max_steps) == 0
 
 
 def _append_jsonl(path: str, entries: list[dict]) -> None:

@@ -8,6 +8,8 @@ Hub pushes (``args.push_to_hub``), as HF:
   checkpoint into ``output_dir`` and ``output_dir`` is uploaded (without ``checkpoint-*`` and
   ``_*``); ``checkpoint`` also uploads the checkpoint as ``last-checkpoint/`` (resumable after a
   download), ``all_checkpoints`` as ``checkpoint-N/``;
+- what a push sends is fixed when it is queued (staged, the checkpoint's files hard-linked): a
+  later save or checkpoint rotation never changes a commit still waiting for its turn;
 - while an upload is in flight, later saves are not pushed unless ``hub_always_push=True``;
 - the end of ``train()`` waits for the last upload; ``push_to_hub()`` saves the model, writes
   the model card and uploads ``output_dir``.
@@ -23,7 +25,7 @@ import shutil
 from pathlib import Path
 
 from functrain.io import checkpoint as ck
-from functrain.io.hub import HubUploader
+from functrain.io.hub import HubUploader, folder_files
 from functrain.parallel import distributed as fd
 from functrain.trainer import model_card
 
@@ -118,7 +120,8 @@ class PublishMixin:
         name = self.args.hub_model_id or Path(self.args.output_dir).absolute().name
         self._hub = HubUploader.create_repo(
             name, token=token if token is not None else self.args.hub_token,
-            private=private if private is not None else self.args.hub_private_repo, revision=self.args.hub_revision)
+            private=private if private is not None else self.args.hub_private_repo, revision=self.args.hub_revision,
+            staging_root=self.args.output_dir)
         self.hub_model_id = self._hub.repo_id
 
     def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True,
@@ -150,18 +153,21 @@ class PublishMixin:
                         os.path.basename(checkpoint_folder))
             return
         self.callback_handler.on_push_begin(a, self.state, self.control)
-        for name in [n for n in _MODEL_FILES if os.path.isfile(os.path.join(checkpoint_folder, n))] + \
-                _shard_files(checkpoint_folder):
-            _replace_file(os.path.join(checkpoint_folder, name), os.path.join(a.output_dir, name))
+        model_files = {name: os.path.join(checkpoint_folder, name) for name in _model_files(checkpoint_folder)}
+        for name, src in model_files.items():  # output_dir stays a loadable model, as HF
+            _replace_file(src, os.path.join(a.output_dir, name))
         if self.processing_class is not None and hasattr(self.processing_class, "save_pretrained"):
             self.processing_class.save_pretrained(a.output_dir)
         a.save_to_json(os.path.join(a.output_dir, ck.ARGS_FILE))
         message = (f"Training in progress, step {self.state.global_step}" if a.save_strategy == "steps"
                    else f"Training in progress, epoch {int(self.state.epoch or 0)}")
-        self._hub.upload_folder(a.output_dir, commit_message=message, ignore_patterns=list(_IGNORE_IN_OUTPUT_DIR))
+        # The root commit takes its weights from the (immutable) checkpoint, not from output_dir's
+        # copies, which the next save replaces: the upload is staged now (see io/hub.py).
+        root = {**folder_files(a.output_dir, list(_IGNORE_IN_OUTPUT_DIR)), **model_files}
+        self._hub.upload_files(root, commit_message=message, immutable=model_files.values())
         if a.hub_strategy in ("checkpoint", "all_checkpoints"):
             path_in_repo = "last-checkpoint" if a.hub_strategy == "checkpoint" else Path(checkpoint_folder).name
-            self._hub.upload_folder(checkpoint_folder, path_in_repo=path_in_repo,
+            self._hub.upload_folder(checkpoint_folder, path_in_repo=path_in_repo, immutable=True,
                                     commit_message=message + ", checkpoint")
 
     def _finish_current_push(self) -> None:
@@ -170,16 +176,18 @@ class PublishMixin:
             self._hub.wait()
 
 
-def _shard_files(folder: str) -> list[str]:
+def _model_files(folder: str) -> list[str]:
+    """The files of ``folder`` that make a loadable model: config, weights (and their shards)."""
+    names = [n for n in _MODEL_FILES if os.path.isfile(os.path.join(folder, n))]
     index = os.path.join(folder, ck.MODEL_INDEX_FILE)
-    if not os.path.isfile(index):
-        return []
-    with open(index, encoding="utf-8") as f:
-        return sorted(set(json.load(f)["weight_map"].values()))
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            names += sorted(set(json.load(f)["weight_map"].values()))
+    return names
 
 
 def _replace_file(src: str, dst: str) -> None:
-    """Copy then rename: an upload still reading ``dst`` (hub_always_push) never sees a torn file."""
+    """Copy then rename: ``output_dir`` never holds a torn file (for a reader, or after a crash)."""
     tmp = os.path.join(os.path.dirname(dst), f"_{os.path.basename(dst)}.tmp")  # "_*" is never uploaded
     shutil.copy(src, tmp)
     os.replace(tmp, dst)

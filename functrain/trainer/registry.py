@@ -176,7 +176,9 @@ FIELDS: dict[str, FieldStatus] = {
     "use_cpu": ok(),
     "accelerator_config": refused("functrain does not wrap its loaders or step in an accelerate Accelerator (the "
                                   "step is one pure compiled function); split_batches, dispatch_batches, "
-                                  "even_batches etc. have no equivalent. Leave it unset"),
+                                  "even_batches etc. have no equivalent; use_stateful_dataloader is what the "
+                                  "Trainer's loaders do already (streams resume from their saved state, map-style "
+                                  "datasets by slicing the epoch's order). Leave it unset"),
     "parallelism_config": refused("tensor/context/sequence parallelism are not implemented; use "
                                   "fsdp='full_shard' or data parallelism (docs/distributed.md)"),
     "dataloader_drop_last": ok(),
@@ -267,11 +269,9 @@ LEAFWISE_OPTIMIZERS: frozenset[str] = frozenset(
 
 # PopulationTrainer builds these with per-member tensor hyperparameters (functrain.trainer.population;
 # each tested equal to Trainer runs); a warmup length that differs between members needs "linear".
-POPULATION_REFUSED: dict[str, str] = {
-    "schedule_free_adamw": "schedule-free optimizers are not tested as populations (their warmup is read from args)",
-    "schedule_free_sgd": "schedule-free optimizers are not tested as populations (their warmup is read from args)",
-    "galore_adamw": "GaLore's projection refresh (torch.cond) is not tested under vmap",
-}
+# Every registry optimizer vmaps (schedule-free's y/z states and GaLore's SVD projection refresh
+# under torch.cond included: tests/test_population_optimizers.py); none is refused today.
+POPULATION_REFUSED: dict[str, str] = {}
 POPULATION_OPTIMIZERS: tuple[str, ...] = tuple(n for n in OPTIMIZERS if n not in POPULATION_REFUSED)
 
 

@@ -33,6 +33,7 @@ from torch import nn
 from functrain.adapters import outputs as hf_outputs
 from functrain.io import checkpoint as ck
 from functrain.io import run_dir
+from functrain.data import stream as data_stream
 from functrain.parallel import distributed as fd
 from functrain.core import optim
 from functrain.trainer import compat
@@ -633,7 +634,8 @@ class Trainer(PublishMixin):
         if self.model_init is not None:  # HF re-initializes on every train(), seeded (a resume loads over it)
             self._reinitialize_model()
         loader = compat.as_train_loader(self.get_train_dataloader())
-        if not hasattr(loader, "__len__") or getattr(loader, "is_iterable", False):
+        loader_is_stream = not hasattr(loader, "__len__") or getattr(loader, "is_iterable", False)
+        if loader_is_stream:
             if a.max_steps <= 0:
                 raise ValueError(f"the train_dataset ({type(self.train_dataset).__name__}) has no length (a "
                                  "streaming/iterable dataset), so num_train_epochs cannot be turned into a number "
@@ -644,6 +646,10 @@ class Trainer(PublishMixin):
         self._check_first_batch(getattr(loader, "dataset", None))
         max_steps = a.max_steps if a.max_steps > 0 else math.ceil(a.num_train_epochs * steps_per_epoch)
         num_epochs = math.ceil(max_steps / steps_per_epoch)
+        if steps_per_epoch == a.max_steps and loader_is_stream:
+            # A stream's passes run until max_steps (HF: num_train_epochs = sys.maxsize); each
+            # pass that yields anything is at least one step, so max_steps passes bound it.
+            num_epochs = max_steps
         self._tx = self.create_optimizer_and_scheduler(max_steps)
         self._train_steps = {}
         state = self._fresh_train_state(self._tx)
@@ -713,12 +719,13 @@ class Trainer(PublishMixin):
                            "the checkpoint's order (%d), so the resume is exact. To draw another order, start a new "
                            "run", loader.state.seed, saved_seed, saved_seed)
             loader.use_seed(saved_seed)
-        position = _map_data_position(position, self._global_window())
-        if self.args.ignore_data_skip and position["batch_index"]:
+        mapped = _map_data_position(position, self._global_window())
+        if self.args.ignore_data_skip and mapped["batch_index"]:
             logger.info("ignore_data_skip=True: epoch %d is read again from its first batch (the %d batches already "
-                        "trained on are not skipped)", position["epoch"], position["batch_index"])
-            position = {**position, "batch_index": 0, "samples": 0}
-        return position
+                        "trained on are not skipped)", mapped["epoch"], mapped["batch_index"])
+            mapped = {**mapped, "batch_index": 0, "samples": 0}
+        _resume_stream(loader, position, mapped)
+        return mapped
 
     def _load_checkpoint(self, path: str, template: TrainState) -> TrainState:
         state = _into_storages(template, self._read_state(path, template))
@@ -993,6 +1000,8 @@ class Trainer(PublishMixin):
         self.store_flos()
         self.state.stateful_callbacks = {type(cb).__name__: cb.state() for cb in self.callback_handler.callbacks
                                          if isinstance(cb, ExportableState)}
+        # Each rank's own stream position (streaming datasets), gathered for the one writer.
+        self.state.data_position = data_stream.gathered(self.state.data_position, fd.all_gather_json)
         self.state.pending_log = {"loss_sum": float(self._loss_sum), "steps": self._steps_since_log,
                                   "samples": self._samples_since_log}
         ls = self.train_state.loss_scale
@@ -1289,6 +1298,20 @@ def _map_data_position(position: dict, global_window: int) -> dict:
                        "skipped). An exact resume needs a global batch that divides %d", samples, position["epoch"],
                        global_window, resumed, samples - resumed, samples)
     return {**position, "batch_index": samples // global_window}
+
+
+def _resume_stream(loader, saved: dict, mapped: dict) -> None:
+    """A streaming loader continues its stream from the saved state (O(1)) when the run resumes at
+    the saved batch; the loop's ``iter_from`` at that position then uses it."""
+    from functrain.data import ResumableLoader
+
+    has_stream = data_stream.STREAM in saved or data_stream.STREAMS in saved
+    if not (isinstance(loader, ResumableLoader) and loader.is_iterable and has_stream):
+        return
+    if mapped["batch_index"] != saved.get("batch_index"):
+        return  # another global batch, or ignore_data_skip: the stream is read up to the new position
+    keep = ("epoch", "batch_index", data_stream.STREAM, data_stream.STREAMS)
+    loader.load_state_dict({**{k: saved[k] for k in keep if k in saved}, "seed": loader.state.seed})
 
 
 def _saved_arg(path: str, name: str):

@@ -15,10 +15,15 @@ from functrain.core import foreach, tree
 from functrain.core.optim.base import (
     GradientTransformation,
     as_hyperparam,
-    check_structure,
+    flat_updates,
     counter_like,
     safe_increment,
 )
+
+
+def _moments_init(state_type):
+    """``init`` of a ``(count, mu, nu)`` state: a zero count and zero first and second moments."""
+    return lambda params: state_type(counter_like(params), tree.zeros_like(params), tree.zeros_like(params))
 
 
 class ScaleByAdamaxState(NamedTuple):
@@ -31,12 +36,10 @@ def scale_by_adamax(b1=0.9, b2=0.999, eps=1e-8) -> GradientTransformation:
     """Adamax: ``mu_hat / nu`` with ``nu = max(b2 * nu, |g| + eps)`` (optax and torch agree)."""
     b1, b2, eps = as_hyperparam(b1, "b1"), as_hyperparam(b2, "b2"), as_hyperparam(eps, "eps")
 
-    def init(params):
-        return ScaleByAdamaxState(counter_like(params), tree.zeros_like(params), tree.zeros_like(params))
+    init = _moments_init(ScaleByAdamaxState)
 
     def update(updates, state, params=None):
-        check_structure(updates, params)
-        g, treedef = tree.flatten(updates)
+        g, treedef = flat_updates(updates, params)
         count = safe_increment(state.count)
         if not g:
             return updates, state._replace(count=count)
@@ -71,12 +74,10 @@ def scale_by_radam(b1=0.9, b2=0.999, eps=1e-8, threshold=5.0) -> GradientTransfo
         raise TypeError("scale_by_radam: b2 must be a number (it fixes the SMA length rho_inf)")
     rho_inf = 2 / (1 - b2) - 1
 
-    def init(params):
-        return ScaleByRAdamState(counter_like(params), tree.zeros_like(params), tree.zeros_like(params))
+    init = _moments_init(ScaleByRAdamState)
 
     def update(updates, state, params=None):
-        check_structure(updates, params)
-        g, treedef = tree.flatten(updates)
+        g, treedef = flat_updates(updates, params)
         count = safe_increment(state.count)
         if not g:
             return updates, state._replace(count=count)
@@ -126,8 +127,7 @@ def scale_by_nadam(b1=0.9, b2=0.999, eps=1e-8, momentum_decay=4e-3) -> GradientT
                                  tree.zeros_like(params), tree.zeros_like(params))
 
     def update(updates, state, params=None):
-        check_structure(updates, params)
-        g, treedef = tree.flatten(updates)
+        g, treedef = flat_updates(updates, params)
         count = safe_increment(state.count)
         t = count.to(torch.float64)
         mu_t = b1 * (1.0 - 0.5 * torch.pow(torch.as_tensor(0.96, dtype=torch.float64), t * momentum_decay))
@@ -165,8 +165,7 @@ def scale_by_adadelta(rho=0.9, eps=1e-6) -> GradientTransformation:
         return ScaleByAdaDeltaState(tree.zeros_like(params), tree.zeros_like(params))
 
     def update(updates, state, params=None):
-        check_structure(updates, params)
-        g, treedef = tree.flatten(updates)
+        g, treedef = flat_updates(updates, params)
         if not g:
             return updates, state
         e_g = foreach.mul(tree.leaves(state.e_g), rho)

@@ -136,6 +136,23 @@ def apply_updates(params: Params, updates: Updates) -> Params:
 # -- helpers shared by the transforms ----------------------------------------------------------
 
 
+def require_params(params: Params | None, transform: str) -> None:
+    """A clear error for a transform that needs ``params`` and was called without them."""
+    if params is None:
+        raise ValueError(f"{transform} needs params: call update(grads, state, params)")
+
+
+def flat_updates(updates: Updates, params: Params | None = None, *, requires_params: str | None = None):
+    """``(leaves, treedef)`` of ``updates``, checked against ``params`` first.
+
+    ``requires_params``: the transform's name, for transforms that cannot run without params.
+    """
+    if requires_params:
+        require_params(params, requires_params)
+    check_structure(updates, params)
+    return tree.flatten(updates)
+
+
 def check_structure(updates: Updates, params: Params | None) -> None:
     """Raise a clear error if ``params`` is given and its structure differs from ``updates``."""
     if params is not None:

@@ -23,7 +23,7 @@ from .. import tree
 from .base import (
     GradientTransformation,
     GradientTransformationExtraArgs,
-    check_structure,
+    flat_updates,
     safe_increment,
     update_with_extra_args,
 )
@@ -33,8 +33,7 @@ from .base import (
 
 def _names_and_leaves(updates, params):
     """Dotted names and leaves of ``updates``; names come from ``params`` when given."""
-    check_structure(updates, params)
-    leaves, treedef = tree.flatten(updates)
+    leaves, treedef = flat_updates(updates, params)
     return tree.paths(updates), leaves, treedef
 
 

@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 
 from functrain.core import foreach, tree
-from functrain.core.optim.base import GradientTransformation, as_hyperparam, check_structure, counter_like, safe_increment
+from functrain.core.optim.base import GradientTransformation, as_hyperparam, flat_updates, counter_like, safe_increment
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
@@ -63,8 +63,7 @@ def scale_by_muon(beta=0.95, *, nesterov: bool = True, ns_coefficients=NS_COEFFI
         return ScaleByMuonState(counter_like(params), tree.zeros_like(params))
 
     def update(updates, state, params=None):
-        check_structure(updates, params)
-        g, treedef = tree.flatten(updates)
+        g, treedef = flat_updates(updates, params)
         if not g:
             return updates, state._replace(count=safe_increment(state.count))
         buf = foreach.lerp(tree.leaves(state.momentum), g, 1 - beta)

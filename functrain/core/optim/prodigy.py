@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 
 from functrain.core import tree
-from functrain.core.optim.base import GradientTransformation, as_hyperparam, check_structure, counter_like
+from functrain.core.optim.base import GradientTransformation, as_hyperparam, flat_updates, counter_like
 
 
 class ProdigyState(NamedTuple):
@@ -64,10 +64,7 @@ def prodigy(learning_rate=1.0, b1=0.9, b2=0.999, beta3=None, eps=1e-8, weight_de
                             tree.zeros_like(params), tree.zeros_like(params), tree.clone(params))
 
     def update(updates, state, params=None):
-        if params is None:
-            raise ValueError("prodigy needs params: call update(grads, state, params)")
-        check_structure(updates, params)
-        g, treedef = tree.flatten(updates)
+        g, treedef = flat_updates(updates, params, requires_params="prodigy")
         p = tree.leaves(params)
         flags = decay_flags(params)
         if weight_decay and not decouple:

@@ -19,6 +19,7 @@ import torch
 
 from functrain.core import foreach, tree
 from functrain.core.optim.base import (
+    require_params,
     EmptyState,
     GradientTransformation,
     as_hyperparam,
@@ -86,8 +87,7 @@ def schedule_free_step(learning_rate, b1=0.9, warmup_steps: int = 0, r=0.0, weig
                                  base_lr(count).float())
 
     def update(updates, state, params=None):
-        if params is None:
-            raise ValueError("schedule_free needs params: call update(grads, state, params)")
+        require_params(params, "schedule_free")
         check_structure(updates, params)
         k1 = (state.count + 1).to(torch.float64)
         sched = torch.clamp(k1 / warmup_steps, max=1.0) if warmup_steps else torch.ones_like(k1)

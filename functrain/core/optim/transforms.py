@@ -15,7 +15,7 @@ from .base import (
     EmptyState,
     GradientTransformation,
     as_hyperparam,
-    check_structure,
+    flat_updates,
     counter_like,
     safe_increment,
 )
@@ -114,8 +114,7 @@ def scale_by_adam(b1=0.9, b2=0.999, eps=1e-8, *, amsgrad: bool = False,
         )
 
     def update(updates, state, params=None):
-        check_structure(updates, params)
-        g, treedef = tree.flatten(updates)
+        g, treedef = flat_updates(updates, params)
         if not g:  # e.g. an empty group of partition(): _foreach ops reject empty lists
             return updates, state._replace(count=safe_increment(state.count))
         mu_in = tree.leaves(state.mu)
@@ -175,10 +174,7 @@ def add_decayed_weights(weight_decay=0.0) -> GradientTransformation:
     weight_decay = as_hyperparam(weight_decay, "weight_decay")
 
     def update(updates, state, params=None):
-        if params is None:
-            raise ValueError("add_decayed_weights needs params: call update(grads, state, params)")
-        check_structure(updates, params)
-        u, treedef = tree.flatten(updates)
+        u, treedef = flat_updates(updates, params, requires_params="add_decayed_weights")
         if not u:
             return updates, state
         p = tree.leaves(params)
@@ -237,8 +233,7 @@ def trace(decay=0.9, *, nesterov: bool = False, dampening=0.0) -> GradientTransf
         return TraceState(counter_like(params), tree.zeros_like(params))
 
     def update(updates, state, params=None):
-        check_structure(updates, params)
-        g, treedef = tree.flatten(updates)
+        g, treedef = flat_updates(updates, params)
         if not g:
             return updates, state._replace(count=safe_increment(state.count))
         # On the first update buf = g exactly; expressed as coefficients to stay branch-free.
@@ -279,8 +274,7 @@ def scale_by_rms(decay=0.9, eps=1e-8, *, centered: bool = False, initial_scale=0
                                tree.zeros_like(params) if centered else ())
 
     def update(updates, state, params=None):
-        check_structure(updates, params)
-        g, treedef = tree.flatten(updates)
+        g, treedef = flat_updates(updates, params)
         if not g:
             return updates, state
         nu = foreach.mul(tree.leaves(state.nu), decay)
@@ -324,8 +318,7 @@ def scale_by_rss(initial_accumulator_value=0.0, eps=1e-10) -> GradientTransforma
         return ScaleByRssState(tree.full_like(params, initial_accumulator_value))
 
     def update(updates, state, params=None):
-        check_structure(updates, params)
-        g, treedef = tree.flatten(updates)
+        g, treedef = flat_updates(updates, params)
         if not g:
             return updates, state
         acc = foreach.add(tree.leaves(state.sum_of_squares), foreach.mul(g, g))
@@ -350,8 +343,7 @@ def scale_by_lion(b1=0.9, b2=0.99) -> GradientTransformation:
         return ScaleByLionState(counter_like(params), tree.zeros_like(params))
 
     def update(updates, state, params=None):
-        check_structure(updates, params)
-        g, treedef = tree.flatten(updates)
+        g, treedef = flat_updates(updates, params)
         m = tree.leaves(state.mu)
         out = foreach.sign(foreach.lerp(m, g, 1 - b1)) if g else []
         new_m = foreach.lerp(m, g, 1 - b2) if g else []
@@ -407,8 +399,7 @@ def scale_by_factored_rms(decay_rate=-0.8, eps=1e-30, clip_threshold=1.0) -> Gra
         return FactoredState(counter_like(params), tree.map(row, params), tree.map(col, params), tree.map(full, params))
 
     def update(updates, state, params=None):
-        check_structure(updates, params)
-        g, treedef = tree.flatten(updates)
+        g, treedef = flat_updates(updates, params)
         count = safe_increment(state.count)
         beta2t = 1.0 - torch.pow(count.to(torch.float32), decay_rate)
         rows, cols, fulls, out = [], [], [], []
@@ -476,8 +467,7 @@ def scale_by_adafactor_step(learning_rate=None, *, eps=1e-3, beta1=None, weight_
     def update(updates, state, params=None):
         if params is None and (scale_parameter or not _is_zero(weight_decay)):
             raise ValueError("adafactor needs params (parameter scaling / weight decay): call update(grads, state, params)")
-        check_structure(updates, params)
-        u, treedef = tree.flatten(updates)
+        u, treedef = flat_updates(updates, params)
         size = step_size(state.count)
         p = tree.leaves(params) if params is not None else [None] * len(u)
         lrs = [size * torch.clamp(_rms(pi), min=eps) if scale_parameter else size for pi in p]

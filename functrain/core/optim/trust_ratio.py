@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from functrain.core import foreach, tree
-from functrain.core.optim.base import EmptyState, GradientTransformation, as_hyperparam, check_structure
+from functrain.core.optim.base import EmptyState, GradientTransformation, as_hyperparam, flat_updates
 
 
 def scale_by_trust_ratio(min_norm=0.0, trust_coefficient=1.0, eps=0.0) -> GradientTransformation:
@@ -18,10 +18,7 @@ def scale_by_trust_ratio(min_norm=0.0, trust_coefficient=1.0, eps=0.0) -> Gradie
     eps = as_hyperparam(eps, "eps")
 
     def update(updates, state, params=None):
-        if params is None:
-            raise ValueError("scale_by_trust_ratio needs params: call update(grads, state, params)")
-        check_structure(updates, params)
-        u, treedef = tree.flatten(updates)
+        u, treedef = flat_updates(updates, params, requires_params="scale_by_trust_ratio")
         if not u:
             return updates, state
         p = tree.leaves(params)

@@ -13,6 +13,7 @@ import torch
 
 from functrain.core import foreach, tree
 from functrain.core.optim.base import (
+    require_params,
     GradientTransformationExtraArgs,
     apply_updates,
     as_hyperparam,
@@ -82,6 +83,13 @@ class ParamEmaState(NamedTuple):
     inner_state: Any
 
 
+def _inner_update(name: str, inner, updates, state, params, extra_args):
+    """Run the wrapped optimizer: its updates, its new state and the leaves of the params they give."""
+    require_params(params, name)
+    updates, inner_state = update_with_extra_args(inner, updates, state.inner_state, params, **extra_args)
+    return updates, inner_state, tree.leaves(apply_updates(params, updates))
+
+
 def with_param_ema(inner, decay) -> GradientTransformationExtraArgs:
     """Run ``inner`` and keep an exponential moving average of the updated parameters in the state.
 
@@ -97,10 +105,7 @@ def with_param_ema(inner, decay) -> GradientTransformationExtraArgs:
         return ParamEmaState(counter_like(params), tree.zeros_like(params), inner.init(params))
 
     def update(updates, state, params=None, **extra_args):
-        if params is None:
-            raise ValueError("with_param_ema needs params: call update(grads, state, params)")
-        updates, inner_state = update_with_extra_args(inner, updates, state.inner_state, params, **extra_args)
-        new_params = tree.leaves(apply_updates(params, updates))
+        updates, inner_state, new_params = _inner_update("with_param_ema", inner, updates, state, params, extra_args)
         ema = tree.leaves(state.ema)
         keep = torch.where(state.count == 0, 0.0, decay).to(torch.float32)
         new_ema = foreach.lerp(ema, new_params, 1 - keep) if ema else []
@@ -144,10 +149,7 @@ def lookahead(fast_optimizer, sync_period: int = 6, slow_step_size=0.5) -> Gradi
         return LookaheadState(counter_like(params), tree.clone(params), fast_optimizer.init(params))
 
     def update(updates, state, params=None, **extra_args):
-        if params is None:
-            raise ValueError("lookahead needs params: call update(grads, state, params)")
-        updates, inner_state = update_with_extra_args(fast_optimizer, updates, state.inner_state, params, **extra_args)
-        fast = tree.leaves(apply_updates(params, updates))
+        updates, inner_state, fast = _inner_update("lookahead", fast_optimizer, updates, state, params, extra_args)
         slow = tree.leaves(state.slow)
         count = state.count + 1
         sync = (count % sync_period) == 0
