@@ -420,9 +420,12 @@ def mode_meta_start(out_dir, opts):
     built_on_meta = all(p.is_meta for p in trainer.model.parameters())
     trainer.train()
     trainer.save_model(os.path.join(out_dir, "final"))
+    untrained = ft.Trainer(args=args, **({"model_init": model_init} if opts["meta"] else {"model": model_init()}))
+    eval_loss = untrained.evaluate(data[:8])["eval_loss"]  # before any training: meta, from the shards
     model_mb = sum(p.numel() * 4 for p in DeepClassifier(layers, width).parameters()) / 2**20
     with open(os.path.join(out_dir, f"result-{fd.rank()}.json"), "w") as f:
-        json.dump({"startup_growth_mb": peak["growth_mb"], "model_mb": model_mb, "built_on_meta": built_on_meta}, f)
+        json.dump({"startup_growth_mb": peak["growth_mb"], "model_mb": model_mb, "built_on_meta": built_on_meta,
+                   "eval_loss_before": eval_loss}, f)
 
 
 def mode_trainer(out_dir, opts):

@@ -190,6 +190,8 @@ def test_sharded_trainer_with_model_init_never_builds_the_whole_model(tmp_path):
     assert all(r["built_on_meta"] for r in results[True]) and not any(r["built_on_meta"] for r in results[False])
     assert all(r["startup_growth_mb"] < 0.7 * model_mb for r in results[True])  # measured ~0.6x
     assert all(r["startup_growth_mb"] > 1.2 * model_mb for r in results[False])  # measured ~1.5x
+    # evaluate() before train() runs on the shards and gives the whole model's loss.
+    assert results[True][0]["eval_loss_before"] == pytest.approx(results[False][0]["eval_loss_before"], rel=1e-6)
     meta_weights, whole_weights = final_weights(tmp_path / "True"), final_weights(tmp_path / "False")
     assert sorted(meta_weights) == sorted(whole_weights)
     assert all(torch.equal(meta_weights[k], v) for k, v in whole_weights.items())

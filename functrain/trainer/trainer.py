@@ -560,6 +560,8 @@ class Trainer(PublishMixin):
         if self.train_state is not None:  # schedule-free: evaluate the averaged x (HF: optimizer.eval())
             s = self.train_state
             return s.replace(params=optim.schedule_free_eval_params(s.opt_state, s.params))
+        if self._meta_start is not None:  # evaluated before training: the shards, built as train() builds them
+            return self._meta_start.sharded_state(optim.identity(), self.args.seed)
         return TrainState.create(self.model, optim.identity(), seed=self.args.seed)
 
     def _share_state_with_model(self) -> None:
