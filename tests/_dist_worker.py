@@ -4,9 +4,10 @@
 Modes: ``steps`` (pure-step parity: DDP, per-rank normalizer, sharded, activation checkpointing,
 bf16, optimizer bytes),
 ``trainer`` (a Trainer run, optionally sharded/resumed; saves the final model), ``fail`` (rank 1
-raises at step 3).
+raises at step 3), ``exit`` (leaves with a mesh alive; the process must exit cleanly).
 """
 
+import dataclasses
 import json
 import os
 import sys
@@ -146,7 +147,51 @@ def sharded_in_use(model, tx, batches, r, world):
     out["before_forward_empty_microbatch"] = ft.tree.relative_difference(fd.unshard_state(masked.params),
                                                                          ref_masked.params)
     out.update(state_from_meta(tx))
+    out.update(mixed_precision_policy(model, tx, batches, start, r, world))
     return out
+
+
+def mixed_precision_policy(model, tx, batches, start, r, world):
+    """FSDP2's MixedPrecisionPolicy: bf16 all-gather + fp32 reduce-scatter == bf16 compute data parallel;
+    a bf16 reduce-scatter moves the result. Records the dtypes the collectives ran in."""
+    from step_models import MLP
+
+    from functrain.parallel import fsdp
+
+    ddp_hooks = dict(zip(("grad_reduce", "count_reduce"), fd.data_parallel_hooks()))
+    bf_ddp, _ = run_steps(ft.make_train_step(model, tx, accumulate=2, precision="bf16", **ddp_hooks), start, batches,
+                          r, world)
+    bf_one, _ = run_steps(ft.make_train_step(model, tx, accumulate=2, precision="bf16"), start, batches, 0, 1)
+    out = {}
+    for name, reduce in (("mixed_fp32_reduce", torch.float32), ("mixed_bf16_reduce", None)):
+        fresh = MLP(d_in=8, hidden=15, classes=4)  # its own unit plan (the plan lives on the module)
+        fresh.load_state_dict(model.state_dict())
+        hooks = fsdp.sharded_in_use_hooks(fresh, mixed=fd.MixedPrecision(torch.bfloat16, reduce))
+        step = ft.make_train_step(fresh, tx, accumulate=2, precision="bf16", **hooks)
+        with CollectiveDtypes() as seen:
+            step(fd.shard_state(start), {k: v[r::world] for k, v in batches[1].items()})
+        sharded, _ = run_steps(step, fd.shard_state(start), batches, r, world)
+        full = fd.unshard_state(sharded.params)
+        out[name + "_vs_ddp"] = ft.tree.relative_difference(full, bf_ddp.params)
+        out[name + "_vs_one"] = ft.tree.relative_difference(full, bf_one.params)
+        out[name + "_dtypes"] = sorted(seen.dtypes)
+        out[name + "_master"] = sorted({str(p.dtype) for p in full.values()})
+    out["ddp_bf16_vs_one"] = ft.tree.relative_difference(bf_ddp.params, bf_one.params)
+    return out
+
+
+class CollectiveDtypes(torch.utils._python_dispatch.TorchDispatchMode):
+    """The (collective, dtype) pairs of the all-gathers and reduce-scatters issued under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.dtypes = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kind = next((k for k in ("all_gather", "reduce_scatter") if k in func.name()), None)
+        if kind and args and isinstance(args[0], torch.Tensor):
+            self.dtypes.add(f"{kind}:{str(args[0].dtype).removeprefix('torch.')}")
+        return func(*args, **(kwargs or {}))
 
 
 def _masked_mean_loss(model, batch):
@@ -291,9 +336,96 @@ def make_trainer(out_dir, opts):
         gradient_accumulation_steps=2, learning_rate=1e-2, weight_decay=0.1, lr_scheduler_type="linear",
         warmup_steps=2, save_strategy="steps", save_steps=opts.get("save_steps", 5), logging_steps=5,
         report_to="none", disable_tqdm=True, fsdp=opts.get("fsdp", ""), fsdp_config=opts.get("fsdp_config"), seed=3,
+        bf16=opts.get("bf16", False),
         eval_strategy="steps" if opts.get("eval") else "no", eval_steps=5, per_device_eval_batch_size=3)
     return ft.Trainer(model=make_model(p=0.0), args=args, train_dataset=make_dataset(n=48),
                       eval_dataset=make_dataset(n=14, seed=5) if opts.get("eval") else None)
+
+
+def mode_exit(out_dir, opts):
+    """Ends the way a user's script can: the process group held by a module global (and by a live
+    DeviceMesh/DTensor), the last collectives on tensors Python created and dropped, no barrier."""
+    global SHARDED, GROUP
+    fd.init_distributed()
+    GROUP = torch.distributed.group.WORLD
+    SHARDED = fd.shard_tensor(torch.randn(6, 4), fd.make_mesh())
+    with open(os.path.join(out_dir, f"result-{fd.rank()}.json"), "w") as f:
+        json.dump({"full": SHARDED.full_tensor().tolist()}, f)
+    for i in range(3):
+        t = torch.full((4,), float(i))
+        torch.distributed.all_reduce(t)
+        del t
+    if opts.get("destroy"):  # the user's own destroy_process_group() before leaving (HF's examples do)
+        torch.distributed.destroy_process_group()
+
+
+class DeepClassifier(torch.nn.Module):
+    """A deep MLP classifier (forward(x, labels) -> {"loss", "logits"}) for start-up memory."""
+
+    def __init__(self, layers, width, classes=3):
+        super().__init__()
+        blocks = []
+        for _ in range(layers):
+            blocks += [torch.nn.Linear(width, width), torch.nn.Tanh()]
+        self.net = torch.nn.Sequential(*blocks, torch.nn.Linear(width, classes))
+
+    def forward(self, x, labels=None):
+        logits = self.net(x)
+        out = {"logits": logits}
+        if labels is not None:
+            out["loss"] = torch.nn.functional.cross_entropy(logits, labels)
+        return out
+
+
+def _status_mb(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":")) / 1024
+
+
+def mode_meta_start(out_dir, opts):
+    """A sharded Trainer given model_init (built on meta, shards materialized) or the whole model:
+    per-rank peak memory growth at start-up (VmHWM at on_train_begin, the state built) and the
+    final weights."""
+    from _trainer_fixtures import make_dataset
+
+    from functrain.trainer.callbacks import TrainerCallback
+
+    fd.init_distributed()
+    layers, width = opts["layers"], opts["width"]
+
+    def model_init():
+        torch.manual_seed(0)
+        return DeepClassifier(layers, width)
+
+    peak = {}
+
+    class StartUpPeak(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            peak["growth_mb"] = _status_mb("VmHWM") - baseline
+
+    args = ft.TrainingArguments(opts["output_dir"], max_steps=4, per_device_train_batch_size=3, learning_rate=1e-2,
+                                optim="sgd", report_to="none", disable_tqdm=True, save_strategy="no",
+                                fsdp="full_shard", seed=3)
+    data = make_dataset(n=24, dim=width)
+    # Everything a Trainer imports and allocates once is loaded by a tiny run first; then the peak is
+    # reset (clear_refs 5), so the figure is the start-up's own.
+    ft.Trainer(model=DeepClassifier(1, width), args=dataclasses.replace(args, output_dir=args.output_dir + "-warm",
+                                                                       max_steps=1, fsdp=""),
+               train_dataset=data).train()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    baseline = _status_mb("VmRSS")
+    kwargs = {"model_init": model_init} if opts["meta"] else {"model": model_init()}
+    trainer = ft.Trainer(args=args, train_dataset=data, callbacks=[StartUpPeak()], **kwargs)
+    built_on_meta = all(p.is_meta for p in trainer.model.parameters())
+    trainer.train()
+    trainer.save_model(os.path.join(out_dir, "final"))
+    untrained = ft.Trainer(args=args, **({"model_init": model_init} if opts["meta"] else {"model": model_init()}))
+    eval_loss = untrained.evaluate(data[:8])["eval_loss"]  # before any training: meta, from the shards
+    model_mb = sum(p.numel() * 4 for p in DeepClassifier(layers, width).parameters()) / 2**20
+    with open(os.path.join(out_dir, f"result-{fd.rank()}.json"), "w") as f:
+        json.dump({"startup_growth_mb": peak["growth_mb"], "model_mb": model_mb, "built_on_meta": built_on_meta,
+                   "eval_loss_before": eval_loss}, f)
 
 
 def mode_trainer(out_dir, opts):
@@ -349,11 +481,6 @@ if __name__ == "__main__":
     mode, out = sys.argv[1], sys.argv[2]
     options = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
     {"steps": mode_steps, "trainer": mode_trainer, "fail": mode_fail, "sigterm": mode_sigterm_one_rank,
-     "gather": mode_gather, "evaluate": mode_evaluate}[mode](out, options)
-    fd.barrier()
-    # A rank has aborted after finishing its work, in process-group destruction or interpreter
-    # teardown ("terminate called without an active exception", issue 14, cause not found yet):
-    # every result is written and every rank is past the barrier, so the worker leaves without them.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+     "gather": mode_gather, "evaluate": mode_evaluate, "exit": mode_exit, "meta_start": mode_meta_start}[mode](out, options)
+    if mode != "exit":
+        fd.barrier()

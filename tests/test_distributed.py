@@ -106,6 +106,15 @@ def test_step_parity_ddp_and_sharded(tmp_path):
     assert r["bf16_in_use_vs_ddp"] <= 1e-6
     # A microbatch whose loss has a NaN gradient (0/0, no items) is masked before the reduce-scatter.
     assert r["in_use_empty_microbatch"] <= 1e-5 and r["before_forward_empty_microbatch"] <= 1e-5
+    # FSDP2's MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32): gathers run in bf16, the
+    # reduce-scatters in fp32, the shards stay fp32; the numbers are bf16-compute data parallel's exactly
+    # and as far from a 1-process bf16 run as data parallel is. A bf16 reduce-scatter moves them.
+    assert r["mixed_fp32_reduce_dtypes"] == ["all_gather:bfloat16", "reduce_scatter:float32"]
+    assert r["mixed_bf16_reduce_dtypes"] == ["all_gather:bfloat16", "reduce_scatter:bfloat16"]
+    assert r["mixed_fp32_reduce_master"] == r["mixed_bf16_reduce_master"] == ["torch.float32"]
+    assert r["mixed_fp32_reduce_vs_ddp"] == 0.0
+    assert r["mixed_fp32_reduce_vs_one"] == r["ddp_bf16_vs_one"] < 1e-3
+    assert r["mixed_bf16_reduce_vs_ddp"] > 1e-5
     # Start-up without the whole model: shards built module by module from a meta-device model.
     assert r["meta_state_equal"] and r["meta_state_sharded"] and r["meta_module_stays_meta"]
 
@@ -149,6 +158,46 @@ def test_sharded_trainer_matches_one_process_and_resumes_on_one(tmp_path, refere
 
 
 @pytest.mark.slow
+def test_sharded_trainer_with_bf16_gathers_equals_bf16_data_parallel(tmp_path):
+    """bf16=True + fsdp_config's mixed_precision_policy (bf16 all-gather, fp32 reduce-scatter) through the
+    Trainer: the same final weights as the bf16 data-parallel run."""
+    policy = {"param_dtype": "bfloat16", "reduce_dtype": "float32"}
+    runs = {"ddp": {}, "sharded": {"fsdp": "full_shard", "fsdp_config": {"mixed_precision_policy": policy}}}
+    for name, extra in runs.items():
+        out = tmp_path / name
+        check(torchrun("trainer", out, {"output_dir": str(out / "run"), "per_device": 3, "bf16": True,
+                                        "save_steps": 10_000, **extra}))
+    sharded, ddp = final_weights(tmp_path / "sharded"), final_weights(tmp_path / "ddp")
+    assert ft.tree.relative_difference(sharded, ddp) <= 1e-6
+
+
+@pytest.mark.slow
+def test_sharded_trainer_with_model_init_never_builds_the_whole_model(tmp_path):
+    """fsdp + model_init: the model is built on the meta device and each rank materializes its shards
+    module by module. Per-rank peak memory growth of the start-up (VmHWM with glibc returning freed
+    blocks, MALLOC_MMAP_THRESHOLD_) stays near half the model plus one layer; built whole it is the
+    model plus the shards. The trained weights are the whole-model run's, bitwise."""
+    results = {}
+    for meta in (True, False):
+        out = tmp_path / str(meta)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(free_port()), WORKER, "meta_start", str(out),
+               json.dumps({"output_dir": str(out / "run"), "meta": meta, "layers": 8, "width": 768})]
+        check(subprocess.run(cmd, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT,
+                             env={**_env(), "MALLOC_MMAP_THRESHOLD_": "65536"}))
+        results[meta] = [json.loads((out / f"result-{r}.json").read_text()) for r in (0, 1)]
+    model_mb = results[True][0]["model_mb"]
+    assert all(r["built_on_meta"] for r in results[True]) and not any(r["built_on_meta"] for r in results[False])
+    assert all(r["startup_growth_mb"] < 0.7 * model_mb for r in results[True])  # measured ~0.6x
+    assert all(r["startup_growth_mb"] > 1.2 * model_mb for r in results[False])  # measured ~1.5x
+    # evaluate() before train() runs on the shards and gives the whole model's loss.
+    assert results[True][0]["eval_loss_before"] == pytest.approx(results[False][0]["eval_loss_before"], rel=1e-6)
+    meta_weights, whole_weights = final_weights(tmp_path / "True"), final_weights(tmp_path / "False")
+    assert sorted(meta_weights) == sorted(whole_weights)
+    assert all(torch.equal(meta_weights[k], v) for k, v in whole_weights.items())
+
+
+@pytest.mark.slow
 def test_accelerate_launch_resumes_one_process_checkpoint_on_two(tmp_path, reference):
     """1 -> 2 through `accelerate launch` (2 CPU processes): sharded resume of a 1-process checkpoint."""
     shutil.copytree(reference / "run" / "checkpoint-5", tmp_path / "run" / "checkpoint-5")
@@ -181,6 +230,19 @@ def test_two_simulated_nodes_equal_one_process(tmp_path, reference):
     assert [p.returncode for p in nodes] == [0, 0], "\n".join(o[-3000:] for o in outputs)
     assert read_result(tmp_path)["world_size"] == 2
     assert ft.tree.relative_difference(final_weights(tmp_path), final_weights(reference)) <= 1e-5
+
+
+# -- exit -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("opts", [{}, {"destroy": True}], ids=["atexit", "user_destroys"])
+def test_ranks_exit_cleanly_with_a_mesh_alive(tmp_path, opts):
+    """A gloo worker thread keeps its last collective's tensors until the group is destroyed; a mesh
+    keeps the group past destroy_process_group, into interpreter finalization, where freeing them
+    aborted the process ("terminate called without an active exception") every time."""
+    proc = torchrun("exit", tmp_path, opts)
+    log = proc.stdout + proc.stderr
+    assert "terminate called" not in log and proc.returncode == 0, log[-4000:]
 
 
 # -- failures -----------------------------------------------------------------------------------------
@@ -248,6 +310,30 @@ def test_single_process_helpers_and_args():
         ft.TrainingArguments("o", fsdp="full_shard offload")
     with pytest.raises(ValueError, match="ddp_backend"):
         ft.TrainingArguments("o", ddp_backend="tcp")
+
+
+def test_fsdp_mixed_precision_policy_arguments():
+    """fsdp_config's mixed_precision_policy (accelerate's dict or torch's MixedPrecisionPolicy) -> the
+    gather/reduce dtypes; bf16 gathers need bf16=True; unknown keys and dtypes are errors."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    from functrain.parallel.fsdp import mixed_precision_of
+
+    def policy(value, **kw):
+        args = ft.TrainingArguments("o", fsdp="full_shard", fsdp_config={"mixed_precision_policy": value}, **kw)
+        return mixed_precision_of(args.fsdp_config)
+
+    assert policy({"param_dtype": "bfloat16", "reduce_dtype": "float32"}, bf16=True) == (torch.bfloat16, torch.float32)
+    assert policy(MixedPrecisionPolicy(param_dtype=torch.bfloat16), bf16=True) == (torch.bfloat16, None)
+    assert policy({"param_dtype": None}) is None
+    with pytest.raises(ValueError, match="set bf16=True"):
+        policy({"param_dtype": "bf16"})
+    with pytest.raises(ValueError, match="'cast_inputs'"):
+        policy({"param_dtype": "bf16", "cast_inputs": True}, bf16=True)
+    with pytest.raises(ValueError, match="is not a dtype"):
+        policy({"param_dtype": "bf17"}, bf16=True)
+    with pytest.raises(ValueError, match="fp16 compute"):
+        policy({"param_dtype": "float16"}, fp16=True)
 
 
 # -- distributed evaluation -------------------------------------------------------------------------

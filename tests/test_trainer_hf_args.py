@@ -357,6 +357,50 @@ def test_use_cpu_trains_on_the_cpu(tmp_path):
     assert trainer.train_state.step.device.type == "cpu"
 
 
+class _ArgsOnMeta(TrainingArguments):
+    """Arguments whose device is not the CPU (a stand-in for cuda:N on a machine without GPUs)."""
+
+    @property
+    def device(self):
+        return torch.device("meta")
+
+
+def test_the_model_is_placed_on_args_device(tmp_path):
+    """As transformers' Trainer: the model moves to ``args.device`` at start-up (and after model_init)."""
+    args = _ArgsOnMeta(str(tmp_path), report_to="none", save_strategy="no")
+    assert all(p.is_meta for p in Trainer(make_model(), args).model.parameters())
+    assert all(p.is_meta for p in Trainer(model_init=make_model, args=args).model.parameters())
+    spread = make_model()
+    spread.hf_device_map = {"a": "cpu", "b": "disk"}  # spread over devices by from_pretrained: left alone
+    assert all(p.device.type == "cpu" for p in Trainer(spread, args).model.parameters())
+
+
+def test_use_cpu_reaches_the_process_group_set_up(monkeypatch):
+    """use_cpu=True on a GPU machine: accelerate's PartialState is asked for the CPU (gloo), and nccl
+    is refused with the reason."""
+    import accelerate
+
+    from functrain.parallel import distributed as fd
+
+    asked = {}
+
+    class Recorder:
+        def __init__(self, **kw):
+            asked.update(kw)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine, as far as the check sees
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(accelerate, "PartialState", Recorder)
+    for k, v in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "x", "MASTER_PORT": "1"}.items():
+        monkeypatch.setenv(k, v)
+    fd.init_distributed(cpu=True)
+    assert asked["cpu"] is True and asked["backend"] is None
+    fd.init_distributed()
+    assert asked["cpu"] is False
+    with pytest.raises(fd.DistributedLaunchError, match="CPU was asked for"):
+        fd.init_distributed("nccl", cpu=True)
+
+
 def test_resume_from_checkpoint_field_as_scripts_use_it(tmp_path):
     dataset = make_dataset(n=16)
     full = Trainer(make_model(), _args(tmp_path / "full", max_steps=4), train_dataset=dataset)

@@ -26,6 +26,7 @@ import ctypes
 import datetime
 import json
 import os
+import time
 from collections.abc import Mapping
 from typing import Callable, NamedTuple
 
@@ -94,13 +95,15 @@ def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def init_distributed(backend: str | None = None, timeout: datetime.timedelta = DEFAULT_TIMEOUT) -> DistInfo:
+def init_distributed(backend: str | None = None, timeout: datetime.timedelta = DEFAULT_TIMEOUT, *,
+                     cpu: bool = False) -> DistInfo:
     """Join the process group the launcher describes (no-op for a single process or if done already).
 
     The set-up is accelerate's ``PartialState`` (as HF's ``TrainingArguments`` does it): it reads
     torchrun / ``accelerate launch`` / MPI / SLURM variables, picks ``nccl`` on CUDA and ``gloo``
     (or ``mpi``) on CPU unless ``backend`` (HF's ``ddp_backend``) says otherwise, sets the CUDA
-    device to ``LOCAL_RANK`` and bounds every collective by ``timeout``. Checked first, with a
+    device to ``LOCAL_RANK`` and bounds every collective by ``timeout``. ``cpu=True`` (HF's
+    ``use_cpu``) keeps every process on the CPU (gloo) even where GPUs are present. Checked first, with a
     :class:`DistributedLaunchError` naming the problem: a misconfigured launch (variables missing,
     more processes per node than GPUs, ``nccl`` without GPUs, an unknown backend). The process
     group is destroyed at interpreter exit, before torch's own teardown.
@@ -110,10 +113,10 @@ def init_distributed(backend: str | None = None, timeout: datetime.timedelta = D
     _, world, local = read_launch_env()
     if world == 1 and not _mpi_launched():
         return DistInfo(0, 1, local, None, _device_for(local, None))
-    _check_backend(backend, local)
+    _check_backend(backend, local, cpu)
     from accelerate import PartialState
 
-    PartialState(cpu=not torch.cuda.is_available(), backend=backend, timeout=timeout)
+    PartialState(cpu=cpu or not torch.cuda.is_available(), backend=backend, timeout=timeout)
     if dist.is_initialized():
         _keep_until_exit(dist.group.WORLD)
         atexit.register(_destroy_process_group)
@@ -125,11 +128,14 @@ def _mpi_launched() -> bool:
     return any(int(os.environ.get(v, "1") or "1") > 1 for v in ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"))
 
 
-def _check_backend(backend: str | None, local_rank: int) -> None:
+def _check_backend(backend: str | None, local_rank: int, cpu: bool = False) -> None:
     if backend is not None and backend not in ("gloo", "nccl", "mpi", "xccl", "cpu:gloo,cuda:nccl"):
         raise DistributedLaunchError(f"ddp_backend={backend!r} is not a torch.distributed backend; expected "
                                      "'nccl' (GPUs), 'gloo' (CPU) or 'mpi'")
-    if (backend or default_backend()) == "nccl":
+    if cpu and backend == "nccl":
+        raise DistributedLaunchError("backend 'nccl' runs on GPUs but the CPU was asked for (use_cpu=True / "
+                                     "ACCELERATE_USE_CPU); use 'gloo' or drop use_cpu")
+    if (backend or ("gloo" if cpu else default_backend())) == "nccl":
         if not torch.cuda.is_available():
             raise DistributedLaunchError("backend 'nccl' needs CUDA GPUs, none is available; use 'gloo' on CPU")
         if local_rank >= torch.cuda.device_count():
@@ -139,22 +145,52 @@ def _check_backend(backend: str | None, local_rank: int) -> None:
 
 
 def _destroy_process_group() -> None:
-    # Shut the groups down while the interpreter is whole (an atexit handler).
+    # Shut the groups down while the interpreter is whole (an atexit handler; the user may have
+    # done it already), then let gloo's workers finish freeing what their last collectives held.
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _wait_for_idle_gloo_workers()
+
+
+def _wait_for_idle_gloo_workers(timeout: float = 5.0, poll: float = 0.02) -> None:
+    """Return once every gloo worker thread sleeps, seen twice in a row (Linux; else at once).
+
+    A worker that completed a collective frees its tensors a moment later; on a loaded machine
+    that moment can come after the main thread has started interpreter finalization, too late to
+    take the GIL (see :func:`_keep_until_exit`). Each poll sleeps without the GIL, so a worker
+    waiting for it runs; a worker not yet scheduled shows as running ("R") and is waited for.
+    """
+    deadline, idle_polls = time.monotonic() + timeout, 0
+    while idle_polls < 2 and time.monotonic() < deadline:
+        time.sleep(poll)
+        idle_polls = idle_polls + 1 if all(state == "S" for state in _gloo_worker_states()) else 0
+
+
+def _gloo_worker_states():
+    """Scheduler states of this process's gloo worker threads (named ``pt_gloo_runloop``)."""
+    tasks = "/proc/self/task"
+    for tid in os.listdir(tasks) if os.path.isdir(tasks) else ():
+        try:
+            with open(f"{tasks}/{tid}/comm") as f:
+                if f.read().strip() != "pt_gloo_runloop":
+                    continue
+            with open(f"{tasks}/{tid}/stat") as f:
+                yield f.read().rsplit(")", 1)[1].split()[0]
+        except OSError:  # the thread ended meanwhile
+            continue
 
 
 def _keep_until_exit(group):
     """Keep a process group's C++ object alive until the process ends, and return the group.
 
     Why: a gloo group's worker threads hold the last collective they ran (its tensors) until the
-    group object is destroyed. torch's own objects (a ``DeviceMesh``, DTensor caches) hold the
-    group past ``destroy_process_group``, so it would be destroyed during interpreter
-    finalization; the workers then free tensors Python created, which needs the GIL, which no
-    thread can take any more at that point: CPython ends the thread (``pthread_exit``) inside a C++
-    destructor and the process aborts ("terminate called without an active exception"). A group
-    that is never destroyed is harmless: after ``destroy_process_group`` (which shuts it down) its
-    threads wait idle until the process ends. One reference that nothing releases does that.
+    group object is destroyed. When the last reference to the group goes during interpreter
+    finalization (a module global, torch's own objects), the workers then free tensors Python
+    created, which needs the GIL, which no thread can take any more at that point: CPython ends
+    the thread (``pthread_exit``) inside a C++ destructor and the process aborts ("terminate
+    called without an active exception"). A group that is never destroyed is harmless: after
+    ``destroy_process_group`` (which shuts it down) its threads wait idle until the process ends.
+    One reference that nothing releases does that.
     """
     ctypes.pythonapi.Py_IncRef(ctypes.py_object(group))
     return group
@@ -395,30 +431,60 @@ def unshard_state(state):
     return tree.map(to_local_full, state)
 
 
-def gather_param(p, has_items=None):
+class MixedPrecision(NamedTuple):
+    """FSDP2's ``MixedPrecisionPolicy`` for sharded params: all-gather (and compute) in
+    ``param_dtype``, reduce-scatter the gradients in ``reduce_dtype`` (``None``: ``param_dtype``).
+    The shards, their gradients and the optimizer state stay in the shards' dtype (fp32)."""
+    param_dtype: torch.dtype
+    reduce_dtype: torch.dtype | None = None
+
+
+class _GatherInDtype(torch.autograd.Function):
+    """All-gather a ``Shard(0)`` DTensor cast to ``param_dtype``; backward: the gradient cast to
+    ``reduce_dtype``, reduce-scattered with SUM, returned in the shard's dtype."""
+
+    @staticmethod
+    def forward(ctx, shard, param_dtype, reduce_dtype):
+        Replicate = _dtensor()[2]
+        ctx.mesh, ctx.placements, ctx.reduce_dtype, ctx.shard_dtype = (shard.device_mesh, shard.placements,
+                                                                       reduce_dtype, shard.dtype)
+        return shard.to(param_dtype).redistribute(shard.device_mesh, [Replicate()]).to_local()
+
+    @staticmethod
+    def backward(ctx, grad):
+        DTensor, Partial = _dtensor()[:2]
+        partial = DTensor.from_local(grad.to(ctx.reduce_dtype), ctx.mesh, [Partial("sum")], run_check=False)
+        return partial.redistribute(ctx.mesh, ctx.placements).to(ctx.shard_dtype), None, None
+
+
+def gather_param(p, has_items=None, mixed: MixedPrecision | None = None):
     """The full tensor of a ``DTensor`` shard for compute (anything else is returned as is).
 
     ``to_local(grad_placements=[Partial("sum")])`` makes the backward reduce-scatter the
     gradient with SUM: each rank's gradient is already divided by the global item count, so the
     sum is the gradient of the global mean (``Partial("avg")`` would divide it by N again).
     ``has_items`` False (a microbatch without supervised items) zeroes the gradient before the
-    reduce-scatter: where() passes the value through and masks the gradient.
+    reduce-scatter: where() passes the value through and masks the gradient. ``mixed``: gather in
+    its ``param_dtype`` and reduce in its ``reduce_dtype`` (:class:`MixedPrecision`).
     """
     if not is_dtensor(p):
         return p
     _, Partial, Replicate, _ = _dtensor()
-    full = p.redistribute(p.device_mesh, [Replicate()]).to_local(grad_placements=[Partial("sum")])
+    if mixed is not None:
+        full = _GatherInDtype.apply(p, mixed.param_dtype, mixed.reduce_dtype or mixed.param_dtype)
+    else:
+        full = p.redistribute(p.device_mesh, [Replicate()]).to_local(grad_placements=[Partial("sum")])
     if has_items is not None:
         full = torch.where(has_items, full, full.detach())
     return full
 
 
-def gather_params(params: Mapping, has_items=None) -> dict:
+def gather_params(params: Mapping, has_items=None, mixed: MixedPrecision | None = None) -> dict:
     """``param_transform`` for sharded mode: every ``DTensor`` param all-gathered before the
     forward (:func:`gather_param`), so the gathered copies live through forward and backward.
     Per unit, where used: :func:`functrain.parallel.fsdp.shard_in_use`.
     """
-    return {k: gather_param(p, has_items) for k, p in params.items()}
+    return {k: gather_param(p, has_items, mixed) for k, p in params.items()}
 
 
 def sharded_hooks(group=None) -> dict:

@@ -70,18 +70,21 @@ class ShardedUnits:
 
     recomputes = True  # each unit's forward is redone in backward (make_train_step checks compile limits)
 
-    def __init__(self, units: Sequence[str], loose: frozenset, blocks: tuple = ()):
+    def __init__(self, units: Sequence[str], loose: frozenset, blocks: tuple = (),
+                 mixed: fd.MixedPrecision | None = None):
         self.units = tuple(units)
         self.loose = loose
         self.blocks = blocks
+        self.mixed = mixed  # gather/reduce dtypes (FSDP2's MixedPrecisionPolicy), None: the shards' dtype
         self.has_items = None
 
     def __call__(self, params: Mapping, has_items=None) -> dict:
         self.has_items = has_items
-        return {k: fd.gather_param(v, has_items) if k in self.loose else v for k, v in params.items()}
+        return {k: fd.gather_param(v, has_items, self.mixed) if k in self.loose else v for k, v in params.items()}
 
 
-def shard_in_use(model: nn.Module, wrap: Sequence[str] | None = None) -> ShardedUnits:
+def shard_in_use(model: nn.Module, wrap: Sequence[str] | None = None,
+                 mixed: fd.MixedPrecision | None = None) -> ShardedUnits:
     """Make ``model``'s units gather their sharded parameters where they run; returns the step's
     ``param_transform``.
 
@@ -89,8 +92,9 @@ def shard_in_use(model: nn.Module, wrap: Sequence[str] | None = None) -> Sharded
     ``transformer_layer_cls_to_wrap``); default ``model._no_split_modules`` (HF's auto wrap
     policy), else none. Every other module with parameters of its own is a unit, except one that
     also holds units (its own parameters are gathered for the whole step). A unit whose params
-    are not ``DTensor`` runs as before (one process, gathered evaluation). Applying it again
-    returns the first plan.
+    are not ``DTensor`` runs as before (one process, gathered evaluation). ``mixed``: gather in
+    its ``param_dtype``, reduce-scatter in its ``reduce_dtype``. Applying it again returns the first
+    plan (with ``mixed`` updated).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -100,9 +104,10 @@ def shard_in_use(model: nn.Module, wrap: Sequence[str] | None = None) -> Sharded
         if done.blocks != tuple(blocks):
             raise ValueError(f"{type(model).__name__} already has units {list(done.units)} (blocks {list(done.blocks)}); "
                              f"it cannot be re-planned with blocks {blocks}: build a fresh model")
+        done.mixed = mixed
         return done
     units, loose = _plan_units(model, blocks)
-    plan = ShardedUnits(units, frozenset(loose), tuple(blocks))
+    plan = ShardedUnits(units, frozenset(loose), tuple(blocks), mixed)
     for name in units:
         _wrap_unit(model.get_submodule(name), plan)
     vars(model)[_PLAN] = plan
@@ -151,13 +156,13 @@ def _wrap_unit(module: nn.Module, plan: ShardedUnits) -> None:
         params = dict(module.named_parameters())
         if not any(fd.is_dtensor(p) for p in params.values()):
             return original(*args, **kwargs)
-        return _run_gathered(module, params, plan.has_items, args, kwargs)
+        return _run_gathered(module, params, plan, args, kwargs)
 
     vars(module)[_WRAPPED] = original
     module.forward = forward
 
 
-def _run_gathered(module: nn.Module, params: dict, has_items, args, kwargs):
+def _run_gathered(module: nn.Module, params: dict, plan: ShardedUnits, args, kwargs):
     """The unit on gathered params; under autograd, recomputed (gathers included) in backward."""
     names, buffer_names = list(params), [n for n, _ in module.named_buffers()]
     buffers = [b for _, b in module.named_buffers()]
@@ -166,11 +171,11 @@ def _run_gathered(module: nn.Module, params: dict, has_items, args, kwargs):
     def gather_and_run(has_items, *tensors, **kw):
         # Shards and buffers come in as arguments, so the recomputation uses the tensors the
         # forward used, whatever the module holds by then.
-        bound = {k: fd.gather_param(p, has_items) for k, p in zip(names, tensors[:n])}
+        bound = {k: fd.gather_param(p, has_items, plan.mixed) for k, p in zip(names, tensors[:n])}
         bound.update(zip(buffer_names, tensors[n:n + b]))
         return torch.func.functional_call(module, bound, tuple(tensors[n + b:]), kw, tie_weights=True)
 
-    inputs = (has_items, *params.values(), *buffers, *args)
+    inputs = (plan.has_items, *params.values(), *buffers, *args)
     if not torch.is_grad_enabled():
         return gather_and_run(*inputs, **kwargs)
     return checkpoint(gather_and_run, *inputs, use_reentrant=False, context_fn=_selective_contexts, **kwargs)
@@ -181,11 +186,12 @@ def is_unit(module: nn.Module) -> bool:
     return _WRAPPED in vars(module)
 
 
-def sharded_in_use_hooks(model: nn.Module, wrap: Sequence[str] | None = None, group=None) -> dict:
+def sharded_in_use_hooks(model: nn.Module, wrap: Sequence[str] | None = None, group=None,
+                         mixed: fd.MixedPrecision | None = None) -> dict:
     """Keyword arguments of ``make_train_step`` for sharded mode with per-unit gathers
     (:func:`shard_in_use`); the item count is all-reduced as in data parallel."""
     _, count_reduce = fd.data_parallel_hooks(group)
-    return {"param_transform": shard_in_use(model, wrap), "count_reduce": count_reduce}
+    return {"param_transform": shard_in_use(model, wrap, mixed), "count_reduce": count_reduce}
 
 
 def sharded_state_from_meta(model: nn.Module, tx, *, seed: int = 0, mesh=None):
@@ -199,7 +205,7 @@ def sharded_state_from_meta(model: nn.Module, tx, *, seed: int = 0, mesh=None):
     """
     from functrain.core.state import TrainState
 
-    _check_meta_model(model)
+    check_meta_model(model)
     mesh = mesh if mesh is not None else fd.make_mesh()
     params = {}
     for name, m in model.named_modules():
@@ -222,7 +228,8 @@ def _key(seed: int):
     return rng.key(seed)
 
 
-def _check_meta_model(model: nn.Module) -> None:
+def check_meta_model(model: nn.Module) -> None:
+    """A ValueError naming why ``model`` cannot go through :func:`sharded_state_from_meta`."""
     problems = []
     if any(p.device.type != "meta" for p in model.parameters()):
         problems.append("its parameters are not on the meta device (build it under `with torch.device('meta'):`)")
@@ -280,10 +287,12 @@ def normalize_fsdp_config(config) -> dict | None:
             raise ValueError("fsdp_config['reshard_after_forward']=False (SHARD_GRAD_OP) is not implemented: "
                              "functrain frees gathered params after each unit (FULL_SHARD); drop the key")
         known = key in _CONFIG_NO_EFFECT or key in _CONFIG_REFUSED_IF_TRUE or key in (
-            "transformer_layer_cls_to_wrap", "reshard_after_forward", "xla_fsdp_settings")
+            "transformer_layer_cls_to_wrap", "reshard_after_forward", "xla_fsdp_settings", "mixed_precision_policy")
         if not known:
             raise ValueError(f"fsdp_config key {key!r} is not known; functrain uses 'transformer_layer_cls_to_wrap' "
                              f"and accepts {sorted(_CONFIG_NO_EFFECT)} (no effect on its sharding)")
+    if out.get("mixed_precision_policy") is not None:
+        out["mixed_precision_policy"] = _policy_names(out["mixed_precision_policy"])
     if out.get("xla_fsdp_settings"):
         raise ValueError("fsdp_config['xla_fsdp_settings']: XLA FSDP is not implemented")
     wrap = out.get("transformer_layer_cls_to_wrap")
@@ -293,3 +302,44 @@ def normalize_fsdp_config(config) -> dict | None:
         raise ValueError(f"fsdp_config['transformer_layer_cls_to_wrap'] must be a class name or a list of them, "
                          f"got {wrap!r}")
     return out
+
+
+_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def _dtype_name(key: str, value) -> str | None:
+    if value is None:
+        return None
+    name = str(value).removeprefix("torch.")
+    if name not in _DTYPES:
+        raise ValueError(f"fsdp_config['mixed_precision_policy'][{key!r}]={value!r} is not a dtype; expected one "
+                         f"of {sorted(_DTYPES)} (or the torch dtype)")
+    return str(_DTYPES[name]).removeprefix("torch.")
+
+
+def _policy_names(policy) -> dict:
+    """``mixed_precision_policy`` (accelerate's dict, or torch's ``MixedPrecisionPolicy``) as dtype names."""
+    if not isinstance(policy, Mapping):
+        policy = {k: getattr(policy, k) for k in ("param_dtype", "reduce_dtype", "output_dtype", "cast_forward_inputs")
+                  if hasattr(policy, k)}
+    unknown = sorted(set(policy) - {"param_dtype", "reduce_dtype", "output_dtype", "buffer_dtype",
+                                    "cast_forward_inputs"})
+    if unknown:
+        raise ValueError(f"fsdp_config['mixed_precision_policy'] keys {unknown} are not known; expected "
+                         "'param_dtype' and 'reduce_dtype'")
+    out = {k: _dtype_name(k, policy.get(k)) for k in ("param_dtype", "reduce_dtype")}
+    if out["param_dtype"] not in (None, "bfloat16", "float32"):
+        raise ValueError(f"fsdp_config['mixed_precision_policy']['param_dtype']={out['param_dtype']!r}: functrain "
+                         "gathers in bfloat16 or float32 (fp16 compute needs the loss scaling of fp16=True, which "
+                         "works with fp32 gathers)")
+    return out
+
+
+def mixed_precision_of(config: Mapping | None) -> fd.MixedPrecision | None:
+    """The :class:`~functrain.parallel.distributed.MixedPrecision` a normalized ``fsdp_config`` asks for."""
+    names = (config or {}).get("mixed_precision_policy") or {}
+    if names.get("param_dtype") is None:
+        return None
+    reduce = names.get("reduce_dtype")
+    return fd.MixedPrecision(_DTYPES[names["param_dtype"]], _DTYPES[reduce] if reduce else None)

@@ -240,6 +240,7 @@ class TrainingArguments(ArgumentSetters):
             _fail("fp16=True and bf16=True were both given; choose one mixed-precision mode")
         self.fsdp = _normalize_fsdp(self.fsdp)
         self.fsdp_config = _normalize_fsdp_config(self.fsdp_config)
+        _check_fsdp_mixed_precision(self.fsdp_config, self.bf16)
         if self.ddp_backend not in (None, "gloo", "nccl", "mpi", "xccl"):
             _fail(f"ddp_backend={self.ddp_backend!r} is not supported; expected None (nccl on GPUs, gloo on CPU), "
                   "'gloo', 'nccl', 'mpi' or 'xccl'")
@@ -504,6 +505,13 @@ def _normalize_fsdp_config(value):
         return normalize_fsdp_config(value)
     except (ValueError, OSError) as e:
         _fail(str(e))
+
+
+def _check_fsdp_mixed_precision(config, bf16: bool) -> None:
+    policy = (config or {}).get("mixed_precision_policy") or {}
+    if policy.get("param_dtype") == "bfloat16" and not bf16:
+        _fail("fsdp_config['mixed_precision_policy'] gathers params in bfloat16, which is bf16 compute: set "
+              "bf16=True (params, gradients and optimizer state stay fp32 in the shards)")
 
 
 def _normalize_fsdp(value) -> str:

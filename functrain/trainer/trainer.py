@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import inspect
 import itertools
 import json
@@ -40,7 +41,7 @@ from functrain.trainer.callbacks import (
     CallbackHandler, DefaultFlowCallback, ExportableState, PrinterCallback, ProgressCallback, TrainerControl,
     TrainerState,
 )
-from functrain.trainer import registry
+from functrain.trainer import registry, sharded_start
 from functrain.trainer.arg_effects import compile_kwargs, set_log_level
 from functrain.trainer.integrations import integration_callbacks
 from functrain.trainer.logging import MetricsFileCallback
@@ -116,13 +117,16 @@ class Trainer(PublishMixin):
         self._memory_tracker.start("init")
         set_log_level(self.args)
         # Joins the process group when launched by torchrun / accelerate (no-op for one process).
-        self.dist = fd.init_distributed(self.args.ddp_backend, datetime.timedelta(seconds=self.args.ddp_timeout))
+        self.dist = fd.init_distributed(self.args.ddp_backend, datetime.timedelta(seconds=self.args.ddp_timeout),
+                                        cpu=self.args.use_cpu)
         (enable_full_determinism if self.args.full_determinism else set_seed)(self.args.seed)
         self.model_init = model_init
+        self._meta_start = None
         if model is None:
             if model_init is None:
                 raise ValueError("Trainer needs a model or a model_init function")
-            model = model_init()
+            # Sharded: built on the meta device, each rank materializes its shards only.
+            model, self._meta_start = sharded_start.build(model_init, self.args.sharded)
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         self.model = self._place(model)
@@ -165,8 +169,11 @@ class Trainer(PublishMixin):
         self._memory_tracker.stop("init")
 
     def _place(self, model: nn.Module) -> nn.Module:
-        """``use_cpu=True``: the model on the CPU even where an accelerator is present (as transformers)."""
-        return model.to(self.args.device) if self.args.use_cpu else model
+        """The model on ``args.device`` (this rank's GPU, or the CPU with ``use_cpu``), as transformers
+        does; a model spread over several devices (``hf_device_map``) or a meta skeleton stays."""
+        if len(set((getattr(model, "hf_device_map", None) or {}).values())) > 1 or sharded_start.is_meta(model):
+            return model
+        return model.to(self.args.device)
 
     # -- callbacks ------------------------------------------------------------------------------
     def add_callback(self, callback):
@@ -472,15 +479,17 @@ class Trainer(PublishMixin):
     def _sharded_transform(self, accumulate: int = 1):
         """Sharded mode gathers each unit's params where it runs (FSDP semantics in use); units are
         ``fsdp_config['transformer_layer_cls_to_wrap']`` blocks or the model's ``_no_split_modules``."""
-        from functrain.parallel.fsdp import shard_in_use
+        from functrain.parallel.fsdp import mixed_precision_of, shard_in_use
+
+        mixed = mixed_precision_of(self.args.fsdp_config)
 
         if self.args.torch_compile and accumulate > 1:
             logger.warning("fsdp with torch_compile and %d microbatches: torch %s compiles one recompute region per "
                            "graph, so params are gathered before the forward (a full replica during the step) "
                            "instead of unit by unit; use gradient_accumulation_steps=1 for per-unit gathers",
                            accumulate, torch.__version__)
-            return fd.gather_params
-        return shard_in_use(self.model, (self.args.fsdp_config or {}).get("transformer_layer_cls_to_wrap"))
+            return functools.partial(fd.gather_params, mixed=mixed)
+        return shard_in_use(self.model, (self.args.fsdp_config or {}).get("transformer_layer_cls_to_wrap"), mixed)
 
     def _mark_process(self, state: TrainerState) -> TrainerState:
         state.is_world_process_zero = fd.is_main_process()
@@ -546,7 +555,10 @@ class Trainer(PublishMixin):
         if self.args.fp16:
             from functrain.core.precision import dynamic_scale_init
 
-            loss_scale = dynamic_scale_init(device=next(self.model.parameters()).device)
+            loss_scale = dynamic_scale_init(device=self.args.device if sharded_start.is_meta(self.model)
+                                            else next(self.model.parameters()).device)
+        if self._meta_start is not None:  # shards built module by module, never whole
+            return self._meta_start.sharded_state(tx, self.args.seed).replace(loss_scale=loss_scale)
         # auto_find_batch_size: the (donated) state is a copy, so a retry after an out-of-memory error
         # starts from the module's initial weights.
         state = TrainState.create(self.model, tx, seed=self.args.seed, loss_scale=loss_scale,
@@ -559,6 +571,8 @@ class Trainer(PublishMixin):
         if self.train_state is not None:  # schedule-free: evaluate the averaged x (HF: optimizer.eval())
             s = self.train_state
             return s.replace(params=optim.schedule_free_eval_params(s.opt_state, s.params))
+        if self._meta_start is not None:  # evaluated before training: the shards, built as train() builds them
+            return self._meta_start.sharded_state(optim.identity(), self.args.seed)
         return TrainState.create(self.model, optim.identity(), seed=self.args.seed)
 
     def _share_state_with_model(self) -> None:
@@ -584,6 +598,7 @@ class Trainer(PublishMixin):
         s = self.train_state
         if self.args.sharded and fd.is_distributed():  # gather the shards (a collective: every rank)
             s = s.replace(params=fd.unshard_state(s.params))
+            sharded_start.materialize(self.model, self.args.device)
         with torch.no_grad():
             for name, t in list(self.model.named_parameters()) + list(self.model.named_buffers()):
                 src = s.params.get(name, s.buffers.get(name))
@@ -678,7 +693,8 @@ class Trainer(PublishMixin):
 
     def _reinitialize_model(self) -> None:
         set_seed(self.args.seed)
-        self.model = self._place(self.model_init())
+        model, self._meta_start = sharded_start.build(self.model_init, self.args.sharded)
+        self.model = self._place(model)
         self.callback_handler.model = self.model
         self.train_state = None
         self._eval_steps = {}  # they were built for the previous model
