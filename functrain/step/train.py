@@ -176,46 +176,18 @@ def make_train_step(
         grads = g.grads if layout is None else layout.pack(g.grads)
         metrics = {"loss": g.loss, "num_items": g.num_items}
         if grouped:  # donated eager, leafwise tx: params and opt_state updated in place
-            finite = torch.isfinite(g.loss) & tree.all_finite(grads) if skip_non_finite else None
-            metrics["grad_norm"] = apply_update_in_groups_(tx, params, opt_state, grads, max_grad_norm=max_grad_norm,
-                                                           value=g.loss, finite=finite)
-            metrics.update(g.aux)
+            new_buffers, metrics["grad_norm"], finite = _update_in_place(
+                tx, params, opt_state, step, grads, g.loss, old_buffers, new_buffers,
+                max_grad_norm=max_grad_norm, skip_non_finite=skip_non_finite)
+            metrics.update(_update_metrics(opt_state, finite, None), **g.aux)
             del grads, g
-            step.add_(1 if finite is None else finite.to(step.dtype))
-            if finite is not None:
-                new_buffers = tree.where(finite, new_buffers, old_buffers)
-                metrics["skipped"] = ~finite
-            lr = find_learning_rate(opt_state)
-            if lr is not None:  # a new tensor: the state's changes next step
-                metrics["learning_rate"] = lr * _learning_rate_scale(opt_state)
             if old_buffers:
                 tree.copy_(old_buffers, new_buffers)
             return params, old_buffers, opt_state, step, loss_scale, metrics
-        if policy.needs_loss_scale:
-            grads, finite = unscale_grads(grads, loss_scale)
-        elif skip_non_finite:
-            finite = torch.isfinite(g.loss) & tree.all_finite(grads)
-        # value=loss: transforms that use the objective (reduce_on_plateau, ...) get it, others don't.
-        new_params, new_opt_state, metrics["grad_norm"] = apply_update(tx, params, opt_state, grads,
-                                                                       max_grad_norm=max_grad_norm, value=g.loss)
-        new_step, new_loss_scale = step + 1, loss_scale
-        if policy.needs_loss_scale:
-            # A non-finite step changes nothing but the loss scale: params, optimizer state
-            # (hence the schedule position), buffers and the step counter keep their values.
-            (new_params, new_opt_state, new_buffers, new_step), new_loss_scale = keep_if_finite(
-                finite, (new_params, new_opt_state, new_buffers, new_step), (params, opt_state, old_buffers, step),
-                loss_scale)
-            metrics["loss_scale"] = new_loss_scale.scale
-            metrics["skipped"] = ~finite
-        elif skip_non_finite:
-            new_params = tree.where(finite, new_params, params)
-            new_opt_state = tree.where(finite, new_opt_state, opt_state)
-            new_buffers = tree.where(finite, new_buffers, old_buffers)
-            new_step = step + finite.to(step.dtype)
-            metrics["skipped"] = ~finite
-        lr = find_learning_rate(new_opt_state)
-        if lr is not None:
-            metrics["learning_rate"] = lr * _learning_rate_scale(new_opt_state)
+        (new_params, new_opt_state, new_buffers, new_step, new_loss_scale), metrics["grad_norm"], finite = _update(
+            tx, (params, opt_state, old_buffers, step, loss_scale), grads, g.loss, new_buffers,
+            max_grad_norm=max_grad_norm, needs_loss_scale=policy.needs_loss_scale, skip_non_finite=skip_non_finite)
+        metrics.update(_update_metrics(new_opt_state, finite, new_loss_scale if policy.needs_loss_scale else None))
         metrics.update(g.aux)
         if donate_in_graph:
             # Write the results into the input storages (eager: one copy alive after the update).
@@ -261,6 +233,59 @@ def make_train_step(
     train_step.core = core  # for tests and tools (e.g. torch._dynamo.explain)
     train_step.pure_core = train_core  # uncompiled, no RNG/mode handling: for transforms (vmap)
     return train_step
+
+
+def _update(tx, old: tuple, grads, loss, new_buffers, *, max_grad_norm, needs_loss_scale: bool,
+            skip_non_finite: bool):
+    """The update after a window's gradients: ``((params, opt_state, buffers, step, loss_scale),
+    grad_norm, finite)`` from ``old = (params, opt_state, buffers, step, loss_scale)``.
+
+    fp16 (``needs_loss_scale``): a non-finite step changes nothing but the loss scale (params,
+    optimizer state, hence the schedule position, buffers and the step counter keep their
+    values). ``skip_non_finite``: a non-finite step changes nothing. ``finite`` is ``None`` when
+    neither applies."""
+    params, opt_state, old_buffers, step, loss_scale = old
+    finite = None
+    if needs_loss_scale:
+        grads, finite = unscale_grads(grads, loss_scale)
+    elif skip_non_finite:
+        finite = torch.isfinite(loss) & tree.all_finite(grads)
+    # value=loss: transforms that use the objective (reduce_on_plateau, ...) get it, others don't.
+    new_params, new_opt_state, grad_norm = apply_update(tx, params, opt_state, grads, max_grad_norm=max_grad_norm,
+                                                        value=loss)
+    new = (new_params, new_opt_state, new_buffers, step + 1)
+    if needs_loss_scale:
+        new, loss_scale = keep_if_finite(finite, new, (params, opt_state, old_buffers, step), loss_scale)
+    elif finite is not None:
+        new = tree.where(finite, new[:3], (params, opt_state, old_buffers)) + (step + finite.to(step.dtype),)
+    return (*new, loss_scale), grad_norm, finite
+
+
+def _update_in_place(tx, params, opt_state, step, grads, loss, old_buffers, new_buffers, *, max_grad_norm,
+                     skip_non_finite: bool):
+    """The grouped in-place update of a donated eager step (``leafwise_update``): params,
+    optimizer state and step are written in place; ``(buffers to keep, grad_norm, finite)``."""
+    finite = torch.isfinite(loss) & tree.all_finite(grads) if skip_non_finite else None
+    grad_norm = apply_update_in_groups_(tx, params, opt_state, grads, max_grad_norm=max_grad_norm, value=loss,
+                                        finite=finite)
+    step.add_(1 if finite is None else finite.to(step.dtype))
+    if finite is not None:
+        new_buffers = tree.where(finite, new_buffers, old_buffers)
+    return new_buffers, grad_norm, finite
+
+
+def _update_metrics(opt_state, finite, loss_scale) -> dict:
+    """``learning_rate`` (when the optimizer state records one), ``skipped`` and ``loss_scale``
+    (when the step can skip), all 0-d tensors."""
+    metrics = {}
+    lr = find_learning_rate(opt_state)
+    if lr is not None:  # a new tensor: a donated state's changes next step
+        metrics["learning_rate"] = lr * _learning_rate_scale(opt_state)
+    if loss_scale is not None:
+        metrics["loss_scale"] = loss_scale.scale
+    if finite is not None:
+        metrics["skipped"] = ~finite
+    return metrics
 
 
 def _donated(outputs: tuple, inputs: tuple, donate: bool, module_buffers) -> tuple:
