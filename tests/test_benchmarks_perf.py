@@ -154,3 +154,12 @@ def test_trainer_memory_quick(tmp_path):
         assert len(runs) == report["rounds"] and all("loadavg" in r and r["peak_rss_mb"] > 0 for r in runs)
     assert eager["growth_ratio"] == pytest.approx(eager["functrain"]["growth_mb"] / eager["transformers"]["growth_mb"])
     assert "target <= 1.05x" in proc.stdout
+
+
+@pytest.mark.slow
+def test_trainer_step_quick(tmp_path):
+    report, proc = run_script("trainer_step", tmp_path)
+    assert report["mode"] == "eager" and set(report["medians"]) == {"hf", "functrain"}
+    assert all(m["step_ms"] > 0 and m["loop_ms"] > 0 for m in report["medians"].values())
+    assert report["ratio_step"] == pytest.approx(report["medians"]["functrain"]["step_ms"] / report["medians"]["hf"]["step_ms"])
+    assert "vs HF" in proc.stdout

@@ -1,0 +1,111 @@
+"""Trainer step time: functrain's Trainer vs transformers' Trainer, default arguments, same run.
+
+    python benchmarks/trainer_step.py                   # eager (both Trainers' default)
+    python benchmarks/trainer_step.py --compiled        # torch_compile=True for both
+    python benchmarks/trainer_step.py --quick           # tiny model (smoke test)
+
+Same model init (GPT-2 4 layers, width 256, 4 heads, vocab 2048, seq 128, batch 8), same batches,
+same arguments left at their defaults (optimizer, schedule, clipping) but for ``max_steps``,
+``learning_rate`` and no logging/saving. Each step is timed by the same callback in both Trainers,
+from ``on_step_begin`` to ``on_step_end`` (forward, backward, clip, optimizer, schedule); the
+``loop`` figure is the time between successive ``on_step_end`` calls (data loading and the
+driver included). Rounds interleave the two Trainers (one ``train()`` each per round); the first
+step of each round is dropped (optimizer creation, compilation). Medians over all rounds; the
+load average is recorded before and after. Target (issue 18): functrain <= 1.0x HF, eager.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import tempfile
+import time
+
+import torch
+
+try:
+    from . import _common as C
+except ImportError:
+    import _common as C
+
+
+class StepTimer:
+    """The callback both Trainers get (functrain's take transformers' callback shape)."""
+
+    def __init__(self):
+        self.step_s, self.loop_s, self._t0, self._last_end = [], [], 0.0, None
+
+    def on_step_begin(self, args, state, control, **kw):
+        self._t0 = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kw):
+        now = time.perf_counter()
+        self.step_s.append(now - self._t0)
+        if self._last_end is not None:
+            self.loop_s.append(now - self._last_end)
+        self._last_end = now
+
+
+def _callback(base):
+    """``StepTimer`` as a subclass of ``base`` (each library's TrainerCallback)."""
+    return type("Timer", (StepTimer, base), {})()
+
+
+def run_trainer(kind: str, model, dataset, steps: int, batch: int, compiled: bool):
+    out_dir = tempfile.mkdtemp(prefix=f"{kind}_trainer_step_")
+    common = dict(per_device_train_batch_size=batch, max_steps=steps, learning_rate=3e-4, logging_strategy="no",
+                  save_strategy="no", report_to="none", disable_tqdm=True, seed=0, torch_compile=compiled)
+    if kind == "hf":
+        from transformers import Trainer, TrainerCallback, TrainingArguments
+
+        args = TrainingArguments(out_dir, use_cpu=not torch.cuda.is_available(), **common)
+    else:
+        from functrain import Trainer, TrainerCallback, TrainingArguments
+
+        args = TrainingArguments(out_dir, **common)
+    timer = _callback(TrainerCallback)
+    Trainer(model=model, args=args, train_dataset=dataset, callbacks=[timer]).train()
+    return timer.step_s[1:], timer.loop_s[1:]
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny model, few steps (smoke test)")
+    ap.add_argument("--compiled", action="store_true", help="torch_compile=True for both Trainers")
+    ap.add_argument("--steps", type=int, default=None, help="steps per train() call")
+    ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    steps = args.steps or (3 if args.quick else 8)
+    rounds = args.rounds or (1 if args.quick else 5)
+    cfg = (dict(n_layer=1, n_embd=32, n_head=2, vocab=128, seq=16, batch=4) if args.quick
+           else dict(n_layer=4, n_embd=256, n_head=4, vocab=2048, seq=128, batch=8))
+    C.quiet_transformers()
+    base = C.gpt2(cfg["n_layer"], cfg["n_embd"], cfg["n_head"], cfg["vocab"], cfg["seq"])
+    dataset = C.ListDataset(C.lm_batches(8, cfg["batch"], cfg["seq"], cfg["vocab"]))
+    load_before = os.getloadavg()
+    times = {"hf": ([], []), "functrain": ([], [])}
+    for _ in range(rounds):
+        for kind in ("hf", "functrain"):
+            model = copy.deepcopy(base)
+            step_s, loop_s = run_trainer(kind, model, dataset, steps, cfg["batch"], args.compiled)
+            times[kind][0].extend(step_s)
+            times[kind][1].extend(loop_s)
+    med = {k: {"step_ms": 1e3 * statistics.median(s), "loop_ms": 1e3 * statistics.median(lp)}
+           for k, (s, lp) in times.items()}
+    report = {"quick": args.quick, "mode": "compiled" if args.compiled else "eager", "config": cfg, "rounds": rounds, "steps": steps,
+              "medians": med, "ratio_step": med["functrain"]["step_ms"] / med["hf"]["step_ms"],
+              "ratio_loop": med["functrain"]["loop_ms"] / med["hf"]["loop_ms"], "loadavg_before": list(load_before)}
+    print(f"{report['mode']}: step {med['functrain']['step_ms']:.1f} ms vs HF {med['hf']['step_ms']:.1f} ms "
+          f"({report['ratio_step']:.3f}x); loop {report['ratio_loop']:.3f}x")
+    C.write_report("trainer_step", report, args.out or str(C.RESULTS / f"trainer_step_{report['mode']}.json"))
+    return report
+
+
+if __name__ == "__main__":
+    main()
