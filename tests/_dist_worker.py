@@ -403,14 +403,17 @@ def mode_meta_start(out_dir, opts):
         def on_train_begin(self, args, state, control, **kwargs):
             peak["growth_mb"] = _status_mb("VmHWM") - baseline
 
+        def on_save(self, args, state, control, model=None, **kwargs):  # only the writer fills its module
+            peak["module_meta_after_save"] = all(p.is_meta for p in model.parameters())
+
     args = ft.TrainingArguments(opts["output_dir"], max_steps=4, per_device_train_batch_size=3, learning_rate=1e-2,
-                                optim="sgd", report_to="none", disable_tqdm=True, save_strategy="no",
+                                optim="sgd", report_to="none", disable_tqdm=True, save_strategy="steps", save_steps=2,
                                 fsdp="full_shard", seed=3)
     data = make_dataset(n=24, dim=width)
     # Everything a Trainer imports and allocates once is loaded by a tiny run first; then the peak is
     # reset (clear_refs 5), so the figure is the start-up's own.
     ft.Trainer(model=DeepClassifier(1, width), args=dataclasses.replace(args, output_dir=args.output_dir + "-warm",
-                                                                       max_steps=1, fsdp=""),
+                                                                       max_steps=1, fsdp="", save_strategy="no"),
                train_dataset=data).train()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
@@ -425,7 +428,7 @@ def mode_meta_start(out_dir, opts):
     model_mb = sum(p.numel() * 4 for p in DeepClassifier(layers, width).parameters()) / 2**20
     with open(os.path.join(out_dir, f"result-{fd.rank()}.json"), "w") as f:
         json.dump({"startup_growth_mb": peak["growth_mb"], "model_mb": model_mb, "built_on_meta": built_on_meta,
-                   "eval_loss_before": eval_loss}, f)
+                   "eval_loss_before": eval_loss, "module_meta_after_save": peak["module_meta_after_save"]}, f)
 
 
 def mode_trainer(out_dir, opts):

@@ -188,6 +188,8 @@ def test_sharded_trainer_with_model_init_never_builds_the_whole_model(tmp_path):
         results[meta] = [json.loads((out / f"result-{r}.json").read_text()) for r in (0, 1)]
     model_mb = results[True][0]["model_mb"]
     assert all(r["built_on_meta"] for r in results[True]) and not any(r["built_on_meta"] for r in results[False])
+    # A checkpoint save gathers the weights one tensor at a time into the writer's module only.
+    assert [r["module_meta_after_save"] for r in results[True]] == [False, True]
     assert all(r["startup_growth_mb"] < 0.7 * model_mb for r in results[True])  # measured ~0.6x
     assert all(r["startup_growth_mb"] > 1.2 * model_mb for r in results[False])  # measured ~1.5x
     # evaluate() before train() runs on the shards and gives the whole model's loss.

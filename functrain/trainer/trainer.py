@@ -591,19 +591,34 @@ class Trainer(PublishMixin):
             if src is not None and src is not t and src.shape == t.shape and src.dtype == t.dtype:
                 t.data = src
 
-    def _sync_model(self) -> None:
-        """Copy the state's params and buffers into the user's module, so it reflects training."""
+    def _sync_model(self, main_process_only: bool = False) -> None:
+        """Copy the state's params and buffers into the user's module, so it reflects training.
+
+        Sharded runs gather one tensor at a time (a collective: every rank takes part), so no rank
+        holds a gathered copy of the whole model next to its module; with ``main_process_only``
+        (a checkpoint save: only the writer needs the weights) the other ranks drop each gathered
+        tensor at once and never fill their module."""
         if self.train_state is None:
             return
         s = self.train_state
-        if self.args.sharded and fd.is_distributed():  # gather the shards (a collective: every rank)
-            s = s.replace(params=fd.unshard_state(s.params))
+        sharded = self.args.sharded and fd.is_distributed()
+        fill = not (sharded and main_process_only) or fd.is_main_process()
+        if sharded and fill:
             sharded_start.materialize(self.model, self.args.device)
+        module = dict(self.model.named_parameters()) if fill else {}
+        module.update(self.model.named_buffers() if fill else {})
         with torch.no_grad():
-            for name, t in list(self.model.named_parameters()) + list(self.model.named_buffers()):
+            for name in s.params if sharded else module:
                 src = s.params.get(name, s.buffers.get(name))
-                if src is not None and src is not t and src.data_ptr() != t.data_ptr():
+                src = fd.to_local_full(src) if sharded else src  # a collective on every rank
+                t = module.get(name)
+                if src is not None and t is not None and src is not t and src.data_ptr() != t.data_ptr():
                     t.copy_(src)
+            if sharded and fill:  # buffers are not sharded
+                for name, t in self.model.named_buffers():
+                    src = s.buffers.get(name)
+                    if src is not None and src is not t and src.data_ptr() != t.data_ptr():
+                        t.copy_(src)
 
     # -- training ---------------------------------------------------------------------------------
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None,
@@ -874,7 +889,7 @@ class Trainer(PublishMixin):
     # -- checkpoints ------------------------------------------------------------------------------
     def _save_checkpoint(self) -> str:
         a = self.args
-        self._sync_model()
+        self._sync_model(main_process_only=True)  # only the writer needs the full weights
         step = self.state.global_step
         path = ck.checkpoint_path(a.output_dir, step)
         if self.state.best_global_step is not None:
