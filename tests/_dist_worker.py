@@ -394,8 +394,14 @@ def mode_meta_start(out_dir, opts):
     layers, width = opts["layers"], opts["width"]
 
     def model_init():
-        torch.manual_seed(0)
+        torch.manual_seed(opts.get("model_seed", 0))
         return DeepClassifier(layers, width)
+
+    def model_kwargs():
+        if opts.get("given_meta"):  # a skeleton handed over; initialized from the Trainer's seed
+            with torch.device("meta"):
+                return {"model": DeepClassifier(layers, width)}
+        return {"model_init": model_init} if opts["meta"] else {"model": model_init()}
 
     peak = {}
 
@@ -418,12 +424,11 @@ def mode_meta_start(out_dir, opts):
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     baseline = _status_mb("VmRSS")
-    kwargs = {"model_init": model_init} if opts["meta"] else {"model": model_init()}
-    trainer = ft.Trainer(args=args, train_dataset=data, callbacks=[StartUpPeak()], **kwargs)
+    trainer = ft.Trainer(args=args, train_dataset=data, callbacks=[StartUpPeak()], **model_kwargs())
     built_on_meta = all(p.is_meta for p in trainer.model.parameters())
     trainer.train()
     trainer.save_model(os.path.join(out_dir, "final"))
-    untrained = ft.Trainer(args=args, **({"model_init": model_init} if opts["meta"] else {"model": model_init()}))
+    untrained = ft.Trainer(args=args, **model_kwargs())
     eval_loss = untrained.evaluate(data[:8])["eval_loss"]  # before any training: meta, from the shards
     model_mb = sum(p.numel() * 4 for p in DeepClassifier(layers, width).parameters()) / 2**20
     with open(os.path.join(out_dir, f"result-{fd.rank()}.json"), "w") as f:

@@ -199,6 +199,24 @@ def test_sharded_trainer_with_model_init_never_builds_the_whole_model(tmp_path):
     assert all(torch.equal(meta_weights[k], v) for k, v in whole_weights.items())
 
 
+def test_sharded_trainer_with_a_model_given_on_meta_initializes_its_shards(tmp_path):
+    """A model handed to the Trainer on the meta device (fsdp): each rank materializes and
+    initializes its shards from the Trainer's seed, as the same model built on the CPU after
+    set_seed(args.seed) (seed 3 here) would be; trained, the weights are that run's, bitwise."""
+    for name, opts in (("given", {"meta": True, "given_meta": True}), ("whole", {"meta": False, "model_seed": 3})):
+        out = tmp_path / name
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(free_port()), WORKER, "meta_start", str(out),
+               json.dumps({"output_dir": str(out / "run"), "layers": 3, "width": 64, **opts})]
+        check(subprocess.run(cmd, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT, env=_env()))
+    given = [json.loads((tmp_path / "given" / f"result-{r}.json").read_text()) for r in (0, 1)]
+    assert all(r["built_on_meta"] for r in given)
+    assert [r["module_meta_after_save"] for r in given] == [False, True]
+    given_weights, whole_weights = final_weights(tmp_path / "given"), final_weights(tmp_path / "whole")
+    assert sorted(given_weights) == sorted(whole_weights)
+    assert all(torch.equal(given_weights[k], v) for k, v in whole_weights.items())
+
+
 @pytest.mark.slow
 def test_accelerate_launch_resumes_one_process_checkpoint_on_two(tmp_path, reference):
     """1 -> 2 through `accelerate launch` (2 CPU processes): sharded resume of a 1-process checkpoint."""

@@ -194,3 +194,10 @@ def test_custom_optimizer_and_evaluate_predict(tmp_path):
     pred = t.predict(make_dataset(n=7, seed=3))
     assert pred.predictions.shape == (7, 3) and pred.label_ids.shape == (7,)
     assert pred.metrics["test_loss"] == pytest.approx(metrics["eval_loss"])
+
+
+def test_a_model_on_the_meta_device_is_refused_outside_sharded_runs(tmp_path):
+    with torch.device("meta"):
+        model = torch.nn.Linear(3, 2)
+    with pytest.raises(ValueError, match="meta device.*not sharded across ranks.*model_init"):
+        Trainer(model=model, args=TrainingArguments(str(tmp_path), report_to="none"))

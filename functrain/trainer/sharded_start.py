@@ -1,4 +1,5 @@
-"""Sharded start-up without the whole model on any rank (``fsdp="full_shard"`` with ``model_init``).
+"""Sharded start-up without the whole model on any rank (``fsdp="full_shard"`` with ``model_init``,
+or a model given on the meta device).
 
 The Trainer builds the model with ``model_init`` on the ``meta`` device (no storage), then
 :func:`functrain.parallel.fsdp.sharded_state_from_meta` materializes, initializes and shards it
@@ -49,6 +50,20 @@ def build(model_init, sharded: bool) -> tuple[nn.Module, MetaStart | None]:
         logger.info("fsdp: %s is built whole on every rank (%s)", type(model).__name__, problem)
         return model_init(), None
     return model, MetaStart(model, rng_state)
+
+
+def adopt(model: nn.Module, sharded: bool) -> MetaStart | None:
+    """A model handed over on the meta device: sharded across ranks, each rank materializes and
+    initializes its shards (``reset_parameters``, from the random state at this call: after the
+    Trainer's ``set_seed(args.seed)``); anything else is refused, as it has no weights."""
+    if not is_meta(model):
+        return None
+    problem = "the run is not sharded across ranks" if not (sharded and fd.is_distributed()) else _meta_problem(model)
+    if problem is not None:
+        raise ValueError(f"the model is on the meta device (no weights) and cannot be initialized here: {problem}. "
+                         "Pass model_init=... (built on meta and sharded when fsdp is set), or a model with real "
+                         "weights")
+    return MetaStart(model, torch.random.get_rng_state())
 
 
 def _meta_problem(model: nn.Module) -> str | None:

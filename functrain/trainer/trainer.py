@@ -129,6 +129,8 @@ class Trainer(PublishMixin):
             model, self._meta_start = sharded_start.build(model_init, self.args.sharded)
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if self._meta_start is None:  # a model given on the meta device: sharded, or refused
+            self._meta_start = sharded_start.adopt(model, self.args.sharded)
         self.model = self._place(model)
         _check_peft(model, self.args)
         self.optimizer, self.lr_scheduler = _check_optimizers(optimizers)
