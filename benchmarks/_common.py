@@ -192,3 +192,21 @@ def linear_lambda(warmup: int, total: int) -> Callable[[int], float]:
         return max(0.0, (total - step) / max(1, total - warmup))
 
     return f
+
+
+class StepTimer:
+    """Trainer callback body (mix into a library's TrainerCallback): per-step seconds from
+    ``on_step_begin`` to ``on_step_end``, and the loop time between successive ``on_step_end``s."""
+
+    def __init__(self):
+        self.step_s, self.loop_s, self._t0, self._last_end = [], [], 0.0, None
+
+    def on_step_begin(self, args, state, control, **kw):
+        self._t0 = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kw):
+        now = time.perf_counter()
+        self.step_s.append(now - self._t0)
+        if self._last_end is not None:
+            self.loop_s.append(now - self._last_end)
+        self._last_end = now

@@ -86,19 +86,8 @@ def hf_contender(model, batches, steps, batch_size):
     """One ``Trainer.train()`` of ``steps`` steps per round; per-step times from a callback."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    class StepTimer(TrainerCallback):
-        def __init__(self):
-            self.step_s, self.loop_s, self._t0, self._last_end = [], [], 0.0, None
-
-        def on_step_begin(self, args, state, control, **kw):
-            self._t0 = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            now = time.perf_counter()
-            self.step_s.append(now - self._t0)
-            if self._last_end is not None:
-                self.loop_s.append(now - self._last_end)
-            self._last_end = now
+    class StepTimer(C.StepTimer, TrainerCallback):
+        pass
 
     dataset = C.ListDataset(batches)
     out_dir = tempfile.mkdtemp(prefix="hf_bench_")

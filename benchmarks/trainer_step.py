@@ -21,7 +21,6 @@ import copy
 import os
 import statistics
 import tempfile
-import time
 
 import torch
 
@@ -31,26 +30,9 @@ except ImportError:
     import _common as C
 
 
-class StepTimer:
-    """The callback both Trainers get (functrain's take transformers' callback shape)."""
-
-    def __init__(self):
-        self.step_s, self.loop_s, self._t0, self._last_end = [], [], 0.0, None
-
-    def on_step_begin(self, args, state, control, **kw):
-        self._t0 = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kw):
-        now = time.perf_counter()
-        self.step_s.append(now - self._t0)
-        if self._last_end is not None:
-            self.loop_s.append(now - self._last_end)
-        self._last_end = now
-
-
 def _callback(base):
-    """``StepTimer`` as a subclass of ``base`` (each library's TrainerCallback)."""
-    return type("Timer", (StepTimer, base), {})()
+    """``_common.StepTimer`` as a subclass of ``base`` (each library's TrainerCallback)."""
+    return type("Timer", (C.StepTimer, base), {})()
 
 
 def run_trainer(kind: str, model, dataset, steps: int, batch: int, compiled: bool):
