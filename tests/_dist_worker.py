@@ -318,12 +318,16 @@ def mode_evaluate(out_dir, opts):
         rows["n"] = 0
     metrics = trainer.evaluate()
     pred = trainer.predict(make_dataset(n=opts["n"], seed=6))
+    sharded = opts.get("fsdp") and fd.is_dtensor(next(trainer.model.parameters()))
+    with torch.no_grad():  # the module itself after training (sharded: each unit gathers; every rank calls it)
+        direct = trainer.model(x=torch.stack([e["x"] for e in make_dataset(n=5, seed=7)]))["logits"]
     drop = ("eval_runtime", "eval_samples_per_second", "eval_steps_per_second", "test_runtime",
             "test_samples_per_second", "test_steps_per_second")
     result = {"eval": {k: v for k, v in metrics.items() if k not in drop and k != "epoch"},
               "test": {k: v for k, v in pred.metrics.items() if k not in drop},
               "predictions": np.asarray(pred.predictions).tolist(), "label_ids": np.asarray(pred.label_ids).tolist(),
-              "seen": seen, "rows_forwarded": rows["n"]}
+              "seen": seen, "rows_forwarded": rows["n"] - 5,
+              "direct_logits": direct.tolist(), "module_sharded": bool(sharded)}
     with open(os.path.join(out_dir, f"result-{fd.rank()}.json"), "w") as f:
         json.dump(result, f)
 
@@ -409,8 +413,8 @@ def mode_meta_start(out_dir, opts):
         def on_train_begin(self, args, state, control, **kwargs):
             peak["growth_mb"] = _status_mb("VmHWM") - baseline
 
-        def on_save(self, args, state, control, model=None, **kwargs):  # only the writer fills its module
-            peak["module_meta_after_save"] = all(p.is_meta for p in model.parameters())
+        def on_save(self, args, state, control, model=None, **kwargs):  # no rank fills its module
+            peak["module_sharded_after_save"] = _holds_half(model)
 
     args = ft.TrainingArguments(opts["output_dir"], max_steps=4, per_device_train_batch_size=3, learning_rate=1e-2,
                                 optim="sgd", report_to="none", disable_tqdm=True, save_strategy="steps", save_steps=2,
@@ -427,13 +431,21 @@ def mode_meta_start(out_dir, opts):
     trainer = ft.Trainer(args=args, train_dataset=data, callbacks=[StartUpPeak()], **model_kwargs())
     built_on_meta = all(p.is_meta for p in trainer.model.parameters())
     trainer.train()
+    sharded_at_end = _holds_half(trainer.model)
     trainer.save_model(os.path.join(out_dir, "final"))
     untrained = ft.Trainer(args=args, **model_kwargs())
     eval_loss = untrained.evaluate(data[:8])["eval_loss"]  # before any training: meta, from the shards
     model_mb = sum(p.numel() * 4 for p in DeepClassifier(layers, width).parameters()) / 2**20
     with open(os.path.join(out_dir, f"result-{fd.rank()}.json"), "w") as f:
         json.dump({"startup_growth_mb": peak["growth_mb"], "model_mb": model_mb, "built_on_meta": built_on_meta,
-                   "eval_loss_before": eval_loss, "module_meta_after_save": peak["module_meta_after_save"]}, f)
+                   "eval_loss_before": eval_loss, "module_sharded_after_save": peak["module_sharded_after_save"],
+                   "module_sharded_at_end": sharded_at_end}, f)
+
+
+def _holds_half(model):
+    """Every parameter is a DTensor shard holding about half the rows (2 ranks)."""
+    params = list(model.parameters())
+    return all(fd.is_dtensor(p) and p.to_local().shape[0] <= (p.shape[0] + 1) // 2 for p in params)
 
 
 def mode_trainer(out_dir, opts):

@@ -101,16 +101,16 @@ def checkpoint_path(output_dir: str, step: int) -> str:
 
 
 def save_checkpoint(output_dir: str, step: int, *, model, train_state=None, trainer_state=None, args=None,
-                    processing_class=None, save_rng: bool = True) -> str:
+                    processing_class=None, save_rng: bool = True, model_state_dict=None) -> str:
     """Write ``output_dir/checkpoint-{step}`` atomically and return its path.
 
     ``model`` must already hold the weights to save (the Trainer copies the state's params into it
-    first). With ``train_state=None`` only the model is saved (``save_only_model``): the folder is
+    first), or ``model_state_dict`` gives them (a sharded module's gathered weights). With ``train_state=None`` only the model is saved (``save_only_model``): the folder is
     then not resumable.
     """
 
     def write_files(tmp: str, hashes: dict) -> None:
-        written = write_model(model, tmp, processing_class=processing_class, hashes=hashes)
+        written = write_model(model, tmp, processing_class=processing_class, hashes=hashes, state_dict=model_state_dict)
         if train_state is not None:
             write_train_state(train_state, model, tmp, model_keys=written, hashes=hashes)
             if save_rng:
@@ -181,8 +181,12 @@ def remove_stale_temporaries(output_dir: str) -> None:
             shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
 
 
-def write_model(model, folder: str, *, processing_class=None, hashes: dict | None = None) -> set[str]:
+def write_model(model, folder: str, *, processing_class=None, hashes: dict | None = None,
+                state_dict: dict | None = None) -> set[str]:
     """Save the model's weights (and config, tokenizer) into ``folder``; return the tensor names written.
+
+    ``state_dict``: the weights to write instead of ``model.state_dict()`` (a sharded module's
+    gathered full weights, as ``save_pretrained(state_dict=...)`` takes them).
 
     ``hashes``: receives the manifest entry of a weights file functrain serializes itself (a plain
     module's); ``save_pretrained`` writes its own files, which the manifest hashes afterwards.
@@ -190,9 +194,10 @@ def write_model(model, folder: str, *, processing_class=None, hashes: dict | Non
     os.makedirs(folder, exist_ok=True)
     adapter_only = saves_adapter_only(model)
     if adapter_only or _is_pretrained(model):
-        model.save_pretrained(folder)
+        model.save_pretrained(folder, state_dict=state_dict)
     else:
-        write_safetensors(folder, MODEL_FILE, _dedup_state_dict(model.state_dict()), {"format": "pt"}, hashes)
+        sd = model.state_dict() if state_dict is None else state_dict
+        write_safetensors(folder, MODEL_FILE, _dedup_state_dict(sd), {"format": "pt"}, hashes)
     if processing_class is not None and hasattr(processing_class, "save_pretrained"):
         processing_class.save_pretrained(folder)
     for name in os.listdir(folder):

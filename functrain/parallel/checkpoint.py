@@ -52,10 +52,11 @@ def _row_range(t: torch.Tensor) -> tuple[int, int]:
 
 
 def save_sharded_checkpoint(output_dir: str, step: int, *, model, train_state, trainer_state=None, args=None,
-                            processing_class=None) -> str:
+                            processing_class=None, model_state_dict=None) -> str:
     """Write ``output_dir/checkpoint-{step}`` from every rank (a collective); return its path.
 
-    ``model`` must already hold the full weights on rank 0 (the Trainer gathers them first).
+    ``model_state_dict``: the full weights on rank 0 (the Trainer gathers them:
+    :func:`functrain.parallel.fsdp.full_state_dict`); ``None``: ``model`` holds them on rank 0.
     """
     r, world = fd.rank(), fd.world_size()
     final = ck.checkpoint_path(output_dir, step)
@@ -88,7 +89,7 @@ def save_sharded_checkpoint(output_dir: str, step: int, *, model, train_state, t
                                      "sharded": fd.is_dtensor(t)} for p, t in leaves.items()}}
             with open(os.path.join(tmp, LAYOUT_FILE), "w", encoding="utf-8") as f:
                 json.dump(layout, f, indent=1, sort_keys=True)
-            ck.write_model(model, tmp, processing_class=processing_class, hashes=hashes)
+            ck.write_model(model, tmp, processing_class=processing_class, hashes=hashes, state_dict=model_state_dict)
             ck.write_rng_state(tmp, hashes=hashes)
             if trainer_state is not None:
                 trainer_state.save_to_json(os.path.join(tmp, ck.TRAINER_STATE_FILE))

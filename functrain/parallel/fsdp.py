@@ -194,6 +194,58 @@ def sharded_in_use_hooks(model: nn.Module, wrap: Sequence[str] | None = None, gr
     return {"param_transform": shard_in_use(model, wrap, mixed), "count_reduce": count_reduce}
 
 
+def use_shards_in_module(model: nn.Module, params: Mapping, buffers: Mapping | None = None) -> None:
+    """Make ``model``'s parameters the given ``DTensor`` shards (no copy), as FSDP2's
+    ``fully_shard`` leaves a module: each rank holds its shards, the module's full tensors are
+    dropped, and its forward still works (each unit gathers where it runs, see :func:`shard_in_use`;
+    a collective: every rank calls it). Tied aliases get the same parameter; ``buffers`` (plain,
+    replicated) replace the module's. Full weights: :func:`full_state_dict`.
+    """
+    aliases: dict = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(name)
+    current = dict(model.named_parameters())
+    for name, shard in params.items():
+        old = current.get(name)
+        if old is None or not fd.is_dtensor(shard) or _is_same_shard(old, shard):
+            continue
+        new = nn.Parameter(shard, requires_grad=old.requires_grad)
+        for alias in aliases[id(old)]:
+            _set(model, alias, new, "_parameters")
+    for name, b in (buffers or {}).items():
+        if name not in current:  # frozen parameters sit in the state's buffers and stay whole
+            _set(model, name, b, "_buffers")
+
+
+def _is_same_shard(param, shard) -> bool:
+    # nn.Parameter wraps a detached alias: the same shard shares its storage.
+    return fd.is_dtensor(param) and param.to_local().data_ptr() == shard.to_local().data_ptr()
+
+
+def _set(model: nn.Module, name: str, value, registry: str) -> None:
+    owner, _, attr = name.rpartition(".")
+    module = model.get_submodule(owner)
+    if attr in getattr(module, registry):
+        getattr(module, registry)[attr] = value
+
+
+def holds_shards(model: nn.Module) -> bool:
+    """True when the module's parameters are ``DTensor`` shards (:func:`use_shards_in_module`)."""
+    return any(fd.is_dtensor(p) for p in model.parameters())
+
+
+def full_state_dict(model: nn.Module) -> dict:
+    """The module's full state dict on rank 0 (on the CPU), ``{}`` on the other ranks (a collective).
+
+    Torch's ``get_model_state_dict(full_state_dict=True, cpu_offload=True)``: the ``DTensor``
+    parameters are all-gathered one at a time, and a rank other than 0 drops each at once, so only
+    the writer ever holds the full weights (as accelerate's ``get_state_dict`` for FSDP2).
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
 def sharded_state_from_meta(model: nn.Module, tx, *, seed: int = 0, mesh=None):
     """A sharded ``TrainState`` for a model built on the ``meta`` device, without ever holding it
     whole: module by module, its own parameters are materialized, initialized by its

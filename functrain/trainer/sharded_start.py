@@ -3,8 +3,9 @@ or a model given on the meta device).
 
 The Trainer builds the model with ``model_init`` on the ``meta`` device (no storage), then
 :func:`functrain.parallel.fsdp.sharded_state_from_meta` materializes, initializes and shards it
-module by module, so a rank holds at most one module's full parameters at a time. The module
-stays a skeleton: the step binds the gathered shards unit by unit. The random state right after
+module by module, so a rank holds at most one module's full parameters at a time. When training
+starts the module's parameters become those shards (``DTensor``, as FSDP2's ``fully_shard``
+leaves a module), and stay shards after training. The random state right after
 ``model_init`` is kept and replayed for the initialization, so the weights are the ones the same
 ``model_init`` builds on the CPU (for models whose modules initialize in ``reset_parameters``, as
 ``torch.nn`` layers do, in module order). A model that cannot be built that way (buffers, tied
@@ -77,8 +78,3 @@ def _meta_problem(model: nn.Module) -> str | None:
 def is_meta(model: nn.Module) -> bool:
     return any(p.is_meta for p in model.parameters())
 
-
-def materialize(model: nn.Module, device: torch.device) -> None:
-    """Give a meta skeleton real (uninitialized) storage, to be filled from the state."""
-    if is_meta(model):
-        model.to_empty(device=device)

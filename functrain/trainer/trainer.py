@@ -122,6 +122,7 @@ class Trainer(PublishMixin):
         (enable_full_determinism if self.args.full_determinism else set_seed)(self.args.seed)
         self.model_init = model_init
         self._meta_start = None
+        self._first_shards = None
         if model is None:
             if model_init is None:
                 raise ValueError("Trainer needs a model or a model_init function")
@@ -559,21 +560,21 @@ class Trainer(PublishMixin):
 
             loss_scale = dynamic_scale_init(device=self.args.device if sharded_start.is_meta(self.model)
                                             else next(self.model.parameters()).device)
-        if self._meta_start is not None:  # shards built module by module, never whole
+        if self._meta_start is not None and sharded_start.is_meta(self.model):  # shards built module by module
             return self._meta_start.sharded_state(tx, self.args.seed).replace(loss_scale=loss_scale)
         # auto_find_batch_size: the (donated) state is a copy, so a retry after an out-of-memory error
         # starts from the module's initial weights.
         state = TrainState.create(self.model, tx, seed=self.args.seed, loss_scale=loss_scale,
                                   copy=self.args.auto_find_batch_size)
-        if self.args.sharded and fd.is_distributed():
-            state = fd.shard_state(state)  # copies: each rank keeps its shards, the module stays whole
+        if self._sharded_run():
+            state = fd.shard_state(state)  # copies: each rank keeps its shards (the module gets them at the start)
         return state
 
     def _state_for_eval(self) -> TrainState:
         if self.train_state is not None:  # schedule-free: evaluate the averaged x (HF: optimizer.eval())
             s = self.train_state
             return s.replace(params=optim.schedule_free_eval_params(s.opt_state, s.params))
-        if self._meta_start is not None:  # evaluated before training: the shards, built as train() builds them
+        if self._meta_start is not None and sharded_start.is_meta(self.model):  # before training: the shards
             return self._meta_start.sharded_state(optim.identity(), self.args.seed)
         return TrainState.create(self.model, optim.identity(), seed=self.args.seed)
 
@@ -582,45 +583,47 @@ class Trainer(PublishMixin):
 
         Whatever reads ``self.model`` between steps (callbacks receive it, user code holds it)
         then sees the state training has reached, never the stale tensors of an earlier one; and
-        the module no longer keeps a third copy of the weights alive. Sharded states hold shards:
-        there the module is filled by copying (``_sync_model``) on save and at the end.
+        the module no longer keeps a third copy of the weights alive. Sharded runs: the module's
+        parameters become the state's ``DTensor`` shards (FSDP2's ``fully_shard`` layout), so no
+        rank keeps the whole model; its forward gathers unit by unit, and full weights come from
+        ``functrain.parallel.fsdp.full_state_dict`` (to rank 0 only, as ``save_model`` writes them).
         """
-        if self.args.sharded and fd.is_distributed():
-            return
         s = self.train_state
+        if self._sharded_run():
+            from functrain.parallel.fsdp import use_shards_in_module
+
+            use_shards_in_module(self.model, s.params, s.buffers)
+            return
         for name, t in itertools.chain(self.model.named_parameters(), self.model.named_buffers()):
             src = s.params.get(name, s.buffers.get(name))
             if src is not None and src is not t and src.shape == t.shape and src.dtype == t.dtype:
                 t.data = src
 
-    def _sync_model(self, main_process_only: bool = False) -> None:
-        """Copy the state's params and buffers into the user's module, so it reflects training.
+    def _sharded_run(self) -> bool:
+        return self.args.sharded and fd.is_distributed()
 
-        Sharded runs gather one tensor at a time (a collective: every rank takes part), so no rank
-        holds a gathered copy of the whole model next to its module; with ``main_process_only``
-        (a checkpoint save: only the writer needs the weights) the other ranks drop each gathered
-        tensor at once and never fill their module."""
+    def _sync_model(self) -> None:
+        """Make the user's module reflect the state (sharded: its parameters are the shards)."""
         if self.train_state is None:
             return
+        if self._sharded_run():
+            self._share_state_with_model()
+            return
         s = self.train_state
-        sharded = self.args.sharded and fd.is_distributed()
-        fill = not (sharded and main_process_only) or fd.is_main_process()
-        if sharded and fill:
-            sharded_start.materialize(self.model, self.args.device)
-        module = dict(self.model.named_parameters()) if fill else {}
-        module.update(self.model.named_buffers() if fill else {})
         with torch.no_grad():
-            for name in s.params if sharded else module:
+            for name, t in itertools.chain(self.model.named_parameters(), self.model.named_buffers()):
                 src = s.params.get(name, s.buffers.get(name))
-                src = fd.to_local_full(src) if sharded else src  # a collective on every rank
-                t = module.get(name)
-                if src is not None and t is not None and src is not t and src.data_ptr() != t.data_ptr():
+                if src is not None and src is not t and src.data_ptr() != t.data_ptr():
                     t.copy_(src)
-            if sharded and fill:  # buffers are not sharded
-                for name, t in self.model.named_buffers():
-                    src = s.buffers.get(name)
-                    if src is not None and src is not t and src.data_ptr() != t.data_ptr():
-                        t.copy_(src)
+
+    def _weights_for_writer(self) -> dict | None:
+        """Sharded: the full weights, gathered one tensor at a time to rank 0 only (a collective);
+        else ``None``: the module holds them."""
+        if not self._sharded_run():
+            return None
+        from functrain.parallel.fsdp import full_state_dict
+
+        return full_state_dict(self.model)
 
     # -- training ---------------------------------------------------------------------------------
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None,
@@ -654,6 +657,10 @@ class Trainer(PublishMixin):
             logger.warning("auto_find_batch_size: retrying with per_device_train_batch_size=%d", batch_size)
             self.args = dataclasses.replace(self.args, per_device_train_batch_size=batch_size)
             self.train_state = None  # the failed attempt's state; the module's tensors are untouched
+            if self._first_shards is not None:  # sharded: the module holds the failed attempt's shards
+                from functrain.parallel.fsdp import use_shards_in_module
+
+                use_shards_in_module(self.model, self._first_shards)
         return self._train(resume_from_checkpoint, ignore_keys_for_eval)
 
     def _train(self, resume_from_checkpoint, ignore_keys_for_eval) -> TrainOutput:
@@ -684,6 +691,8 @@ class Trainer(PublishMixin):
         self._tx = self.create_optimizer_and_scheduler(max_steps)
         self._train_steps = {}
         state = self._fresh_train_state(self._tx)  # on resume, the template the checkpoint is read into
+        # A sharded retry (auto_find_batch_size) starts from these (not donated: never written).
+        self._first_shards = state.params if a.auto_find_batch_size and self._sharded_run() else None
 
         self.state = self._mark_process(TrainerState(max_steps=max_steps, num_train_epochs=num_epochs, epoch=0.0,
                                                      train_batch_size=a.per_device_train_batch_size))
@@ -780,8 +789,7 @@ class Trainer(PublishMixin):
                            out.signal, self.state.global_step)
         if a.load_best_model_at_end and self.state.best_model_checkpoint and not stop_for_signal:
             self._load_best_model()
-        self._share_state_with_model()
-        self._sync_model()  # sharded: gathers the shards into the module
+        self._sync_model()  # sharded: the module's parameters are the shards
         runtime = time.perf_counter() - log.start_time
         self.store_flos()
         steps = self.state.global_step - log.start_step
@@ -891,7 +899,8 @@ class Trainer(PublishMixin):
     # -- checkpoints ------------------------------------------------------------------------------
     def _save_checkpoint(self) -> str:
         a = self.args
-        self._sync_model(main_process_only=True)  # only the writer needs the full weights
+        self._sync_model()
+        weights = self._weights_for_writer()  # sharded: gathered to the writer only
         step = self.state.global_step
         path = ck.checkpoint_path(a.output_dir, step)
         if self.state.best_global_step is not None:
@@ -912,11 +921,13 @@ class Trainer(PublishMixin):
             from functrain.parallel import checkpoint as dck
 
             dck.save_sharded_checkpoint(a.output_dir, step, model=self.model, train_state=self.train_state,
-                                        trainer_state=self.state, args=a, processing_class=self.processing_class)
+                                        trainer_state=self.state, args=a, processing_class=self.processing_class,
+                                        model_state_dict=weights)
         elif fd.is_main_process():  # every rank holds the same state: one writer
             ck.save_checkpoint(a.output_dir, step, model=self.model,
                                train_state=None if a.save_only_model else self.train_state,
-                               trainer_state=self.state, args=a, processing_class=self.processing_class)
+                               trainer_state=self.state, args=a, processing_class=self.processing_class,
+                               model_state_dict=weights)
         if fd.is_main_process():
             ck.rotate_checkpoints(a.output_dir, a.save_total_limit, self.state.best_model_checkpoint, just_written=path)
         fd.barrier()  # no rank runs ahead (or resumes) before the checkpoint is complete
@@ -933,13 +944,14 @@ class Trainer(PublishMixin):
         writes the base model with the adapter merged in (``merge_and_unload``) instead.
         """
         output_dir = output_dir or self.args.output_dir
-        self._sync_model()  # gathers sharded params on every rank
+        self._sync_model()
+        weights = self._weights_for_writer()  # sharded: gathered to the writer only
         if fd.is_main_process() and merge_adapter:
             from functrain.adapters.peft import save_merged
 
             save_merged(self.model, output_dir, processing_class=self.processing_class)
         elif fd.is_main_process():
-            ck.write_model(self.model, output_dir, processing_class=self.processing_class)
+            ck.write_model(self.model, output_dir, processing_class=self.processing_class, state_dict=weights)
             self.args.save_to_json(os.path.join(output_dir, ck.ARGS_FILE))
         fd.barrier()
         if self.args.push_to_hub and not _internal_call:
