@@ -359,8 +359,27 @@ def mode_exit(out_dir, opts):
         t = torch.full((4,), float(i))
         torch.distributed.all_reduce(t)
         del t
+    if opts.get("user_group"):
+        _use_a_group_of_ones_own()
     if opts.get("destroy"):  # the user's own destroy_process_group() before leaving (HF's examples do)
         torch.distributed.destroy_process_group()
+
+
+def _use_a_group_of_ones_own():
+    """A gloo group the script makes itself (dist.new_group), used by plain and async collectives
+    and by a DTensor on a mesh over it (a module global), then the script's reference dropped."""
+    global USER_SHARDED
+    from torch.distributed.device_mesh import DeviceMesh
+
+    group = torch.distributed.new_group(backend="gloo")
+    USER_SHARDED = fd.shard_tensor(torch.randn(6, 4), DeviceMesh.from_group(group, "cpu"))
+    USER_SHARDED.full_tensor()
+    for i in range(3):
+        t = torch.full((4,), float(i))
+        torch.distributed.all_reduce(t, group=group)
+        del t
+    torch.distributed.all_reduce(torch.ones(1000), group=group, async_op=True).wait()
+    del group
 
 
 class DeepClassifier(torch.nn.Module):

@@ -266,6 +266,17 @@ def test_ranks_exit_cleanly_with_a_mesh_alive(tmp_path, opts):
     assert "terminate called" not in log and proc.returncode == 0, log[-4000:]
 
 
+def test_ranks_exit_cleanly_after_using_a_group_of_their_own(tmp_path):
+    """A script's own gloo group (dist.new_group; a DTensor on a mesh over it kept in a module
+    global, the script's reference dropped) is kept past exit like functrain's groups; three
+    launches, every rank exits 0 without "terminate called"."""
+    for attempt in range(3):
+        os.makedirs(tmp_path / str(attempt))
+        proc = torchrun("exit", tmp_path / str(attempt), {"user_group": True})
+        log = proc.stdout + proc.stderr
+        assert "terminate called" not in log and proc.returncode == 0, f"attempt {attempt}: " + log[-4000:]
+
+
 # -- failures -----------------------------------------------------------------------------------------
 
 

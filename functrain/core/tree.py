@@ -159,10 +159,17 @@ def sub(a: PyTree, b: PyTree) -> PyTree:
 
 
 def copy_(dst: PyTree, src: PyTree) -> None:
-    """Write ``src`` into ``dst``'s storages (used by donation); structures must match."""
+    """Write ``src`` into ``dst``'s storages (used by donation); structures must match.
+    ``DTensor`` leaves (sharded states) copy their local shards: torch has no ``DTensor`` rule
+    for ``_foreach_copy_``, and both sides have the same placement."""
     ld, ls = leaves(dst), leaves(src)
     if ld:
-        foreach.copy_(ld, ls)
+        foreach.copy_([_local(x) for x in ld], [_local(x) for x in ls])
+
+
+def _local(x):
+    # Duck-typed DTensor (the core does not import torch.distributed).
+    return x.to_local() if hasattr(x, "to_local") and hasattr(x, "placements") else x
 
 
 def size(tree: PyTree) -> int:

@@ -148,8 +148,19 @@ def _destroy_process_group() -> None:
     # Shut the groups down while the interpreter is whole (an atexit handler; the user may have
     # done it already), then let gloo's workers finish freeing what their last collectives held.
     if dist.is_available() and dist.is_initialized():
+        for group in _live_groups():  # the user's own (dist.new_group) too: none is destroyed later
+            _keep_until_exit(group)
         dist.destroy_process_group()
     _wait_for_idle_gloo_workers()
+
+
+def _live_groups() -> list:
+    """Every process group torch has registered (``WORLD`` and each ``new_group``, also those the
+    user no longer references). torch keeps them in its private registry ``_world.pg_map`` and
+    offers no public listing."""
+    from torch.distributed import distributed_c10d
+
+    return list(getattr(getattr(distributed_c10d, "_world", None), "pg_map", {}) or {})
 
 
 def _wait_for_idle_gloo_workers(timeout: float = 5.0, poll: float = 0.02) -> None:
@@ -190,7 +201,9 @@ def _keep_until_exit(group):
     the thread (``pthread_exit``) inside a C++ destructor and the process aborts ("terminate
     called without an active exception"). A group that is never destroyed is harmless: after
     ``destroy_process_group`` (which shuts it down) its threads wait idle until the process ends.
-    One reference that nothing releases does that.
+    One reference that nothing releases does that. Groups made by :func:`init_distributed` are
+    kept from the start; at exit, every group torch still knows (the user's ``new_group`` ones
+    included) is kept before ``destroy_process_group`` drops torch's own references.
     """
     ctypes.pythonapi.Py_IncRef(ctypes.py_object(group))
     return group

@@ -93,9 +93,9 @@ def apply_update_in_groups_(tx, params: dict, opt_state, grads: dict, *, max_gra
             if not isinstance(old, torch.Tensor):
                 continue
             if id(old) in per_param:
-                old.copy_(keep(new, old))
+                tree.copy_(old, keep(new, old))  # (a DTensor shard: its local tensor)
             else:  # a shared scalar: every group must read its old value
                 shared[id(old)] = (old, new)
     for old, new in shared.values():
-        old.copy_(keep(new, old))
+        tree.copy_(old, keep(new, old))
     return grad_norm

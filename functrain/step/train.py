@@ -266,6 +266,8 @@ def _update_in_place(tx, params, opt_state, step, grads, loss, old_buffers, new_
     """The grouped in-place update of a donated eager step (``leafwise_update``): params,
     optimizer state and step are written in place; ``(buffers to keep, grad_norm, finite)``."""
     finite = torch.isfinite(loss) & tree.all_finite(grads) if skip_non_finite else None
+    if hasattr(finite, "full_tensor"):  # sharded gradients: a DTensor; in-place ops on plain tensors need a plain one
+        finite = finite.full_tensor()
     grad_norm = apply_update_in_groups_(tx, params, opt_state, grads, max_grad_norm=max_grad_norm, value=loss,
                                         finite=finite)
     step.add_(1 if finite is None else finite.to(step.dtype))

@@ -458,10 +458,9 @@ class Trainer(PublishMixin):
 
     def _donates(self) -> bool:
         """The Trainer owns its state, so its step writes each new state into the old one's storages
-        (which are the module's own tensors): one copy of params and optimizer state is alive, and
-        ``trainer.model`` is current after every step. Sharded runs keep whole modules apart from
-        their shards, so they do not donate."""
-        return not (self.args.sharded and fd.is_distributed())
+        (which are the module's own tensors; sharded: the module's ``DTensor`` shards): one copy of
+        params and optimizer state is alive, and ``trainer.model`` is current after every step."""
+        return True
 
     # -- distributed (see functrain.distributed) -------------------------------------------------
     def _distributed_step_kwargs(self, accumulate: int = 1) -> dict:
@@ -691,8 +690,9 @@ class Trainer(PublishMixin):
         self._tx = self.create_optimizer_and_scheduler(max_steps)
         self._train_steps = {}
         state = self._fresh_train_state(self._tx)  # on resume, the template the checkpoint is read into
-        # A sharded retry (auto_find_batch_size) starts from these (not donated: never written).
-        self._first_shards = state.params if a.auto_find_batch_size and self._sharded_run() else None
+        # A sharded retry (auto_find_batch_size) starts from a copy of these (the step writes into them).
+        self._first_shards = ({k: v.clone() for k, v in state.params.items()}
+                              if a.auto_find_batch_size and self._sharded_run() else None)
 
         self.state = self._mark_process(TrainerState(max_steps=max_steps, num_train_epochs=num_epochs, epoch=0.0,
                                                      train_batch_size=a.per_device_train_batch_size))
