@@ -337,10 +337,10 @@ def make_trainer(out_dir, opts):
 
     args = ft.TrainingArguments(
         opts["output_dir"], max_steps=opts.get("max_steps", 10), per_device_train_batch_size=opts["per_device"],
-        gradient_accumulation_steps=2, learning_rate=1e-2, weight_decay=0.1, lr_scheduler_type="linear",
+        gradient_accumulation_steps=opts.get("accumulate", 2), learning_rate=1e-2, weight_decay=0.1, lr_scheduler_type="linear",
         warmup_steps=2, save_strategy="steps", save_steps=opts.get("save_steps", 5), logging_steps=5,
         report_to="none", disable_tqdm=True, fsdp=opts.get("fsdp", ""), fsdp_config=opts.get("fsdp_config"), seed=3,
-        bf16=opts.get("bf16", False),
+        bf16=opts.get("bf16", False), torch_compile=opts.get("torch_compile", False),
         eval_strategy="steps" if opts.get("eval") else "no", eval_steps=5, per_device_eval_batch_size=3)
     return ft.Trainer(model=make_model(p=0.0), args=args, train_dataset=make_dataset(n=48),
                       eval_dataset=make_dataset(n=14, seed=5) if opts.get("eval") else None)

@@ -148,6 +148,13 @@ def make_train_step(
                          f"{torch.__version__} (it recomputes each unit in backward; one recompute region per "
                          "graph): use accumulate=1, compile=False, or gather before the forward "
                          "(functrain.distributed.sharded_hooks())")
+    if compile and getattr(param_transform, "recomputes", False) and getattr(param_transform, "mixed", None):
+        # Its bf16 gather is a custom autograd.Function; inductor's remat pass then sees one recompute
+        # region per unit ("remat only supports one such region in a forward-loss-backward graph").
+        raise ValueError(f"compile=True cannot use {type(param_transform).__name__} with mixed-precision gathers in "
+                         f"torch {torch.__version__} (the compiler cannot recompute them unit by unit): use "
+                         "compile=False, or gather before the forward (functrain.distributed.gather_params with "
+                         "mixed=...)")
     if flat and differentiate == "func":
         raise ValueError("flat=True cannot run under torch.func (populations vmap per-tensor states); use flat=False")
     if flat and param_transform is not None:

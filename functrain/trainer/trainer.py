@@ -485,11 +485,13 @@ class Trainer(PublishMixin):
 
         mixed = mixed_precision_of(self.args.fsdp_config)
 
-        if self.args.torch_compile and accumulate > 1:
-            logger.warning("fsdp with torch_compile and %d microbatches: torch %s compiles one recompute region per "
-                           "graph, so params are gathered before the forward (a full replica during the step) "
-                           "instead of unit by unit; use gradient_accumulation_steps=1 for per-unit gathers",
-                           accumulate, torch.__version__)
+        if self.args.torch_compile and (accumulate > 1 or mixed is not None):
+            why = (f"{accumulate} microbatches (use gradient_accumulation_steps=1 for per-unit gathers)"
+                   if accumulate > 1 else "fsdp_config's mixed_precision_policy (its gathers cannot be recomputed "
+                   "unit by unit in a compiled graph)")
+            logger.warning("fsdp with torch_compile and %s: torch %s compiles one recompute region per graph, so "
+                           "params are gathered before the forward (a full replica during the step) instead of "
+                           "unit by unit", why, torch.__version__)
             return functools.partial(fd.gather_params, mixed=mixed)
         return shard_in_use(self.model, (self.args.fsdp_config or {}).get("transformer_layer_cls_to_wrap"), mixed)
 
