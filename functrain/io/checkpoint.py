@@ -105,8 +105,9 @@ def save_checkpoint(output_dir: str, step: int, *, model, train_state=None, trai
     """Write ``output_dir/checkpoint-{step}`` atomically and return its path.
 
     ``model`` must already hold the weights to save (the Trainer copies the state's params into it
-    first), or ``model_state_dict`` gives them (a sharded module's gathered weights). With ``train_state=None`` only the model is saved (``save_only_model``): the folder is
-    then not resumable.
+    first), or ``model_state_dict`` gives them (a sharded module's gathered weights). With
+    ``train_state=None`` only the model is saved (``save_only_model``): the folder is then not
+    resumable.
     """
 
     def write_files(tmp: str, hashes: dict) -> None:

@@ -198,8 +198,8 @@ def use_shards_in_module(model: nn.Module, params: Mapping, buffers: Mapping | N
     """Make ``model``'s parameters the given ``DTensor`` shards (no copy), as FSDP2's
     ``fully_shard`` leaves a module: each rank holds its shards, the module's full tensors are
     dropped, and its forward still works (each unit gathers where it runs, see :func:`shard_in_use`;
-    a collective: every rank calls it). Tied aliases get the same parameter; ``buffers`` (plain,
-    replicated) replace the module's. Full weights: :func:`full_state_dict`.
+    so a forward is a collective: every rank calls it). Tied aliases get the same parameter;
+    ``buffers`` (plain, replicated) replace the module's. Full weights: :func:`full_state_dict`.
     """
     aliases: dict = {}
     for name, p in model.named_parameters(remove_duplicate=False):
@@ -227,11 +227,6 @@ def _set(model: nn.Module, name: str, value, registry: str) -> None:
     module = model.get_submodule(owner)
     if attr in getattr(module, registry):
         getattr(module, registry)[attr] = value
-
-
-def holds_shards(model: nn.Module) -> bool:
-    """True when the module's parameters are ``DTensor`` shards (:func:`use_shards_in_module`)."""
-    return any(fd.is_dtensor(p) for p in model.parameters())
 
 
 def full_state_dict(model: nn.Module) -> dict:

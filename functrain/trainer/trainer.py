@@ -791,6 +791,7 @@ class Trainer(PublishMixin):
                            out.signal, self.state.global_step)
         if a.load_best_model_at_end and self.state.best_model_checkpoint and not stop_for_signal:
             self._load_best_model()
+        self._share_state_with_model()
         self._sync_model()  # sharded: the module's parameters are the shards
         runtime = time.perf_counter() - log.start_time
         self.store_flos()
