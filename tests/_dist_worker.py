@@ -477,6 +477,31 @@ def mode_trainer(out_dir, opts):
                        "units": _units_of(trainer.model)}, f)
 
 
+def mode_gpt2(out_dir, opts):
+    """A tiny GPT-2 (tied embeddings, no dropout) trained 3 steps, sharded on 2 ranks (or 1 process
+    with the same global batch); saved with save_model; trainer.model's own logits afterwards."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    fd.init_distributed()
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=16,
+                                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    ids = torch.randint(0, 64, (16, 8), generator=torch.Generator().manual_seed(1))
+    args = ft.TrainingArguments(os.path.join(out_dir, "run"), max_steps=3, per_device_train_batch_size=4 // fd.world_size(),
+                                learning_rate=1e-2, report_to="none", disable_tqdm=True, save_strategy="steps",
+                                save_steps=3, fsdp="full_shard" if fd.is_distributed() else "", seed=0)
+    trainer = ft.Trainer(model=model, args=args, train_dataset=[{"input_ids": x, "labels": x} for x in ids])
+    trainer.train()
+    trainer.save_model(os.path.join(out_dir, "final"))
+    trainer.model.eval()
+    with torch.no_grad():  # sharded: a collective (each unit gathers its shards)
+        logits = trainer.model(input_ids=ids[:2])["logits"]
+    if fd.is_main_process():
+        with open(os.path.join(out_dir, "result.json"), "w") as f:
+            json.dump({"logits": logits.tolist(), "sharded": fd.is_dtensor(trainer.model.transformer.wte.weight),
+                       "tied": trainer.model.lm_head.weight is trainer.model.transformer.wte.weight}, f)
+
+
 def _units_of(model):
     from functrain.parallel import fsdp
 
@@ -520,6 +545,6 @@ if __name__ == "__main__":
     mode, out = sys.argv[1], sys.argv[2]
     options = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
     {"steps": mode_steps, "trainer": mode_trainer, "fail": mode_fail, "sigterm": mode_sigterm_one_rank,
-     "gather": mode_gather, "evaluate": mode_evaluate, "exit": mode_exit, "meta_start": mode_meta_start}[mode](out, options)
+     "gather": mode_gather, "evaluate": mode_evaluate, "gpt2": mode_gpt2, "exit": mode_exit, "meta_start": mode_meta_start}[mode](out, options)
     if mode != "exit":
         fd.barrier()

@@ -59,7 +59,8 @@ def run_here(mode, out_dir, opts):
     sys.path.insert(0, HERE)
     import _dist_worker
 
-    {"trainer": _dist_worker.mode_trainer, "evaluate": _dist_worker.mode_evaluate}[mode](str(out_dir), opts)
+    {"trainer": _dist_worker.mode_trainer, "evaluate": _dist_worker.mode_evaluate,
+     "gpt2": _dist_worker.mode_gpt2}[mode](str(out_dir), opts)
 
 
 def final_weights(out_dir):
@@ -169,6 +170,26 @@ def test_sharded_trainer_with_bf16_gathers_equals_bf16_data_parallel(tmp_path):
                                         "save_steps": 10_000, **extra}))
     sharded, ddp = final_weights(tmp_path / "sharded"), final_weights(tmp_path / "ddp")
     assert ft.tree.relative_difference(sharded, ddp) <= 1e-6
+
+
+def test_sharded_pretrained_model_with_tied_weights_saves_the_one_process_weights(tmp_path):
+    """A transformers model (tiny GPT-2, tied embeddings) trained sharded on 2 ranks: afterwards
+    trainer.model holds DTensor shards (the tie kept) and still runs; save_model writes what one
+    process writes (same keys: the tied alias dropped; weights within 1e-5), and from_pretrained on
+    it gives trainer.model's own logits."""
+    from transformers import GPT2LMHeadModel
+
+    check(torchrun("gpt2", tmp_path / "two"))
+    run_here("gpt2", tmp_path / "one", {})
+    two, one = final_weights(tmp_path / "two"), final_weights(tmp_path / "one")
+    assert sorted(two) == sorted(one) and ft.tree.relative_difference(two, one) <= 1e-5
+    result = read_result(tmp_path / "two")
+    assert result["sharded"] and result["tied"]
+    reloaded = GPT2LMHeadModel.from_pretrained(tmp_path / "two" / "final").eval()
+    ids = torch.randint(0, 64, (16, 8), generator=torch.Generator().manual_seed(1))[:2]
+    with torch.no_grad():
+        expected = reloaded(input_ids=ids).logits
+    assert torch.allclose(torch.tensor(result["logits"]), expected, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.slow

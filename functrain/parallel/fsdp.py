@@ -238,7 +238,14 @@ def full_state_dict(model: nn.Module) -> dict:
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # Tied aliases (lm_head.weight = wte.weight) come back as separate copies: make them one
+    # tensor again, so writers drop the alias as they do for a whole module's state_dict().
+    first: dict = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if name in full:
+            full[name] = full[first.setdefault(id(p), name)]
+    return full
 
 
 def sharded_state_from_meta(model: nn.Module, tx, *, seed: int = 0, mesh=None):
