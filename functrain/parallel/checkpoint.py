@@ -77,10 +77,10 @@ def save_sharded_checkpoint(output_dir: str, step: int, *, model, train_state, t
             elif r == 0:
                 tensors[path] = leaf.detach().contiguous().cpu()
                 offsets[path] = 0
-        hashes: dict[str, dict] = {}
-        ck.write_safetensors(tmp, shard_file_name(r, world), tensors,
-                             {"format": LAYOUT_FORMAT, "offsets": json.dumps(offsets)}, hashes)
-        hashes = _entries_of_all_ranks(hashes)  # each rank hashed its own shard while writing it
+        with ck.WrittenFiles(tmp) as written:  # hashed from memory, fsynced
+            ck.write_safetensors(tmp, shard_file_name(r, world), tensors,
+                                 {"format": LAYOUT_FORMAT, "offsets": json.dumps(offsets)}, written)
+        entries = _entries_of_all_ranks(written.entries)  # each rank hashed its own shard while writing it
         if r == 0:
             layout = {"format": LAYOUT_FORMAT, "world_size": world,
                       "files": [shard_file_name(i, world) for i in range(world)],
@@ -88,13 +88,14 @@ def save_sharded_checkpoint(output_dir: str, step: int, *, model, train_state, t
                                      "sharded": fd.is_dtensor(t)} for p, t in leaves.items()}}
             with open(os.path.join(tmp, LAYOUT_FILE), "w", encoding="utf-8") as f:
                 json.dump(layout, f, indent=1, sort_keys=True)
-            ck.write_model(model, tmp, processing_class=processing_class, hashes=hashes)
-            ck.write_rng_state(tmp, hashes=hashes)
+            with ck.WrittenFiles(tmp, known=entries) as written:
+                ck.write_model(model, tmp, processing_class=processing_class, written=written)
+                ck.write_rng_state(tmp, written=written)
             if trainer_state is not None:
                 trainer_state.save_to_json(os.path.join(tmp, ck.TRAINER_STATE_FILE))
             if args is not None:
                 args.save_to_json(os.path.join(tmp, ck.ARGS_FILE))
-            ck.write_manifest(tmp, step=step, resumable=True, known=hashes)
+            ck.write_manifest(tmp, step=step, resumable=True, known=written.entries)
             ck.fsync_dir(tmp)
             ck.replace_dir(tmp, final)
             ck.fsync_dir(output_dir)
