@@ -36,6 +36,7 @@ lists it under a plain relative name and it is a regular file inside the folder 
 from __future__ import annotations
 
 import hashlib
+import functools
 import json
 import logging
 import mmap
@@ -484,16 +485,21 @@ def verify_checkpoint(path: str, *, require_resumable: bool = True) -> dict:
     return _verified(path, require_resumable=require_resumable, keep=False).manifest
 
 
-def read_checkpoint(path: str, *, require_resumable: bool = True, keep: bool = True) -> "VerifiedCheckpoint":
+def read_checkpoint(path: str, *, require_resumable: bool = True, keep: bool = True,
+                    only=None) -> "VerifiedCheckpoint":
     """Verify a checkpoint as :func:`verify_checkpoint` does and keep what it read: each listed
     file is read once, hashed, and its safetensors are parsed from the same bytes, so the
     loaders given the result (:func:`load_train_state`, :func:`load_rng_state`,
     :func:`non_finite_tensors`, ...) read nothing from the disk again. ``keep=False``: verify
-    only (the loaders then read from the disk, e.g. each rank its own rows)."""
-    return _verified(path, require_resumable=require_resumable, keep=keep)
+    only (the loaders then read from the disk).
+
+    ``only``: the names of the files to read (verify, keep); the other listed files are checked
+    for presence and size only, not read: another process verifies them (the other ranks' shards
+    of a sharded checkpoint, see :mod:`functrain.parallel.checkpoint`) or nothing loads them."""
+    return _verified(path, require_resumable=require_resumable, keep=keep, only=only)
 
 
-def _verified(path: str, *, require_resumable: bool, keep: bool) -> "VerifiedCheckpoint":
+def _verified(path: str, *, require_resumable: bool, keep: bool, only=None) -> "VerifiedCheckpoint":
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint {path!r} does not exist or is not a folder")
     warn_about_pickles(path)
@@ -501,19 +507,20 @@ def _verified(path: str, *, require_resumable: bool, keep: bool) -> "VerifiedChe
     files = manifest["files"]
     if require_resumable:
         _check_resumable(path, manifest)
-    # A sharded train state is read row by row, each rank its own (functrain.parallel.checkpoint).
-    keep = keep and SHARDED_LAYOUT_FILE not in files
     contents: dict[str, bytes] = {}
     for rel, entry in files.items():
         full = safe_file(path, rel, files)
-        if keep and rel.endswith((".safetensors", ".json")):
+        if only is not None and rel not in only:
+            _check_entry(path, rel, entry, os.lstat(full).st_size, None)
+        elif keep and rel.endswith((".safetensors", ".json")):
             data = read_file(full, entry["bytes"])
             _check_entry(path, rel, entry, len(data), new_checksum(entry_checksum(entry), data).hexdigest())
             contents[rel] = data
         else:
             size, digest = _hash_file(full, entry_checksum(entry))
             _check_entry(path, rel, entry, size, digest)
-    return VerifiedCheckpoint(path, manifest, contents)
+    verified = set(files) if only is None else set(files) & set(only)
+    return VerifiedCheckpoint(path, manifest, contents, verified)
 
 
 def _check_resumable(path: str, manifest: dict) -> None:
@@ -527,12 +534,13 @@ def _check_resumable(path: str, manifest: dict) -> None:
             raise CheckpointError(f"checkpoint {path!r} has no {needed!r}; it cannot be resumed from")
 
 
-def _check_entry(path: str, rel: str, entry: dict, size: int, digest: str) -> None:
+def _check_entry(path: str, rel: str, entry: dict, size: int, digest: str | None) -> None:
+    """Raise when a file's size or checksum is not its manifest entry's (``digest=None``: size only)."""
     if size != entry["bytes"]:
         raise CheckpointError(f"checkpoint {path!r}: {rel!r} has {size} bytes, the manifest says "
                               f"{entry['bytes']} (truncated or overwritten)")
     algorithm = entry_checksum(entry)
-    if digest != entry[algorithm]:
+    if digest is not None and digest != entry[algorithm]:
         raise CheckpointError(f"checkpoint {path!r}: {rel!r} fails its checksum ({algorithm}): it is corrupted")
 
 
@@ -569,11 +577,13 @@ class VerifiedCheckpoint:
 
     From :func:`read_checkpoint` it holds the bytes of its safetensors and JSON files as they were
     verified (the loaders parse them; the disk is not read again); from :func:`verify_checkpoint`
-    (``contents`` empty) it reads from the folder like a path does.
+    (``contents`` empty) it reads from the folder like a path does. ``verified``: the files whose
+    checksum this process checked (all listed ones, unless ``read_checkpoint(only=...)``).
     """
 
-    def __init__(self, path: str, manifest: dict, contents: dict[str, bytes]):
+    def __init__(self, path: str, manifest: dict, contents: dict[str, bytes], verified=None):
         self.path, self.manifest, self.listed = path, manifest, manifest["files"]
+        self.verified = set(self.listed) if verified is None else set(verified)
         self._contents = contents
         self._parsed: dict[str, tuple[dict, dict]] = {}
 
@@ -730,16 +740,16 @@ def find_resumable_checkpoint(output_dir: str, *, require_finite: bool = False) 
     return None if found is None else found.path
 
 
-def read_resumable_checkpoint(output_dir: str, *, require_finite: bool = False,
-                              keep: bool = True) -> VerifiedCheckpoint | None:
+def read_resumable_checkpoint(output_dir: str, *, require_finite: bool = False, keep: bool = True,
+                              read=None) -> VerifiedCheckpoint | None:
     """:func:`find_resumable_checkpoint`, returning the checkpoint as :func:`read_checkpoint`
-    read it (``keep=False``: verified only, as :func:`verify_checkpoint`)."""
+    read it (``keep=False``: verified only, as :func:`verify_checkpoint`). ``read(path,
+    require_finite)``: how to read one candidate (raising :class:`CheckpointError` for a bad one);
+    :func:`functrain.parallel.checkpoint.read_resumable_checkpoint` reads each rank's part."""
+    read = read or functools.partial(read_finite_checkpoint, keep=keep)
     for step, path in reversed(checkpoint_dirs(output_dir)):
         try:
-            found = read_checkpoint(path, keep=keep)
-            bad = non_finite_tensors(found) if require_finite else []
-            if bad:
-                raise CheckpointError(f"it holds non-finite values (NaN/Inf) in {bad}")
+            found = read(path, require_finite)
         except CheckpointError as e:
             logger.warning("skipping %s: %s", os.path.basename(path), e)
             continue
@@ -748,10 +758,19 @@ def read_resumable_checkpoint(output_dir: str, *, require_finite: bool = False,
     return None
 
 
+def read_finite_checkpoint(path: str, require_finite: bool, *, keep: bool = True) -> VerifiedCheckpoint:
+    """:func:`read_checkpoint`; with ``require_finite``, a checkpoint holding NaN/Inf is an error."""
+    found = read_checkpoint(path, keep=keep)
+    bad = non_finite_tensors(found) if require_finite else []
+    if bad:
+        raise CheckpointError(f"it holds non-finite values (NaN/Inf) in {bad}")
+    return found
+
+
 # -- loading ----------------------------------------------------------------------------------------
 #
 # Every loader takes a folder path or a VerifiedCheckpoint (from read_checkpoint: the verified bytes
-# are parsed, the disk is not read again) and reads through _files().
+# are parsed, the disk is not read again) and reads through checkpoint_files().
 
 
 class _DiskFiles:
@@ -780,6 +799,13 @@ class _DiskFiles:
         with open_safetensors(_checked(self.path, rel, self.listed)) as f:
             return f.metadata() or {}
 
+    def rows(self, rel: str, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``[start, stop)`` (clipped to the tensor's) of ``key``, reading only those."""
+        with open_safetensors(_checked(self.path, rel, self.listed)) as f:
+            part = f.get_slice(key)
+            n = part.get_shape()[0]
+            return part[min(start, n):min(stop, n)]
+
     def json(self, rel: str):
         with open(_checked(self.path, rel, self.listed), encoding="utf-8") as f:
             return json.load(f)
@@ -804,11 +830,18 @@ class _HeldFiles(_DiskFiles):
     def metadata(self, rel: str) -> dict:
         return self.checkpoint.metadata(rel) if self.checkpoint.holds(rel) else super().metadata(rel)
 
+    def rows(self, rel: str, key: str, start: int, stop: int) -> torch.Tensor:
+        if not self.checkpoint.holds(rel):
+            return super().rows(rel, key, start, stop)
+        whole = self.checkpoint.tensors(rel)[key]
+        part = whole[start:stop]
+        return whole if part.shape == whole.shape else part.clone()  # a view would pin the whole tensor
+
     def json(self, rel: str):
         return self.checkpoint.json(rel) if self.checkpoint.holds(rel) else super().json(rel)
 
 
-def _files(source) -> _DiskFiles:
+def checkpoint_files(source) -> _DiskFiles:
     """The files of ``source``: a VerifiedCheckpoint's (held ones from memory) or a folder's (only
     those its manifest lists when it has one)."""
     if isinstance(source, VerifiedCheckpoint):
@@ -824,10 +857,10 @@ def weights_index(folder: str, listed=None) -> dict[str, str]:
     listed, and every shard it names must be listed too; without it (a folder just written), the
     folder's own files are read.
     """
-    return _weights_index(_DiskFiles(folder, listed))
+    return weights_index_in(_DiskFiles(folder, listed))
 
 
-def _weights_index(files: _DiskFiles) -> dict[str, str]:
+def weights_index_in(files: _DiskFiles) -> dict[str, str]:
     folder = files.path
     if files.has(MODEL_INDEX_FILE):
         try:
@@ -880,7 +913,7 @@ def _read_tensors(files: _DiskFiles, wanted: dict[str, str]) -> dict[str, torch.
 def check_optimizer_structure(folder, template) -> None:
     """Raise :class:`OptimizerMismatchError` when the checkpoint's optimizer state has another
     structure than ``template``'s (checkpoints from before this record are not checked)."""
-    files = _files(folder)
+    files = checkpoint_files(folder)
     if not files.has(STATE_FILE):
         return
     saved = files.metadata(STATE_FILE).get("opt_state_structure")
@@ -896,10 +929,12 @@ def _short(structure: str, limit: int = 300) -> str:
 
 def non_finite_tensors(folder, limit: int = 5) -> list[str]:
     """Names (``file:tensor``) of floating-point tensors holding NaN/Inf in the checkpoint's
-    weights and train state (up to ``limit``); the generators' file is not checked."""
-    files = _files(folder)
+    weights and train state (up to ``limit``); the generators' file is not checked. Of a
+    :class:`VerifiedCheckpoint`, only the files it verified (this process's part) are checked."""
+    files = checkpoint_files(folder)
     found = []
-    for rel in sorted(files.listed):
+    checked = folder.verified if isinstance(folder, VerifiedCheckpoint) else files.listed
+    for rel in sorted(checked):
         if not rel.endswith(".safetensors") or rel == RNG_FILE:
             continue
         for key, t in files.tensors(rel).items():
@@ -925,13 +960,13 @@ def load_train_state(folder, template, model):
     naming the leaf. With ``model=None`` every leaf comes from ``train_state.safetensors`` (any
     pytree, no model file). Only files the manifest lists are opened.
     """
-    files = _files(folder)
+    files = checkpoint_files(folder)
     if files.listed is None:
         read_manifest(files.path)  # raises: a checkpoint has a manifest
     state_keys = set(files.keys(STATE_FILE))
     buffers_from_model = files.metadata(STATE_FILE).get(BUFFERS_KEY) == "from_model"
     # An adapter checkpoint, or a tree checkpoint (model=None): no model file.
-    model_index = {} if buffers_from_model or model is None else _weights_index(files)
+    model_index = {} if buffers_from_model or model is None else weights_index_in(files)
     aliases = alias_groups(model)
     wanted_model, wanted_state = {}, {}
     paths = tree.paths(template)
@@ -966,8 +1001,8 @@ def load_model_weights(model, folder) -> None:
     """Copy the weights in ``folder`` into ``model`` (tied aliases may be absent from the file).
 
     In a checkpoint (a folder with a manifest) only listed files are read."""
-    files = _files(folder)
-    tensors = _read_tensors(files, _weights_index(files))
+    files = checkpoint_files(folder)
+    tensors = _read_tensors(files, weights_index_in(files))
     aliases = alias_groups(model)
     own = dict(model.state_dict(keep_vars=True))
     missing = [n for n in own if not any(a in tensors for a in aliases.get(n, [n]))]
@@ -983,7 +1018,7 @@ def load_model_weights(model, folder) -> None:
 
 def load_rng_state(folder) -> None:
     """Restore the global generators saved by :func:`write_rng_state` (if the manifest lists them)."""
-    files = _files(folder)
+    files = checkpoint_files(folder)
     if not files.has(RNG_FILE):
         return
     meta = files.metadata(RNG_FILE)
@@ -1049,7 +1084,7 @@ def load_tree(folder, template) -> tuple[Any, dict]:
     or :func:`read_checkpoint`'s result), ``state`` shaped like ``template``; restores the global
     generators too."""
     state = load_train_state(folder, template, None)  # (raises for a folder without a manifest)
-    progress = _files(folder).json(TRAINER_STATE_FILE)
+    progress = checkpoint_files(folder).json(TRAINER_STATE_FILE)
     load_rng_state(folder)
     return state, progress
 
