@@ -60,6 +60,18 @@ def counted_disk_reads():
     return counted
 
 
+def share(path, sharded):
+    """The bytes this rank must read to resume: every file (data parallel), or its own shard plus
+    the generators and the JSON files (sharded); and the manifest."""
+    files = {rel: e["bytes"] for rel, e in ck.read_manifest(path)["files"].items()}
+    manifest = os.path.getsize(os.path.join(path, ck.MANIFEST_FILE))
+    if not sharded:
+        return sum(files.values()) + manifest
+    own = f"train_state-{fd.rank():05d}-of-{fd.world_size():05d}.safetensors"
+    small = sum(n for rel, n in files.items() if rel.endswith(".json") or rel == ck.RNG_FILE)
+    return files[own] + small + manifest
+
+
 def rchar() -> int:
     with open("/proc/self/io") as f:
         return int(next(line for line in f if line.startswith("rchar:")).split()[1])
@@ -81,10 +93,8 @@ def main(out_dir, opts):
     resumed.train(resume_from_checkpoint=opts.get("resume", True))
     read = rchar() - before + disk["bytes"]
     loaded = local_leaves(resumed.train_state)
-    manifest = ck.read_manifest(path)
-    result = {"rank": fd.rank(), "read": read, "disk_tensor_bytes": disk["bytes"],
-              "files": {rel: e["bytes"] for rel, e in manifest["files"].items()},
-              "manifest_bytes": os.path.getsize(os.path.join(path, ck.MANIFEST_FILE)),
+    result = {"rank": fd.rank(), "read": read, "share": share(path, bool(opts["fsdp"])),
+              "checkpoint_bytes": share(path, False), "disk_tensor_bytes": disk["bytes"],
               "equal": len(saved) == len(loaded) and all(torch.equal(a, b) for a, b in zip(saved, loaded)),
               "global_step": resumed.state.global_step}
     if opts.get("corrupt"):
