@@ -150,6 +150,15 @@ def test_read_checkpoint_refuses_a_symlinked_file(tmp_path):
         ck.read_checkpoint(path)
 
 
+def _rewrite_with(path, algorithm):
+    """The manifest as a checkpoint hashed with ``algorithm`` has it (version 1 wrote sha256)."""
+    manifest = ck.read_manifest(path)
+    manifest["files"] = {rel: ck.file_entry(os.path.join(path, rel), algorithm) for rel in manifest["files"]}
+    manifest["version"] = 1 if algorithm == "sha256" else ck.VERSION
+    with open(os.path.join(path, ck.MANIFEST_FILE), "w") as f:
+        json.dump(manifest, f)
+
+
 class StopAt(TrainerCallback):
     def __init__(self, step):
         self.step = step
@@ -173,13 +182,16 @@ def _trainer(out, **kw):
     return Trainer(model=make_model(), args=args, train_dataset=make_dataset())
 
 
-def test_trainer_resume_reads_the_checkpoint_once(tmp_path, monkeypatch):
+@pytest.mark.parametrize("algorithm", sorted(ck.CHECKSUMS))
+def test_trainer_resume_reads_the_checkpoint_once(tmp_path, monkeypatch, algorithm):
+    """Also for every checksum: a checkpoint of manifest version 1 (sha256) resumes exactly."""
     reference = _trainer(tmp_path / "ref")
     reference.train()
     first = _trainer(tmp_path / "run")
     first.add_callback(StopAt(3))
     first.train()
     newest = ck.checkpoint_path(str(tmp_path / "run"), 3)
+    _rewrite_with(newest, algorithm)
     counts = _counting_reads(monkeypatch)
     second = _trainer(tmp_path / "run")
     second.add_callback(Undo(monkeypatch))  # the resume is done: saving may read what it wrote
@@ -187,15 +199,6 @@ def test_trainer_resume_reads_the_checkpoint_once(tmp_path, monkeypatch):
     assert counts == _listed_sizes(newest)
     got, want = params_of(second), params_of(reference)
     assert all(torch.equal(got[n], want[n]) for n in want)
-
-
-def _rewrite_with(path, algorithm):
-    """The manifest as a checkpoint hashed with ``algorithm`` has it (version 1 wrote sha256)."""
-    manifest = ck.read_manifest(path)
-    manifest["files"] = {rel: ck.file_entry(os.path.join(path, rel), algorithm) for rel in manifest["files"]}
-    manifest["version"] = 1 if algorithm == "sha256" else ck.VERSION
-    with open(os.path.join(path, ck.MANIFEST_FILE), "w") as f:
-        json.dump(manifest, f)
 
 
 @pytest.mark.parametrize("algorithm", sorted(ck.CHECKSUMS))

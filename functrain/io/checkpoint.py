@@ -20,9 +20,10 @@ is hashed and fsynced in a background thread while the next one is written: the 
 functrain saves itself are hashed from the tensors in memory (no read-back of their data); files a
 library writes (``save_pretrained``'s, the JSON files) from the page cache.
 
-The checksum is an integrity check, not a signature: xxh3_128 (checkpoints of manifest
-version 1 carry sha256, which is still read: each manifest entry names its algorithm). A cryptographic hash would add no security, since the manifest sits in the
-folder it describes; what must be caught is a torn, truncated or corrupted file.
+The checksum is an integrity check, not a signature: xxh3_128 (checkpoints of manifest version 1
+carry sha256, which is still read: each manifest entry names its algorithm). A cryptographic hash
+would add no security, since the manifest sits in the folder it describes; what must be caught is
+a torn, truncated or corrupted file.
 Loading verifies the manifest first and only ever parses safetensors and JSON; files that look like
 pickles (``optimizer.pt``, ``*.bin``, ``*.pkl`` ...) are reported and ignored, never opened.
 :func:`read_checkpoint` reads each listed file once: its bytes are hashed and parsed from the same
@@ -35,8 +36,8 @@ lists it under a plain relative name and it is a regular file inside the folder 
 
 from __future__ import annotations
 
-import hashlib
 import functools
+import hashlib
 import json
 import logging
 import mmap
