@@ -164,6 +164,7 @@ def write_checkpoint(output_dir: str, step: int, write_files, *, resumable: bool
     try:
         with WrittenFiles(tmp) as written:
             write_files(tmp, written)
+            written.add_unlisted()  # the JSON files, written last
         write_manifest(tmp, step=step, resumable=resumable, known=written.entries)
         fsync_dir(tmp)
         replace_dir(tmp, final)
@@ -209,11 +210,11 @@ def write_model(model, folder: str, *, processing_class=None, written: WrittenFi
         write_safetensors(folder, MODEL_FILE, _dedup_state_dict(model.state_dict()), {"format": "pt"}, written)
     if processing_class is not None and hasattr(processing_class, "save_pretrained"):
         processing_class.save_pretrained(folder)
-    for name in os.listdir(folder):
-        if written is None:
+    if written is None:
+        for name in os.listdir(folder):
             fsync_file(os.path.join(folder, name))
-        elif name not in written and os.path.isfile(os.path.join(folder, name)):
-            written.add_file(name)  # save_pretrained's files: hashed from the page cache
+    else:
+        written.add_unlisted()  # save_pretrained's files: hashed from the page cache
     return set() if adapter_only else set(weights_index(folder))
 
 
@@ -361,6 +362,12 @@ class WrittenFiles:
     def add_file(self, rel: str) -> None:
         """A file a library wrote: hashed from the page cache."""
         self._pending[rel] = self._pool.submit(self._finish, rel, file_entry)
+
+    def add_unlisted(self) -> None:
+        """Every file of the folder not handed over yet (the JSON files a library wrote)."""
+        for name in os.listdir(self.folder):
+            if name not in self and os.path.isfile(os.path.join(self.folder, name)):
+                self.add_file(name)
 
     def _finish(self, rel: str, entry_of) -> dict:
         full = os.path.join(self.folder, rel)

@@ -92,10 +92,11 @@ def save_sharded_checkpoint(output_dir: str, step: int, *, model, train_state, t
             with ck.WrittenFiles(tmp, known=entries) as written:
                 ck.write_model(model, tmp, processing_class=processing_class, written=written)
                 ck.write_rng_state(tmp, written=written)
-            if trainer_state is not None:
-                trainer_state.save_to_json(os.path.join(tmp, ck.TRAINER_STATE_FILE))
-            if args is not None:
-                args.save_to_json(os.path.join(tmp, ck.ARGS_FILE))
+                if trainer_state is not None:
+                    trainer_state.save_to_json(os.path.join(tmp, ck.TRAINER_STATE_FILE))
+                if args is not None:
+                    args.save_to_json(os.path.join(tmp, ck.ARGS_FILE))
+                written.add_unlisted()
             ck.write_manifest(tmp, step=step, resumable=True, known=written.entries)
             ck.fsync_dir(tmp)
             ck.replace_dir(tmp, final)
