@@ -180,7 +180,7 @@ def make_train_step(
         if grouped:  # donated eager, leafwise tx: params and opt_state updated in place
             new_buffers, metrics["grad_norm"], finite = _update_in_place(
                 tx, params, opt_state, step, grads, g.loss, old_buffers, new_buffers,
-                max_grad_norm=max_grad_norm, skip_non_finite=skip_non_finite)
+                max_grad_norm=max_grad_norm, skip_non_finite=skip_non_finite, per_name=layout is None)
             metrics.update(_update_metrics(opt_state, finite, None), **g.aux)
             del grads, g
             if old_buffers:
@@ -264,12 +264,14 @@ def _update(tx, old: tuple, grads, loss, new_buffers, *, max_grad_norm, needs_lo
 
 
 def _update_in_place(tx, params, opt_state, step, grads, loss, old_buffers, new_buffers, *, max_grad_norm,
-                     skip_non_finite: bool):
-    """The grouped in-place update of a donated eager step (``leafwise_update``): params,
-    optimizer state and step are written in place; ``(buffers to keep, grad_norm, finite)``."""
+                     skip_non_finite: bool, per_name: bool = True):
+    """The in-place update of a donated eager step (``leafwise_update``): params, optimizer state
+    and step are written in place; ``(buffers to keep, grad_norm, finite)``. A plain ``adamw`` over
+    per-name tensors (``per_name``; not flat segments, whose weight-decay mask is by segment) runs as
+    torch's fused kernel, any other leafwise ``tx`` a group of parameters at a time."""
     grad_norm = tree.global_norm(grads)
     finite = window_finite(loss, grads, grad_norm, max_grad_norm) if skip_non_finite else None
-    adamw = fused_adamw_of(tx)
+    adamw = fused_adamw_of(tx) if per_name else None
     if adamw is not None and fused_adamw_applies(params, grads, opt_state):
         _fused_adamw_update(adamw, params, opt_state, grads, grad_norm, max_grad_norm, finite)
     else:
