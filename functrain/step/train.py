@@ -76,7 +76,8 @@ def make_train_step(
             summed microbatch by microbatch (one microbatch of activations in memory at a time).
         precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (autocast compute, fp32 params; fp16
             adds a dynamic loss scale kept in ``state.loss_scale``).
-        compile: compile the whole step with ``torch.compile(fullgraph=True)``.
+        compile: compile the whole step with ``torch.compile(fullgraph=True)`` (with
+            ``donate=True`` and ``leafwise_update=True``: the window's gradients only, see there).
         donate: write the new params and optimizer state into the input state's storages; the
             input state is then consumed (any use raises ``ConsumedStateError``).
         count_items: ``count_items(microbatch) -> 0-d tensor`` of supervised items; default
@@ -109,10 +110,13 @@ def make_train_step(
         leafwise_update: declare that ``tx`` updates each parameter from its own gradient, state
             and value alone (Adam(W), SGD, Lion, RMSprop, Adagrad; not a global-norm clip or
             ``apply_if_finite`` inside ``tx``; weight-decay masks given as functions of the params).
-            With ``donate=True`` and ``compile=False`` the update then runs a group of parameters
-            at a time, in place, so eager training holds one copy of params and optimizer state
-            plus one group's temporaries (same numbers; see :mod:`functrain.step.grouped_update`).
-            Ignored otherwise (compiled steps fuse the donation already) and with fp16.
+            With ``donate=True`` the update then runs a group of parameters at a time, in place,
+            so training holds one copy of params and optimizer state plus one group's temporaries
+            (same numbers; see :mod:`functrain.step.grouped_update`). Compiled, only the window's
+            gradients are compiled and this update runs after the graph (a whole compiled graph
+            returns a second copy of params and optimizer state). Ignored without donation and
+            with fp16; with ``flat=True`` it cuts the segments into pieces (eager) or is ignored
+            (compiled: flat's whole graph).
         skip_non_finite: when the window's loss or any gradient is NaN/Inf, keep params, optimizer
             state and step unchanged and report ``skipped`` (fp16 always does this, for its loss
             scale). Decided on the device: no host sync.
