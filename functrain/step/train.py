@@ -509,13 +509,22 @@ def _deterministic_algorithms():
 
 @contextlib.contextmanager
 def _module_mode(model: nn.Module, training: bool):
-    """Set train/eval mode for the step and restore every submodule's mode afterwards."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.train(training)
+    """Set train/eval mode for the step and restore every submodule's mode afterwards.
+
+    Only the modules whose mode differs are flipped (``model.train()`` walks and sets every module,
+    hundreds of Python calls per step for a deep model); a module class with its own ``train()``
+    gets the full ``model.train(training)`` call so its override runs."""
+    modules = list(model.modules())
+    flipped = [m for m in modules if m.training != training]
+    if flipped and any(type(m).train is not nn.Module.train for m in modules):
+        modes = [(m, m.training) for m in modules]
+        model.train(training)
+    else:
+        modes = [(m, not training) for m in flipped]
+        for m in flipped:
+            m.training = training
     try:
         yield
     finally:
         for m, mode in modes:
             m.training = mode
-
-
