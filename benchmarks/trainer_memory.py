@@ -73,7 +73,7 @@ def child(variant: str, quick: bool, steps: int, compiled: bool) -> dict:
         trainer = ft.Trainer(model=model, args=ft.TrainingArguments(**common), train_dataset=data, callbacks=[phases])
     phases.start()
     trainer.train()
-    phases.mark("after train")
+    phases.mark()  # the last phase: after the last step, to the end of train()
     peak = max(p["peak_mb"] for p in phases.phases)
     return {"variant": variant, "params": sum(p.numel() for p in model.parameters()), "baseline_rss_mb": phases.baseline,
             "peak_rss_mb": phases.baseline + peak, "growth_mb": peak, "phases": phases.phases}
@@ -81,8 +81,8 @@ def child(variant: str, quick: bool, steps: int, compiled: bool) -> dict:
 
 def phase_callback(base: type):
     """A callback (of the Trainer's own ``TrainerCallback`` class) that splits the run into phases:
-    before the first step, each step (``on_step_begin`` -> ``on_step_end``), between steps and
-    after training. Per phase: the peak RSS and the RSS at its end, over the baseline (MB); the
+    before the first step, each step (``on_step_begin`` -> ``on_step_end``) and after each step
+    (to the next step, or to the end of ``train()``). Per phase: the peak RSS and the RSS at its end, over the baseline (MB); the
     peak restarts at each boundary (``/proc/self/clear_refs``), so the run's peak is their max.
     The first step holds compilation (both Trainers compile at their first forward)."""
 
@@ -91,7 +91,7 @@ def phase_callback(base: type):
             self.baseline, self.phases, self.name = C.status_mb("VmRSS"), [], "before the first step"
             C.reset_peak_rss()
 
-        def mark(self, next_name: str):
+        def mark(self, next_name: str | None = None):
             self.phases.append({"phase": self.name, "peak_mb": C.status_mb("VmHWM") - self.baseline,
                                 "end_mb": C.status_mb("VmRSS") - self.baseline})
             self.name = next_name
