@@ -145,7 +145,7 @@ def _corrupt(path, kind):
 
 @pytest.mark.parametrize("kind, match", [
     ("truncated", "train_state.safetensors.*bytes.*truncated"),
-    ("flipped", "train_state.safetensors.*sha256"),
+    ("flipped", "train_state.safetensors.*checksum \\(xxh3_128\\)"),
     ("missing", "missing 'model.safetensors'"),
     ("no_manifest", "no manifest.json"),
     ("bad_manifest", "manifest.json is unreadable"),
@@ -192,7 +192,7 @@ def test_pickle_disguised_as_safetensors_is_rejected(saved, tmp_path):
     with open(target, "wb") as f:
         pickle.dump(_Bomb(str(marker)), f)
     manifest = ck.read_manifest(path)  # an attacker who also fixes the manifest
-    manifest["files"][ck.STATE_FILE] = {"sha256": ck._sha256(target), "bytes": os.path.getsize(target)}
+    manifest["files"][ck.STATE_FILE] = ck.file_entry(target)
     json.dump(manifest, open(os.path.join(path, ck.MANIFEST_FILE), "w"))
     ck.verify_checkpoint(path)
     with pytest.raises(ck.CheckpointError, match="not a readable safetensors file"):

@@ -1,11 +1,12 @@
 """Checkpoint I/O costs: hashes taken as files are written (no read-back), and a resume that reads
 each byte of the checkpoint once and loads exactly the bytes it verified."""
 
-import hashlib
+import json
 import os
 
 import pytest
 import torch
+import xxhash
 from torch import nn
 
 import functrain as ft
@@ -37,9 +38,9 @@ def _state(model):
     return state.replace(opt_state=opt)  # (params stay the model's: the weights file holds those)
 
 
-def _file_sha256(path):
+def _file_xxh3(path):
     with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
+        return xxhash.xxh3_128(f.read()).hexdigest()
 
 
 def _save(tmp_path, model=None):
@@ -52,8 +53,8 @@ def _save(tmp_path, model=None):
 
 def test_own_files_are_hashed_while_written_not_read_back(tmp_path, monkeypatch):
     read_back = []
-    hash_file = ck._sha256
-    monkeypatch.setattr(ck, "_sha256", lambda p: read_back.append(os.path.basename(p)) or hash_file(p))
+    hash_file = ck.file_entry
+    monkeypatch.setattr(ck, "file_entry", lambda p, *a: read_back.append(os.path.basename(p)) or hash_file(p, *a))
     path, _, _ = _save(tmp_path)
     # The weights, train state and generators are functrain's own safetensors: none is read back;
     # only the JSON a library wrote (trainer_state.json) is.
@@ -61,7 +62,7 @@ def test_own_files_are_hashed_while_written_not_read_back(tmp_path, monkeypatch)
     manifest = ck.read_manifest(path)
     for rel in (ck.MODEL_FILE, ck.STATE_FILE, ck.RNG_FILE, ck.TRAINER_STATE_FILE):
         full = os.path.join(path, rel)
-        assert manifest["files"][rel] == {"sha256": _file_sha256(full), "bytes": os.path.getsize(full)}
+        assert manifest["files"][rel] == {"xxh3_128": _file_xxh3(full), "bytes": os.path.getsize(full)}
     ck.verify_checkpoint(path)
 
 
@@ -76,8 +77,8 @@ def _counting_reads(monkeypatch):
         counts[os.path.basename(full)] = counts.get(os.path.basename(full), 0) + len(data)
         return data
 
-    def counted_hash(full):
-        size, digest = hash_file(full)
+    def counted_hash(full, algorithm):
+        size, digest = hash_file(full, algorithm)
         counts[os.path.basename(full)] = counts.get(os.path.basename(full), 0) + size
         return size, digest
 
@@ -115,7 +116,7 @@ def test_loading_uses_the_verified_bytes_not_the_disk(tmp_path):
         f.write(b"\xff\xff\xff\x7f")
     loaded = ck.load_train_state(found, _state(Mixed()), model)
     assert all(torch.equal(a, b) for a, b in zip(ft.tree.leaves(loaded), ft.tree.leaves(state)))
-    with pytest.raises(ck.CheckpointError, match="sha256"):
+    with pytest.raises(ck.CheckpointError, match="fails its checksum"):
         ck.read_checkpoint(path)
 
 
@@ -149,6 +150,15 @@ def test_read_checkpoint_refuses_a_symlinked_file(tmp_path):
         ck.read_checkpoint(path)
 
 
+def _rewrite_with(path, algorithm):
+    """The manifest as a checkpoint hashed with ``algorithm`` has it (version 1 wrote sha256)."""
+    manifest = ck.read_manifest(path)
+    manifest["files"] = {rel: ck.file_entry(os.path.join(path, rel), algorithm) for rel in manifest["files"]}
+    manifest["version"] = 1 if algorithm == "sha256" else ck.VERSION
+    with open(os.path.join(path, ck.MANIFEST_FILE), "w") as f:
+        json.dump(manifest, f)
+
+
 class StopAt(TrainerCallback):
     def __init__(self, step):
         self.step = step
@@ -172,13 +182,16 @@ def _trainer(out, **kw):
     return Trainer(model=make_model(), args=args, train_dataset=make_dataset())
 
 
-def test_trainer_resume_reads_the_checkpoint_once(tmp_path, monkeypatch):
+@pytest.mark.parametrize("algorithm", sorted(ck.CHECKSUMS))
+def test_trainer_resume_reads_the_checkpoint_once(tmp_path, monkeypatch, algorithm):
+    """Also for every checksum: a checkpoint of manifest version 1 (sha256) resumes exactly."""
     reference = _trainer(tmp_path / "ref")
     reference.train()
     first = _trainer(tmp_path / "run")
     first.add_callback(StopAt(3))
     first.train()
     newest = ck.checkpoint_path(str(tmp_path / "run"), 3)
+    _rewrite_with(newest, algorithm)
     counts = _counting_reads(monkeypatch)
     second = _trainer(tmp_path / "run")
     second.add_callback(Undo(monkeypatch))  # the resume is done: saving may read what it wrote
@@ -186,3 +199,43 @@ def test_trainer_resume_reads_the_checkpoint_once(tmp_path, monkeypatch):
     assert counts == _listed_sizes(newest)
     got, want = params_of(second), params_of(reference)
     assert all(torch.equal(got[n], want[n]) for n in want)
+
+
+@pytest.mark.parametrize("algorithm", sorted(ck.CHECKSUMS))
+def test_each_checksum_loads_and_detects_corruption(tmp_path, algorithm):
+    path, model, state = _save(tmp_path)
+    _rewrite_with(path, algorithm)
+    for keep in (True, False):  # read-and-keep and verify-only hash differently
+        loaded = ck.load_train_state(ck.read_checkpoint(path, keep=keep), _state(Mixed()), model)
+        assert all(torch.equal(a, b) for a, b in zip(ft.tree.leaves(loaded), ft.tree.leaves(state)))
+    target = os.path.join(path, ck.STATE_FILE)
+    with open(target, "r+b") as f:  # one flipped bit in the data
+        f.seek(-3, os.SEEK_END)
+        byte = f.read(1)
+        f.seek(-3, os.SEEK_END)
+        f.write(bytes([byte[0] ^ 0x01]))
+    for keep in (True, False):
+        with pytest.raises(ck.CheckpointError, match=rf"train_state.safetensors.*fails its checksum \({algorithm}\)"):
+            ck.read_checkpoint(path, keep=keep)
+    data = open(target, "rb").read()
+    with open(target, "wb") as f:  # truncated
+        f.write(data[:-8])
+    with pytest.raises(ck.CheckpointError, match="truncated"):
+        ck.read_checkpoint(path)
+    assert ck.find_resumable_checkpoint(os.path.dirname(path)) is None
+
+
+@pytest.mark.parametrize("entry, problem", [
+    ({"bytes": 3}, "one checksum"),
+    ({"bytes": 3, "sha256": "ab" * 32, "xxh3_128": "ab" * 16}, "one checksum"),
+    ({"bytes": 3, "xxh3_128": "ab" * 32}, "one checksum"),  # a sha256-long digest under xxh3_128
+    ({"bytes": 3, "md5": "ab" * 16}, "one checksum"),
+])
+def test_manifest_entry_needs_exactly_one_known_checksum(tmp_path, entry, problem):
+    path, _, _ = _save(tmp_path)
+    manifest = ck.read_manifest(path)
+    manifest["files"][ck.RNG_FILE] = entry
+    with open(os.path.join(path, ck.MANIFEST_FILE), "w") as f:
+        json.dump(manifest, f)
+    with pytest.raises(ck.CheckpointError, match=problem):
+        ck.read_checkpoint(path)

@@ -222,7 +222,7 @@ def _list_outside_file(tmp_path, absolute):
         outside = tmp_path / "outside.bin"
         outside.write_bytes(b"not yours")
         rel = str(outside) if absolute else os.path.join("..", "..", "outside.bin")
-        manifest["files"][rel] = {"sha256": ck._sha256(str(outside)), "bytes": outside.stat().st_size}
+        manifest["files"][rel] = ck.file_entry(str(outside))
     return edit
 
 

@@ -12,13 +12,18 @@ A checkpoint holds
   pytree path (:func:`functrain.tree.paths`);
 - ``rng_state.safetensors``: the global torch / numpy / Python generators;
 - ``trainer_state.json``, ``training_args.json``;
-- ``manifest.json``: size and sha256 of every file above, written last.
+- ``manifest.json``: size and checksum of every file above, written last.
 
 It is written into a temporary folder next to its final place, every file and the folder are
-fsynced, then the folder is renamed: a crash leaves either the whole checkpoint or none. The
-safetensors files functrain saves itself are hashed from the tensors in memory as they are written
-(no read-back of their data); files a library writes (``save_pretrained``'s, the JSON files) are
-hashed once after.
+fsynced, then the folder is renamed: a crash leaves either the whole checkpoint or none. Each file
+is hashed and fsynced in a background thread while the next one is written: the safetensors files
+functrain saves itself are hashed from the tensors in memory (no read-back of their data); files a
+library writes (``save_pretrained``'s, the JSON files) from the page cache.
+
+The checksum is an integrity check, not a signature: xxh3_128 (checkpoints of manifest version 1
+carry sha256, which is still read: each manifest entry names its algorithm). A cryptographic hash
+would add no security, since the manifest sits in the folder it describes; what must be caught is
+a torn, truncated or corrupted file.
 Loading verifies the manifest first and only ever parses safetensors and JSON; files that look like
 pickles (``optimizer.pt``, ``*.bin``, ``*.pkl`` ...) are reported and ignored, never opened.
 :func:`read_checkpoint` reads each listed file once: its bytes are hashed and parsed from the same
@@ -31,9 +36,11 @@ lists it under a plain relative name and it is a regular file inside the folder 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
+import mmap
 import os
 import random
 import re
@@ -46,6 +53,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import xxhash
 from safetensors import safe_open
 from safetensors.torch import load as load_safetensors_bytes, save_file
 
@@ -64,7 +72,13 @@ MANIFEST_FILE = "manifest.json"
 BUFFERS_KEY = "buffers"  # train_state metadata: "from_model" when buffers are not in the file (PEFT)
 SHARDED_LAYOUT_FILE = "train_state_layout.json"  # see functrain.parallel.checkpoint
 FORMAT = "functrain.checkpoint"
-VERSION = 1
+VERSION = 2  # 2: xxh3_128 checksums (1: sha256; both are read)
+# The manifest's integrity checksums: {name: (constructor, hex digits)}. The manifest lives in the
+# folder it checks, so a cryptographic hash would add no security: anyone who can change a file
+# can rewrite its entry. What it must catch is a torn, truncated or bit-flipped file, which
+# xxh3_128 does at memory speed (~30 GB/s on one core; sha256 runs at 0.3-0.8 GB/s).
+CHECKSUMS = {"xxh3_128": (xxhash.xxh3_128, 32), "sha256": (hashlib.sha256, 64)}
+CHECKSUM = "xxh3_128"  # what new checkpoints use
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt", ".joblib")
 CHECKPOINT_RE = re.compile(rf"^{PREFIX}-(\d+)$")
 
@@ -110,12 +124,13 @@ def save_checkpoint(output_dir: str, step: int, *, model, train_state=None, trai
     resumable.
     """
 
-    def write_files(tmp: str, hashes: dict) -> None:
-        written = write_model(model, tmp, processing_class=processing_class, hashes=hashes, state_dict=model_state_dict)
+    def write_files(tmp: str, written: WrittenFiles) -> None:
+        model_keys = write_model(model, tmp, processing_class=processing_class, written=written,
+                                 state_dict=model_state_dict)
         if train_state is not None:
-            write_train_state(train_state, model, tmp, model_keys=written, hashes=hashes)
+            write_train_state(train_state, model, tmp, model_keys=model_keys, written=written)
             if save_rng:
-                write_rng_state(tmp, hashes=hashes)
+                write_rng_state(tmp, written=written)
         if trainer_state is not None:
             trainer_state.save_to_json(os.path.join(tmp, TRAINER_STATE_FILE))
         if args is not None:
@@ -130,9 +145,9 @@ def save_tree_checkpoint(output_dir: str, step: int, state, progress: dict) -> s
     JSON-able dict: step, data position, hook states) as ``trainer_state.json``. Atomic, as
     :func:`save_checkpoint`; :func:`load_tree` reads it back."""
 
-    def write_files(tmp: str, hashes: dict) -> None:
-        write_train_state(state, None, tmp, model_keys=set(), hashes=hashes)
-        write_rng_state(tmp, hashes=hashes)
+    def write_files(tmp: str, written: WrittenFiles) -> None:
+        write_train_state(state, None, tmp, model_keys=set(), written=written)
+        write_rng_state(tmp, written=written)
         with open(os.path.join(tmp, TRAINER_STATE_FILE), "w", encoding="utf-8") as f:
             json.dump(progress, f, indent=2, sort_keys=True)
 
@@ -140,18 +155,19 @@ def save_tree_checkpoint(output_dir: str, step: int, state, progress: dict) -> s
 
 
 def write_checkpoint(output_dir: str, step: int, write_files, *, resumable: bool) -> str:
-    """The atomic part of every checkpoint: ``write_files(tmp, hashes)`` fills a temporary folder
-    (recording in ``hashes`` the manifest entries of the files it hashed while writing), then the
-    manifest (sizes, sha256) is written last, everything is fsynced and the folder renamed to
-    ``checkpoint-{step}``. A crash leaves the whole checkpoint or none."""
+    """The atomic part of every checkpoint: ``write_files(tmp, written)`` fills a temporary folder
+    (handing each file to ``written``, which hashes and fsyncs it in the background while the next
+    file is written), then the manifest (sizes, checksums) is written last, everything is fsynced
+    and the folder renamed to ``checkpoint-{step}``. A crash leaves the whole checkpoint or none."""
     os.makedirs(output_dir, exist_ok=True)
     final = checkpoint_path(output_dir, step)
     tmp = os.path.join(output_dir, f".tmp-{PREFIX}-{step}-{uuid.uuid4().hex[:8]}")
     os.makedirs(tmp)
     try:
-        hashes: dict[str, dict] = {}
-        write_files(tmp, hashes)
-        write_manifest(tmp, step=step, resumable=resumable, known=hashes)
+        with WrittenFiles(tmp) as written:
+            write_files(tmp, written)
+            written.add_unlisted()  # the JSON files, written last
+        write_manifest(tmp, step=step, resumable=resumable, known=written.entries)
         fsync_dir(tmp)
         replace_dir(tmp, final)
     except BaseException:
@@ -182,15 +198,14 @@ def remove_stale_temporaries(output_dir: str) -> None:
             shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
 
 
-def write_model(model, folder: str, *, processing_class=None, hashes: dict | None = None,
+def write_model(model, folder: str, *, processing_class=None, written: WrittenFiles | None = None,
                 state_dict: dict | None = None) -> set[str]:
     """Save the model's weights (and config, tokenizer) into ``folder``; return the tensor names written.
 
-    ``state_dict``: the weights to write instead of ``model.state_dict()`` (a sharded module's
-    gathered full weights, as ``save_pretrained(state_dict=...)`` takes them).
-
-    ``hashes``: receives the manifest entry of a weights file functrain serializes itself (a plain
-    module's); ``save_pretrained`` writes its own files, which the manifest hashes afterwards.
+    ``written``: the checkpoint's :class:`WrittenFiles`, which hashes and fsyncs every file written
+    here in the background (without it, each is fsynced before this returns). ``state_dict``: the
+    weights to write instead of ``model.state_dict()`` (a sharded module's gathered full weights, as
+    ``save_pretrained(state_dict=...)`` takes them).
     """
     os.makedirs(folder, exist_ok=True)
     adapter_only = saves_adapter_only(model)
@@ -198,12 +213,14 @@ def write_model(model, folder: str, *, processing_class=None, hashes: dict | Non
         model.save_pretrained(folder, state_dict=state_dict)
     else:
         sd = model.state_dict() if state_dict is None else state_dict
-        write_safetensors(folder, MODEL_FILE, _dedup_state_dict(sd), {"format": "pt"}, hashes)
+        write_safetensors(folder, MODEL_FILE, _dedup_state_dict(sd), {"format": "pt"}, written)
     if processing_class is not None and hasattr(processing_class, "save_pretrained"):
         processing_class.save_pretrained(folder)
-    for name in os.listdir(folder):
-        if hashes is None or name not in hashes:  # written and fsynced above
+    if written is None:
+        for name in os.listdir(folder):
             fsync_file(os.path.join(folder, name))
+    else:
+        written.add_unlisted()  # save_pretrained's files: hashed from the page cache
     return set() if adapter_only else set(weights_index(folder))
 
 
@@ -239,7 +256,7 @@ def _dedup_state_dict(sd: dict) -> dict:
     return out
 
 
-def write_train_state(state, model, folder: str, *, model_keys: set[str], hashes: dict | None = None) -> None:
+def write_train_state(state, model, folder: str, *, model_keys: set[str], written: WrittenFiles | None = None) -> None:
     """Save every TrainState leaf not already in the model file, keyed by its pytree path.
 
     With ``model=None`` (any pytree of states, see :func:`save_tree_checkpoint`) every leaf is saved.
@@ -260,7 +277,7 @@ def write_train_state(state, model, folder: str, *, model_keys: set[str], hashes
     metadata = {"format": FORMAT, **({BUFFERS_KEY: "from_model"} if buffers_from_model else {})}
     if hasattr(state, "opt_state"):  # a TrainState (tree checkpoints hold any pytree)
         metadata["opt_state_structure"] = opt_state_structure(state)
-    write_safetensors(folder, STATE_FILE, tensors, metadata, hashes)
+    write_safetensors(folder, STATE_FILE, tensors, metadata, written)
 
 
 def opt_state_structure(state) -> str:
@@ -294,7 +311,7 @@ def model_file_name(path: str, aliases: dict, model_keys: set[str]) -> str | Non
     return None
 
 
-def write_rng_state(folder: str, *, hashes: dict | None = None) -> None:
+def write_rng_state(folder: str, *, written: WrittenFiles | None = None) -> None:
     """The global generators (torch CPU/CUDA, numpy, Python ``random``) as tensors."""
     np_state = np.random.get_state()
     py_version, py_internal, py_gauss = random.getstate()
@@ -311,38 +328,84 @@ def write_rng_state(folder: str, *, hashes: dict | None = None) -> None:
         "numpy_cached_gaussian": repr(float(np_state[4])), "python_version": str(py_version),
         "python_gauss": "" if py_gauss is None else repr(float(py_gauss)),
     }
-    write_safetensors(folder, RNG_FILE, tensors, metadata, hashes)
+    write_safetensors(folder, RNG_FILE, tensors, metadata, written)
 
 
-def write_safetensors(folder: str, rel: str, tensors: dict, metadata: dict, hashes: dict | None) -> None:
-    """Save ``tensors`` as safetensors into ``folder/rel`` (fsynced); its manifest entry goes into
-    ``hashes`` (when given).
-
-    The sha256 is taken over the bytes safetensors wrote, but from memory: the file's header (a few
-    KB, read back) and then each tensor's bytes in the header's order, while the file is fsynced
-    (which releases the GIL) in a second thread. The tensor data is never read back.
-    """
+def write_safetensors(folder: str, rel: str, tensors: dict, metadata: dict, written: WrittenFiles | None) -> None:
+    """Save ``tensors`` as safetensors into ``folder/rel``; ``written`` (when given) hashes it from
+    the tensors in memory and fsyncs it in the background, else it is fsynced before this returns."""
     path = os.path.join(folder, rel)
     save_file(tensors, path, metadata=metadata)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="functrain-fsync") as pool:
-        synced = pool.submit(fsync_file, path)
-        entry = _entry_as_written(path, tensors)
-        synced.result()
-    if hashes is not None:
-        hashes[rel] = entry
+    if written is None:
+        fsync_file(path)
+    else:
+        written.add_tensors_file(rel, tensors)
+
+
+class WrittenFiles:
+    """The files of a checkpoint being written: each is hashed and fsynced in a background thread
+    while the next one is written (the hash, safetensors' write and fsync all release the GIL).
+
+    Use as a context manager around the writes; on leaving, every file is hashed and durable, and
+    :attr:`entries` holds their manifest entries. ``known``: entries of files written elsewhere
+    (other ranks' shards), neither hashed nor fsynced here. The tensors handed to
+    :meth:`add_tensors_file` must not change until then.
+    """
+
+    def __init__(self, folder: str, known: dict | None = None):
+        self.folder = folder
+        self.entries: dict[str, dict] = dict(known or {})
+        self._pending: dict = {}
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="functrain-ckpt")
+
+    def __contains__(self, rel: str) -> bool:
+        return rel in self.entries or rel in self._pending
+
+    def add_tensors_file(self, rel: str, tensors: dict) -> None:
+        """A safetensors file just written from ``tensors``: hashed from memory (no read-back)."""
+        self._pending[rel] = self._pool.submit(self._finish, rel, lambda full: _entry_as_written(full, tensors))
+
+    def add_file(self, rel: str) -> None:
+        """A file a library wrote: hashed from the page cache."""
+        self._pending[rel] = self._pool.submit(self._finish, rel, file_entry)
+
+    def add_unlisted(self) -> None:
+        """Every file of the folder not handed over yet (the JSON files a library wrote)."""
+        for name in os.listdir(self.folder):
+            if name not in self and os.path.isfile(os.path.join(self.folder, name)):
+                self.add_file(name)
+
+    def _finish(self, rel: str, entry_of) -> dict:
+        full = os.path.join(self.folder, rel)
+        entry = entry_of(full)
+        fsync_file(full)
+        return entry
+
+    def __enter__(self) -> "WrittenFiles":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            for rel, done in self._pending.items():  # waits even after an error: no write outlives the folder
+                entry = done.result() if exc_type is None else done.exception()
+                if exc_type is None:
+                    self.entries[rel] = entry
+        finally:
+            self._pending.clear()
+            self._pool.shutdown(wait=True)
 
 
 def _entry_as_written(path: str, tensors: dict) -> dict:
     """The manifest entry of the safetensors file at ``path`` that :func:`save_file` just wrote
     from ``tensors``: header bytes from the file, data bytes from the tensors."""
     if sys.byteorder != "little":  # safetensors byte-swaps on big-endian machines: hash the file
-        return {"sha256": _sha256(path), "bytes": os.path.getsize(path)}
+        return file_entry(path)
     with open(path, "rb") as f:
         head = f.read(8)
         head += f.read(int.from_bytes(head, "little"))
     layout = json.loads(head[8:])
     layout.pop("__metadata__", None)
-    h, end = hashlib.sha256(head), 0
+    h, end = new_checksum(CHECKSUM, head), 0
     for name, info in sorted(layout.items(), key=lambda kv: kv[1]["data_offsets"]):
         data = _bytes_of(tensors[name])
         if info["data_offsets"] != [end, end + len(data)]:  # never, unless safetensors changes its layout
@@ -352,7 +415,7 @@ def _entry_as_written(path: str, tensors: dict) -> dict:
     size = os.path.getsize(path)
     if size != len(head) + end:
         raise CheckpointError(f"{path!r} has {size} bytes, its header describes {len(head) + end}")
-    return {"sha256": h.hexdigest(), "bytes": size}
+    return {CHECKSUM: h.hexdigest(), "bytes": size}
 
 
 def _bytes_of(t: torch.Tensor):
@@ -362,7 +425,7 @@ def _bytes_of(t: torch.Tensor):
 
 def write_manifest(folder: str, *, step: int, resumable: bool, known: dict | None = None) -> None:
     """Write ``manifest.json`` listing every file in ``folder``; ``known``: entries of files hashed
-    while written (the others, written by libraries, are hashed here)."""
+    while written and fsynced (the others are hashed and fsynced here)."""
     known = known or {}
     files = {}
     for root, _dirs, names in os.walk(folder):
@@ -373,7 +436,10 @@ def write_manifest(folder: str, *, step: int, resumable: bool, known: dict | Non
                 continue
             size = os.path.getsize(full)
             entry = known.get(rel)
-            files[rel] = entry if entry is not None and entry["bytes"] == size else {"sha256": _sha256(full), "bytes": size}
+            if entry is None or entry["bytes"] != size:
+                entry = file_entry(full)
+                fsync_file(full)
+            files[rel] = entry
     manifest = {"format": FORMAT, "version": VERSION, "step": step, "resumable": resumable, "files": files}
     path = os.path.join(folder, MANIFEST_FILE)
     with open(path, "w", encoding="utf-8") as f:
@@ -382,12 +448,20 @@ def write_manifest(folder: str, *, step: int, resumable: bool, known: dict | Non
         os.fsync(f.fileno())
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def new_checksum(algorithm: str, data=b""):
+    """A running checksum of ``algorithm`` (a :data:`CHECKSUMS` name) started with ``data``."""
+    return CHECKSUMS[algorithm][0](data)
+
+
+def file_entry(path: str, algorithm: str = CHECKSUM) -> dict:
+    """The manifest entry ``{algorithm: hex digest, "bytes": size}`` of the file at ``path``
+    (hashed through a memory map: no copy out of the page cache)."""
+    size = os.path.getsize(path)
+    h = new_checksum(algorithm)
+    if size:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            h.update(m)
+    return {algorithm: h.hexdigest(), "bytes": size}
 
 
 def fsync_file(path: str) -> None:
@@ -419,22 +493,27 @@ def verify_checkpoint(path: str, *, require_resumable: bool = True) -> dict:
     """Check a checkpoint folder against its manifest; return the manifest or raise CheckpointError.
 
     The manifest's shape is checked, every listed file must be a regular file inside the folder
-    with the listed size and sha256 (each file is read once, in chunks, and nothing is kept).
+    with the listed size and checksum (each file is read once, in chunks, and nothing is kept).
     Pickle-looking files are reported with a warning and ignored (never opened).
     """
     return _verified(path, require_resumable=require_resumable, keep=False).manifest
 
 
-def read_checkpoint(path: str, *, require_resumable: bool = True, keep: bool = True) -> "VerifiedCheckpoint":
+def read_checkpoint(path: str, *, require_resumable: bool = True, keep: bool = True,
+                    only=None) -> "VerifiedCheckpoint":
     """Verify a checkpoint as :func:`verify_checkpoint` does and keep what it read: each listed
     file is read once, hashed, and its safetensors are parsed from the same bytes, so the
     loaders given the result (:func:`load_train_state`, :func:`load_rng_state`,
     :func:`non_finite_tensors`, ...) read nothing from the disk again. ``keep=False``: verify
-    only (the loaders then read from the disk, e.g. each rank its own rows)."""
-    return _verified(path, require_resumable=require_resumable, keep=keep)
+    only (the loaders then read from the disk).
+
+    ``only``: the names of the files to read (verify, keep); the other listed files are checked
+    for presence and size only, not read: another process verifies them (the other ranks' shards
+    of a sharded checkpoint, see :mod:`functrain.parallel.checkpoint`) or nothing loads them."""
+    return _verified(path, require_resumable=require_resumable, keep=keep, only=only)
 
 
-def _verified(path: str, *, require_resumable: bool, keep: bool) -> "VerifiedCheckpoint":
+def _verified(path: str, *, require_resumable: bool, keep: bool, only=None) -> "VerifiedCheckpoint":
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint {path!r} does not exist or is not a folder")
     warn_about_pickles(path)
@@ -442,19 +521,20 @@ def _verified(path: str, *, require_resumable: bool, keep: bool) -> "VerifiedChe
     files = manifest["files"]
     if require_resumable:
         _check_resumable(path, manifest)
-    # A sharded train state is read row by row, each rank its own (functrain.parallel.checkpoint).
-    keep = keep and SHARDED_LAYOUT_FILE not in files
     contents: dict[str, bytes] = {}
     for rel, entry in files.items():
         full = safe_file(path, rel, files)
-        if keep and rel.endswith((".safetensors", ".json")):
+        if only is not None and rel not in only:
+            _check_entry(path, rel, entry, os.lstat(full).st_size, None)
+        elif keep and rel.endswith((".safetensors", ".json")):
             data = read_file(full, entry["bytes"])
-            _check_entry(path, rel, entry, len(data), hashlib.sha256(data).hexdigest())
+            _check_entry(path, rel, entry, len(data), new_checksum(entry_checksum(entry), data).hexdigest())
             contents[rel] = data
         else:
-            size, digest = _hash_file(full)
+            size, digest = _hash_file(full, entry_checksum(entry))
             _check_entry(path, rel, entry, size, digest)
-    return VerifiedCheckpoint(path, manifest, contents)
+    verified = set(files) if only is None else set(files) & set(only)
+    return VerifiedCheckpoint(path, manifest, contents, verified)
 
 
 def _check_resumable(path: str, manifest: dict) -> None:
@@ -468,12 +548,19 @@ def _check_resumable(path: str, manifest: dict) -> None:
             raise CheckpointError(f"checkpoint {path!r} has no {needed!r}; it cannot be resumed from")
 
 
-def _check_entry(path: str, rel: str, entry: dict, size: int, digest: str) -> None:
+def _check_entry(path: str, rel: str, entry: dict, size: int, digest: str | None) -> None:
+    """Raise when a file's size or checksum is not its manifest entry's (``digest=None``: size only)."""
     if size != entry["bytes"]:
         raise CheckpointError(f"checkpoint {path!r}: {rel!r} has {size} bytes, the manifest says "
                               f"{entry['bytes']} (truncated or overwritten)")
-    if digest != entry["sha256"]:
-        raise CheckpointError(f"checkpoint {path!r}: {rel!r} fails its sha256 check (corrupted)")
+    algorithm = entry_checksum(entry)
+    if digest is not None and digest != entry[algorithm]:
+        raise CheckpointError(f"checkpoint {path!r}: {rel!r} fails its checksum ({algorithm}): it is corrupted")
+
+
+def entry_checksum(entry: dict) -> str:
+    """The checksum algorithm of a (shape-checked) manifest entry: the one :data:`CHECKSUMS` key it has."""
+    return next(name for name in CHECKSUMS if name in entry)
 
 
 def read_file(full: str, expected: int) -> bytes:
@@ -483,9 +570,9 @@ def read_file(full: str, expected: int) -> bytes:
         return f.read(expected + 1)
 
 
-def _hash_file(full: str) -> tuple[int, str]:
-    """``(size, sha256)`` of a file read once in chunks."""
-    h, size = hashlib.sha256(), 0
+def _hash_file(full: str, algorithm: str) -> tuple[int, str]:
+    """``(size, hex digest)`` of a file read once in chunks."""
+    h, size = new_checksum(algorithm), 0
     with _open_no_follow(full) as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
@@ -504,11 +591,13 @@ class VerifiedCheckpoint:
 
     From :func:`read_checkpoint` it holds the bytes of its safetensors and JSON files as they were
     verified (the loaders parse them; the disk is not read again); from :func:`verify_checkpoint`
-    (``contents`` empty) it reads from the folder like a path does.
+    (``contents`` empty) it reads from the folder like a path does. ``verified``: the files whose
+    checksum this process checked (all listed ones, unless ``read_checkpoint(only=...)``).
     """
 
-    def __init__(self, path: str, manifest: dict, contents: dict[str, bytes]):
+    def __init__(self, path: str, manifest: dict, contents: dict[str, bytes], verified=None):
         self.path, self.manifest, self.listed = path, manifest, manifest["files"]
+        self.verified = set(self.listed) if verified is None else set(verified)
         self._contents = contents
         self._parsed: dict[str, tuple[dict, dict]] = {}
 
@@ -580,16 +669,24 @@ def _manifest_problem(manifest) -> str | None:
             return f"{key!r} is {value!r}, expected {kind.__name__}"
     files = manifest.get("files")
     if not isinstance(files, dict):
-        return f"'files' is a {type(files).__name__}, expected an object of name -> {{sha256, bytes}}"
+        return f"'files' is a {type(files).__name__}, expected an object of name -> {{checksum, bytes}}"
     for rel, entry in files.items():
         bad = _unsafe_name(rel)
         if bad:
             return f"file name {rel!r} {bad}"
-        if not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and len(entry["sha256"]) == 64
-                and isinstance(entry.get("bytes"), int) and not isinstance(entry["bytes"], bool)
-                and entry["bytes"] >= 0):
-            return f"entry for {rel!r} is {entry!r}, expected {{'sha256': 64 hex digits, 'bytes': int >= 0}}"
+        if not (isinstance(entry, dict) and _has_one_checksum(entry) and isinstance(entry.get("bytes"), int)
+                and not isinstance(entry["bytes"], bool) and entry["bytes"] >= 0):
+            expected = " or ".join(f"{name!r}: {digits} hex digits" for name, (_, digits) in CHECKSUMS.items())
+            return f"entry for {rel!r} is {entry!r}, expected {{'bytes': int >= 0}} and one checksum ({expected})"
     return None
+
+
+def _has_one_checksum(entry: dict) -> bool:
+    named = [name for name in CHECKSUMS if name in entry]
+    if len(named) != 1:
+        return False
+    digest, digits = entry[named[0]], CHECKSUMS[named[0]][1]
+    return isinstance(digest, str) and len(digest) == digits
 
 
 def _unsafe_name(rel) -> str | None:
@@ -657,16 +754,16 @@ def find_resumable_checkpoint(output_dir: str, *, require_finite: bool = False) 
     return None if found is None else found.path
 
 
-def read_resumable_checkpoint(output_dir: str, *, require_finite: bool = False,
-                              keep: bool = True) -> VerifiedCheckpoint | None:
+def read_resumable_checkpoint(output_dir: str, *, require_finite: bool = False, keep: bool = True,
+                              read=None) -> VerifiedCheckpoint | None:
     """:func:`find_resumable_checkpoint`, returning the checkpoint as :func:`read_checkpoint`
-    read it (``keep=False``: verified only, as :func:`verify_checkpoint`)."""
+    read it (``keep=False``: verified only, as :func:`verify_checkpoint`). ``read(path,
+    require_finite)``: how to read one candidate (raising :class:`CheckpointError` for a bad one);
+    :func:`functrain.parallel.checkpoint.read_resumable_checkpoint` reads each rank's part."""
+    read = read or functools.partial(read_finite_checkpoint, keep=keep)
     for step, path in reversed(checkpoint_dirs(output_dir)):
         try:
-            found = read_checkpoint(path, keep=keep)
-            bad = non_finite_tensors(found) if require_finite else []
-            if bad:
-                raise CheckpointError(f"it holds non-finite values (NaN/Inf) in {bad}")
+            found = read(path, require_finite)
         except CheckpointError as e:
             logger.warning("skipping %s: %s", os.path.basename(path), e)
             continue
@@ -675,10 +772,19 @@ def read_resumable_checkpoint(output_dir: str, *, require_finite: bool = False,
     return None
 
 
+def read_finite_checkpoint(path: str, require_finite: bool, *, keep: bool = True) -> VerifiedCheckpoint:
+    """:func:`read_checkpoint`; with ``require_finite``, a checkpoint holding NaN/Inf is an error."""
+    found = read_checkpoint(path, keep=keep)
+    bad = non_finite_tensors(found) if require_finite else []
+    if bad:
+        raise CheckpointError(f"it holds non-finite values (NaN/Inf) in {bad}")
+    return found
+
+
 # -- loading ----------------------------------------------------------------------------------------
 #
 # Every loader takes a folder path or a VerifiedCheckpoint (from read_checkpoint: the verified bytes
-# are parsed, the disk is not read again) and reads through _files().
+# are parsed, the disk is not read again) and reads through checkpoint_files().
 
 
 class _DiskFiles:
@@ -707,6 +813,13 @@ class _DiskFiles:
         with open_safetensors(_checked(self.path, rel, self.listed)) as f:
             return f.metadata() or {}
 
+    def rows(self, rel: str, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``[start, stop)`` (clipped to the tensor's) of ``key``, reading only those."""
+        with open_safetensors(_checked(self.path, rel, self.listed)) as f:
+            part = f.get_slice(key)
+            n = part.get_shape()[0]
+            return part[min(start, n):min(stop, n)]
+
     def json(self, rel: str):
         with open(_checked(self.path, rel, self.listed), encoding="utf-8") as f:
             return json.load(f)
@@ -731,11 +844,18 @@ class _HeldFiles(_DiskFiles):
     def metadata(self, rel: str) -> dict:
         return self.checkpoint.metadata(rel) if self.checkpoint.holds(rel) else super().metadata(rel)
 
+    def rows(self, rel: str, key: str, start: int, stop: int) -> torch.Tensor:
+        if not self.checkpoint.holds(rel):
+            return super().rows(rel, key, start, stop)
+        whole = self.checkpoint.tensors(rel)[key]
+        part = whole[start:stop]
+        return whole if part.shape == whole.shape else part.clone()  # a view would pin the whole tensor
+
     def json(self, rel: str):
         return self.checkpoint.json(rel) if self.checkpoint.holds(rel) else super().json(rel)
 
 
-def _files(source) -> _DiskFiles:
+def checkpoint_files(source) -> _DiskFiles:
     """The files of ``source``: a VerifiedCheckpoint's (held ones from memory) or a folder's (only
     those its manifest lists when it has one)."""
     if isinstance(source, VerifiedCheckpoint):
@@ -751,10 +871,10 @@ def weights_index(folder: str, listed=None) -> dict[str, str]:
     listed, and every shard it names must be listed too; without it (a folder just written), the
     folder's own files are read.
     """
-    return _weights_index(_DiskFiles(folder, listed))
+    return weights_index_in(_DiskFiles(folder, listed))
 
 
-def _weights_index(files: _DiskFiles) -> dict[str, str]:
+def weights_index_in(files: _DiskFiles) -> dict[str, str]:
     folder = files.path
     if files.has(MODEL_INDEX_FILE):
         try:
@@ -807,7 +927,7 @@ def _read_tensors(files: _DiskFiles, wanted: dict[str, str]) -> dict[str, torch.
 def check_optimizer_structure(folder, template) -> None:
     """Raise :class:`OptimizerMismatchError` when the checkpoint's optimizer state has another
     structure than ``template``'s (checkpoints from before this record are not checked)."""
-    files = _files(folder)
+    files = checkpoint_files(folder)
     if not files.has(STATE_FILE):
         return
     saved = files.metadata(STATE_FILE).get("opt_state_structure")
@@ -823,10 +943,12 @@ def _short(structure: str, limit: int = 300) -> str:
 
 def non_finite_tensors(folder, limit: int = 5) -> list[str]:
     """Names (``file:tensor``) of floating-point tensors holding NaN/Inf in the checkpoint's
-    weights and train state (up to ``limit``); the generators' file is not checked."""
-    files = _files(folder)
+    weights and train state (up to ``limit``); the generators' file is not checked. Of a
+    :class:`VerifiedCheckpoint`, only the files it verified (this process's part) are checked."""
+    files = checkpoint_files(folder)
     found = []
-    for rel in sorted(files.listed):
+    checked = folder.verified if isinstance(folder, VerifiedCheckpoint) else files.listed
+    for rel in sorted(checked):
         if not rel.endswith(".safetensors") or rel == RNG_FILE:
             continue
         for key, t in files.tensors(rel).items():
@@ -852,13 +974,13 @@ def load_train_state(folder, template, model):
     naming the leaf. With ``model=None`` every leaf comes from ``train_state.safetensors`` (any
     pytree, no model file). Only files the manifest lists are opened.
     """
-    files = _files(folder)
+    files = checkpoint_files(folder)
     if files.listed is None:
         read_manifest(files.path)  # raises: a checkpoint has a manifest
     state_keys = set(files.keys(STATE_FILE))
     buffers_from_model = files.metadata(STATE_FILE).get(BUFFERS_KEY) == "from_model"
     # An adapter checkpoint, or a tree checkpoint (model=None): no model file.
-    model_index = {} if buffers_from_model or model is None else _weights_index(files)
+    model_index = {} if buffers_from_model or model is None else weights_index_in(files)
     aliases = alias_groups(model)
     wanted_model, wanted_state = {}, {}
     paths = tree.paths(template)
@@ -893,8 +1015,8 @@ def load_model_weights(model, folder) -> None:
     """Copy the weights in ``folder`` into ``model`` (tied aliases may be absent from the file).
 
     In a checkpoint (a folder with a manifest) only listed files are read."""
-    files = _files(folder)
-    tensors = _read_tensors(files, _weights_index(files))
+    files = checkpoint_files(folder)
+    tensors = _read_tensors(files, weights_index_in(files))
     aliases = alias_groups(model)
     own = dict(model.state_dict(keep_vars=True))
     missing = [n for n in own if not any(a in tensors for a in aliases.get(n, [n]))]
@@ -910,7 +1032,7 @@ def load_model_weights(model, folder) -> None:
 
 def load_rng_state(folder) -> None:
     """Restore the global generators saved by :func:`write_rng_state` (if the manifest lists them)."""
-    files = _files(folder)
+    files = checkpoint_files(folder)
     if not files.has(RNG_FILE):
         return
     meta = files.metadata(RNG_FILE)
@@ -976,7 +1098,7 @@ def load_tree(folder, template) -> tuple[Any, dict]:
     or :func:`read_checkpoint`'s result), ``state`` shaped like ``template``; restores the global
     generators too."""
     state = load_train_state(folder, template, None)  # (raises for a folder without a manifest)
-    progress = _files(folder).json(TRAINER_STATE_FILE)
+    progress = checkpoint_files(folder).json(TRAINER_STATE_FILE)
     load_rng_state(folder)
     return state, progress
 

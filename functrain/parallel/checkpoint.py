@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 
 import torch
@@ -78,10 +79,10 @@ def save_sharded_checkpoint(output_dir: str, step: int, *, model, train_state, t
             elif r == 0:
                 tensors[path] = leaf.detach().contiguous().cpu()
                 offsets[path] = 0
-        hashes: dict[str, dict] = {}
-        ck.write_safetensors(tmp, shard_file_name(r, world), tensors,
-                             {"format": LAYOUT_FORMAT, "offsets": json.dumps(offsets)}, hashes)
-        hashes = _entries_of_all_ranks(hashes)  # each rank hashed its own shard while writing it
+        with ck.WrittenFiles(tmp) as written:  # hashed from memory, fsynced
+            ck.write_safetensors(tmp, shard_file_name(r, world), tensors,
+                                 {"format": LAYOUT_FORMAT, "offsets": json.dumps(offsets)}, written)
+        entries = _entries_of_all_ranks(written.entries)  # each rank hashed its own shard while writing it
         if r == 0:
             layout = {"format": LAYOUT_FORMAT, "world_size": world,
                       "files": [shard_file_name(i, world) for i in range(world)],
@@ -89,13 +90,16 @@ def save_sharded_checkpoint(output_dir: str, step: int, *, model, train_state, t
                                      "sharded": fd.is_dtensor(t)} for p, t in leaves.items()}}
             with open(os.path.join(tmp, LAYOUT_FILE), "w", encoding="utf-8") as f:
                 json.dump(layout, f, indent=1, sort_keys=True)
-            ck.write_model(model, tmp, processing_class=processing_class, hashes=hashes, state_dict=model_state_dict)
-            ck.write_rng_state(tmp, hashes=hashes)
-            if trainer_state is not None:
-                trainer_state.save_to_json(os.path.join(tmp, ck.TRAINER_STATE_FILE))
-            if args is not None:
-                args.save_to_json(os.path.join(tmp, ck.ARGS_FILE))
-            ck.write_manifest(tmp, step=step, resumable=True, known=hashes)
+            with ck.WrittenFiles(tmp, known=entries) as written:
+                ck.write_model(model, tmp, processing_class=processing_class, written=written,
+                               state_dict=model_state_dict)
+                ck.write_rng_state(tmp, written=written)
+                if trainer_state is not None:
+                    trainer_state.save_to_json(os.path.join(tmp, ck.TRAINER_STATE_FILE))
+                if args is not None:
+                    args.save_to_json(os.path.join(tmp, ck.ARGS_FILE))
+                written.add_unlisted()
+            ck.write_manifest(tmp, step=step, resumable=True, known=written.entries)
             ck.fsync_dir(tmp)
             ck.replace_dir(tmp, final)
             ck.fsync_dir(output_dir)
@@ -131,29 +135,104 @@ def verify_resumable(folder: str) -> None:
         raise ck.CheckpointError(f"checkpoint {folder!r} holds only the model; it cannot be resumed from")
 
 
+# -- reading: each process its part, once ----------------------------------------------------------
+
+
+def files_to_read(manifest: dict, rank: int, world: int) -> set[str] | None:
+    """The files process ``rank`` of ``world`` reads whole (verifies and keeps) to resume; None: all.
+
+    A replicated checkpoint is loaded whole by every process. Of a sharded one, a process reads its
+    own shard when the world size is the saved one (else every ``world``-th shard: each shard is
+    verified by one process, and the rows a process needs from the others are read from the disk),
+    the generators and the JSON files. The consolidated weights are not loaded on resume (the shards
+    hold the params), so they are checked for size only.
+    """
+    files = manifest["files"]
+    if LAYOUT_FILE not in files:
+        return None
+    shards = sorted(rel for rel in files if _SHARD_RE.match(rel))
+    saved_world = len(shards)
+    mine = {shard_file_name(rank, world)} if saved_world == world else set(shards[rank::world])
+    return mine | {rel for rel in files if rel == ck.RNG_FILE or rel.endswith(".json")}
+
+
+_SHARD_RE = re.compile(r"^train_state-\d{5}-of-\d{5}\.safetensors$")
+
+
+def read_checkpoint(path: str, *, require_resumable: bool = True) -> ck.VerifiedCheckpoint:
+    """:func:`functrain.io.checkpoint.read_checkpoint` for every process of a run (one process
+    too): each reads its part once (:func:`files_to_read`), verifies it and keeps it for the
+    loaders; a bad part on any rank is a :class:`CheckpointError` on every rank (a collective)."""
+    def read():
+        manifest = ck.read_manifest(path) if os.path.isdir(path) else None
+        only = None if manifest is None else files_to_read(manifest, fd.rank(), fd.world_size())
+        return ck.read_checkpoint(path, require_resumable=require_resumable, only=only)
+
+    return _on_every_rank(read)
+
+
+def non_finite_tensors(found: ck.VerifiedCheckpoint) -> list[str]:
+    """:func:`functrain.io.checkpoint.non_finite_tensors` over every rank's part (a collective)."""
+    return sorted({name for part in _gathered(ck.non_finite_tensors(found)) for name in part})[:5]
+
+
+def read_resumable_checkpoint(output_dir: str, *, require_finite: bool = False) -> ck.VerifiedCheckpoint | None:
+    """The newest valid checkpoint in ``output_dir``, each rank having read its part (every rank
+    agrees on which, a collective per candidate); None when there is none."""
+    def read(path: str, finite: bool) -> ck.VerifiedCheckpoint:
+        found = read_checkpoint(path)
+        bad = non_finite_tensors(found) if finite else []
+        if bad:
+            raise ck.CheckpointError(f"it holds non-finite values (NaN/Inf) in {bad}")
+        return found
+
+    return ck.read_resumable_checkpoint(output_dir, require_finite=require_finite, read=read)
+
+
+def _on_every_rank(read):
+    """``read()`` on every rank; any rank's :class:`CheckpointError` is raised on every rank."""
+    try:
+        result, error = read(), None
+    except ck.CheckpointError as e:
+        result, error = None, str(e)
+    errors = [(r, e) for r, e in enumerate(_gathered(error)) if e is not None]
+    if errors:
+        rank, message = errors[0]
+        raise ck.CheckpointError(f"(rank {rank}) {message}" if fd.is_distributed() else message)
+    return result
+
+
+def _gathered(value) -> list:
+    """``value`` of every rank, in rank order (``[value]`` in one process)."""
+    if not fd.is_distributed():
+        return [value]
+    out: list = [None] * fd.world_size()
+    torch.distributed.all_gather_object(out, value)
+    return out
+
+
 # -- loading ----------------------------------------------------------------------------------------
 
 
 class _Pieces:
-    """Where each leaf's rows are stored: ``{path: [(file, key, first_row)]}``."""
+    """Where each leaf's rows are stored: ``{path: [(file, key, first_row)]}``; read through
+    ``files`` (a verified checkpoint's held bytes, or the disk)."""
 
-    def __init__(self, folder: str, template, model):
-        self.folder = folder
+    def __init__(self, source, template, model):
+        self.files = files = ck.checkpoint_files(source)
+        self.folder = files.path
         self.pieces: dict[str, list[tuple[str, str, int]]] = {}
-        self.listed = listed = ck.read_manifest(folder)["files"]
-        if is_sharded_checkpoint(folder):
-            with open(ck.safe_file(folder, LAYOUT_FILE, listed), encoding="utf-8") as f:
-                layout = json.load(f)
-            for fname in layout["files"]:
-                with ck.open_safetensors(ck.safe_file(folder, fname, listed)) as sf:
-                    offsets = json.loads((sf.metadata() or {}).get("offsets", "{}"))
+        if files.listed is None:
+            ck.read_manifest(self.folder)  # raises: a checkpoint has a manifest
+        if files.has(LAYOUT_FILE):
+            for fname in files.json(LAYOUT_FILE)["files"]:
+                offsets = json.loads(files.metadata(fname).get("offsets", "{}"))
                 for path, first in offsets.items():
                     self.pieces.setdefault(path, []).append((fname, path, int(first)))
             return
         # A single-process checkpoint: leaves in train_state.safetensors or in the model file.
-        with ck.open_safetensors(ck.safe_file(folder, ck.STATE_FILE, listed)) as sf:
-            state_keys = set(sf.keys())
-        model_index = ck.weights_index(folder, listed)
+        state_keys = set(files.keys(ck.STATE_FILE))
+        model_index = ck.weights_index_in(files)
         aliases = ck.alias_groups(model)
         for path in tree.paths(template):
             if path in state_keys:
@@ -169,28 +248,30 @@ class _Pieces:
         if not pieces:
             raise ck.CheckpointError(f"checkpoint {self.folder!r} has no tensor for {path!r}; was it written for a "
                                      "different model or optimizer?")
+        if ref.ndim == 0:
+            fname, key, _ = pieces[0]
+            return self.files.tensors(fname, [key])[key]
         parts = []
         for fname, key, first in sorted(pieces, key=lambda p: p[2]):
-            with ck.open_safetensors(ck.safe_file(self.folder, fname, self.listed)) as sf:
-                sl = sf.get_slice(key)
-                shape = sl.get_shape()
-                if ref.ndim == 0:
-                    return sf.get_tensor(key)
-                lo, hi = max(start, first), min(stop, first + shape[0])
-                if lo < hi:
-                    parts.append(sl[lo - first:hi - first])
+            if stop > first:
+                part = self.files.rows(fname, key, max(start - first, 0), stop - first)
+                if part.shape[0]:
+                    parts.append(part)
         if not parts:
             return torch.empty((0, *ref.shape[1:]), dtype=ref.dtype)
         return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
-def load_train_state(folder: str, template, model):
+def load_train_state(source, template, model):
     """A TrainState shaped like ``template`` (plain or sharded) from any functrain checkpoint.
 
-    Each rank reads only its rows of each ``DTensor`` leaf; plain leaves are read whole. The
-    checkpoint may come from any number of processes, sharded or not.
+    ``source``: a folder, or what :func:`read_checkpoint` returned (its files are loaded from the
+    bytes verified; rows of other ranks' shards from the disk). Each rank takes only its rows of
+    each ``DTensor`` leaf; plain leaves whole. The checkpoint may come from any number of
+    processes, sharded or not.
     """
-    pieces = _Pieces(folder, template, model)
+    pieces = _Pieces(source, template, model)
+    folder = pieces.folder
     leaves = []
     for path, ref in tree.named_leaves(template).items():
         start, stop = _row_range(ref)
@@ -208,4 +289,3 @@ def load_train_state(folder: str, template, model):
         leaves.append(local)
     _, treedef = tree.flatten(template)
     return tree.unflatten(treedef, leaves)
-

@@ -315,7 +315,7 @@ class Checkpoint(Hook):
     """Write ``output_dir/checkpoint-{step}`` every ``every`` steps and at the end of the run
     (also after SIGTERM), keeping the newest ``keep``; resume from the newest valid one.
 
-    The format is :mod:`functrain.io.checkpoint`'s (atomic, sha256 manifest, safetensors + JSON,
+    The format is :mod:`functrain.io.checkpoint`'s (atomic, checksummed manifest, safetensors + JSON,
     no pickle): every leaf of the state pytree keyed by its path, the global generators, and
     ``trainer_state.json`` with ``global_step``, ``data_position`` and the hooks' states
     (``stateful_callbacks``, as HF names it). Every rng key lives in the state, so a resumed run

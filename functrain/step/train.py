@@ -21,7 +21,9 @@ from torch import nn
 from functrain.adapters import outputs as hf_outputs
 from functrain.adapters.models import pin_loss_function
 from functrain.core import rng as rnglib
-from functrain.core import tree
+from functrain.core import foreach, tree
+from functrain.core.optim.fused_adamw import fused_adamw_, fused_adamw_applies, fused_adamw_of
+from functrain.core.optim.transforms import clip_factor
 from functrain.core.precision import DynamicScale, dynamic_scale_init, get_policy
 from functrain.core.state import TrainState
 from functrain.step import batch as batching
@@ -76,7 +78,8 @@ def make_train_step(
             summed microbatch by microbatch (one microbatch of activations in memory at a time).
         precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (autocast compute, fp32 params; fp16
             adds a dynamic loss scale kept in ``state.loss_scale``).
-        compile: compile the whole step with ``torch.compile(fullgraph=True)``.
+        compile: compile the whole step with ``torch.compile(fullgraph=True)`` (with
+            ``donate=True`` and ``leafwise_update=True``: the window's gradients only, see there).
         donate: write the new params and optimizer state into the input state's storages; the
             input state is then consumed (any use raises ``ConsumedStateError``).
         count_items: ``count_items(microbatch) -> 0-d tensor`` of supervised items; default
@@ -109,10 +112,13 @@ def make_train_step(
         leafwise_update: declare that ``tx`` updates each parameter from its own gradient, state
             and value alone (Adam(W), SGD, Lion, RMSprop, Adagrad; not a global-norm clip or
             ``apply_if_finite`` inside ``tx``; weight-decay masks given as functions of the params).
-            With ``donate=True`` and ``compile=False`` the update then runs a group of parameters
-            at a time, in place, so eager training holds one copy of params and optimizer state
-            plus one group's temporaries (same numbers; see :mod:`functrain.step.grouped_update`).
-            Ignored otherwise (compiled steps fuse the donation already) and with fp16.
+            With ``donate=True`` the update then runs a group of parameters at a time, in place,
+            so training holds one copy of params and optimizer state plus one group's temporaries
+            (same numbers; see :mod:`functrain.step.grouped_update`). Compiled, only the window's
+            gradients are compiled and this update runs after the graph (a whole compiled graph
+            returns a second copy of params and optimizer state). Ignored without donation and
+            with fp16; with ``flat=True`` it cuts the segments into pieces (eager) or is ignored
+            (compiled: flat's whole graph).
         skip_non_finite: when the window's loss or any gradient is NaN/Inf, keep params, optimizer
             state and step unchanged and report ``skipped`` (fp16 always does this, for its loss
             scale). Decided on the device: no host sync.
@@ -166,31 +172,45 @@ def make_train_step(
                            differentiate=differentiate)
     module_buffers = buffer_names(model)
     grouped = leafwise_update and donate and not compile and not policy.needs_loss_scale
+    # Compiled, donated and leafwise: only the gradients are compiled and the grouped in-place
+    # update runs after the graph, so the step never holds a second copy of params and optimizer
+    # state (a whole compiled step returns one, written back after the graph: see below).
+    split_compiled = leafwise_update and donate and compile and not flat and not policy.needs_loss_scale
     # A compiled step returns new tensors and the donation is written back eagerly after it:
     # torch 2.13's inductor can compute an output from an input the same graph has already
     # overwritten (an EMA from the new params, a schedule's rate from the new count), so copies
     # into the inputs inside the graph give wrong numbers (tests/test_step_donation.py).
     donate_in_graph = donate and not compile
 
-    def train_core(params, buffers, opt_state, step, loss_scale, batch, layout=None):
+    def window_grads(params, buffers, loss_scale, batch, layout=None):
         # layout (flat=True): params and per-parameter optimizer state come as flat segments; the
         # forward binds views of them and the gradients are packed the same way before the update.
         scale = loss_scale.scale if policy.needs_loss_scale else None
         g = grad_fn(params if layout is None else layout.views(params), buffers, batch, scale)
+        return g if layout is None else g._replace(grads=layout.pack(g.grads))
+
+    def grouped_core(params, buffers, opt_state, step, loss_scale, g, per_name=True):
+        # donated, leafwise tx: params and opt_state updated in place, a group at a time
+        old_buffers, new_buffers = module_buffers_of(buffers, module_buffers), module_buffers_of(g.buffers, module_buffers)
+        metrics = {"loss": g.loss, "num_items": g.num_items}
+        new_buffers, metrics["grad_norm"], finite = _update_in_place(
+            tx, params, opt_state, step, g.grads, g.loss, old_buffers, new_buffers,
+            max_grad_norm=max_grad_norm, skip_non_finite=skip_non_finite, per_name=per_name)
+        metrics.update(_update_metrics(opt_state, finite, None), **g.aux)
+        if old_buffers:
+            tree.copy_(old_buffers, new_buffers)
+        return params, old_buffers, opt_state, step, loss_scale, metrics
+
+    def train_core(params, buffers, opt_state, step, loss_scale, batch, layout=None):
+        if grouped:  # (g is not kept here: its gradients are dropped group by group)
+            return grouped_core(params, buffers, opt_state, step, loss_scale,
+                                window_grads(params, buffers, loss_scale, batch, layout), per_name=layout is None)
+        g = window_grads(params, buffers, loss_scale, batch, layout)
         # The module's buffers (BatchNorm running statistics, ...) are outputs of the step: the
         # forward updated copies, so the input state's buffers never change.
         old_buffers, new_buffers = module_buffers_of(buffers, module_buffers), module_buffers_of(g.buffers, module_buffers)
-        grads = g.grads if layout is None else layout.pack(g.grads)
+        grads = g.grads
         metrics = {"loss": g.loss, "num_items": g.num_items}
-        if grouped:  # donated eager, leafwise tx: params and opt_state updated in place
-            new_buffers, metrics["grad_norm"], finite = _update_in_place(
-                tx, params, opt_state, step, grads, g.loss, old_buffers, new_buffers,
-                max_grad_norm=max_grad_norm, skip_non_finite=skip_non_finite)
-            metrics.update(_update_metrics(opt_state, finite, None), **g.aux)
-            del grads, g
-            if old_buffers:
-                tree.copy_(old_buffers, new_buffers)
-            return params, old_buffers, opt_state, step, loss_scale, metrics
         (new_params, new_opt_state, new_buffers, new_step, new_loss_scale), metrics["grad_norm"], finite = _update(
             tx, (params, opt_state, old_buffers, step, loss_scale), grads, g.loss, new_buffers,
             max_grad_norm=max_grad_norm, needs_loss_scale=policy.needs_loss_scale, skip_non_finite=skip_non_finite)
@@ -204,7 +224,10 @@ def make_train_step(
             return params, old_buffers, opt_state, step, loss_scale, metrics
         return new_params, new_buffers, new_opt_state, new_step, new_loss_scale, metrics
 
-    core = _maybe_compile(train_core, compile, compile_kwargs, deterministic)
+    if split_compiled:
+        core = _split_compiled_core(_maybe_compile(window_grads, True, compile_kwargs, deterministic), grouped_core)
+    else:
+        core = _maybe_compile(train_core, compile, compile_kwargs, deterministic)
     flat_steps = FlatCores(tx, lambda layout: _maybe_compile(functools.partial(train_core, layout=layout), compile,
                                                              compile_kwargs, deterministic),
                            pieces=GROUPS if grouped else 1) if flat else None
@@ -242,6 +265,17 @@ def make_train_step(
     return train_step
 
 
+def _split_compiled_core(compiled_grads, grouped_core):
+    """A core of two parts: the compiled window gradients, then ``grouped_core`` (eager, in place)."""
+
+    def core(params, buffers, opt_state, step, loss_scale, batch):
+        return grouped_core(params, buffers, opt_state, step, loss_scale,
+                            compiled_grads(params, buffers, loss_scale, batch))
+
+    core.compiled = compiled_grads.compiled
+    return core
+
+
 def _update(tx, old: tuple, grads, loss, new_buffers, *, max_grad_norm, needs_loss_scale: bool,
             skip_non_finite: bool):
     """The update after a window's gradients: ``((params, opt_state, buffers, step, loss_scale),
@@ -255,11 +289,11 @@ def _update(tx, old: tuple, grads, loss, new_buffers, *, max_grad_norm, needs_lo
     finite = None
     if needs_loss_scale:
         grads, finite = unscale_grads(grads, loss_scale)
-    elif skip_non_finite:
-        finite = torch.isfinite(loss) & tree.all_finite(grads)
     # value=loss: transforms that use the objective (reduce_on_plateau, ...) get it, others don't.
     new_params, new_opt_state, grad_norm = apply_update(tx, params, opt_state, grads, max_grad_norm=max_grad_norm,
                                                         value=loss)
+    if skip_non_finite and not needs_loss_scale:
+        finite = window_finite(loss, grads, grad_norm, max_grad_norm)
     new = (new_params, new_opt_state, new_buffers, step + 1)
     if needs_loss_scale:
         new, loss_scale = keep_if_finite(finite, new, (params, opt_state, old_buffers, step), loss_scale)
@@ -269,18 +303,61 @@ def _update(tx, old: tuple, grads, loss, new_buffers, *, max_grad_norm, needs_lo
 
 
 def _update_in_place(tx, params, opt_state, step, grads, loss, old_buffers, new_buffers, *, max_grad_norm,
-                     skip_non_finite: bool):
-    """The grouped in-place update of a donated eager step (``leafwise_update``): params,
-    optimizer state and step are written in place; ``(buffers to keep, grad_norm, finite)``."""
-    finite = torch.isfinite(loss) & tree.all_finite(grads) if skip_non_finite else None
+                     skip_non_finite: bool, per_name: bool = True):
+    """The in-place update of a donated eager step (``leafwise_update``): params, optimizer state
+    and step are written in place; ``(buffers to keep, grad_norm, finite)``. A plain ``adamw`` over
+    per-name tensors (``per_name``; not flat segments, whose weight-decay mask is by segment) runs as
+    torch's fused kernel, any other leafwise ``tx`` a group of parameters at a time."""
+    grad_norm = tree.global_norm(grads)
+    finite = window_finite(loss, grads, grad_norm, max_grad_norm) if skip_non_finite else None
     if hasattr(finite, "full_tensor"):  # sharded gradients: a DTensor; in-place ops on plain tensors need a plain one
         finite = finite.full_tensor()
-    grad_norm = apply_update_in_groups_(tx, params, opt_state, grads, max_grad_norm=max_grad_norm, value=loss,
-                                        finite=finite)
+    adamw = fused_adamw_of(tx) if per_name else None
+    if adamw is not None and fused_adamw_applies(params, grads, opt_state):
+        _fused_adamw_update(adamw, params, opt_state, grads, grad_norm, max_grad_norm, finite)
+    else:
+        apply_update_in_groups_(tx, params, opt_state, grads, max_grad_norm=max_grad_norm, value=loss,
+                                finite=finite, grad_norm=grad_norm)
     step.add_(1 if finite is None else finite.to(step.dtype))
     if finite is not None:
         new_buffers = tree.where(finite, new_buffers, old_buffers)
     return new_buffers, grad_norm, finite
+
+
+def window_finite(loss, grads, grad_norm, max_grad_norm) -> torch.Tensor:
+    """A 0-d bool: the window's loss and every gradient are finite (``skip_non_finite``).
+
+    With clipping, read from the global norm the clip computes anyway (a NaN or Inf gradient makes
+    it non-finite), which spares a pass over the gradients. The one difference from checking each
+    element: a norm beyond fp32's range (entries around 1e19) also counts as non-finite; clipping
+    by that norm would have zeroed the step's gradients."""
+    if max_grad_norm is not None:
+        return torch.isfinite(loss) & torch.isfinite(grad_norm)
+    return torch.isfinite(loss) & tree.all_finite(grads)
+
+
+def _fused_adamw_update(adamw, params, opt_state, grads, grad_norm, max_grad_norm, finite) -> None:
+    """The plain ``adamw`` chain's update as torch's fused kernel, in place (see
+    :mod:`functrain.core.optim.fused_adamw`), after clipping to ``max_grad_norm`` by ``grad_norm``."""
+    grads = _writable(grads)
+    if max_grad_norm is not None:  # in place: a fresh tensor per gradient costs more than the kernel (CPU)
+        foreach.mul_(tree.leaves(grads), clip_factor(grad_norm, max_grad_norm))
+    fused_adamw_(adamw, params, grads, opt_state, finite=finite)
+
+
+def _writable(grads):
+    """``grads`` with each tensor dense and its own storage, so it can be scaled in place: autograd may
+    hand out an expanded view, or one tensor for two parameters (``a + b``); those are copied."""
+    seen = set()
+
+    def own(g):
+        ptr = g.untyped_storage().data_ptr()
+        if g.is_contiguous() and ptr not in seen:
+            seen.add(ptr)
+            return g
+        return g.clone(memory_format=torch.contiguous_format)
+
+    return tree.map(own, grads)
 
 
 def _update_metrics(opt_state, finite, loss_scale) -> dict:
@@ -486,13 +563,22 @@ def _deterministic_algorithms():
 
 @contextlib.contextmanager
 def _module_mode(model: nn.Module, training: bool):
-    """Set train/eval mode for the step and restore every submodule's mode afterwards."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.train(training)
+    """Set train/eval mode for the step and restore every submodule's mode afterwards.
+
+    Only the modules whose mode differs are flipped (``model.train()`` walks and sets every module,
+    hundreds of Python calls per step for a deep model); a module class with its own ``train()``
+    gets the full ``model.train(training)`` call so its override runs."""
+    modules = list(model.modules())
+    flipped = [m for m in modules if m.training != training]
+    if flipped and any(type(m).train is not nn.Module.train for m in modules):
+        modes = [(m, m.training) for m in modules]
+        model.train(training)
+    else:
+        modes = [(m, not training) for m in flipped]
+        for m in flipped:
+            m.training = training
     try:
         yield
     finally:
         for m, mode in modes:
             m.training = mode
-
-

@@ -508,7 +508,7 @@ class Trainer(PublishMixin):
         path = source.path if isinstance(source, ck.VerifiedCheckpoint) else source
         self._check_same_optimizer(source, template)
         if fd.is_distributed() or dck.is_sharded_checkpoint(path):
-            return dck.load_train_state(path, template, self.model)
+            return dck.load_train_state(source, template, self.model)
         return ck.load_train_state(source, template, self.model)
 
     def _check_same_optimizer(self, source, template: TrainState) -> None:
@@ -728,22 +728,23 @@ class Trainer(PublishMixin):
         self._eval_steps = {}  # they were built for the previous model
 
     def _resolve_resume(self, resume_from_checkpoint) -> ck.VerifiedCheckpoint | None:
-        """The checkpoint to resume from, verified; in one process its files are read once here and
-        loaded from what was verified (every rank of a distributed run reads its own rows later)."""
+        """The checkpoint to resume from, verified: each process reads its part of the files once
+        here (all of them, or its own shard of a sharded checkpoint) and loads from those bytes."""
+        from functrain.parallel import checkpoint as dck
+
         if resume_from_checkpoint is None or resume_from_checkpoint is False:
             return None
         allow = self.args.resume_allow_non_finite
-        keep = not fd.is_distributed()
         if resume_from_checkpoint is True:
-            found = ck.read_resumable_checkpoint(self.args.output_dir, require_finite=not allow, keep=keep)
+            found = dck.read_resumable_checkpoint(self.args.output_dir, require_finite=not allow)
             if found is None:
                 raise ValueError(f"resume_from_checkpoint=True but no valid checkpoint was found in "
                                  f"{self.args.output_dir!r}")
             return found
         path = os.fspath(resume_from_checkpoint)
         # an explicit path that is corrupted is a clear error
-        found = ck.read_checkpoint(path, keep=keep)
-        bad = [] if allow else ck.non_finite_tensors(found)
+        found = dck.read_checkpoint(path)
+        bad = [] if allow else dck.non_finite_tensors(found)
         if bad:
             raise ck.CheckpointError(f"checkpoint {path!r} holds non-finite values (NaN/Inf) in {bad}; training on from "
                                      "it would only produce NaN. Resume from an earlier checkpoint, or set "
@@ -826,14 +827,16 @@ class Trainer(PublishMixin):
             self._train_log.flush_token_count()
 
     def _load_best_model(self):
+        from functrain.parallel import checkpoint as dck
+
         best = self.state.best_model_checkpoint
         try:
-            ck.verify_checkpoint(best)
+            found = dck.read_checkpoint(best)  # each rank its part, once
         except ck.CheckpointError as e:
             logger.warning("could not load the best model: %s", e)
             return
         logger.info("loading best model from %s (score: %s)", best, self.state.best_metric)
-        loaded = self._read_state(best, self.train_state)
+        loaded = self._read_state(found, self.train_state)
         current = self.train_state
         self.train_state = _into_storages(current, current.replace(params=loaded.params, buffers=loaded.buffers))
         self.callback_handler.train_state = self.train_state
