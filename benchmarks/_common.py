@@ -196,16 +196,19 @@ def linear_lambda(warmup: int, total: int) -> Callable[[int], float]:
 
 class StepTimer:
     """Trainer callback body (mix into a library's TrainerCallback): per-step seconds from
-    ``on_step_begin`` to ``on_step_end``, and the loop time between successive ``on_step_end``s."""
+    ``on_step_begin`` to ``on_step_end``, and the loop time between successive ``on_step_end``s.
+    ``clock``: ``time.perf_counter`` (wall) or ``time.process_time`` (this process's CPU time: on a
+    machine loaded by other jobs it leaves out the time spent waiting for a core)."""
 
-    def __init__(self):
+    def __init__(self, clock=time.perf_counter):
         self.step_s, self.loop_s, self._t0, self._last_end = [], [], 0.0, None
+        self.clock = clock
 
     def on_step_begin(self, args, state, control, **kw):
-        self._t0 = time.perf_counter()
+        self._t0 = self.clock()
 
     def on_step_end(self, args, state, control, **kw):
-        now = time.perf_counter()
+        now = self.clock()
         self.step_s.append(now - self._t0)
         if self._last_end is not None:
             self.loop_s.append(now - self._last_end)

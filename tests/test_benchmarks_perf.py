@@ -31,12 +31,14 @@ def _medians_positive(results, names):
 
 @pytest.mark.slow
 def test_train_step_quick(tmp_path):
-    report, proc = run_script("train_step", tmp_path)
-    _medians_positive(report["results"], ["functrain", "hand loop", "HF Trainer", "HF Trainer loop"])
-    assert report["results"]["hand loop"]["ratio_vs_hand loop"] == pytest.approx(1.0)
-    assert {"functrain_vs_hand", "functrain_vs_hf"} <= set(report["summary"])
+    report, proc = run_script("train_step", tmp_path, "--only", "functrain", "HF Trainer compiled")
+    _medians_positive(report["results"], ["functrain", "compiled hand loop", "HF Trainer compiled",
+                                          "HF Trainer compiled loop"])
+    assert "hand loop" not in report["results"]  # --only: the reference and the contenders named
+    assert report["results"]["compiled hand loop"]["ratio_vs_compiled hand loop"] == pytest.approx(1.0)
+    assert {"functrain_vs_compiled_hand", "HF Trainer compiled_vs_compiled_hand"} <= set(report["summary"])
     assert len(report["loadavg_per_round"]) == report["rounds"]
-    assert "vs hand loop" in proc.stdout
+    assert "vs compiled hand loop" in proc.stdout
 
 
 @pytest.mark.slow
@@ -163,3 +165,20 @@ def test_trainer_step_quick(tmp_path):
     assert all(m["step_ms"] > 0 and m["loop_ms"] > 0 for m in report["medians"].values())
     assert report["ratio_step"] == pytest.approx(report["medians"]["functrain"]["step_ms"] / report["medians"]["hf"]["step_ms"])
     assert "vs HF" in proc.stdout
+
+
+@pytest.mark.slow
+def test_trainer_step_compiled_quick(tmp_path):
+    report, proc = run_script("trainer_step", tmp_path, "--compiled")
+    assert report["mode"] == "compiled" and set(report["medians"]) == {"hf", "functrain", "hand"}
+    assert report["ratio_step_vs_compiled_hand"] == pytest.approx(
+        report["medians"]["functrain"]["step_ms"] / report["medians"]["hand"]["step_ms"])
+    assert "compiled hand loop" in proc.stdout
+
+
+@pytest.mark.slow
+def test_step_variants_quick(tmp_path):
+    report, proc = run_script("step_variants", tmp_path, "flat")
+    _medians_positive(report["results"], ["hand", "flat"])
+    assert report["results"]["flat"]["max_abs_param_diff_vs_hand"] < 1e-5  # same numbers as torch's fused AdamW
+    assert "vs hand" in proc.stdout

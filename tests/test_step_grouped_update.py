@@ -10,6 +10,15 @@ from functrain.step import grouped_update
 from functrain.step.train import make_train_step
 from step_models import gpt2, lm_batch
 
+train_module = __import__("functrain.step.train", fromlist=["make_train_step"])
+
+
+@pytest.fixture(autouse=True)
+def grouped_path_for_adamw(monkeypatch):
+    """A donated eager ``adamw`` goes through torch's fused kernel (tests/test_step_fused_adamw.py);
+    these tests are about the grouped path, so they turn that off."""
+    monkeypatch.setattr(train_module, "fused_adamw_of", lambda tx: None)
+
 OPTIMIZERS = {
     "adamw_masked_decay": lambda m: ft.optim.adamw(ft.schedules.get_schedule("linear", 1e-2, num_training_steps=6,
                                                                               num_warmup_steps=2),

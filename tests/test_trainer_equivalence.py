@@ -81,7 +81,9 @@ def test_trainer_equals_the_bare_step_it_builds(tmp_path, plain):
     trainer = Trainer(model=model, args=_args(TrainingArguments, tmp_path), train_dataset=_dataset())
     tx = trainer.create_optimizer_and_scheduler(8)
     state = ft.TrainState.create(model, tx, seed=3, copy=True)
-    step = ft.make_train_step(model, tx, accumulate=2, max_grad_norm=1.0)
+    # As the Trainer builds it: donated, leafwise (AdamW through torch's fused kernel), skipping non-finite windows.
+    step = ft.make_train_step(model, tx, accumulate=2, max_grad_norm=1.0, donate=True, leafwise_update=True,
+                              skip_non_finite=True)
     loader = trainer.get_train_dataloader()
     for epoch in range(8):
         for window in loader.iter_from(epoch, 0):

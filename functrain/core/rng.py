@@ -81,5 +81,18 @@ def seeded(k: torch.Tensor, devices=None):
         initialized = torch.cuda.is_available() and torch.cuda.is_initialized()
         devices = list(range(torch.cuda.device_count())) if initialized else []
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed_of(k))
+        seed = seed_of(k)
+        if _any_accelerator():
+            torch.manual_seed(seed)
+        else:
+            # The CPU generator is the only one: torch.manual_seed would also queue a lazy seed for
+            # each accelerator backend, formatting the Python stack for each (~1 ms a step), and
+            # that queued seed would leak into a later initialization.
+            torch.default_generator.manual_seed(seed)
         yield
+
+
+def _any_accelerator() -> bool:
+    """Whether this machine has an accelerator backend (True where torch cannot say: the old path)."""
+    accelerator = getattr(torch, "accelerator", None)
+    return accelerator.is_available() if hasattr(accelerator, "is_available") else True

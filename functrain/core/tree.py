@@ -125,9 +125,14 @@ def all_finite(tree: PyTree) -> torch.Tensor:
     ls = [x for x in leaves(tree) if (x.is_floating_point() or x.is_complex()) and x.numel() > 0]
     if not ls:
         return torch.ones((), dtype=torch.bool)
-    # The largest |x| is finite iff every element is (nan and inf propagate through max); unlike
-    # an l2 norm it cannot overflow on large finite values. One fused reduction, no fp32 copies.
-    max_abs = foreach.norm(ls, ord=float("inf"))
+    # Every element is finite iff the extremes are (nan and inf propagate through min/max); unlike
+    # an l2 norm this cannot overflow on large finite values. No fp32 copies.
+    if ls[0].device.type == "cpu" and not any(x.is_complex() for x in ls):
+        # On the CPU torch's inf-norm is a slow scalar loop (measured 1.4 ms vs 77 us for aminmax over
+        # 0.5M floats, 1 thread) and _foreach_norm runs it per tensor anyway.
+        extremes = [torch.stack(torch.aminmax(x)).float() for x in ls]
+        return torch.isfinite(torch.cat(extremes)).all()
+    max_abs = foreach.norm(ls, ord=float("inf"))  # one fused kernel on accelerators
     return torch.isfinite(torch.stack([m.float() for m in max_abs]).max())
 
 

@@ -57,18 +57,20 @@ def _slice_state(node, names: frozenset, group: set, per_param: set):
 
 
 def apply_update_in_groups_(tx, params: dict, opt_state, grads: dict, *, max_grad_norm: float | None = None,
-                            value=None, finite=None, groups: int = GROUPS) -> torch.Tensor:
+                            value=None, finite=None, groups: int = GROUPS,
+                            grad_norm: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`functrain.step.update.apply_update` for a leafwise ``tx``, IN PLACE: ``params`` and
     ``opt_state`` receive the new values, group by group; returns the gradients' global norm.
 
     ``grads`` is consumed (its entries are dropped as their group is done). ``finite``: a 0-d bool;
     where False every value keeps its old one (``skip_non_finite``), chosen on the device.
+    ``grad_norm``: the gradients' global norm when the caller has it already.
     """
 
     def keep(new, old):
         return new if finite is None else torch.where(finite, new, old)
 
-    grad_norm = tree.global_norm(grads)
+    grad_norm = tree.global_norm(grads) if grad_norm is None else grad_norm
     clip = clip_factor(grad_norm, max_grad_norm) if max_grad_norm is not None else None
     extra = {} if value is None else {"value": value}
     names = frozenset(params)

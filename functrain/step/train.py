@@ -21,7 +21,9 @@ from torch import nn
 from functrain.adapters import outputs as hf_outputs
 from functrain.adapters.models import pin_loss_function
 from functrain.core import rng as rnglib
-from functrain.core import tree
+from functrain.core import foreach, tree
+from functrain.core.optim.fused_adamw import fused_adamw_, fused_adamw_applies, fused_adamw_of
+from functrain.core.optim.transforms import clip_factor
 from functrain.core.precision import DynamicScale, dynamic_scale_init, get_policy
 from functrain.core.state import TrainState
 from functrain.step import batch as batching
@@ -178,7 +180,7 @@ def make_train_step(
         if grouped:  # donated eager, leafwise tx: params and opt_state updated in place
             new_buffers, metrics["grad_norm"], finite = _update_in_place(
                 tx, params, opt_state, step, grads, g.loss, old_buffers, new_buffers,
-                max_grad_norm=max_grad_norm, skip_non_finite=skip_non_finite)
+                max_grad_norm=max_grad_norm, skip_non_finite=skip_non_finite, per_name=layout is None)
             metrics.update(_update_metrics(opt_state, finite, None), **g.aux)
             del grads, g
             if old_buffers:
@@ -248,11 +250,11 @@ def _update(tx, old: tuple, grads, loss, new_buffers, *, max_grad_norm, needs_lo
     finite = None
     if needs_loss_scale:
         grads, finite = unscale_grads(grads, loss_scale)
-    elif skip_non_finite:
-        finite = torch.isfinite(loss) & tree.all_finite(grads)
     # value=loss: transforms that use the objective (reduce_on_plateau, ...) get it, others don't.
     new_params, new_opt_state, grad_norm = apply_update(tx, params, opt_state, grads, max_grad_norm=max_grad_norm,
                                                         value=loss)
+    if skip_non_finite and not needs_loss_scale:
+        finite = window_finite(loss, grads, grad_norm, max_grad_norm)
     new = (new_params, new_opt_state, new_buffers, step + 1)
     if needs_loss_scale:
         new, loss_scale = keep_if_finite(finite, new, (params, opt_state, old_buffers, step), loss_scale)
@@ -262,16 +264,59 @@ def _update(tx, old: tuple, grads, loss, new_buffers, *, max_grad_norm, needs_lo
 
 
 def _update_in_place(tx, params, opt_state, step, grads, loss, old_buffers, new_buffers, *, max_grad_norm,
-                     skip_non_finite: bool):
-    """The grouped in-place update of a donated eager step (``leafwise_update``): params,
-    optimizer state and step are written in place; ``(buffers to keep, grad_norm, finite)``."""
-    finite = torch.isfinite(loss) & tree.all_finite(grads) if skip_non_finite else None
-    grad_norm = apply_update_in_groups_(tx, params, opt_state, grads, max_grad_norm=max_grad_norm, value=loss,
-                                        finite=finite)
+                     skip_non_finite: bool, per_name: bool = True):
+    """The in-place update of a donated eager step (``leafwise_update``): params, optimizer state
+    and step are written in place; ``(buffers to keep, grad_norm, finite)``. A plain ``adamw`` over
+    per-name tensors (``per_name``; not flat segments, whose weight-decay mask is by segment) runs as
+    torch's fused kernel, any other leafwise ``tx`` a group of parameters at a time."""
+    grad_norm = tree.global_norm(grads)
+    finite = window_finite(loss, grads, grad_norm, max_grad_norm) if skip_non_finite else None
+    adamw = fused_adamw_of(tx) if per_name else None
+    if adamw is not None and fused_adamw_applies(params, grads, opt_state):
+        _fused_adamw_update(adamw, params, opt_state, grads, grad_norm, max_grad_norm, finite)
+    else:
+        apply_update_in_groups_(tx, params, opt_state, grads, max_grad_norm=max_grad_norm, value=loss,
+                                finite=finite, grad_norm=grad_norm)
     step.add_(1 if finite is None else finite.to(step.dtype))
     if finite is not None:
         new_buffers = tree.where(finite, new_buffers, old_buffers)
     return new_buffers, grad_norm, finite
+
+
+def window_finite(loss, grads, grad_norm, max_grad_norm) -> torch.Tensor:
+    """A 0-d bool: the window's loss and every gradient are finite (``skip_non_finite``).
+
+    With clipping, read from the global norm the clip computes anyway (a NaN or Inf gradient makes
+    it non-finite), which spares a pass over the gradients. The one difference from checking each
+    element: a norm beyond fp32's range (entries around 1e19) also counts as non-finite; clipping
+    by that norm would have zeroed the step's gradients."""
+    if max_grad_norm is not None:
+        return torch.isfinite(loss) & torch.isfinite(grad_norm)
+    return torch.isfinite(loss) & tree.all_finite(grads)
+
+
+def _fused_adamw_update(adamw, params, opt_state, grads, grad_norm, max_grad_norm, finite) -> None:
+    """The plain ``adamw`` chain's update as torch's fused kernel, in place (see
+    :mod:`functrain.core.optim.fused_adamw`), after clipping to ``max_grad_norm`` by ``grad_norm``."""
+    grads = _writable(grads)
+    if max_grad_norm is not None:  # in place: a fresh tensor per gradient costs more than the kernel (CPU)
+        foreach.mul_(tree.leaves(grads), clip_factor(grad_norm, max_grad_norm))
+    fused_adamw_(adamw, params, grads, opt_state, finite=finite)
+
+
+def _writable(grads):
+    """``grads`` with each tensor dense and its own storage, so it can be scaled in place: autograd may
+    hand out an expanded view, or one tensor for two parameters (``a + b``); those are copied."""
+    seen = set()
+
+    def own(g):
+        ptr = g.untyped_storage().data_ptr()
+        if g.is_contiguous() and ptr not in seen:
+            seen.add(ptr)
+            return g
+        return g.clone(memory_format=torch.contiguous_format)
+
+    return tree.map(own, grads)
 
 
 def _update_metrics(opt_state, finite, loss_scale) -> dict:
@@ -477,13 +522,22 @@ def _deterministic_algorithms():
 
 @contextlib.contextmanager
 def _module_mode(model: nn.Module, training: bool):
-    """Set train/eval mode for the step and restore every submodule's mode afterwards."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.train(training)
+    """Set train/eval mode for the step and restore every submodule's mode afterwards.
+
+    Only the modules whose mode differs are flipped (``model.train()`` walks and sets every module,
+    hundreds of Python calls per step for a deep model); a module class with its own ``train()``
+    gets the full ``model.train(training)`` call so its override runs."""
+    modules = list(model.modules())
+    flipped = [m for m in modules if m.training != training]
+    if flipped and any(type(m).train is not nn.Module.train for m in modules):
+        modes = [(m, m.training) for m in modules]
+        model.train(training)
+    else:
+        modes = [(m, not training) for m in flipped]
+        for m in flipped:
+            m.training = training
     try:
         yield
     finally:
         for m, mode in modes:
             m.training = mode
-
-

@@ -14,6 +14,7 @@ from . import adam_family as F
 from . import muon as M
 from . import transforms as T
 from . import trust_ratio as R
+from .fused_adamw import declare_fused_adamw
 
 
 def _decay(weight_decay, mask) -> GradientTransformation:
@@ -29,12 +30,14 @@ def _decay(weight_decay, mask) -> GradientTransformation:
 
 def adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-4, *, mask=None,
           amsgrad: bool = False) -> GradientTransformation:
-    """AdamW (decoupled weight decay), matching ``torch.optim.AdamW``."""
-    return chain(
-        T.scale_by_adam(b1, b2, eps, amsgrad=amsgrad),
-        _decay(weight_decay, mask),
-        T.scale_by_learning_rate(learning_rate),
-    )
+    """AdamW (decoupled weight decay), matching ``torch.optim.AdamW``.
+
+    A donated eager step may run it in place as torch's fused AdamW kernel (the same update; see
+    :mod:`functrain.core.optim.fused_adamw`)."""
+    lr = T.scale_by_learning_rate(learning_rate)
+    tx = chain(T.scale_by_adam(b1, b2, eps, amsgrad=amsgrad), _decay(weight_decay, mask), lr)
+    return declare_fused_adamw(tx, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=mask, amsgrad=amsgrad,
+                               learning_rate=lr)
 
 
 def adam(learning_rate, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, *,

@@ -67,6 +67,12 @@ def _leaves_shaped_like_params(t, params, names: list[str], what: str) -> list:
     return tree.leaves(tree.map(lambda _, x: x, params, t))
 
 
+def mask_flags(mask, params) -> list[bool]:
+    """``mask`` (a pytree of Python bools shaped like ``params``, or a function ``params -> mask``)
+    as one bool per leaf of ``params``, in leaf order."""
+    return _resolve_mask(mask, params, tree.paths(params), require_any=False)
+
+
 def _select(names: list[str], leaves: list, chosen: list[bool]) -> dict:
     return {n: x for n, x, c in zip(names, leaves, chosen) if c}
 
