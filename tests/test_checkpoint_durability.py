@@ -240,5 +240,6 @@ def test_a_checkpoint_torn_by_a_power_cut_falls_back_to_the_previous_one(tmp_pat
     resumed = trainer(out, 3)
     resumed.train(resume_from_checkpoint=True)
     assert resumed.state.global_step == 3
+    assert [n for n in os.listdir(out) if n.startswith("checkpoint-2.broken-")]  # kept aside, not resumed
     ours, ref = params_of(resumed), params_of(reference)
     assert ours.keys() == ref.keys() and all(torch.equal(ours[k], ref[k]) for k in ours)
