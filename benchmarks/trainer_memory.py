@@ -12,7 +12,8 @@ glibc forced to serve large blocks by ``mmap`` (``MALLOC_MMAP_THRESHOLD_``), so 
 leaves the process and the peak RSS (``VmHWM``) is what was alive at the worst moment.
 
 Figure: growth = peak RSS over the run - RSS after the model and the Trainer are built (the
-optimizer state, gradients, activations and any extra copy of the params). Both processes import
+optimizer state, gradients, activations and any extra copy of the params). Per phase (first step,
+with compilation; later steps; between steps) the peak and the RSS at its end are recorded too. Both processes import
 ``datasets``, ``transformers.trainer`` and ``functrain`` before that baseline, so one-time library
 imports (which HF pays at import, functrain at its first dataset) are not counted for either. Processes run
 interleaved (HF, functrain, HF, functrain, ...); medians; ``os.getloadavg()`` per run.
@@ -62,16 +63,47 @@ def child(variant: str, quick: bool, steps: int, compiled: bool) -> dict:
     if variant == "transformers":
         import transformers
 
-        trainer = transformers.Trainer(model=model, args=transformers.TrainingArguments(**common), train_dataset=data)
+        phases = phase_callback(transformers.TrainerCallback)
+        trainer = transformers.Trainer(model=model, args=transformers.TrainingArguments(**common), train_dataset=data,
+                                       callbacks=[phases])
     else:
         import functrain as ft
 
-        trainer = ft.Trainer(model=model, args=ft.TrainingArguments(**common), train_dataset=data)
-    baseline = C.status_mb("VmRSS")
-    C.reset_peak_rss()
+        phases = phase_callback(ft.TrainerCallback)
+        trainer = ft.Trainer(model=model, args=ft.TrainingArguments(**common), train_dataset=data, callbacks=[phases])
+    phases.start()
     trainer.train()
-    return {"variant": variant, "params": sum(p.numel() for p in model.parameters()), "baseline_rss_mb": baseline,
-            "peak_rss_mb": C.status_mb("VmHWM"), "growth_mb": C.status_mb("VmHWM") - baseline}
+    phases.mark()  # the last phase: after the last step, to the end of train()
+    peak = max(p["peak_mb"] for p in phases.phases)
+    return {"variant": variant, "params": sum(p.numel() for p in model.parameters()), "baseline_rss_mb": phases.baseline,
+            "peak_rss_mb": phases.baseline + peak, "growth_mb": peak, "phases": phases.phases}
+
+
+def phase_callback(base: type):
+    """A callback (of the Trainer's own ``TrainerCallback`` class) that splits the run into phases:
+    before the first step, each step (``on_step_begin`` -> ``on_step_end``) and after each step
+    (to the next step, or to the end of ``train()``). Per phase: the peak RSS and the RSS at its end, over the baseline (MB); the
+    peak restarts at each boundary (``/proc/self/clear_refs``), so the run's peak is their max.
+    The first step holds compilation (both Trainers compile at their first forward)."""
+
+    class Phases(base):
+        def start(self):
+            self.baseline, self.phases, self.name = C.status_mb("VmRSS"), [], "before the first step"
+            C.reset_peak_rss()
+
+        def mark(self, next_name: str | None = None):
+            self.phases.append({"phase": self.name, "peak_mb": C.status_mb("VmHWM") - self.baseline,
+                                "end_mb": C.status_mb("VmRSS") - self.baseline})
+            self.name = next_name
+            C.reset_peak_rss()
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.mark(f"step {state.global_step + 1}")
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.mark(f"after step {state.global_step}")
+
+    return Phases()
 
 
 def run_child(variant: str, quick: bool, steps: int, compiled: bool) -> dict:
@@ -89,6 +121,8 @@ def measure(quick: bool, steps: int, rounds: int, compiled: bool) -> dict:
             runs[v].append(res)
             print(f"  {'compiled' if compiled else 'eager'} round {r + 1}: {v}: growth {res['growth_mb']:.0f} MB "
                   f"(peak {res['peak_rss_mb']:.0f} MB); load {res['loadavg'][0]:.2f}", flush=True)
+            print("    " + "; ".join(f"{p['phase']}: peak {p['peak_mb']:.0f}, end {p['end_mb']:.0f}"
+                                     for p in res["phases"]), flush=True)
     out = {v: {"growth_mb": statistics.median(x["growth_mb"] for x in rs),
                "peak_rss_mb": statistics.median(x["peak_rss_mb"] for x in rs), "runs": rs} for v, rs in runs.items()}
     out["growth_ratio"] = out["functrain"]["growth_mb"] / out["transformers"]["growth_mb"]

@@ -156,6 +156,11 @@ def test_trainer_memory_quick(tmp_path):
         assert len(runs) == report["rounds"] and all("loadavg" in r and r["peak_rss_mb"] > 0 for r in runs)
     assert eager["growth_ratio"] == pytest.approx(eager["functrain"]["growth_mb"] / eager["transformers"]["growth_mb"])
     assert "target <= 1.05x" in proc.stdout
+    for run in eager["functrain"]["runs"]:  # per phase: before the first step, each step, after each step
+        phases = [p["phase"] for p in run["phases"]]
+        assert phases[:3] == ["before the first step", "step 1", "after step 1"]
+        assert phases[-1] == f"after step {report['steps']}"
+        assert run["growth_mb"] == max(p["peak_mb"] for p in run["phases"])
 
 
 @pytest.mark.slow

@@ -78,7 +78,8 @@ def make_train_step(
             summed microbatch by microbatch (one microbatch of activations in memory at a time).
         precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (autocast compute, fp32 params; fp16
             adds a dynamic loss scale kept in ``state.loss_scale``).
-        compile: compile the whole step with ``torch.compile(fullgraph=True)``.
+        compile: compile the whole step with ``torch.compile(fullgraph=True)`` (with
+            ``donate=True`` and ``leafwise_update=True``: the window's gradients only, see there).
         donate: write the new params and optimizer state into the input state's storages; the
             input state is then consumed (any use raises ``ConsumedStateError``).
         count_items: ``count_items(microbatch) -> 0-d tensor`` of supervised items; default
@@ -111,10 +112,13 @@ def make_train_step(
         leafwise_update: declare that ``tx`` updates each parameter from its own gradient, state
             and value alone (Adam(W), SGD, Lion, RMSprop, Adagrad; not a global-norm clip or
             ``apply_if_finite`` inside ``tx``; weight-decay masks given as functions of the params).
-            With ``donate=True`` and ``compile=False`` the update then runs a group of parameters
-            at a time, in place, so eager training holds one copy of params and optimizer state
-            plus one group's temporaries (same numbers; see :mod:`functrain.step.grouped_update`).
-            Ignored otherwise (compiled steps fuse the donation already) and with fp16.
+            With ``donate=True`` the update then runs a group of parameters at a time, in place,
+            so training holds one copy of params and optimizer state plus one group's temporaries
+            (same numbers; see :mod:`functrain.step.grouped_update`). Compiled, only the window's
+            gradients are compiled and this update runs after the graph (a whole compiled graph
+            returns a second copy of params and optimizer state). Ignored without donation and
+            with fp16; with ``flat=True`` it cuts the segments into pieces (eager) or is ignored
+            (compiled: flat's whole graph).
         skip_non_finite: when the window's loss or any gradient is NaN/Inf, keep params, optimizer
             state and step unchanged and report ``skipped`` (fp16 always does this, for its loss
             scale). Decided on the device: no host sync.
@@ -161,31 +165,45 @@ def make_train_step(
                            differentiate=differentiate)
     module_buffers = buffer_names(model)
     grouped = leafwise_update and donate and not compile and not policy.needs_loss_scale
+    # Compiled, donated and leafwise: only the gradients are compiled and the grouped in-place
+    # update runs after the graph, so the step never holds a second copy of params and optimizer
+    # state (a whole compiled step returns one, written back after the graph: see below).
+    split_compiled = leafwise_update and donate and compile and not flat and not policy.needs_loss_scale
     # A compiled step returns new tensors and the donation is written back eagerly after it:
     # torch 2.13's inductor can compute an output from an input the same graph has already
     # overwritten (an EMA from the new params, a schedule's rate from the new count), so copies
     # into the inputs inside the graph give wrong numbers (tests/test_step_donation.py).
     donate_in_graph = donate and not compile
 
-    def train_core(params, buffers, opt_state, step, loss_scale, batch, layout=None):
+    def window_grads(params, buffers, loss_scale, batch, layout=None):
         # layout (flat=True): params and per-parameter optimizer state come as flat segments; the
         # forward binds views of them and the gradients are packed the same way before the update.
         scale = loss_scale.scale if policy.needs_loss_scale else None
         g = grad_fn(params if layout is None else layout.views(params), buffers, batch, scale)
+        return g if layout is None else g._replace(grads=layout.pack(g.grads))
+
+    def grouped_core(params, buffers, opt_state, step, loss_scale, g, per_name=True):
+        # donated, leafwise tx: params and opt_state updated in place, a group at a time
+        old_buffers, new_buffers = module_buffers_of(buffers, module_buffers), module_buffers_of(g.buffers, module_buffers)
+        metrics = {"loss": g.loss, "num_items": g.num_items}
+        new_buffers, metrics["grad_norm"], finite = _update_in_place(
+            tx, params, opt_state, step, g.grads, g.loss, old_buffers, new_buffers,
+            max_grad_norm=max_grad_norm, skip_non_finite=skip_non_finite, per_name=per_name)
+        metrics.update(_update_metrics(opt_state, finite, None), **g.aux)
+        if old_buffers:
+            tree.copy_(old_buffers, new_buffers)
+        return params, old_buffers, opt_state, step, loss_scale, metrics
+
+    def train_core(params, buffers, opt_state, step, loss_scale, batch, layout=None):
+        if grouped:  # (g is not kept here: its gradients are dropped group by group)
+            return grouped_core(params, buffers, opt_state, step, loss_scale,
+                                window_grads(params, buffers, loss_scale, batch, layout), per_name=layout is None)
+        g = window_grads(params, buffers, loss_scale, batch, layout)
         # The module's buffers (BatchNorm running statistics, ...) are outputs of the step: the
         # forward updated copies, so the input state's buffers never change.
         old_buffers, new_buffers = module_buffers_of(buffers, module_buffers), module_buffers_of(g.buffers, module_buffers)
-        grads = g.grads if layout is None else layout.pack(g.grads)
+        grads = g.grads
         metrics = {"loss": g.loss, "num_items": g.num_items}
-        if grouped:  # donated eager, leafwise tx: params and opt_state updated in place
-            new_buffers, metrics["grad_norm"], finite = _update_in_place(
-                tx, params, opt_state, step, grads, g.loss, old_buffers, new_buffers,
-                max_grad_norm=max_grad_norm, skip_non_finite=skip_non_finite, per_name=layout is None)
-            metrics.update(_update_metrics(opt_state, finite, None), **g.aux)
-            del grads, g
-            if old_buffers:
-                tree.copy_(old_buffers, new_buffers)
-            return params, old_buffers, opt_state, step, loss_scale, metrics
         (new_params, new_opt_state, new_buffers, new_step, new_loss_scale), metrics["grad_norm"], finite = _update(
             tx, (params, opt_state, old_buffers, step, loss_scale), grads, g.loss, new_buffers,
             max_grad_norm=max_grad_norm, needs_loss_scale=policy.needs_loss_scale, skip_non_finite=skip_non_finite)
@@ -199,7 +217,10 @@ def make_train_step(
             return params, old_buffers, opt_state, step, loss_scale, metrics
         return new_params, new_buffers, new_opt_state, new_step, new_loss_scale, metrics
 
-    core = _maybe_compile(train_core, compile, compile_kwargs, deterministic)
+    if split_compiled:
+        core = _split_compiled_core(_maybe_compile(window_grads, True, compile_kwargs, deterministic), grouped_core)
+    else:
+        core = _maybe_compile(train_core, compile, compile_kwargs, deterministic)
     flat_steps = FlatCores(tx, lambda layout: _maybe_compile(functools.partial(train_core, layout=layout), compile,
                                                              compile_kwargs, deterministic),
                            pieces=GROUPS if grouped else 1) if flat else None
@@ -235,6 +256,17 @@ def make_train_step(
     train_step.core = core  # for tests and tools (e.g. torch._dynamo.explain)
     train_step.pure_core = train_core  # uncompiled, no RNG/mode handling: for transforms (vmap)
     return train_step
+
+
+def _split_compiled_core(compiled_grads, grouped_core):
+    """A core of two parts: the compiled window gradients, then ``grouped_core`` (eager, in place)."""
+
+    def core(params, buffers, opt_state, step, loss_scale, batch):
+        return grouped_core(params, buffers, opt_state, step, loss_scale,
+                            compiled_grads(params, buffers, loss_scale, batch))
+
+    core.compiled = compiled_grads.compiled
+    return core
 
 
 def _update(tx, old: tuple, grads, loss, new_buffers, *, max_grad_norm, needs_loss_scale: bool,
