@@ -7,14 +7,17 @@ random values): ~280 MB of tensors. Contenders, interleaved round by round in on
 * ``raw_save_file``: ``safetensors.torch.save_file`` of every tensor (weights + optimizer state)
   into one file: the floor (no fsync, no hash, no atomic rename);
 * ``raw_save_file_fsync``: the same plus an fsync (what a crash-safe write needs at least);
-* ``functrain_save``: ``functrain.io.checkpoint.save_checkpoint`` (``save_pretrained`` weights,
-  ``train_state.safetensors``, rng state, each file hashed (xxh3_128) and fsynced in a background
-  thread while the next is written, manifest, rename).
+* ``functrain_save``: ``functrain.io.checkpoint.save_checkpoint`` until it returns
+  (``save_pretrained`` weights, ``train_state.safetensors``, rng state, each file hashed
+  (xxh3_128) in a background thread while the next is written, manifest, rename); its fsyncs
+  continue in the background and are waited for outside the timing, before the next contender;
+* ``functrain_save_durable``: the same plus ``wait_durable()`` (every file, the manifest and both
+  folders fsynced).
 
 The target (issue 18: save <= 1.2x "the raw safetensors save") is stated against
-``raw_save_file``, which does not fsync; ``functrain_save`` does (a crash-safe checkpoint must),
-so both ratios are reported: ``functrain_save / raw_save_file`` (the target's) and
-``functrain_save / raw_save_file_fsync`` (the same durability on both sides).
+``raw_save_file``, which does not fsync: ``functrain_save / raw_save_file`` is the blocking cost a
+training loop sees; ``functrain_save_durable / raw_save_file_fsync`` compares the same durability
+on both sides.
 
 Resume: ``read_checkpoint`` + ``load_train_state`` + ``load_rng_state`` + ``non_finite_tensors``
 (what the Trainer runs), bytes read counted by ``/proc/self/io`` ``rchar`` (every ``read`` call of
@@ -133,7 +136,12 @@ def main():
         os.remove(raw)
 
     def remove_ckpt():
+        ck.wait_durable()  # the background fsync, outside the timing, before the next contender
         shutil.rmtree(ck.checkpoint_path(root, 1))
+
+    def save_durable():
+        ck.save_checkpoint(root, 1, model=model, train_state=state)
+        ck.wait_durable()
 
     def raw_fsync():
         save_file(tensors, raw)
@@ -144,16 +152,18 @@ def main():
         "raw_save_file_fsync": lambda: timed(raw_fsync, remove_raw),
         "functrain_save": lambda: timed(lambda: ck.save_checkpoint(root, 1, model=model, train_state=state),
                                         remove_ckpt),
+        "functrain_save_durable": lambda: timed(save_durable, remove_ckpt),
     }
     try:
         print("save:")
         save = interleave(contenders, a.rounds)
         print(table(save, "raw_save_file", unit="ms/save"))
-        for ref in ("raw_save_file", "raw_save_file_fsync"):
-            save[f"functrain_save_over_{ref}"] = save["functrain_save"]["median_ms"] / save[ref]["median_ms"]
-            print(f"functrain_save / {ref}: {save[f'functrain_save_over_{ref}']:.3f}x")
+        for ours, ref in (("functrain_save", "raw_save_file"), ("functrain_save_durable", "raw_save_file_fsync")):
+            save[f"{ours}_over_{ref}"] = save[ours]["median_ms"] / save[ref]["median_ms"]
+            print(f"{ours} / {ref}: {save[f'{ours}_over_{ref}']:.3f}x")
 
         path = ck.save_checkpoint(root, 1, model=model, train_state=state)
+        ck.wait_durable()
         save_file(tensors, raw)
         size = folder_bytes(path)
         before = rchar()

@@ -14,11 +14,20 @@ A checkpoint holds
 - ``trainer_state.json``, ``training_args.json``;
 - ``manifest.json``: size and checksum of every file above, written last.
 
-It is written into a temporary folder next to its final place, every file and the folder are
-fsynced, then the folder is renamed: a crash leaves either the whole checkpoint or none. Each file
-is hashed and fsynced in a background thread while the next one is written: the safetensors files
+It is written into a temporary folder next to its final place, the manifest last, then the folder
+is renamed: a process crash (exception, SIGKILL) leaves either the whole checkpoint or none. Each
+file is hashed in a background thread while the next one is written: the safetensors files
 functrain saves itself are hashed from the tensors in memory (no read-back of their data); files a
 library writes (``save_pretrained``'s, the JSON files) from the page cache.
+
+Durability is asynchronous: :func:`save_checkpoint` returns once the folder is renamed into place,
+and the fsyncs (files, manifest, folder, parent folder) run in a background thread
+(:class:`Durability`). Until they finish, a power cut or OS crash can leave the new folder with
+torn files; resume verifies every byte against the manifest and falls back to the previous
+checkpoint. So nothing deletes or replaces a checkpoint before the newer one is durable:
+rotation, same-step replacement and ``overwrite_output_dir`` call :func:`wait_durable` first, as
+do the end of ``Trainer.train()``, the runner's final checkpoint and process exit. A failed
+background fsync is raised (as :class:`CheckpointError`) by the next save or wait.
 
 The checksum is an integrity check, not a signature: xxh3_128 (checkpoints of manifest version 1
 carry sha256, which is still read: each manifest entry names its algorithm). A cryptographic hash
@@ -44,11 +53,13 @@ import mmap
 import os
 import random
 import re
+import atexit
 import shutil
 import stat
 import sys
+import threading
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -115,13 +126,15 @@ def checkpoint_path(output_dir: str, step: int) -> str:
 
 
 def save_checkpoint(output_dir: str, step: int, *, model, train_state=None, trainer_state=None, args=None,
-                    processing_class=None, save_rng: bool = True, model_state_dict=None) -> str:
+                    processing_class=None, save_rng: bool = True, model_state_dict=None,
+                    durability: Durability | None = None) -> str:
     """Write ``output_dir/checkpoint-{step}`` atomically and return its path.
 
     ``model`` must already hold the weights to save (the Trainer copies the state's params into it
     first), or ``model_state_dict`` gives them (a sharded module's gathered weights). With
     ``train_state=None`` only the model is saved (``save_only_model``): the folder is then not
-    resumable.
+    resumable. It is durable once ``durability`` (default :data:`DURABILITY`) has finished its
+    fsyncs: :func:`wait_durable`.
     """
 
     def write_files(tmp: str, written: WrittenFiles) -> None:
@@ -136,10 +149,11 @@ def save_checkpoint(output_dir: str, step: int, *, model, train_state=None, trai
         if args is not None:
             args.save_to_json(os.path.join(tmp, ARGS_FILE))
 
-    return write_checkpoint(output_dir, step, write_files, resumable=train_state is not None)
+    return write_checkpoint(output_dir, step, write_files, resumable=train_state is not None, durability=durability)
 
 
-def save_tree_checkpoint(output_dir: str, step: int, state, progress: dict) -> str:
+def save_tree_checkpoint(output_dir: str, step: int, state, progress: dict, *,
+                         durability: Durability | None = None) -> str:
     """Write ``output_dir/checkpoint-{step}`` for any pytree of tensors (no model): every leaf in
     ``train_state.safetensors`` keyed by its path, the global generators, and ``progress`` (a
     JSON-able dict: step, data position, hook states) as ``trainer_state.json``. Atomic, as
@@ -151,29 +165,44 @@ def save_tree_checkpoint(output_dir: str, step: int, state, progress: dict) -> s
         with open(os.path.join(tmp, TRAINER_STATE_FILE), "w", encoding="utf-8") as f:
             json.dump(progress, f, indent=2, sort_keys=True)
 
-    return write_checkpoint(output_dir, step, write_files, resumable=True)
+    return write_checkpoint(output_dir, step, write_files, resumable=True, durability=durability)
 
 
-def write_checkpoint(output_dir: str, step: int, write_files, *, resumable: bool) -> str:
+def write_checkpoint(output_dir: str, step: int, write_files, *, resumable: bool,
+                     durability: Durability | None = None) -> str:
     """The atomic part of every checkpoint: ``write_files(tmp, written)`` fills a temporary folder
-    (handing each file to ``written``, which hashes and fsyncs it in the background while the next
-    file is written), then the manifest (sizes, checksums) is written last, everything is fsynced
-    and the folder renamed to ``checkpoint-{step}``. A crash leaves the whole checkpoint or none."""
+    (handing each file to ``written``, which hashes it in the background while the next file is
+    written), then the manifest (sizes, checksums) is written last and the folder renamed to
+    ``checkpoint-{step}``: a process crash leaves the whole checkpoint or none. The fsyncs run in
+    the background (``durability``, default :data:`DURABILITY`), except when an older folder of
+    the same step is replaced: that one is deleted, so the new one is made durable first."""
+    durability = durability or DURABILITY
+    durability.raise_failure()  # an earlier save's background fsync failed: say so before writing more
     os.makedirs(output_dir, exist_ok=True)
     final = checkpoint_path(output_dir, step)
+    replacing = os.path.exists(final)
     tmp = os.path.join(output_dir, f".tmp-{PREFIX}-{step}-{uuid.uuid4().hex[:8]}")
     os.makedirs(tmp)
     try:
-        with WrittenFiles(tmp) as written:
+        with WrittenFiles(tmp, fsync=replacing) as written:
             write_files(tmp, written)
             written.add_unlisted()  # the JSON files, written last
-        write_manifest(tmp, step=step, resumable=resumable, known=written.entries)
-        fsync_dir(tmp)
-        replace_dir(tmp, final)
+        write_manifest(tmp, step=step, resumable=resumable, known=written.entries, fsync=replacing)
+        if replacing:
+            fsync_dir(tmp)
+            replace_dir(tmp, final)
+            fsync_dir(output_dir)
+            return final
+        handles = open_for_fsync(tmp)
+        try:
+            os.rename(tmp, final)
+        except BaseException:
+            close_all(handles)
+            raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    fsync_dir(output_dir)
+    durability.submit(final, handles + open_for_fsync(output_dir, directory=True))
     return final
 
 
@@ -343,17 +372,19 @@ def write_safetensors(folder: str, rel: str, tensors: dict, metadata: dict, writ
 
 
 class WrittenFiles:
-    """The files of a checkpoint being written: each is hashed and fsynced in a background thread
-    while the next one is written (the hash, safetensors' write and fsync all release the GIL).
+    """The files of a checkpoint being written: each is hashed (and with ``fsync=True`` fsynced) in
+    a background thread while the next one is written (the hash, safetensors' write and fsync all
+    release the GIL).
 
-    Use as a context manager around the writes; on leaving, every file is hashed and durable, and
+    Use as a context manager around the writes; on leaving, every file is hashed (and durable), and
     :attr:`entries` holds their manifest entries. ``known``: entries of files written elsewhere
     (other ranks' shards), neither hashed nor fsynced here. The tensors handed to
     :meth:`add_tensors_file` must not change until then.
     """
 
-    def __init__(self, folder: str, known: dict | None = None):
+    def __init__(self, folder: str, known: dict | None = None, *, fsync: bool = True):
         self.folder = folder
+        self.fsync = fsync
         self.entries: dict[str, dict] = dict(known or {})
         self._pending: dict = {}
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="functrain-ckpt")
@@ -378,7 +409,8 @@ class WrittenFiles:
     def _finish(self, rel: str, entry_of) -> dict:
         full = os.path.join(self.folder, rel)
         entry = entry_of(full)
-        fsync_file(full)
+        if self.fsync:
+            fsync_file(full)
         return entry
 
     def __enter__(self) -> "WrittenFiles":
@@ -423,9 +455,10 @@ def _bytes_of(t: torch.Tensor):
     return t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
-def write_manifest(folder: str, *, step: int, resumable: bool, known: dict | None = None) -> None:
+def write_manifest(folder: str, *, step: int, resumable: bool, known: dict | None = None, fsync: bool = True) -> None:
     """Write ``manifest.json`` listing every file in ``folder``; ``known``: entries of files hashed
-    while written and fsynced (the others are hashed and fsynced here)."""
+    while written (the others are hashed here). ``fsync``: make the files not in ``known`` and the
+    manifest durable before returning (else the caller's :class:`Durability` does)."""
     known = known or {}
     files = {}
     for root, _dirs, names in os.walk(folder):
@@ -438,14 +471,16 @@ def write_manifest(folder: str, *, step: int, resumable: bool, known: dict | Non
             entry = known.get(rel)
             if entry is None or entry["bytes"] != size:
                 entry = file_entry(full)
-                fsync_file(full)
+                if fsync:
+                    fsync_file(full)
             files[rel] = entry
     manifest = {"format": FORMAT, "version": VERSION, "step": step, "resumable": resumable, "files": files}
     path = os.path.join(folder, MANIFEST_FILE)
     with open(path, "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=2, sort_keys=True)
         f.flush()
-        os.fsync(f.fileno())
+        if fsync:
+            os.fsync(f.fileno())
 
 
 def new_checksum(algorithm: str, data=b""):
@@ -484,6 +519,130 @@ def fsync_dir(path: str) -> None:
         pass
     finally:
         os.close(fd)
+
+
+# -- durability -------------------------------------------------------------------------------------
+
+
+def open_for_fsync(folder: str, *, directory: bool = False) -> list[tuple[int, bool]]:
+    """``[(fd, is_directory)]``: the folder itself (``directory=True``), else every file under it,
+    then its sub-folders and itself. Opened now, so the background fsync reaches the same files
+    whatever is renamed meanwhile (the folder into place, a later "moved aside")."""
+    if directory:
+        return _open_dir(folder)
+    handles, dirs = [], []
+    try:
+        for root, _subdirs, names in os.walk(folder):
+            for name in sorted(names):
+                handles.append((os.open(os.path.join(root, name), os.O_RDONLY), False))
+            dirs.append(root)
+        for d in reversed(dirs):  # the folders last: their entries then point at durable files
+            handles += _open_dir(d)
+    except BaseException:
+        close_all(handles)
+        raise
+    return handles
+
+
+def _open_dir(path: str) -> list[tuple[int, bool]]:
+    try:
+        return [(os.open(path, os.O_RDONLY), True)]
+    except OSError:  # some platforms cannot open directories
+        return []
+
+
+def close_all(handles) -> None:
+    for fd, _ in handles:
+        os.close(fd)
+
+
+class Durability:
+    """Checkpoints renamed into place whose fsyncs still run, in one background thread.
+
+    :meth:`submit` hands over a checkpoint's open files (closed when done); :meth:`wait` returns
+    once every one handed over is durable and raises the first failure (a :class:`CheckpointError`
+    naming the checkpoint); :meth:`raise_failure` raises one that already happened without waiting.
+    ``fsync`` is the function called on each file descriptor (``os.fsync``; tests pass a slow or a
+    failing one)."""
+
+    def __init__(self, fsync=os.fsync):
+        self.fsync = fsync
+        self._lock = threading.Lock()
+        self._pending: list[tuple[str, Future]] = []
+        self._pool: ThreadPoolExecutor | None = None
+
+    def submit(self, path: str, handles: list[tuple[int, bool]]) -> None:
+        """Fsync ``handles`` (then close them) in the background; ``path`` names the checkpoint."""
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="functrain-fsync")
+            try:
+                job = self._pool.submit(self._make_durable, path, handles)
+            except RuntimeError:  # the interpreter is shutting down: no new thread, fsync here
+                job = Future()
+                try:
+                    self._make_durable(path, handles)
+                    job.set_result(None)
+                except CheckpointError as e:
+                    job.set_exception(e)
+            self._pending.append((path, job))
+
+    def pending(self) -> list[str]:
+        """The checkpoints whose fsyncs have not finished yet."""
+        with self._lock:
+            return [path for path, job in self._pending if not job.done()]
+
+    def wait(self) -> None:
+        """Block until every checkpoint handed over is durable; raise the first failure."""
+        with self._lock:
+            jobs = list(self._pending)
+        errors = [job.exception() for _, job in jobs]  # blocks until each is done
+        with self._lock:
+            self._pending = [item for item in self._pending if item not in jobs]
+        _raise_first(errors)
+
+    def raise_failure(self) -> None:
+        """Raise a finished background fsync's failure now (each is reported once); never blocks."""
+        with self._lock:
+            failed = [(p, job) for p, job in self._pending if job.done() and job.exception() is not None]
+            self._pending = [item for item in self._pending if item not in failed]
+        _raise_first([job.exception() for _, job in failed])
+
+    def _make_durable(self, path: str, handles) -> None:
+        try:
+            for fd, is_dir in handles:
+                try:
+                    self.fsync(fd)
+                except OSError as e:
+                    if not is_dir:  # a folder cannot be fsynced everywhere; a file must be
+                        raise CheckpointError(f"{path!r} is not durable: fsync failed ({e}). A power cut could "
+                                              "tear it (resume would detect that and fall back)") from e
+        finally:
+            close_all(handles)
+
+
+def _raise_first(errors) -> None:
+    errors = [e for e in errors if e is not None]
+    if errors:
+        raise errors[0]
+
+
+DURABILITY = Durability()  # the background fsyncs of the checkpoints this process writes
+
+
+def wait_durable(durability: Durability | None = None) -> None:
+    """Block until every checkpoint written so far is durable (fsynced); raise a failed fsync."""
+    (durability or DURABILITY).wait()
+
+
+@atexit.register
+def _durable_at_exit() -> None:
+    # A normal exit (the Trainer and the runner end normally after SIGTERM too) leaves no checkpoint
+    # undurable; this late, a failure can only be logged.
+    try:
+        DURABILITY.wait()
+    except CheckpointError as e:
+        logger.error("at exit: %s", e)
 
 
 # -- verifying --------------------------------------------------------------------------------------
@@ -1058,7 +1217,8 @@ def rotate_checkpoints(output_dir: str, save_total_limit: int | None, best_model
     The newest checkpoint is kept too (it is the one to resume from), so with ``save_total_limit=1``
     and a best checkpoint that is not the newest, two remain. ``just_written`` is never deleted:
     if higher-numbered checkpoints exist (they cannot, once the Trainer's output_dir rule ran), it
-    is an error rather than a silent loss of the run's own checkpoint.
+    is an error rather than a silent loss of the run's own checkpoint. Deleting waits until every
+    checkpoint written is durable (:func:`wait_durable`), so a power cut leaves a newer one.
     """
     if save_total_limit is None or save_total_limit <= 0:
         return []
@@ -1087,6 +1247,8 @@ def rotate_checkpoints(output_dir: str, save_total_limit: int | None, best_model
 
 
 def _remove_dir(path: str) -> None:
+    # Only once every newer checkpoint is durable: a power cut must leave one to resume from.
+    wait_durable()
     # Rename first so a crash mid-delete never leaves a half-deleted "checkpoint-N".
     trash = os.path.join(os.path.dirname(path), f".trash-{os.path.basename(path)}-{uuid.uuid4().hex[:8]}")
     os.rename(path, trash)

@@ -355,6 +355,7 @@ class Checkpoint(Hook):
     def on_end(self, run):
         if self.last_saved != run.step:
             self.save(run)
+        ck.wait_durable()  # the run (or its SIGTERM stop) ends with every checkpoint fsynced
 
     def save(self, run: Run) -> str:
         progress = {"global_step": run.step, "epoch": run.epoch, "data_position": data_position(run.data),

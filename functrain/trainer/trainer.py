@@ -817,6 +817,7 @@ class Trainer(PublishMixin):
             metrics["train_tokens_per_second"] = round(log.train_tokens / runtime, 4) if runtime > 0 else 0.0
         self._memory_tracker.stop_and_update_metrics("train", metrics)
         self.log(dict(metrics))
+        ck.wait_durable()  # every checkpoint of the run fsynced (they are, in the background) before train() ends
         self.control = self.callback_handler.on_train_end(a, self.state, self.control)
         self._finish_current_push()
         return TrainOutput(self.state.global_step, train_loss, metrics)
