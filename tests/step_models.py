@@ -118,3 +118,13 @@ def lm_batch(n=8, t=16, seed=0, pad_rows=None):
 def cls_batch(n=8, d=8, classes=4, seed=0):
     g = torch.Generator().manual_seed(seed)
     return {"x": torch.randn(n, d, generator=g), "labels": torch.randint(0, classes, (n,), generator=g)}
+
+
+def moved_state(model, tx, scale: float = 0.01):
+    """A ``TrainState`` whose params are a copy of the module's moved by ``scale`` x N(0, 1): a step
+    that read the module's own tensors instead of the state's would give other numbers."""
+    import functrain as ft
+
+    state = ft.TrainState.create(model, tx, copy=True)
+    g = torch.Generator().manual_seed(1)
+    return state.replace(params={k: v + scale * torch.randn(v.shape, generator=g) for k, v in state.params.items()})

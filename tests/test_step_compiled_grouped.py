@@ -13,7 +13,7 @@ from torch import nn
 import functrain as ft
 from functrain.step import grouped_update
 from functrain.step.train import make_train_step
-from step_models import MLP, cls_batch
+from step_models import MLP, cls_batch, moved_state
 
 pytestmark = pytest.mark.slow
 
@@ -22,12 +22,6 @@ OPTIMIZERS = {
                                                                               num_warmup_steps=2),
                                                    weight_decay=0.1, mask=ft.optim.default_weight_decay_mask(m)),
 }
-
-
-def _moved_state(model, tx):
-    state = ft.TrainState.create(model, tx, copy=True)
-    g = torch.Generator().manual_seed(1)
-    return state.replace(params={k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in state.params.items()})
 
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
@@ -41,7 +35,7 @@ def test_compiled_grouped_step_equals_compiled_whole_step(name, monkeypatch):
     kw = dict(compile=True, max_grad_norm=0.5, skip_non_finite=True)
     whole_step = make_train_step(model, tx, **kw)
     grouped_step = make_train_step(model, tx, donate=True, leafwise_update=True, **kw)
-    whole = _moved_state(model, tx)
+    whole = moved_state(model, tx)
     grouped = ft.TrainState.create(model, tx, copy=True).replace(params=ft.tree.clone(whole.params))
     ptrs = [t.data_ptr() for t in ft.tree.leaves((grouped.params, grouped.opt_state))]
     for b in batches:
@@ -53,7 +47,7 @@ def test_compiled_grouped_step_equals_compiled_whole_step(name, monkeypatch):
     assert len(grouped_update.parameter_groups(grouped.params, 3)) > 1
     assert [t.data_ptr() for t in ft.tree.leaves((grouped.params, grouped.opt_state))] == ptrs  # in place
     assert ft.tree.relative_difference(grouped.params, whole.params) <= 1e-6
-    assert ft.tree.relative_difference(grouped.params, _moved_state(model, tx).params) > 1e-3  # it trained
+    assert ft.tree.relative_difference(grouped.params, moved_state(model, tx).params) > 1e-3  # it trained
     for path, a in ft.tree.named_leaves(whole.opt_state).items():
         b = ft.tree.named_leaves(grouped.opt_state)[path]
         assert torch.allclose(a.double(), b.double(), rtol=1e-6, atol=1e-7), path

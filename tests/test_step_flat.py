@@ -15,6 +15,7 @@ import functrain as ft
 from functrain.core.flat import is_flat, plan_layout
 from functrain.io import checkpoint as ckpt
 from functrain.step.train import make_train_step
+from step_models import moved_state
 
 STEPS, LR, WD, TOTAL, MAX_NORM = 10, 3e-2, 0.1, 12, 0.5
 
@@ -49,13 +50,6 @@ def adamw(model):
     return ft.optim.adamw(linear, weight_decay=WD, mask=ft.optim.default_weight_decay_mask(model))
 
 
-def moved_state(model, tx):
-    """A state whose params differ from the module's own tensors."""
-    state = ft.TrainState.create(model, tx, copy=True)
-    g = torch.Generator().manual_seed(1)
-    return state.replace(params={k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in state.params.items()})
-
-
 def torch_reference(model, start_params, data):
     """AdamW with HF's decay groups, clip_grad_norm_ and LambdaLR, from ``start_params``."""
     model = copy.deepcopy(model)
@@ -81,7 +75,7 @@ def test_flat_step_equals_per_tensor_step_and_torch_adamw(mode):
     model = Net()
     tx = adamw(model)
     data = batches()
-    start = moved_state(model, tx)
+    start = moved_state(model, tx, 0.1)
     per_tensor = make_train_step(model, tx, loss_fn, max_grad_norm=MAX_NORM)
     # donated_leafwise: an eager donated step updates a few segments at a time (less memory alive)
     flat = make_train_step(model, tx, loss_fn, max_grad_norm=MAX_NORM, donate=mode != "pure", flat=True,
@@ -121,7 +115,7 @@ def test_other_elementwise_optimizers_match_the_per_tensor_step(name):
     tx = {"sgd_nesterov_clip_in_tx": ft.optim.chain(ft.optim.clip_by_global_norm(0.3),
                                                     ft.optim.sgd(0.05, momentum=0.9, nesterov=True)),
           "lion": ft.optim.lion(1e-3, weight_decay=0.01, mask=ft.optim.default_weight_decay_mask(model))}[name]
-    a = moved_state(model, tx)
+    a = moved_state(model, tx, 0.1)
     b = ft.tree.clone(a)
     per_tensor = make_train_step(model, tx, loss_fn)
     flat = make_train_step(model, tx, loss_fn, donate=True, flat=True)
@@ -136,7 +130,7 @@ def test_module_parameters_stay_views_of_the_state_after_each_donated_step():
     torch.manual_seed(0)
     model = Net()
     tx = adamw(model)
-    state = ft.flat.flatten_state(moved_state(model, tx), tx, model)
+    state = ft.flat.flatten_state(moved_state(model, tx, 0.1), tx, model)
     step = make_train_step(model, tx, loss_fn, max_grad_norm=MAX_NORM, donate=True, flat=True)
     ptrs = [t.data_ptr() for t in ft.tree.leaves((state.params, state.opt_state))]
     x = batches(1)[0]["x"]
@@ -156,7 +150,7 @@ def test_checkpoints_move_between_flat_and_per_tensor_states(tmp_path):
     per_tensor = make_train_step(model, tx, loss_fn, max_grad_norm=MAX_NORM)
     flat = make_train_step(model, tx, loss_fn, max_grad_norm=MAX_NORM, donate=True, flat=True)
     data = batches(6)
-    a = moved_state(model, tx)
+    a = moved_state(model, tx, 0.1)
     b = ft.flat.flatten_state(ft.tree.clone(a), tx)
     for batch in data[:3]:
         a, _ = per_tensor(a, batch)
@@ -207,7 +201,7 @@ def test_compiled_donated_flat_step_matches_the_per_tensor_step():
     torch.manual_seed(0)
     model = Net()
     tx = adamw(model)
-    a = moved_state(model, tx)
+    a = moved_state(model, tx, 0.1)
     b = ft.flat.flatten_state(ft.tree.clone(a), tx, model)
     # (the reference is the compiled donated per-tensor step: compiled donated steps of both kinds
     # leave the schedule's next learning rate in the state's learning_rate leaf, eager ones the

@@ -14,7 +14,7 @@ import torch
 import functrain as ft
 from functrain.core.optim import fused_adamw as F
 from functrain.step.train import make_train_step
-from step_models import gpt2, lm_batch
+from step_models import gpt2, lm_batch, moved_state
 
 train_module = __import__("functrain.step.train", fromlist=["make_train_step"])
 LR, WD, STEPS = 1e-3, 0.1, 6
@@ -27,13 +27,6 @@ def _schedule():
 
 def _adamw(model):
     return ft.optim.adamw(_schedule(), weight_decay=WD, mask=ft.optim.default_weight_decay_mask(model))
-
-
-def _moved_state(model, tx):
-    """A state whose params differ from the module's own tensors (and are a copy of them)."""
-    state = ft.TrainState.create(model, tx, copy=True)
-    g = torch.Generator().manual_seed(1)
-    return state.replace(params={k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in state.params.items()})
 
 
 @pytest.fixture
@@ -69,7 +62,7 @@ def test_fused_update_is_torch_fused_adamw_bitwise_and_the_chain_within_rounding
     torch.manual_seed(0)
     model = gpt2()
     tx = _adamw(model)
-    fused = _moved_state(model, tx)
+    fused = moved_state(model, tx)
     chain = copy.deepcopy(fused)
     ref = {k: v.clone().requires_grad_() for k, v in fused.params.items()}
     opt, sched = _torch_fused_adamw(ref, ft.optim.default_weight_decay_mask(model)(fused.params))
@@ -103,7 +96,7 @@ def test_donated_adamw_step_equals_torch_fused_adamw(kernel_calls):
     torch.manual_seed(0)
     model = gpt2()
     tx = _adamw(model)
-    state = _moved_state(model, tx)
+    state = moved_state(model, tx)
     reference = copy.deepcopy(model)
     named = dict(reference.named_parameters())
     with torch.no_grad():
@@ -139,7 +132,7 @@ def test_donated_adamw_step_equals_the_pure_chain_over_many_steps(kernel_calls):
     tx = _adamw(model)
     pure_step = make_train_step(model, tx, max_grad_norm=1.0)
     fused_step = make_train_step(model, tx, max_grad_norm=1.0, donate=True, leafwise_update=True)
-    pure = _moved_state(model, tx)
+    pure = moved_state(model, tx)
     fused = copy.deepcopy(pure)
     for i in range(12):
         batch = lm_batch(seed=i % 4)
@@ -166,7 +159,7 @@ def test_a_non_finite_window_changes_nothing(max_grad_norm, kernel_calls):
     pure_step = make_train_step(model, tx, loss_fn, skip_non_finite=True, max_grad_norm=max_grad_norm)
     fused_step = make_train_step(model, tx, loss_fn, skip_non_finite=True, max_grad_norm=max_grad_norm, donate=True,
                                  leafwise_update=True)
-    pure = _moved_state(model, tx)
+    pure = moved_state(model, tx)
     fused = copy.deepcopy(pure)
     skipped = []
     for i in range(5):
@@ -208,7 +201,7 @@ def test_shared_and_expanded_gradients(max_grad_norm, kernel_calls):
     loss_fn = lambda m, batch: m(batch["x"])  # noqa: E731
     pure_step = make_train_step(model, tx, loss_fn, max_grad_norm=max_grad_norm)
     fused_step = make_train_step(model, tx, loss_fn, max_grad_norm=max_grad_norm, donate=True, leafwise_update=True)
-    pure = _moved_state(model, tx)
+    pure = moved_state(model, tx)
     fused = copy.deepcopy(pure)
     for i in range(4):
         batch = {"x": torch.randn(2, 4, 3, generator=torch.Generator().manual_seed(i))}

@@ -23,9 +23,10 @@ from functrain.core.optim.transforms import clip_factor
 GROUPS = 8
 
 
-def parameter_groups(params: dict, groups: int = GROUPS) -> list[list[str]]:
-    """Consecutive names of ``params`` in groups of about ``1 / groups`` of all elements."""
-    budget = max(1, sum(p.numel() for p in params.values()) // groups)
+def parameter_groups(params: dict, groups: int | None = None) -> list[list[str]]:
+    """Consecutive names of ``params`` in groups of about ``1 / groups`` of all elements
+    (default :data:`GROUPS`, read at the call so it can be changed for a run or a test)."""
+    budget = max(1, sum(p.numel() for p in params.values()) // (GROUPS if groups is None else groups))
     out, current, size = [], [], 0
     for name, p in params.items():
         if current and size + p.numel() > budget:
@@ -57,7 +58,7 @@ def _slice_state(node, names: frozenset, group: set, per_param: set):
 
 
 def apply_update_in_groups_(tx, params: dict, opt_state, grads: dict, *, max_grad_norm: float | None = None,
-                            value=None, finite=None, groups: int = GROUPS,
+                            value=None, finite=None, groups: int | None = None,
                             grad_norm: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`functrain.step.update.apply_update` for a leafwise ``tx``, IN PLACE: ``params`` and
     ``opt_state`` receive the new values, group by group; returns the gradients' global norm.

@@ -31,7 +31,8 @@ from functrain.step.grads import (
     LossFn, LossModule, autocast, buffer_names, default_loss_fn, device_type, make_grad_fn, module_buffers_of, prefixed,
 )
 from functrain.step.flat import FlatCores
-from functrain.step.grouped_update import GROUPS, apply_update_in_groups_
+from functrain.step import grouped_update
+from functrain.step.grouped_update import apply_update_in_groups_
 from functrain.step.recompute import uses_checkpointing
 from functrain.step.update import apply_update, keep_if_finite, unscale_grads
 
@@ -230,7 +231,7 @@ def make_train_step(
         core = _maybe_compile(train_core, compile, compile_kwargs, deterministic)
     flat_steps = FlatCores(tx, lambda layout: _maybe_compile(functools.partial(train_core, layout=layout), compile,
                                                              compile_kwargs, deterministic),
-                           pieces=GROUPS if grouped else 1) if flat else None
+                           pieces=grouped_update.GROUPS if grouped else 1) if flat else None
 
     def train_step(state: TrainState, batch: Mapping):
         if not isinstance(state, TrainState):
