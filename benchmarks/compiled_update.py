@@ -23,27 +23,17 @@ from __future__ import annotations
 
 import argparse
 import copy
-import time
 
 import torch
 
 try:
     from . import _common as C
+    from . import train_step as TS
 except ImportError:
     import _common as C
+    import train_step as TS
 
 LR, TOTAL_STEPS = 3e-4, 10_000
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
-
-
-def timed(one, steps: int, clock) -> list[float]:
-    """Seconds per call of ``one`` by ``clock``, the first call dropped."""
-    out = []
-    for _ in range(steps):
-        t0 = clock()
-        one()
-        out.append(clock() - t0)
-    return out[1:]
 
 
 def config(quick: bool) -> dict:
@@ -65,28 +55,12 @@ def functrain_contender(model, batches, steps, clock, leafwise: bool):
         box[1] += 1
         return m
 
-    return one, lambda: timed(one, steps, clock)
+    return one, lambda: C.timed_steps(one, steps, clock=clock)[1:]
 
 
 def hand_contender(model, batches, steps, clock):
-    compiled = torch.compile(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0, fused=True)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, C.linear_lambda(0, TOTAL_STEPS))
-    model.train()
-    box = [0]
-
-    def one():
-        batch = batches[box[0] % len(batches)]
-        box[0] += 1
-        loss = compiled(**batch, use_cache=False).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
-
-    return one, lambda: timed(one, steps, clock)
+    one, _ = TS.hand_contender(model, batches, steps, compiled=True, lr=LR, total_steps=TOTAL_STEPS)
+    return one, lambda: C.timed_steps(one, steps, clock=clock)[1:]
 
 
 def main(argv=None) -> dict:
@@ -95,7 +69,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=None, help="steps per round per contender")
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
-    ap.add_argument("--clock", choices=list(CLOCKS), default="wall",
+    ap.add_argument("--clock", choices=list(C.CLOCKS), default="wall",
                     help="cpu: process CPU time (1 thread), for a loaded machine where wall time measures other jobs")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -108,7 +82,7 @@ def main(argv=None) -> dict:
     batches = C.lm_batches(8, cfg["batch"], cfg["seq"], cfg["vocab"])
     print(f"compiled update: GPT-2 {cfg}, {torch.get_num_threads()} threads; {rounds} rounds x {steps} steps",
           flush=True)
-    clock = CLOCKS[args.clock]
+    clock = C.CLOCKS[args.clock]
     contenders = {"whole graph": functrain_contender(copy.deepcopy(base), batches, steps, clock, leafwise=False),
                   "split": functrain_contender(copy.deepcopy(base), batches, steps, clock, leafwise=True),
                   "hand loop": hand_contender(copy.deepcopy(base), batches, steps, clock)}

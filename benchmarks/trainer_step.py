@@ -36,7 +36,6 @@ except ImportError:
 LR = 3e-4
 
 
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 def _callback(base, clock):
@@ -68,7 +67,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=None, help="steps per train() call")
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    ap.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+    ap.add_argument("--clock", choices=sorted(C.CLOCKS), default="wall",
                     help="wall time (default) or this process's CPU time (on a machine loaded by other jobs)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -89,12 +88,12 @@ def main(argv=None) -> dict:
         for kind in kinds:
             model = copy.deepcopy(base)
             if kind == "hand":  # the compiled hand loop, the same settings as the Trainers' defaults
-                one, run = TS.hand_contender(model, batches, steps, compiled=True, lr=LR, total_steps=steps)
-                step_s = run()[1:]
+                one, _ = TS.hand_contender(model, batches, steps, compiled=True, lr=LR, total_steps=steps)
+                step_s = C.timed_steps(one, steps, clock=C.CLOCKS[args.clock])[1:]
                 times[kind][0].extend(step_s)
                 times[kind][1].extend(step_s)
                 continue
-            step_s, loop_s = run_trainer(kind, model, dataset, steps, cfg["batch"], args.compiled, CLOCKS[args.clock])
+            step_s, loop_s = run_trainer(kind, model, dataset, steps, cfg["batch"], args.compiled, C.CLOCKS[args.clock])
             times[kind][0].extend(step_s)
             times[kind][1].extend(loop_s)
     med = {k: {"step_ms": 1e3 * statistics.median(s), "loop_ms": 1e3 * statistics.median(lp)}
