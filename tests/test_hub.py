@@ -233,3 +233,27 @@ def test_repo_that_cannot_be_created_is_an_error_before_training(tmp_path, hub):
                                            f"{hub.url}.*set push_to_hub=False"):
         _trainer(tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_folder_files_lists_nested_files_and_never_enters_a_staging_folder(tmp_path, monkeypatch):
+    from functrain.io import hub
+
+    for rel in ("a.json", "checkpoint-2/model.safetensors", "checkpoint-2/sub/x.txt", "runs/ev.log",
+                f"{hub.STAGING_PREFIX}abc/checkpoint-2/model.safetensors"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("x")
+    walked = []
+    real_walk = os.walk
+
+    def recording_walk(top, *args, **kwargs):  # (test-local: records the folders the listing enters)
+        for entry in real_walk(top, *args, **kwargs):
+            walked.append(entry[0])
+            yield entry
+
+    monkeypatch.setattr(hub.os, "walk", recording_walk)
+    files = hub.folder_files(str(tmp_path), ignore_patterns=["runs/*"])
+    assert sorted(files) == ["a.json", "checkpoint-2/model.safetensors", "checkpoint-2/sub/x.txt"]
+    assert files["checkpoint-2/sub/x.txt"] == str(tmp_path / "checkpoint-2" / "sub" / "x.txt")
+    # a finished upload deletes its staging folder at any time: the listing must not walk into it
+    assert str(tmp_path / "checkpoint-2" / "sub") in walked
+    assert not any(hub.STAGING_PREFIX in w for w in walked), walked

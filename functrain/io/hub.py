@@ -122,7 +122,14 @@ def folder_files(folder: str, ignore_patterns: list[str] | None = None) -> dict[
     from huggingface_hub.utils import filter_repo_objects
 
     root = Path(folder)
-    rel = sorted(p.relative_to(root).as_posix() for p in root.glob("**/*") if p.is_file())
+    rel = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        # Never walk into a staging folder: it is not uploaded, and a finished upload deletes it
+        # while we list (a glob over it raised FileNotFoundError).
+        dirnames[:] = [d for d in dirnames if not d.startswith(STAGING_PREFIX)]
+        base = Path(dirpath).relative_to(root)
+        rel += [(base / f).as_posix() for f in filenames if os.path.isfile(os.path.join(dirpath, f))]
+    rel.sort()
     ignore = [*(ignore_patterns or []), f"{STAGING_PREFIX}*"]
     return {r: str(root / r) for r in filter_repo_objects(rel, ignore_patterns=ignore)}
 
