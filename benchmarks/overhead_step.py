@@ -6,9 +6,11 @@ launch overhead, not FLOPs, set the step time.
 
 Contenders (same init, same batches, MSE loss, AdamW, clip 1.0):
 
-* ``functrain``: ``make_train_step(compile=True, donate=True, max_grad_norm=1.0)``.
+* ``functrain``: ``make_train_step(compile=True, donate=True, leafwise_update=True, max_grad_norm=1.0)``.
 * ``functrain flat``: the same with ``flat=True`` (params, moments and gradients in one flat
-  segment: the update, the norm and the clipping are one loop each, not 128).
+  segment: the update, the norm and the clipping are one kernel each, not 128).
+* ``functrain flat whole graph``: flat, ``leafwise_update=False``: the update compiled into the
+  step's graph, its new segments written back after it.
 * ``functrain pure``: the same, ``donate=False`` (fresh params and moments each step).
 * ``hand loop``: eager ``backward``, ``clip_grad_norm_``, ``AdamW(fused=True)``.
 
@@ -54,12 +56,16 @@ def make_batches(n: int, batch: int, width: int, seed: int = 0) -> list[dict]:
             for _ in range(n)]
 
 
-def functrain_contender(model, batches, steps, donate: bool, flat: bool = False):
+def functrain_contender(model, batches, steps, donate: bool, flat: bool = False, leafwise: bool = True):
     import functrain as ft
     from functrain.step.train import make_train_step
 
     tx = ft.optim.adamw(LR, weight_decay=0.0)
-    step = make_train_step(model, tx, mse_loss, compile=True, donate=donate, max_grad_norm=1.0, flat=flat)
+    # leafwise (the Trainer's setting for AdamW): donated, the gradients are compiled and the update
+    # runs in place after the graph (torch's fused AdamW; flat: one kernel per segment); without
+    # it the whole step is one graph whose new params and moments are written back after it.
+    step = make_train_step(model, tx, mse_loss, compile=True, donate=donate, max_grad_norm=1.0, flat=flat,
+                           leafwise_update=leafwise and donate)
     state = ft.TrainState.create(model, tx, seed=0, copy=True)
     box = [ft.flat.flatten_state(state, tx) if flat else state, 0]
 
@@ -107,6 +113,8 @@ def main(argv=None) -> dict:
     contenders, compile_s = {}, {}
     for name, make in (("functrain", lambda m: functrain_contender(m, batches, steps, True)),
                        ("functrain flat", lambda m: functrain_contender(m, batches, steps, True, flat=True)),
+                       ("functrain flat whole graph",
+                        lambda m: functrain_contender(m, batches, steps, True, flat=True, leafwise=False)),
                        ("functrain pure", lambda m: functrain_contender(m, batches, steps, False)),
                        ("hand loop", lambda m: hand_contender(m, batches, steps))):
         if args.only and name not in args.only and name != "hand loop":

@@ -239,3 +239,93 @@ def test_manifest_entry_needs_exactly_one_known_checksum(tmp_path, entry, proble
         json.dump(manifest, f)
     with pytest.raises(ck.CheckpointError, match=problem):
         ck.read_checkpoint(path)
+
+
+def _safetensors_content(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return f.metadata(), {k: f.get_tensor(k).view(-1).view(torch.uint8).tolist() for k in sorted(f.keys())}
+
+
+def _tiny_gpt2(ignore_on_save=()):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    class Model(GPT2LMHeadModel):
+        _keys_to_ignore_on_save = list(ignore_on_save)
+
+    torch.manual_seed(0)
+    return Model(GPT2Config(vocab_size=32, n_positions=8, n_embd=16, n_layer=1, n_head=2))
+
+
+@pytest.mark.parametrize("ignored", [(), ("transformer.ln_f.weight",)], ids=["all-saved", "keys-ignored-on-save"])
+def test_state_file_written_beside_the_model_file_equals_a_serial_write(tmp_path, ignored):
+    """The state file is written in a background thread while save_pretrained writes the model,
+    with the params the model file will hold predicted from the state dict. When save_pretrained
+    drops keys (``_keys_to_ignore_on_save``), the state file is rewritten with those params: the
+    files equal a serial write either way and the checkpoint loads the exact state."""
+    model = _tiny_gpt2(ignored)
+    state = _state(model)
+    state = state.replace(params={n: p + 0.5 for n, p in state.params.items()})  # not the module's weights
+    model.load_state_dict({**model.state_dict(), **state.params})  # what the Trainer writes back before saving
+    path = ck.save_checkpoint(str(tmp_path / "out"), 1, model=model, train_state=state,
+                              trainer_state=TrainerState(global_step=1))
+    serial = tmp_path / "serial"
+    serial.mkdir()
+    ck.write_train_state(state, model, str(serial), model_keys=set(ck.weights_index(path)))
+    # (not byte for byte: safetensors orders the metadata keys differently from one write to the next)
+    assert _safetensors_content(os.path.join(path, ck.STATE_FILE)) == _safetensors_content(serial / ck.STATE_FILE)
+    in_state_file = set(ck.read_checkpoint(path).tensors(ck.STATE_FILE))
+    assert ("params.transformer.ln_f.weight" in in_state_file) == bool(ignored)
+    assert not set(ignored) & set(ck.weights_index(path))
+    ck.verify_checkpoint(path)
+    fresh = _tiny_gpt2(ignored)
+    loaded = ck.load_train_state(path, _state(fresh), fresh)
+    for name, p in state.params.items():
+        assert torch.equal(loaded.params[name], p), name
+    for a, b in zip(ft.tree.leaves(loaded.opt_state), ft.tree.leaves(state.opt_state)):
+        assert torch.equal(a, b)
+
+
+def test_a_failed_background_write_fails_the_save_and_leaves_no_folder(tmp_path, monkeypatch):
+    def fail(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ck, "save_file", fail)
+    model = Mixed()
+    with pytest.raises(OSError, match="disk full"):
+        ck.save_checkpoint(str(tmp_path / "out"), 1, model=model, train_state=_state(model))
+    assert os.listdir(tmp_path / "out") == []
+
+
+def test_a_background_write_in_flight_is_not_hashed_as_a_library_file(tmp_path, monkeypatch):
+    """safetensors writes ``.tmpXXXX`` and renames it: while the state file is written in the
+    background, listing the folder for save_pretrained's files must not pick that name up (its
+    hash job would open a file renamed away meanwhile)."""
+    import threading
+
+    listed, real_save, real_add_unlisted = threading.Event(), ck.save_file, ck.WrittenFiles.add_unlisted
+    hashed = []
+
+    def save_file_seen_in_flight(tensors, path, metadata=None):
+        if os.path.basename(path) == ck.STATE_FILE:
+            inflight = os.path.join(os.path.dirname(path), ".tmpInFlight")
+            open(inflight, "wb").close()
+            listed.wait(10)  # the main thread lists the folder now
+            os.remove(inflight)
+        real_save(tensors, path, metadata=metadata)
+
+    def add_unlisted(self):
+        real_add_unlisted(self)
+        listed.set()
+
+    real_entry = ck.file_entry
+    monkeypatch.setattr(ck, "save_file", save_file_seen_in_flight)
+    monkeypatch.setattr(ck.WrittenFiles, "add_unlisted", add_unlisted)
+    monkeypatch.setattr(ck, "file_entry", lambda p, *a: hashed.append(os.path.basename(p)) or real_entry(p, *a))
+    model = _tiny_gpt2()
+    path = ck.save_checkpoint(str(tmp_path / "out"), 1, model=model, train_state=_state(model),
+                              trainer_state=TrainerState(global_step=1))
+    assert not [name for name in hashed if name.startswith(".")]
+    assert ck.STATE_FILE in ck.read_manifest(path)["files"]
+    ck.verify_checkpoint(path)

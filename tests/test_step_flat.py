@@ -206,12 +206,22 @@ def test_compiled_donated_flat_step_matches_the_per_tensor_step():
     # (the reference is the compiled donated per-tensor step: compiled donated steps of both kinds
     # leave the schedule's next learning rate in the state's learning_rate leaf, eager ones the
     # one just used; the params agree)
+    # Both run the gradients compiled and the update in place after the graph (flat: the fused
+    # AdamW kernel over each segment); checked against torch.optim.AdamW too.
     per_tensor = make_train_step(model, tx, loss_fn, max_grad_norm=MAX_NORM, donate=True, compile=True)
     flat = make_train_step(model, tx, loss_fn, max_grad_norm=MAX_NORM, donate=True, flat=True, compile=True)
-    for batch in batches(4):
+    data = batches()
+    ref_params, ref_norms = torch_reference(model, a.params, data)
+    storages = [p.untyped_storage().data_ptr() for p in ft.tree.leaves((b.params, b.opt_state))]
+    for batch, ref_norm in zip(data, ref_norms):
         a, m_a = per_tensor(a, batch)
         b, m_b = flat(b, batch)
         assert torch.allclose(m_b["grad_norm"], m_a["grad_norm"], rtol=1e-5)
+        assert float(m_b["grad_norm"]) == pytest.approx(ref_norm, rel=1e-5)
         assert all(p.data_ptr() == b.params[n].data_ptr() for n, p in model.named_parameters())
+    # written in place: the segments the state started with still hold it
+    assert [p.untyped_storage().data_ptr() for p in ft.tree.leaves((b.params, b.opt_state))] == storages
     assert ft.tree.relative_difference(b.params, a.params) <= 1e-5
     assert ft.tree.relative_difference(b.opt_state, a.opt_state) <= 1e-5
+    assert ft.tree.relative_difference(b.params, ref_params) <= 1e-5
+    assert int(b.step) == STEPS

@@ -138,10 +138,20 @@ def save_checkpoint(output_dir: str, step: int, *, model, train_state=None, trai
     """
 
     def write_files(tmp: str, written: WrittenFiles) -> None:
+        if train_state is not None:
+            # The optimizer state (most of the bytes) is written in a background thread while the
+            # model file is: safetensors' write releases the GIL, so the two files are copied out in
+            # parallel. Which params the model file holds is predicted, then checked below.
+            predicted = expected_model_keys(model, model_state_dict)
+            written.write_in_background(STATE_FILE, *train_state_tensors(train_state, model, model_keys=predicted))
         model_keys = write_model(model, tmp, processing_class=processing_class, written=written,
                                  state_dict=model_state_dict)
         if train_state is not None:
-            write_train_state(train_state, model, tmp, model_keys=model_keys, written=written)
+            if state_leaves_in_model(train_state, model, predicted) != state_leaves_in_model(train_state, model, model_keys):
+                # save_pretrained wrote another set of weights than the state dict (its keys to ignore):
+                # rewrite the state file with the params the model file lacks.
+                written.wait(STATE_FILE)
+                written.write_in_background(STATE_FILE, *train_state_tensors(train_state, model, model_keys=model_keys))
             if save_rng:
                 write_rng_state(tmp, written=written)
         if trainer_state is not None:
@@ -274,14 +284,19 @@ def _is_pretrained(model) -> bool:
 
 def _dedup_state_dict(sd: dict) -> dict:
     """Keep one name per shared storage (tied weights), as ``save_pretrained`` does."""
-    out, seen = {}, set()
+    return {name: sd[name].detach().contiguous() for name in _unique_names(sd)}
+
+
+def _unique_names(sd: dict) -> list[str]:
+    """The names of ``sd`` with one name per shared storage (the first), in order."""
+    out, seen = [], set()
     for name, t in sd.items():
         ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype) if t.numel() else None
         if ident is not None and ident in seen:
             continue
         if ident is not None:
             seen.add(ident)
-        out[name] = t.detach().contiguous()
+        out.append(name)
     return out
 
 
@@ -292,21 +307,40 @@ def write_train_state(state, model, folder: str, *, model_keys: set[str], writte
     For a PeftModel the buffers (the frozen base model) are not saved: they never change in
     training, the metadata says so, and loading takes them from the live model.
     """
-    aliases = alias_groups(model)
+    tensors, metadata = train_state_tensors(state, model, model_keys=model_keys)
+    write_safetensors(folder, STATE_FILE, tensors, metadata, written)
+
+
+def train_state_tensors(state, model, *, model_keys: set[str]) -> tuple[dict, dict]:
+    """The tensors and metadata of ``train_state.safetensors`` (see :func:`write_train_state`)."""
+    in_model = state_leaves_in_model(state, model, model_keys)
     buffers_from_model = saves_adapter_only(model)
     tensors = {}
     for path, leaf in tree.named_leaves(state).items():
         if not isinstance(leaf, torch.Tensor):
             raise TypeError(f"state leaf {path!r} is a {type(leaf).__name__}; only tensors can be saved (keep scalars as 0-d tensors)")
-        if model_file_name(path, aliases, model_keys) is not None:
-            continue
-        if buffers_from_model and path.startswith("buffers."):
+        if path in in_model or (buffers_from_model and path.startswith("buffers.")):
             continue
         tensors[path] = leaf.detach().contiguous().cpu()
     metadata = {"format": FORMAT, **({BUFFERS_KEY: "from_model"} if buffers_from_model else {})}
     if hasattr(state, "opt_state"):  # a TrainState (tree checkpoints hold any pytree)
         metadata["opt_state_structure"] = opt_state_structure(state)
-    write_safetensors(folder, STATE_FILE, tensors, metadata, written)
+    return tensors, metadata
+
+
+def state_leaves_in_model(state, model, model_keys: set[str]) -> set[str]:
+    """The state's leaf paths (``params.x.weight``) that the model file holds under ``model_keys``."""
+    aliases = alias_groups(model)
+    return {path for path in tree.named_leaves(state) if model_file_name(path, aliases, model_keys) is not None}
+
+
+def expected_model_keys(model, state_dict: dict | None = None) -> set[str]:
+    """The tensor names :func:`write_model` is expected to write: one name per shared storage of
+    the state dict, none for a PeftModel (its file holds the adapter only). ``save_pretrained`` may
+    write fewer (keys it ignores on save): :func:`save_checkpoint` checks against the written file."""
+    if saves_adapter_only(model):
+        return set()
+    return set(_unique_names(model.state_dict() if state_dict is None else state_dict))
 
 
 def opt_state_structure(state) -> str:
@@ -396,14 +430,33 @@ class WrittenFiles:
         """A safetensors file just written from ``tensors``: hashed from memory (no read-back)."""
         self._pending[rel] = self._pool.submit(self._finish, rel, lambda full: _entry_as_written(full, tensors))
 
+    def write_in_background(self, rel: str, tensors: dict, metadata: dict) -> None:
+        """Write ``tensors`` as the safetensors file ``rel`` in a background thread (then hash it
+        from memory); the caller goes on writing other files meanwhile. Writing ``rel`` again
+        replaces it: call :meth:`wait` first."""
+        if rel in self._pending and not self._pending[rel].done():
+            raise RuntimeError(f"{rel!r} is still being written; wait({rel!r}) before writing it again")
+
+        def write_then_hash(full: str) -> dict:
+            save_file(tensors, full, metadata=metadata)
+            return _entry_as_written(full, tensors)
+
+        self._pending[rel] = self._pool.submit(self._finish, rel, write_then_hash)
+
+    def wait(self, rel: str) -> None:
+        """Wait until ``rel`` is written and hashed; its error, if any, is raised here."""
+        self.entries[rel] = self._pending.pop(rel).result()
+
     def add_file(self, rel: str) -> None:
         """A file a library wrote: hashed from the page cache."""
         self._pending[rel] = self._pool.submit(self._finish, rel, file_entry)
 
     def add_unlisted(self) -> None:
-        """Every file of the folder not handed over yet (the JSON files a library wrote)."""
+        """Every file of the folder not handed over yet (the JSON files a library wrote). Hidden
+        names are skipped: safetensors writes a file as ``.tmpXXXX`` and renames it, so one may be
+        a background write in flight (the manifest still lists and hashes any that remain)."""
         for name in os.listdir(self.folder):
-            if name not in self and os.path.isfile(os.path.join(self.folder, name)):
+            if name not in self and not name.startswith(".") and os.path.isfile(os.path.join(self.folder, name)):
                 self.add_file(name)
 
     def _finish(self, rel: str, entry_of) -> dict:

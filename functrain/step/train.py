@@ -176,7 +176,7 @@ def make_train_step(
     # Compiled, donated and leafwise: only the gradients are compiled and the grouped in-place
     # update runs after the graph, so the step never holds a second copy of params and optimizer
     # state (a whole compiled step returns one, written back after the graph: see below).
-    split_compiled = leafwise_update and donate and compile and not flat and not policy.needs_loss_scale
+    split_compiled = leafwise_update and donate and compile and not policy.needs_loss_scale
     # A compiled step returns new tensors and the donation is written back eagerly after it:
     # torch 2.13's inductor can compute an output from an input the same graph has already
     # overwritten (an EMA from the new params, a schedule's rate from the new count), so copies
@@ -225,13 +225,17 @@ def make_train_step(
             return params, old_buffers, opt_state, step, loss_scale, metrics
         return new_params, new_buffers, new_opt_state, new_step, new_loss_scale, metrics
 
-    if split_compiled:
-        core = _split_compiled_core(_maybe_compile(window_grads, True, compile_kwargs, deterministic), grouped_core)
-    else:
-        core = _maybe_compile(train_core, compile, compile_kwargs, deterministic)
-    flat_steps = FlatCores(tx, lambda layout: _maybe_compile(functools.partial(train_core, layout=layout), compile,
-                                                             compile_kwargs, deterministic),
-                           pieces=grouped_update.GROUPS if grouped else 1) if flat else None
+    def build_core(layout=None):
+        # flat (a layout): the graph binds views of the segments and packs the gradients; split, the
+        # in-place update after it is then one fused kernel per segment (no segment written back).
+        on = (lambda fn: fn) if layout is None else (lambda fn: functools.partial(fn, layout=layout))
+        if split_compiled:
+            return _split_compiled_core(_maybe_compile(on(window_grads), True, compile_kwargs, deterministic),
+                                        grouped_core)
+        return _maybe_compile(on(train_core), compile, compile_kwargs, deterministic)
+
+    core = build_core()
+    flat_steps = FlatCores(tx, build_core, pieces=grouped_update.GROUPS if grouped else 1) if flat else None
 
     def train_step(state: TrainState, batch: Mapping):
         if not isinstance(state, TrainState):
