@@ -76,12 +76,19 @@ def seed_of(k: torch.Tensor) -> int:
 @contextlib.contextmanager
 def seeded(k: torch.Tensor, devices=None):
     """Run the body with the global generators seeded from ``k``, restoring them afterwards."""
+    with global_seed(seed_of(k), devices):
+        yield
+
+
+@contextlib.contextmanager
+def global_seed(seed: int, devices=None):
+    """Run the body with torch's global generators seeded from the integer ``seed``, restoring them
+    afterwards (the CPU one, and the CUDA devices already initialized, or ``devices``)."""
     if devices is None:
         # torch.manual_seed reseeds every CUDA device, so every one must be forked and restored.
         initialized = torch.cuda.is_available() and torch.cuda.is_initialized()
         devices = list(range(torch.cuda.device_count())) if initialized else []
     with torch.random.fork_rng(devices=devices):
-        seed = seed_of(k)
         if _any_accelerator():
             torch.manual_seed(seed)
         else:

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from functrain.core.rng import mix64
+from functrain.core.rng import global_seed, mix64
 
 
 def batch_seed(seed: int, epoch: int, batch_index: int, rank: int = 0) -> int:
@@ -101,8 +101,7 @@ def call_seeded(collate_fn: Callable, examples: list, seed: int, own_seed: int =
 def _call_seeded(collate_fn, examples, seed, own_seed, own):
     py_state, np_state = random.getstate(), np.random.get_state()
     own_state = own.get_state() if own is not None else None
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with global_seed(seed):  # (the CPU generator only on a machine without accelerators: no stack captured)
         random.seed(seed)
         np.random.seed(seed % 2**32)
         if own is not None:

@@ -65,12 +65,15 @@ def optimizer_events(handler, args, state, control, microbatches: int):
     return handler.on_optimizer_step(args, state, control)
 
 
-def floating_point_ops(model: Any, inputs: Any) -> int:
+def floating_point_ops(model: Any, inputs: Any, parameters: int | None = None) -> int:
     """HF's estimate: ``6 * tokens * non-embedding parameters`` for models with ``num_parameters``
-    (transformers models), 0 otherwise (as HF; override ``Trainer.floating_point_ops`` for others)."""
+    (transformers models), 0 otherwise (as HF; override ``Trainer.floating_point_ops`` for others).
+    ``parameters``: that count, when the caller has it already."""
     main_input = getattr(model, "main_input_name", "input_ids")
     if isinstance(inputs, Mapping) and main_input in inputs and hasattr(model, "num_parameters"):
-        return 6 * inputs[main_input].numel() * model.num_parameters(exclude_embeddings=True)
+        if parameters is None:
+            parameters = model.num_parameters(exclude_embeddings=True)
+        return 6 * inputs[main_input].numel() * parameters
     return 0
 
 

@@ -166,6 +166,7 @@ class Trainer(PublishMixin):
         self._train_steps: dict = {}  # compiled train steps of the current train(), by microbatch count
         self._train_log: TrainerLog | None = None  # the logging hook of the current train()
         self._flos = 0.0  # FLOPs counted since the last store_flos()
+        self._counted_parameters = (None, None)  # (model, its non-embedding parameter count)
         self.control = self.callback_handler.on_init_end(self.args, self.state, self.control)
         if self.args.push_to_hub:
             self.init_hf_repo()
@@ -1101,7 +1102,16 @@ class Trainer(PublishMixin):
     def floating_point_ops(self, inputs) -> int:
         """FLOPs of one forward + backward on ``inputs`` (HF's ``6 * tokens * parameters``); override it
         for other models. Summed into ``state.total_flos`` and the ``total_flos`` train metric."""
-        return compat.floating_point_ops(self.model, inputs)
+        return compat.floating_point_ops(self.model, inputs, self._non_embedding_parameters())
+
+    def _non_embedding_parameters(self) -> int | None:
+        """``model.num_parameters(exclude_embeddings=True)``, counted once per model (it walks every
+        parameter; the count does not change in training)."""
+        model, count = self._counted_parameters
+        if model is not self.model:
+            count = self.model.num_parameters(exclude_embeddings=True) if hasattr(self.model, "num_parameters") else None
+            self._counted_parameters = (self.model, count)
+        return count
 
     def store_flos(self) -> None:
         """Add the FLOPs counted since the last call (all processes) to ``state.total_flos``."""
