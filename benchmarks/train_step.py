@@ -11,6 +11,9 @@ clip to 1.0, AdamW (weight decay 0, HF's default), linear schedule.
 * ``functrain``: ``make_train_step(compile=True, donate=True, max_grad_norm=1.0)``.
 * ``functrain flat``: the same with ``flat=True`` (params and moments in flat segments, the
   module's parameters views of them).
+* ``functrain split`` / ``functrain flat split``: the same two with ``leafwise_update=True`` (the
+  Trainer's setting): only the gradients are compiled, the update runs in place after the graph as
+  torch's fused AdamW (per tensor, or one kernel per flat segment), nothing written back.
 * ``compiled hand loop`` (the reference): ``torch.compile(model)``, ``loss.backward()``,
   ``clip_grad_norm_``, ``AdamW(fused=True)``, ``LambdaLR``.
 * ``hand loop``: the same loop, eager.
@@ -48,12 +51,12 @@ def config(quick: bool) -> dict:
     return dict(n_layer=4, n_embd=256, n_head=4, vocab=2048, seq=128, batch=8)
 
 
-def functrain_contender(model, batches, steps, flat: bool = False):
+def functrain_contender(model, batches, steps, flat: bool = False, split: bool = False):
     import functrain as ft
     from functrain.step.train import make_train_step
 
     tx = ft.optim.adamw(ft.schedules.linear(LR, 0, TOTAL_STEPS), weight_decay=0.0)
-    step = make_train_step(model, tx, compile=True, donate=True, max_grad_norm=1.0, flat=flat)
+    step = make_train_step(model, tx, compile=True, donate=True, max_grad_norm=1.0, flat=flat, leafwise_update=split)
     state = ft.TrainState.create(model, tx, seed=0)
     box = [ft.flat.flatten_state(state, tx, model) if flat else state, 0]
 
@@ -157,6 +160,8 @@ def main(argv=None) -> dict:
 
     add("functrain", lambda m: functrain_contender(m, batches, steps))
     add("functrain flat", lambda m: functrain_contender(m, batches, steps, flat=True))
+    add("functrain split", lambda m: functrain_contender(m, batches, steps, split=True))
+    add("functrain flat split", lambda m: functrain_contender(m, batches, steps, flat=True, split=True))
     add("compiled hand loop", lambda m: hand_contender(m, batches, steps, compiled=True))
     add("hand loop", lambda m: hand_contender(m, batches, steps), warmup=1)
     hf_loops = {}
