@@ -190,13 +190,13 @@ def make_train_step(
         g = grad_fn(params if layout is None else layout.views(params), buffers, batch, scale)
         return g if layout is None else g._replace(grads=layout.pack(g.grads))
 
-    def grouped_core(params, buffers, opt_state, step, loss_scale, g, per_name=True):
+    def grouped_core(params, buffers, opt_state, step, loss_scale, g):
         # donated, leafwise tx: params and opt_state updated in place, a group at a time
         old_buffers, new_buffers = module_buffers_of(buffers, module_buffers), module_buffers_of(g.buffers, module_buffers)
         metrics = {"loss": g.loss, "num_items": g.num_items}
         new_buffers, metrics["grad_norm"], finite = _update_in_place(
             tx, params, opt_state, step, g.grads, g.loss, old_buffers, new_buffers,
-            max_grad_norm=max_grad_norm, skip_non_finite=skip_non_finite, per_name=per_name)
+            max_grad_norm=max_grad_norm, skip_non_finite=skip_non_finite)
         metrics.update(_update_metrics(opt_state, finite, None), **g.aux)
         if old_buffers:
             tree.copy_(old_buffers, new_buffers)
@@ -205,7 +205,7 @@ def make_train_step(
     def train_core(params, buffers, opt_state, step, loss_scale, batch, layout=None):
         if grouped:  # (g is not kept here: its gradients are dropped group by group)
             return grouped_core(params, buffers, opt_state, step, loss_scale,
-                                window_grads(params, buffers, loss_scale, batch, layout), per_name=layout is None)
+                                window_grads(params, buffers, loss_scale, batch, layout))
         g = window_grads(params, buffers, loss_scale, batch, layout)
         # The module's buffers (BatchNorm running statistics, ...) are outputs of the step: the
         # forward updated copies, so the input state's buffers never change.
@@ -308,16 +308,16 @@ def _update(tx, old: tuple, grads, loss, new_buffers, *, max_grad_norm, needs_lo
 
 
 def _update_in_place(tx, params, opt_state, step, grads, loss, old_buffers, new_buffers, *, max_grad_norm,
-                     skip_non_finite: bool, per_name: bool = True):
+                     skip_non_finite: bool):
     """The in-place update of a donated eager step (``leafwise_update``): params, optimizer state
-    and step are written in place; ``(buffers to keep, grad_norm, finite)``. A plain ``adamw`` over
-    per-name tensors (``per_name``; not flat segments, whose weight-decay mask is by segment) runs as
-    torch's fused kernel, any other leafwise ``tx`` a group of parameters at a time."""
+    and step are written in place; ``(buffers to keep, grad_norm, finite)``. A plain ``adamw`` runs
+    as torch's fused kernel (over per-name tensors or flat segments: a segment's parameters share
+    their weight-decay mask), any other leafwise ``tx`` a group of parameters at a time."""
     grad_norm = tree.global_norm(grads)
     finite = window_finite(loss, grads, grad_norm, max_grad_norm) if skip_non_finite else None
     if hasattr(finite, "full_tensor"):  # sharded gradients: a DTensor; in-place ops on plain tensors need a plain one
         finite = finite.full_tensor()
-    adamw = fused_adamw_of(tx) if per_name else None
+    adamw = fused_adamw_of(tx)
     if adamw is not None and fused_adamw_applies(params, grads, opt_state):
         _fused_adamw_update(adamw, params, opt_state, grads, grad_norm, max_grad_norm, finite)
     else:

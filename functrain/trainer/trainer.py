@@ -23,6 +23,7 @@ import os
 import random
 import signal
 import time
+import weakref
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -166,7 +167,7 @@ class Trainer(PublishMixin):
         self._train_steps: dict = {}  # compiled train steps of the current train(), by microbatch count
         self._train_log: TrainerLog | None = None  # the logging hook of the current train()
         self._flos = 0.0  # FLOPs counted since the last store_flos()
-        self._counted_parameters = (None, None)  # (model, its non-embedding parameter count)
+        self._counted_parameters = (None, None)  # (weak reference to the model, its non-embedding parameter count)
         self.control = self.callback_handler.on_init_end(self.args, self.state, self.control)
         if self.args.push_to_hub:
             self.init_hf_repo()
@@ -1107,10 +1108,10 @@ class Trainer(PublishMixin):
     def _non_embedding_parameters(self) -> int | None:
         """``model.num_parameters(exclude_embeddings=True)``, counted once per model (it walks every
         parameter; the count does not change in training)."""
-        model, count = self._counted_parameters
-        if model is not self.model:
+        counted, count = self._counted_parameters
+        if counted is None or counted() is not self.model:  # (a weak reference: a replaced model is freed)
             count = self.model.num_parameters(exclude_embeddings=True) if hasattr(self.model, "num_parameters") else None
-            self._counted_parameters = (self.model, count)
+            self._counted_parameters = (weakref.ref(self.model), count)
         return count
 
     def store_flos(self) -> None:
