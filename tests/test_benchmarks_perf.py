@@ -187,3 +187,16 @@ def test_step_variants_quick(tmp_path):
     _medians_positive(report["results"], ["hand", "flat"])
     assert report["results"]["flat"]["max_abs_param_diff_vs_hand"] < 1e-5  # same numbers as torch's fused AdamW
     assert "vs hand" in proc.stdout
+
+
+@pytest.mark.slow
+def test_step_floor_quick(tmp_path):
+    report, proc = run_script("step_floor", tmp_path)
+    _medians_positive(report["results"], ["compiled hand loop", "functrain split"])
+    hand = report["profiles"]["compiled hand loop"]
+    assert hand["ms"]["matmul"] > 0 and hand["ms"]["compiled kernels"] > 0 and hand["matmul_calls"]
+    assert all(key.startswith("aten::") for key in hand["matmul_calls"])
+    s = report["summary"]
+    assert 0 < s["matmul_and_attention_share_of_step"] < 1
+    assert s["step_matmul_gflop"] > 0 and s["machine_matmul_gflops"] > 0
+    assert s["target_must_remove_ms"] == pytest.approx(s["compiled_hand_loop_ms"] * 0.05)
