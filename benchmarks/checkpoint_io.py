@@ -22,7 +22,11 @@ on both sides.
 Resume: ``read_checkpoint`` + ``load_train_state`` + ``load_rng_state`` + ``non_finite_tensors``
 (what the Trainer runs), bytes read counted by ``/proc/self/io`` ``rchar`` (every ``read`` call of
 the process) against the checkpoint's size, timed against ``safetensors.torch.load_file`` of the
-raw file. (Files come from the page cache: the machine's disk is not what is measured.)
+raw file. (Files come from the page cache: the machine's disk is not what is measured.) Its peak
+memory: a child process (glibc made to mmap large blocks, so freed memory leaves the RSS) builds
+the same template state, then resumes; the growth of its peak RSS over the checkpoint's size
+(1.0x: the loaded state is all a resume adds; 2.0x: the file's bytes and the tensors parsed
+from them were alive together).
 
 Distributed resume (``--distributed``, on by default): 2 ranks under torchrun, data parallel and
 ``fsdp="full_shard"`` through the Trainer (tests/_ckpt_read_worker.py, a ~0.9M-param MLP): bytes
@@ -119,12 +123,34 @@ def resume_from_paths(path: str, template, model):
     return state
 
 
+def resume_peak_child(path: str) -> None:
+    """Child mode: peak RSS growth of one resume of ``path`` over a freshly built template state."""
+    model, state = build_state()
+    _common.reset_peak_rss()
+    baseline = _common.status_mb("VmRSS")
+    loaded = resume(path, state, model)
+    peak = _common.status_mb("VmHWM") - baseline
+    assert all(torch.equal(x, y) for x, y in zip(tree.leaves(loaded), tree.leaves(state)))
+    print(json.dumps({"peak_growth_mb": peak, "checkpoint_mb": folder_bytes(path) / 2**20}))
+
+
+def resume_peak(path: str) -> dict:
+    out = _common.run_json_child([sys.executable, __file__, "--child-resume", path])
+    out["peak_growth_over_checkpoint"] = out["peak_growth_mb"] / out["checkpoint_mb"]
+    print(f"resume peak RSS growth {out['peak_growth_mb']:.0f} MB for a {out['checkpoint_mb']:.0f} MB checkpoint: "
+          f"{out['peak_growth_over_checkpoint']:.2f}x")
+    return out
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--out", default=None)
     p.add_argument("--no-distributed", dest="distributed", action="store_false")
+    p.add_argument("--child-resume", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.child_resume:
+        return resume_peak_child(a.child_resume)
     model, state = build_state()
     tensors = raw_tensors(model, state)
     nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
@@ -172,6 +198,7 @@ def main():
         assert all(torch.equal(x, y) for x, y in zip(tree.leaves(loaded), tree.leaves(state)))
         print(f"resume read {read / 2**20:.1f} MiB of a {size / 2**20:.1f} MiB checkpoint: {read / size:.3f}x")
         del loaded
+        peak = resume_peak(path)
         print("load:")
         load = interleave({
             "raw_load_file": lambda: timed(lambda: load_file(raw), lambda: None),
@@ -187,6 +214,7 @@ def main():
         "config": {"params": sum(t.numel() for t in model.parameters()), "tensor_bytes": nbytes, "rounds": a.rounds},
         "save": save, "load": load,
         "resume_bytes_read": read, "checkpoint_bytes": size, "resume_read_ratio": read / size,
+        "resume_peak": peak,
         "median_load_s": statistics.median([x[0] for x in load["_loadavg"]]),
     }, a.out)
 

@@ -66,27 +66,48 @@ def test_own_files_are_hashed_while_written_not_read_back(tmp_path, monkeypatch)
     ck.verify_checkpoint(path)
 
 
-def _counting_reads(monkeypatch):
-    """Bytes read from checkpoint files, per file name, through the reader and the hasher; opening
-    a safetensors file from the disk (a second read) fails."""
-    counts = {}
-    read_file, hash_file = ck.read_file, ck._hash_file
+class _CountingFile:
+    """A file object that adds every byte read through it to ``counts[its file name]``."""
 
-    def counted_read(full, expected):
-        data = read_file(full, expected)
-        counts[os.path.basename(full)] = counts.get(os.path.basename(full), 0) + len(data)
+    def __init__(self, f, name, counts):
+        self._f, self._name, self._counts = f, name, counts
+
+    def _add(self, n):
+        self._counts[self._name] = self._counts.get(self._name, 0) + n
+
+    def read(self, *args):
+        data = self._f.read(*args)
+        self._add(len(data))
         return data
 
-    def counted_hash(full, algorithm):
-        size, digest = hash_file(full, algorithm)
-        counts[os.path.basename(full)] = counts.get(os.path.basename(full), 0) + size
-        return size, digest
+    def readinto(self, buffer):
+        n = self._f.readinto(buffer)
+        self._add(n)
+        return n
+
+    def __getattr__(self, name):  # fileno, close, ...
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()
+
+
+def _counting_reads(monkeypatch):
+    """Bytes read from checkpoint files, per file name, through every verified open; opening a
+    safetensors file from the disk (a second read) fails."""
+    counts = {}
+    open_no_follow = ck._open_no_follow
+
+    def counted_open(full):
+        return _CountingFile(open_no_follow(full), os.path.basename(full), counts)
 
     def no_disk(path):
         raise AssertionError(f"{path} was opened from the disk again after it was verified")
 
-    monkeypatch.setattr(ck, "read_file", counted_read)
-    monkeypatch.setattr(ck, "_hash_file", counted_hash)
+    monkeypatch.setattr(ck, "_open_no_follow", counted_open)
     monkeypatch.setattr(ck, "open_safetensors", no_disk)
     return counts
 

@@ -66,9 +66,10 @@ import numpy as np
 import torch
 import xxhash
 from safetensors import safe_open
-from safetensors.torch import load as load_safetensors_bytes, save_file
+from safetensors.torch import save_file
 
 from functrain.core import tree
+from functrain.io import tensor_file
 
 logger = logging.getLogger("functrain")
 
@@ -714,8 +715,8 @@ def verify_checkpoint(path: str, *, require_resumable: bool = True) -> dict:
 def read_checkpoint(path: str, *, require_resumable: bool = True, keep: bool = True,
                     only=None) -> "VerifiedCheckpoint":
     """Verify a checkpoint as :func:`verify_checkpoint` does and keep what it read: each listed
-    file is read once, hashed, and its safetensors are parsed from the same bytes, so the
-    loaders given the result (:func:`load_train_state`, :func:`load_rng_state`,
+    file is read once and hashed on the way, safetensors straight into the tensors that keep
+    them (no second copy of the checkpoint in memory), so the loaders given the result (:func:`load_train_state`, :func:`load_rng_state`,
     :func:`non_finite_tensors`, ...) read nothing from the disk again. ``keep=False``: verify
     only (the loaders then read from the disk).
 
@@ -734,11 +735,14 @@ def _verified(path: str, *, require_resumable: bool, keep: bool, only=None) -> "
     if require_resumable:
         _check_resumable(path, manifest)
     contents: dict[str, bytes] = {}
+    parsed: dict[str, tuple[dict, dict]] = {}
     for rel, entry in files.items():
         full = safe_file(path, rel, files)
         if only is not None and rel not in only:
             _check_entry(path, rel, entry, os.lstat(full).st_size, None)
-        elif keep and rel.endswith((".safetensors", ".json")):
+        elif keep and rel.endswith(".safetensors"):
+            parsed[rel] = read_safetensors_verified(path, rel, entry)
+        elif keep and rel.endswith(".json"):
             data = read_file(full, entry["bytes"])
             _check_entry(path, rel, entry, len(data), new_checksum(entry_checksum(entry), data).hexdigest())
             contents[rel] = data
@@ -746,7 +750,30 @@ def _verified(path: str, *, require_resumable: bool, keep: bool, only=None) -> "
             size, digest = _hash_file(full, entry_checksum(entry))
             _check_entry(path, rel, entry, size, digest)
     verified = set(files) if only is None else set(files) & set(only)
-    return VerifiedCheckpoint(path, manifest, contents, verified)
+    return VerifiedCheckpoint(path, manifest, contents, verified, parsed)
+
+
+def read_safetensors_verified(path: str, rel: str, entry: dict) -> tuple[dict, dict]:
+    """``(tensors, metadata)`` of the listed safetensors file ``rel``, its size and checksum checked:
+    each byte is read once, into the tensor that keeps it (:mod:`functrain.io.tensor_file`)."""
+    hasher = new_checksum(entry_checksum(entry))
+    full = os.path.join(path, rel)
+    problem = None
+    with _open_no_follow(full) as f:
+        size = os.fstat(f.fileno()).st_size
+        _check_entry(path, rel, entry, size, None)  # another size: refused before reading
+        try:
+            tensors, metadata = tensor_file.read_tensors(f, size, hasher)
+        except tensor_file.MalformedFile as e:
+            problem = e
+        except EOFError as e:
+            raise CheckpointError(f"checkpoint {path!r}: {rel!r} shrank while it was read ({e})") from None
+        if f.read(1):
+            raise CheckpointError(f"checkpoint {path!r}: {rel!r} grew while it was read")
+    _check_entry(path, rel, entry, size, hasher.hexdigest())  # a corrupted file is reported as such
+    if problem is not None:
+        raise CheckpointError(f"{full!r} is not a readable safetensors file ({problem})")
+    return tensors, metadata
 
 
 def _check_resumable(path: str, manifest: dict) -> None:
@@ -776,8 +803,8 @@ def entry_checksum(entry: dict) -> str:
 
 
 def read_file(full: str, expected: int) -> bytes:
-    """The bytes of a checkpoint file (one read; a longer file gives ``expected + 1`` bytes, so a
-    size mismatch shows). Every byte :func:`read_checkpoint` keeps comes through here."""
+    """The bytes of a checkpoint's JSON file (one read; a longer file gives ``expected + 1`` bytes,
+    so a size mismatch shows)."""
     with _open_no_follow(full) as f:
         return f.read(expected + 1)
 
@@ -801,29 +828,29 @@ def _open_no_follow(full: str):
 class VerifiedCheckpoint:
     """A checkpoint whose listed files were checked against its manifest.
 
-    From :func:`read_checkpoint` it holds the bytes of its safetensors and JSON files as they were
-    verified (the loaders parse them; the disk is not read again); from :func:`verify_checkpoint`
+    From :func:`read_checkpoint` it holds the tensors of its safetensors files and the bytes of its
+    JSON files as they were verified (the disk is not read again); from :func:`verify_checkpoint`
     (``contents`` empty) it reads from the folder like a path does. ``verified``: the files whose
     checksum this process checked (all listed ones, unless ``read_checkpoint(only=...)``).
     """
 
-    def __init__(self, path: str, manifest: dict, contents: dict[str, bytes], verified=None):
+    def __init__(self, path: str, manifest: dict, contents: dict[str, bytes], verified=None, parsed=None):
         self.path, self.manifest, self.listed = path, manifest, manifest["files"]
         self.verified = set(self.listed) if verified is None else set(verified)
         self._contents = contents
-        self._parsed: dict[str, tuple[dict, dict]] = {}
+        self._parsed: dict[str, tuple[dict, dict]] = dict(parsed or {})
 
     def __repr__(self):
-        return f"VerifiedCheckpoint({self.path!r}, {len(self._contents)} files in memory)"
+        return f"VerifiedCheckpoint({self.path!r}, {len(self._contents) + len(self._parsed)} files in memory)"
 
     def holds(self, rel: str) -> bool:
-        return rel in self._contents
+        return rel in self._contents or rel in self._parsed
 
     def tensors(self, rel: str) -> dict[str, torch.Tensor]:
-        return self._parse(rel)[0]
+        return self._parsed[rel][0]
 
     def metadata(self, rel: str) -> dict:
-        return self._parse(rel)[1]
+        return self._parsed[rel][1]
 
     def json(self, rel: str):
         return json.loads(self._contents[rel])
@@ -832,23 +859,6 @@ class VerifiedCheckpoint:
         """Let go of the bytes and tensors held (once loaded, they live in the state)."""
         self._contents.clear()
         self._parsed.clear()
-
-    def _parse(self, rel: str) -> tuple[dict, dict]:
-        if rel not in self._parsed:
-            data = self._contents[rel]
-            try:
-                tensors = load_safetensors_bytes(data)
-            except Exception as e:  # safetensors raises its own error types
-                raise CheckpointError(f"{os.path.join(self.path, rel)!r} is not a readable safetensors file ({e})") from None
-            self._parsed[rel] = (tensors, _header_metadata(data))
-            self._contents[rel] = b""  # parsed: the tensors hold the data now
-        return self._parsed[rel]
-
-
-def _header_metadata(data: bytes) -> dict:
-    """The ``__metadata__`` of a safetensors buffer (8-byte little-endian header length, JSON header)."""
-    n = int.from_bytes(data[:8], "little")
-    return json.loads(data[8:8 + n]).get("__metadata__") or {}
 
 
 def read_manifest(path: str) -> dict[str, Any]:
