@@ -741,7 +741,7 @@ def _verified(path: str, *, require_resumable: bool, keep: bool, only=None) -> "
         if only is not None and rel not in only:
             _check_entry(path, rel, entry, os.lstat(full).st_size, None)
         elif keep and rel.endswith(".safetensors"):
-            parsed[rel] = read_safetensors_verified(path, rel, entry)
+            parsed[rel] = read_safetensors_verified(path, rel, full, entry)
         elif keep and rel.endswith(".json"):
             data = read_file(full, entry["bytes"])
             _check_entry(path, rel, entry, len(data), new_checksum(entry_checksum(entry), data).hexdigest())
@@ -753,11 +753,11 @@ def _verified(path: str, *, require_resumable: bool, keep: bool, only=None) -> "
     return VerifiedCheckpoint(path, manifest, contents, verified, parsed)
 
 
-def read_safetensors_verified(path: str, rel: str, entry: dict) -> tuple[dict, dict]:
-    """``(tensors, metadata)`` of the listed safetensors file ``rel``, its size and checksum checked:
-    each byte is read once, into the tensor that keeps it (:mod:`functrain.io.tensor_file`)."""
+def read_safetensors_verified(path: str, rel: str, full: str, entry: dict) -> tuple[dict, dict]:
+    """``(tensors, metadata)`` of the listed safetensors file ``rel`` (at ``full``, from :func:`safe_file`),
+    its size and checksum checked: each byte is read once, into the tensor that keeps it
+    (:mod:`functrain.io.tensor_file`)."""
     hasher = new_checksum(entry_checksum(entry))
-    full = os.path.join(path, rel)
     problem = None
     with _open_no_follow(full) as f:
         size = os.fstat(f.fileno()).st_size
