@@ -164,10 +164,17 @@ def test_compile_with_checkpointing_and_donation(reference):
     assert ft.tree.relative_difference(got[0], reference("deep")[0]) <= COMPILE_TOL
 
 
-def test_compile_checkpointing_with_accumulation_is_a_clear_error():
-    model = build("deep", ckpt=True)
-    with pytest.raises(ValueError, match="accumulate > 1 cannot use activation checkpointing"):
-        make_train_step(model, _tx(), accumulate=2, compile=True)
+# gpt2: the whole compiled step without checkpointing is 1.7e-5 from eager too (inductor's fused
+# reductions, amplified by Adam as the accumulation order is), so its bound is ACCUMULATION_TOL.
+@pytest.mark.parametrize("name, tol", [("deep", COMPILE_TOL), ("gpt2", ACCUMULATION_TOL)])
+def test_compile_with_checkpointing_and_accumulation(reference, name, tol):
+    # Compiled per microbatch forward (torch 2.13 cannot recompute two microbatches' regions in one
+    # graph); its compiled backward recomputes from its saved inputs, not the poisoned module.
+    torch._dynamo.reset()
+    got = run(name, ckpt=True, compile=True, accumulate=2, donate=True)
+    torch._dynamo.reset()
+    assert torch.isfinite(got[1]).all(), "the recomputation read the module's own (poisoned) tensors"
+    assert ft.tree.relative_difference(got[0], reference(name, 2)[0]) <= tol
 
 
 def test_population_of_one_equals_the_ordinary_step(reference):

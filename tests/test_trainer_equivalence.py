@@ -220,3 +220,39 @@ def test_compiled_trainer_matches_transformers_trainer(tmp_path):
     diff = ft.tree.relative_difference(_params(ours.model), _params(model))
     assert diff <= 2e-5, diff
     torch._dynamo.reset()
+
+
+def _trained(out, dropout, **kw):
+    torch.manual_seed(0)
+    trainer = Trainer(model=gpt2(dropout=dropout), args=_args(TrainingArguments, out, **kw), train_dataset=_dataset())
+    trainer.train()
+    return trainer
+
+
+@pytest.mark.slow
+def test_compiled_gradient_checkpointing_with_accumulation_matches_transformers_trainer(tmp_path, plain):
+    """``torch_compile=True`` + ``gradient_checkpointing=True`` + 2 accumulation steps (torch 2.13
+    cannot put both microbatches' recomputation in one graph: the forward is compiled per microbatch)."""
+    torch._dynamo.reset()
+    ours = _params(_trained(tmp_path / "ours", 0.0, gradient_checkpointing=True, torch_compile=True).model)
+    torch.manual_seed(0)
+    model = gpt2()
+    hf = transformers.Trainer(model=model, args=_args(transformers.TrainingArguments, tmp_path / "hf",
+                                                      gradient_checkpointing=True, torch_compile=True),
+                              train_dataset=_dataset())
+    hf.train()
+    assert ft.tree.relative_difference(ours, _params(model)) <= 2e-5
+    assert ft.tree.relative_difference(ours, plain) <= 2e-5
+
+
+@pytest.mark.slow
+def test_compiled_gradient_checkpointing_with_dropout_equals_the_eager_run(tmp_path):
+    """GPT-2's default dropout inside checkpointed blocks, compiled, accumulating: the eager run's
+    numbers (inductor drawing its random numbers through aten, so the masks are the same)."""
+    torch._dynamo.reset()
+    eager = _trained(tmp_path / "eager", 0.1)
+    with torch._inductor.config.patch(fallback_random=True):
+        compiled = _trained(tmp_path / "compiled", 0.1, gradient_checkpointing=True, torch_compile=True)
+    losses = [h["loss"] for h in compiled.state.log_history if "loss" in h]
+    assert losses == pytest.approx([h["loss"] for h in eager.state.log_history if "loss" in h], rel=1e-5)
+    assert ft.tree.relative_difference(_params(compiled.model), _params(eager.model)) <= 1e-5

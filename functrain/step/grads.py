@@ -44,7 +44,7 @@ class WindowGrads(NamedTuple):
 def make_grad_fn(model: nn.Module, loss_fn: LossFn | None = None, *, accumulate: int = 1, precision: str = "fp32",
                  count_items: Callable | None = None, grad_reduce: Callable | None = None,
                  count_reduce: Callable | None = None, param_transform: Callable | None = None,
-                 differentiate: str = "autograd") -> Callable:
+                 differentiate: str = "autograd", compile_forward: Callable | None = None) -> Callable:
     """``grad_fn(params, buffers, batch, scale=None) -> WindowGrads`` for ``model`` and ``loss_fn``.
 
     Args:
@@ -61,6 +61,12 @@ def make_grad_fn(model: nn.Module, loss_fn: LossFn | None = None, *, accumulate:
             zeroing the gradients of a microbatch without items, ``has_items`` False).
         differentiate: ``"autograd"`` (``torch.autograd.grad``; activation checkpointing and
             DTensor params work) or ``"func"`` (``torch.func.grad``: composes with ``vmap``).
+        compile_forward: ``fn -> compiled fn``. Given, each microbatch's forward (the module bound
+            to the params, and the loss) runs compiled, and ``torch.autograd.grad`` runs the
+            backward the compiler made for it, as a hand loop over ``torch.compile(model)`` does.
+            This is how activation checkpointing compiles with dropout in its regions and with
+            several microbatches (torch 2.13 rematerializes neither inside one
+            forward-loss-backward graph). Not with ``param_transform`` or ``"func"``.
     ``scale`` multiplies the loss before differentiation (the fp16 loss scale).
     """
     if not isinstance(model, nn.Module):
@@ -73,6 +79,8 @@ def make_grad_fn(model: nn.Module, loss_fn: LossFn | None = None, *, accumulate:
     if differentiate == "func" and param_transform is not None:
         raise ValueError("differentiate='func' (vmapped populations) does not support param_transform "
                          "(sharded DTensor params need torch.autograd.grad)")
+    if compile_forward is not None and (param_transform is not None or differentiate == "func"):
+        raise ValueError("compile_forward needs differentiate='autograd' and no param_transform")
     if differentiate == "func" and uses_checkpointing(model):
         raise ValueError("differentiate='func' (torch.func.grad, used by vmapped populations) cannot run activation "
                          "checkpointing (it forbids saved-tensor hooks); disable checkpointing for this model")
@@ -84,7 +92,8 @@ def make_grad_fn(model: nn.Module, loss_fn: LossFn | None = None, *, accumulate:
     bound = _Bound(model, loss_fn or default_loss_fn, policy)
     module_buffers = buffer_names(model)
     micro = (_micro_func if differentiate == "func" else
-             _micro_autograd_transformed(param_transform) if param_transform is not None else _micro_autograd)
+             _micro_autograd_transformed(param_transform) if param_transform is not None else
+             _micro_compiled_forward(bound, compile_forward) if compile_forward is not None else _micro_autograd)
 
     def grad_fn(params: Mapping, buffers: Mapping, batch: Mapping, scale=None) -> WindowGrads:
         # Copies of the module's buffers: a forward that updates them (BatchNorm) leaves the input as it was.
@@ -192,6 +201,32 @@ def _micro_autograd(bound, params, buffers, mb, weight, scale, has_items, transf
 def _micro_autograd_transformed(transform):
     def micro(bound, params, buffers, mb, weight, scale, has_items):
         return _micro_autograd(bound, params, buffers, mb, weight, scale, has_items, transform)
+
+    return micro
+
+
+def _micro_compiled_forward(bound, compile_forward):
+    """Microbatch gradients from a compiled forward and the compiled backward autograd runs for it.
+
+    The forward binds the params inside the compiled graph, so the regions checkpointing
+    recomputes are part of the compiled backward, which reads its saved inputs, never the
+    module's attributes (the stale-weights trap :class:`_Bound` avoids in eager)."""
+
+    def forward(params, buffers, mb):
+        tensors = {**prefixed(params), **prefixed(buffers)}
+        loss, aux = torch.func.functional_call(bound, tensors, (mb, device_type(params)), tie_weights=True)
+        return loss, aux, written_buffers(tensors, buffers)
+
+    compiled = compile_forward(forward)
+
+    def micro(bound, params, buffers, mb, weight, scale, has_items):
+        with torch.enable_grad():
+            leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
+            loss, aux, new_buffers = compiled(leaves, buffers, mb)
+            grads = torch.autograd.grad(_share(loss, weight, scale), list(leaves.values()), allow_unused=True)
+        grads = {k: torch.zeros_like(p) if g is None else g for (k, p), g in zip(params.items(), grads)}
+        aux = {k: torch.as_tensor(v).detach().float() for k, v in aux.items()}
+        return grads, loss.detach(), aux, {k: v.detach() for k, v in new_buffers.items()}
 
     return micro
 

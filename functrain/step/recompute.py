@@ -4,11 +4,12 @@
 forward during the backward instead of keeping activations. It uses
 ``torch.utils.checkpoint.checkpoint(use_reentrant=False)``: the reentrant variant only works with
 ``.backward()``, not with the ``torch.autograd.grad`` call the step makes.
-Under ``torch.compile`` (torch 2.13) a checkpointed region must not contain random ops
-(dropout with p > 0), and only one microbatch may be checkpointed per graph (``accumulate=1``):
-AOTAutograd rematerializes a single region of a forward-loss-backward graph, without RNG ops. (transformers models: call
-``model.gradient_checkpointing_enable()``; transformers 5 defaults to ``use_reentrant=False``,
-and ``make_train_step`` rejects the reentrant form with a clear error.)
+Under ``compile=True`` the step compiles each microbatch's forward (and the backward the
+compiler makes for it) instead of the whole step, as ``torch.compile(model)`` does: torch 2.13's
+forward-loss-backward graph rematerializes a single region and no random ops (dropout), while the
+forward's own graph handles both; accumulation and the update then run eagerly around it.
+(transformers models: call ``model.gradient_checkpointing_enable()``; transformers 5 defaults
+to ``use_reentrant=False``, and ``make_train_step`` rejects the reentrant form with a clear error.)
 """
 
 from __future__ import annotations

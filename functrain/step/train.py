@@ -81,6 +81,11 @@ def make_train_step(
             adds a dynamic loss scale kept in ``state.loss_scale``).
         compile: compile the whole step with ``torch.compile(fullgraph=True)`` (with
             ``donate=True`` and ``leafwise_update=True``: the window's gradients only, see there).
+            A model with activation checkpointing (and no ``param_transform``) compiles each
+            microbatch's forward instead, its backward compiled with it, as ``torch.compile(model)``
+            does: torch 2.13 cannot recompute checkpointed regions that draw random numbers
+            (dropout), or those of several microbatches, inside one forward-loss-backward graph.
+            The accumulation and the update then run eagerly around it.
         donate: write the new params and optimizer state into the input state's storages; the
             input state is then consumed (any use raises ``ConsumedStateError``).
         count_items: ``count_items(microbatch) -> 0-d tensor`` of supervised items; default
@@ -144,9 +149,15 @@ def make_train_step(
     user_loss = loss_fn is not None
     required_keys = tuple(required_keys) if required_keys is not None else (() if user_loss else ("labels",))
     forward_keys = None if user_loss else batching.forward_argument_names(model)
+    # Activation checkpointing: compile the forward (and its backward), not the whole step.
+    compile_forward = (compile and param_transform is None and differentiate == "autograd"
+                       and uses_checkpointing(model))
+    if compile_forward:
+        compile = False  # the accumulation and the update around the compiled forwards run eagerly
     if compile and accumulate > 1 and uses_checkpointing(model):
         # torch 2.13 AOTAutograd rematerializes only one backward region per compiled graph.
-        raise ValueError("compile=True with accumulate > 1 cannot use activation checkpointing in torch "
+        raise ValueError("compile=True with accumulate > 1 cannot use activation checkpointing with a "
+                         f"param_transform in torch "
                          f"{torch.__version__} (one recompute region per graph); use accumulate=1 with a "
                          "bigger batch, compile=False, or disable checkpointing")
     if compile and accumulate > 1 and getattr(param_transform, "recomputes", False):
@@ -170,7 +181,9 @@ def make_train_step(
     # The blocks (functrain.step.grads / .update): gradients of the window, the update, the loss scale.
     grad_fn = make_grad_fn(model, loss_fn, accumulate=accumulate, precision=precision, count_items=count_items,
                            grad_reduce=grad_reduce, count_reduce=count_reduce, param_transform=param_transform,
-                           differentiate=differentiate)
+                           differentiate=differentiate,
+                           compile_forward=(lambda fn: _maybe_compile(fn, True, compile_kwargs, deterministic))
+                           if compile_forward else None)
     module_buffers = buffer_names(model)
     grouped = leafwise_update and donate and not compile and not policy.needs_loss_scale
     # Compiled, donated and leafwise: only the gradients are compiled and the grouped in-place
