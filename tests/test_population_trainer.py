@@ -192,8 +192,12 @@ def test_population_refuses_what_it_cannot_build(tmp_path):
 
     trainer = Trainer(args=_args(tmp_path), model=make_model(p=0.0), train_dataset=make_dataset(40),
                       optimizers=(foptim.sgd(1e-2), None))
-    with pytest.raises(PopulationError, match="optimizers=... cannot be a population"):
+    with pytest.raises(PopulationError, match="optimizers=... or optimizer_cls_and_kwargs=... cannot be a population"):
         PopulationTrainer(trainer, 2)
+    with_class = Trainer(args=_args(tmp_path), model=make_model(p=0.0), train_dataset=make_dataset(40),
+                         optimizer_cls_and_kwargs=(torch.optim.SGD, {"lr": 1e-2}))
+    with pytest.raises(PopulationError, match="optimizer_cls_and_kwargs=... cannot be a population"):
+        PopulationTrainer(with_class, 2)
     no_eval = Trainer(args=_args(tmp_path), model_init=lambda: make_model(p=0.0), train_dataset=make_dataset(40))
     with pytest.raises(ValueError, match="pbt_interval needs an eval_dataset"):
         PopulationTrainer(no_eval, 2, pbt_interval=2)

@@ -145,3 +145,55 @@ def test_use_liger_kernel_trains_like_the_plain_loss(tmp_path):
         runs[fused] = t
     assert _logged(runs[True], "loss") == pytest.approx(_logged(runs[False], "loss"), rel=1e-5)
     assert _max_rel(_params(runs[True].model), _params(runs[False].model)) <= 1e-5
+
+
+def _run_both_with_class(tmp_path, cls_and_kwargs, **kw):
+    import transformers
+
+    args = {**COMMON, **kw}
+    data = make_dataset()
+    ours = Trainer(model=make_model(p=0.0), args=TrainingArguments(str(tmp_path / "ours"), **args),
+                   train_dataset=data, optimizer_cls_and_kwargs=cls_and_kwargs)
+    ours.train()
+    hf_model = make_model(p=0.0)
+    theirs = transformers.Trainer(model=hf_model, args=transformers.TrainingArguments(str(tmp_path / "hf"), **args),
+                                  train_dataset=data, optimizer_cls_and_kwargs=cls_and_kwargs)
+    theirs.train()
+    return ours, theirs
+
+
+@pytest.mark.parametrize("cls_name, kwargs", [
+    ("AdamW", {"lr": 2e-2, "betas": (0.8, 0.95), "eps": 1e-6, "fused": False}),
+    ("AdamW", {}),  # torch's default lr (1e-3) is the schedule's base, as in HF
+    ("Adam", {"lr": 2e-2, "betas": (0.85, 0.99)}),  # L2 weight decay on the decay group
+    ("SGD", {"lr": 5e-2, "momentum": 0.9, "nesterov": True}),
+    ("RMSprop", {"lr": 1e-2, "alpha": 0.9, "centered": True}),
+    ("Adagrad", {"lr": 5e-2, "initial_accumulator_value": 0.1}),
+    ("AdamW", {"lr": 2e-2, "weight_decay": 0.5}),  # the groups' weight_decay (args: 0.01) wins, as in HF
+])
+def test_optimizer_cls_and_kwargs_matches_hf_trainer(tmp_path, cls_name, kwargs):
+    ours, theirs = _run_both_with_class(tmp_path, (getattr(torch.optim, cls_name), kwargs),
+                                        lr_scheduler_type="cosine", warmup_steps=2)
+    assert _max_rel(_params(theirs.model), _params(make_model(p=0.0))) > 1e-4  # it trained
+    assert _max_rel(_params(ours.model), _params(theirs.model)) <= 1e-5
+    if cls_name != "Adagrad":
+        assert _logged(ours, "learning_rate") == pytest.approx(_logged(theirs, "learning_rate"), rel=1e-6)
+
+
+@pytest.mark.parametrize("value, error, match", [
+    ((torch.optim.NAdam, {}), TypeError, "not a class functrain builds"),
+    ((torch.optim.AdamW, {"amsgrad": True}), ValueError, "amsgrad=True"),
+    ((torch.optim.AdamW, {"params": []}), ValueError, "param groups"),
+    ((torch.optim.SGD, {"betas": (0.9, 0.99)}), TypeError, r"SGD got \['betas'\]"),
+    (torch.optim.AdamW, TypeError, "must be a pair"),
+])
+def test_optimizer_cls_and_kwargs_refusals(tmp_path, value, error, match):
+    with pytest.raises(error, match=match):
+        Trainer(model=make_model(), args=TrainingArguments(str(tmp_path), report_to="none"),
+                train_dataset=make_dataset(), optimizer_cls_and_kwargs=value)
+    import functrain
+
+    with pytest.raises(RuntimeError, match="incompatible"):
+        Trainer(model=make_model(), args=TrainingArguments(str(tmp_path), report_to="none"),
+                train_dataset=make_dataset(), optimizers=(functrain.optim.sgd(0.1), None),
+                optimizer_cls_and_kwargs=(torch.optim.AdamW, {}))

@@ -130,10 +130,10 @@ class PopulationTrainer:
     # -- validation ---------------------------------------------------------------------------
     def _check_optimizer_and_schedule(self, trainer) -> None:
         a = trainer.args
-        if trainer.optimizer is not None:
+        if trainer.optimizer is not None or trainer.optimizer_cls_and_kwargs is not None:
             raise P.PopulationError("PopulationTrainer builds each member's optimizer from args.optim (its "
                                     "hyperparameters must be tensors in the state); a Trainer given optimizers=... "
-                                    "cannot be a population: set args.optim instead")
+                                    "or optimizer_cls_and_kwargs=... cannot be a population: set args.optim instead")
         if a.optim in registry.POPULATION_REFUSED:
             raise P.PopulationError(f"optim={a.optim!r} cannot train as a population: "
                                     f"{registry.POPULATION_REFUSED[a.optim]}; use one of "

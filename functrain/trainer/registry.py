@@ -19,7 +19,10 @@ Run ``python -m functrain.trainer.fields_readme`` to rewrite the README's field 
 
 from __future__ import annotations
 
+import inspect
+import logging
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -300,6 +303,62 @@ def parse_optim_args(text: str | None) -> dict:
 def build_optimizer(args, model, schedule, extra: dict | None = None):
     """The functrain optimizer for ``args.optim`` (weight decay skips biases and norms, as HF)."""
     return OPTIMIZERS[args.optim](args, model, schedule, dict(extra or {}))
+
+
+# -- Trainer(optimizer_cls_and_kwargs=(cls, kwargs)) -----------------------------------------------
+
+
+def check_optimizer_cls_and_kwargs(value) -> tuple[type, dict] | None:
+    """``(cls, kwargs)`` checked (a class functrain builds, kwargs it understands), or None."""
+    if value is None:
+        return None
+    if not (isinstance(value, (tuple, list)) and len(value) == 2 and isinstance(value[1], Mapping)):
+        raise TypeError("optimizer_cls_and_kwargs must be a pair (optimizer class, kwargs dict), e.g. "
+                        "(torch.optim.AdamW, {'lr': 1e-3})")
+    cls, kwargs = value[0], dict(value[1])
+    spec = hf_names.TORCH_OPTIMIZER_CLASSES.get(cls)
+    if spec is None:
+        known = ", ".join(f"torch.optim.{c.__name__}" for c in hf_names.TORCH_OPTIMIZER_CLASSES)
+        raise TypeError(f"optimizer_cls_and_kwargs: {getattr(cls, '__qualname__', cls)!r} is not a class functrain "
+                        f"builds as a pure optimizer ({known}); set TrainingArguments.optim to one of {list(OPTIMIZERS)}, "
+                        "or pass optimizers=(a functrain.optim GradientTransformation, None)")
+    if "params" in kwargs:
+        raise ValueError("optimizer_cls_and_kwargs: 'params' (param groups) cannot be given; the Trainer builds HF's "
+                         "decay / no-decay groups from weight_decay. For per-parameter settings pass "
+                         "optimizers=(functrain.optim.partition(...), None)")
+    for flag in hf_names.TORCH_UNSUPPORTED_FLAGS:
+        if kwargs.get(flag):
+            raise ValueError(f"optimizer_cls_and_kwargs: {cls.__name__}({flag}=True) is not implemented; use a "
+                             "functrain.optim transformation through optimizers=(..., None)")
+    allowed = {"lr", "weight_decay", *hf_names.TORCH_IMPLEMENTATION_KWARGS, *hf_names.TORCH_UNSUPPORTED_FLAGS,
+               *(("betas", "eps") if spec.adam_kwargs else spec.extra_kwargs)}
+    unknown = sorted(set(kwargs) - allowed)
+    if unknown:
+        raise TypeError(f"optimizer_cls_and_kwargs: {cls.__name__} got {unknown}; it takes {sorted(allowed)}")
+    return cls, kwargs
+
+
+def torch_class_learning_rate(cls: type, kwargs: dict) -> float:
+    """The rate HF's schedule scales: kwargs' ``lr``, else the class's default (as ``cls(...)`` gets)."""
+    return kwargs["lr"] if "lr" in kwargs else inspect.signature(cls).parameters["lr"].default
+
+
+def build_torch_class_optimizer(args, model, schedule, cls: type, kwargs: dict):
+    """What transformers' Trainer builds for ``optimizer_cls_and_kwargs=(cls, kwargs)``: ``cls`` over its
+    decay / no-decay groups. As there, the groups' ``weight_decay`` (``args.weight_decay``) overrides
+    one in kwargs, and ``args``' Adam betas / epsilon are not used."""
+    spec = hf_names.TORCH_OPTIMIZER_CLASSES[cls]
+    if "weight_decay" in kwargs and kwargs["weight_decay"] != args.weight_decay:
+        logging.getLogger("functrain").warning(
+            "optimizer_cls_and_kwargs' weight_decay=%s is overridden by TrainingArguments.weight_decay=%s on the decay "
+            "group (0 on biases and norms), as in transformers' Trainer", kwargs["weight_decay"], args.weight_decay)
+    defaults = inspect.signature(cls).parameters
+    extra = {k: kwargs[k] for k in spec.extra_kwargs if k in kwargs}
+    hp = _hf_hyperparams(args, model, extra)
+    if spec.adam_kwargs:
+        b1, b2 = kwargs.get("betas", defaults["betas"].default)
+        hp = hp._replace(adam_beta1=b1, adam_beta2=b2, adam_epsilon=kwargs.get("eps", defaults["eps"].default))
+    return spec.build(schedule, hp)
 
 
 # -- learning-rate schedules ---------------------------------------------------------------------

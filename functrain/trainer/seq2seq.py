@@ -36,11 +36,12 @@ class Seq2SeqTrainer(Trainer):
     def __init__(self, model=None, args=None, data_collator=None, train_dataset=None, eval_dataset=None,
                  processing_class=None, model_init=None, compute_loss_func=None, compute_metrics=None,
                  callbacks=None, optimizers=(None, None), preprocess_logits_for_metrics=None,
-                 streaming_metrics=None):
+                 streaming_metrics=None, optimizer_cls_and_kwargs=None):
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, model_init=model_init,
                          compute_loss_func=compute_loss_func, compute_metrics=compute_metrics, callbacks=callbacks,
-                         optimizers=optimizers, preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+                         optimizers=optimizers, optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
+                         preprocess_logits_for_metrics=preprocess_logits_for_metrics,
                          streaming_metrics=streaming_metrics)
         config = getattr(self.args, "generation_config", None)
         if config is not None:

@@ -110,10 +110,14 @@ class Trainer(PublishMixin):
     def __init__(self, model: nn.Module | None = None, args: TrainingArguments | None = None,
                  data_collator=None, train_dataset=None, eval_dataset=None, processing_class=None,
                  model_init=None, compute_loss_func=None, compute_metrics=None, callbacks=None,
-                 optimizers=(None, None), preprocess_logits_for_metrics=None, streaming_metrics=None):
+                 optimizers=(None, None), optimizer_cls_and_kwargs=None, preprocess_logits_for_metrics=None,
+                 streaming_metrics=None):
         self.args = args if args is not None else TrainingArguments("trainer_output")
         if not isinstance(self.args, TrainingArguments):
             raise TypeError(f"args must be a functrain.TrainingArguments, got {type(self.args).__name__}")
+        self.optimizer_cls_and_kwargs = registry.check_optimizer_cls_and_kwargs(optimizer_cls_and_kwargs)
+        if self.optimizer_cls_and_kwargs is not None and optimizers[0] is not None:
+            raise RuntimeError("Passing both `optimizers` and `optimizer_cls_and_kwargs` arguments is incompatible.")
         self._memory_tracker = MemoryTracker(self.args.skip_memory_metrics)
         self._memory_tracker.start("init")
         set_log_level(self.args)
@@ -315,14 +319,22 @@ class Trainer(PublishMixin):
         from functrain.core.schedules import get_schedule
 
         a = self.args
+        # HF's scheduler scales the optimizer's own rate: optimizer_cls_and_kwargs' lr when given.
+        rate = (a.learning_rate if self.optimizer_cls_and_kwargs is None
+                else registry.torch_class_learning_rate(*self.optimizer_cls_and_kwargs))
         if a.lr_scheduler_type == "reduce_lr_on_plateau":
-            return get_schedule("constant", a.learning_rate, num_training_steps=num_training_steps)
-        return get_schedule(a.lr_scheduler_type, a.learning_rate, num_training_steps=num_training_steps,
+            return get_schedule("constant", rate, num_training_steps=num_training_steps)
+        return get_schedule(a.lr_scheduler_type, rate, num_training_steps=num_training_steps,
                             num_warmup_steps=a.get_warmup_steps(num_training_steps), **a.lr_scheduler_kwargs)
 
     def create_optimizer(self, schedule):
-        """The functrain optimizer for ``args.optim`` (weight decay skips biases and norms, as HF)."""
-        tx = registry.build_optimizer(self.args, self.model, schedule, registry.parse_optim_args(self.args.optim_args))
+        """The functrain optimizer for ``args.optim``, or for ``optimizer_cls_and_kwargs`` when given
+        (weight decay skips biases and norms, as HF)."""
+        if self.optimizer_cls_and_kwargs is not None:
+            tx = registry.build_torch_class_optimizer(self.args, self.model, schedule, *self.optimizer_cls_and_kwargs)
+        else:
+            tx = registry.build_optimizer(self.args, self.model, schedule,
+                                          registry.parse_optim_args(self.args.optim_args))
         plateau = self._plateau_settings()
         if plateau is not None:
             tx = optim.chain(tx, optim.reduce_on_plateau(**plateau, observe="external"))

@@ -178,3 +178,36 @@ def build_hf_optimizer(name: str, learning_rate, hp: HFHyperparams) -> GradientT
     if name not in HF_OPTIMIZERS:
         raise ValueError(f"optim={name!r} is not a known optimizer; known: {list(HF_OPTIMIZERS)}")
     return HF_OPTIMIZERS[name](learning_rate, hp)
+
+
+# -- Trainer(optimizer_cls_and_kwargs=(cls, kwargs)) -----------------------------------------------
+
+
+def _torch_adam(lr, hp: HFHyperparams):
+    """``torch.optim.Adam`` in HF's two param groups: its L2 ``weight_decay`` on the decay group."""
+    return _l2_masked(hp, A.adam(lr, b1=hp.adam_beta1, b2=hp.adam_beta2, eps=hp.adam_epsilon))
+
+
+class TorchClass(NamedTuple):
+    """How a torch optimizer class is built: its builder above and the kwargs it takes (``betas``
+    and ``eps`` of the Adam family become ``adam_beta1/2`` / ``adam_epsilon``, the others reach the
+    builder as ``optim_args``)."""
+
+    build: Callable[[Any, HFHyperparams], GradientTransformation]
+    adam_kwargs: bool
+    extra_kwargs: tuple[str, ...] = ()
+
+
+# What transformers' Trainer builds for optimizer_cls_and_kwargs=(cls, kwargs): cls(its decay / no-decay
+# param groups, weight_decay from TrainingArguments, **kwargs), its schedule over kwargs' lr.
+TORCH_OPTIMIZER_CLASSES: dict[type, TorchClass] = {
+    torch.optim.AdamW: TorchClass(_adamw, True),
+    torch.optim.Adam: TorchClass(_torch_adam, True),
+    torch.optim.SGD: TorchClass(_sgd, False, ("momentum", "dampening", "nesterov")),
+    torch.optim.RMSprop: TorchClass(_rmsprop, False, ("alpha", "eps", "momentum", "centered")),
+    torch.optim.Adagrad: TorchClass(_adagrad, False, ("lr_decay", "eps", "initial_accumulator_value")),
+}
+# kwargs that choose how torch runs the update, not what it computes.
+TORCH_IMPLEMENTATION_KWARGS = ("foreach", "fused", "capturable", "differentiable")
+# kwargs whose non-default value changes the update in a way no builder above implements.
+TORCH_UNSUPPORTED_FLAGS = ("amsgrad", "maximize")
