@@ -42,6 +42,7 @@ from functrain.trainer.callbacks import (
     CallbackHandler, DefaultFlowCallback, ExportableState, PrinterCallback, ProgressCallback, TrainerControl,
     TrainerState,
 )
+from functrain.core.optim import hf_names
 from functrain.trainer import registry, sharded_start
 from functrain.trainer.arg_effects import compile_kwargs, set_log_level
 from functrain.trainer.integrations import integration_callbacks
@@ -327,9 +328,13 @@ class Trainer(PublishMixin):
         return get_schedule(a.lr_scheduler_type, rate, num_training_steps=num_training_steps,
                             num_warmup_steps=a.get_warmup_steps(num_training_steps), **a.lr_scheduler_kwargs)
 
-    def create_optimizer(self, schedule):
+    def create_optimizer(self, schedule=None):
         """The functrain optimizer for ``args.optim``, or for ``optimizer_cls_and_kwargs`` when given
-        (weight decay skips biases and norms, as HF)."""
+        (weight decay skips biases and norms, as HF). The schedule is part of it: ``schedule``
+        defaults to :meth:`create_scheduler` over this run's number of steps (HF's
+        ``create_optimizer()`` takes none, its scheduler being a separate object)."""
+        if schedule is None:
+            schedule = self.create_scheduler(self._planned_steps())
         if self.optimizer_cls_and_kwargs is not None:
             tx = registry.build_torch_class_optimizer(self.args, self.model, schedule, *self.optimizer_cls_and_kwargs)
         else:
@@ -352,6 +357,16 @@ class Trainer(PublishMixin):
             raise ValueError(f"lr_scheduler_kwargs {unknown} are not ReduceLROnPlateau arguments; "
                              f"expected some of {list(TORCH_ARGUMENTS)}")
         return optim.plateau_arguments_from_torch(a.learning_rate, **a.lr_scheduler_kwargs)
+
+    def _planned_steps(self) -> int:
+        """The number of optimizer steps ``train()`` will take (as it computes it)."""
+        a = self.args
+        if a.max_steps > 0:
+            return a.max_steps
+        loader = compat.as_train_loader(self.get_train_dataloader())
+        if not hasattr(loader, "__len__") or getattr(loader, "is_iterable", False):
+            raise ValueError("the train_dataset has no length (a streaming/iterable dataset): set max_steps")
+        return math.ceil(a.num_train_epochs * max(len(loader), 1))
 
     def create_optimizer_and_scheduler(self, num_training_steps: int):
         if self.optimizer is not None:
@@ -458,14 +473,22 @@ class Trainer(PublishMixin):
         return fn
 
     # -- steps ------------------------------------------------------------------------------------
+    def _optimizer_is_leafwise(self) -> bool:
+        """Whether the optimizer updates each parameter from its own gradient, state and value alone
+        (a given ``optimizers=`` transformation is not assumed to)."""
+        if self.optimizer is not None:
+            return False
+        if self.optimizer_cls_and_kwargs is not None:
+            return hf_names.TORCH_OPTIMIZER_CLASSES[self.optimizer_cls_and_kwargs[0]].leafwise
+        return self.args.optim in registry.LEAFWISE_OPTIMIZERS
+
     def _make_train_step(self, tx, accumulate: int):
         from functrain.step.train import make_train_step
 
         a = self.args
         return make_train_step(self.model, tx, self._train_loss_fn(), accumulate=accumulate, precision=a.precision,
                                compile=a.torch_compile, compile_kwargs=compile_kwargs(a), donate=self._donates(),
-                               leafwise_update=self.optimizer is None and a.optim in registry.LEAFWISE_OPTIMIZERS,
-                               deterministic=a.full_determinism,
+                               leafwise_update=self._optimizer_is_leafwise(), deterministic=a.full_determinism,
                                max_grad_norm=a.max_grad_norm or None, required_keys=self._required_label_keys(),
                                skip_non_finite=not a.fp16,
                                **self._distributed_step_kwargs(accumulate))

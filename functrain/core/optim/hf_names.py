@@ -196,6 +196,7 @@ class TorchClass(NamedTuple):
     build: Callable[[Any, HFHyperparams], GradientTransformation]
     adam_kwargs: bool
     extra_kwargs: tuple[str, ...] = ()
+    leafwise: bool = True  # each parameter updated from its own gradient, state and value (masked L2 too)
 
 
 # What transformers' Trainer builds for optimizer_cls_and_kwargs=(cls, kwargs): cls(its decay / no-decay
