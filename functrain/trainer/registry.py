@@ -417,3 +417,56 @@ def readme_with_fields(text: str) -> str:
         raise ValueError(f"README has no {_BEGIN!r} ... {_END!r} section")
     return pattern.sub(lambda _: readme_fields_markdown(), text)
 
+
+
+# -- transformers.Trainer methods a subclass may override that functrain's Trainer never calls ----------
+# Overriding one would be silently ignored, so the Trainer refuses it (naming what to use instead).
+
+_LOOP = ("functrain runs its own loop (functrain.runner); hook into it with a TrainerCallback (on_step_end, "
+         "on_log, on_evaluate, on_save) or override training_step / compute_loss")
+_CHECKPOINT = ("checkpoints are functrain's safetensors format, written and verified by functrain.io.checkpoint "
+               "(docs/reliability.md); use a TrainerCallback's on_save, or override save_model for the final model")
+_PLACEMENT = "placement and distribution are functrain's (TrainingArguments fields, accelerate launch; docs/distributed.md)"
+_OPTIMIZER = ("the optimizer is a functrain.optim transformation: set TrainingArguments.optim, pass "
+              "optimizer_cls_and_kwargs=(torch.optim.AdamW, {...}) or optimizers=(tx, None), or override create_optimizer")
+_INPUTS = "batches reach the step as the data_collator makes them: use a data_collator, or override get_train_dataloader"
+_COUNTING = "the step counts the supervised items itself (labels != -100, over the window and across ranks)"
+_PRECISION = ("the step runs under its own precision policy (bf16 / fp16 arguments); a context manager cannot "
+              "enter the pure step")
+
+HF_METHODS_NOT_CALLED: dict[str, str] = {
+    **dict.fromkeys(("_inner_training_loop", "_run_epoch", "_maybe_log_save_evaluate", "_finalize_training",
+                     "set_initial_training_values", "_init_training_state", "_prepare_for_training",
+                     "_track_num_input_tokens", "_update_auto_batch_size", "end"), _LOOP),
+    **dict.fromkeys(("_save", "_load_from_checkpoint", "_load_optimizer_and_scheduler", "_save_optimizer_and_scheduler",
+                     "_load_rng_state", "_save_rng_state", "_load_scaler", "_save_scaler", "_load_callback_state",
+                     "_issue_warnings_after_load", "_get_output_dir", "_tune_save_checkpoint"), _CHECKPOINT),
+    **dict.fromkeys(("_wrap_model", "_move_model_to_device", "create_accelerator_and_postprocess",
+                     "_build_accelerator_args", "get_cp_size", "get_sp_size", "get_tp_size", "_has_mixed_mesh_grads",
+                     "_mixed_mesh_grad_norm", "_sync_replicated_trainable_parameters", "_defer_fsdp_gradient_reduction",
+                     "_prepare_context_parallel_inputs"), _PLACEMENT),
+    **dict.fromkeys(("get_optimizer_cls_and_kwargs", "get_decay_parameter_names", "get_optimizer_group",
+                     "_get_learning_rate", "_clip_grad_norm", "_get_grad_norm"), _OPTIMIZER),
+    **dict.fromkeys(("_prepare_inputs", "_prepare_input", "_remove_unused_columns", "_set_signature_columns_if_needed",
+                     "_get_collator_with_removed_columns", "_get_dataloader", "_get_train_sampler",
+                     "_get_eval_sampler"), _INPUTS),
+    **dict.fromkeys(("get_batch_samples", "_get_num_items_in_batch", "get_total_train_batch_size"), _COUNTING),
+    **dict.fromkeys(("compute_loss_context_manager", "autocast_smart_context_manager"), _PRECISION),
+    "evaluation_loop": "override prediction_step (called for every eval batch) or evaluate",
+    "call_model_init": "pass model_init=...; the Trainer calls it at every train(), seeded, as HF does",
+    **dict.fromkeys(("_hp_search_setup", "_report_to_hp_search"), "hyperparameter_search runs its trials itself"),
+    "_validate_args": "TrainingArguments checks its fields itself (functrain.trainer.registry.FIELDS)",
+}
+
+
+def check_subclass_overrides(cls: type, base: type) -> None:
+    """Raise when ``cls`` (a subclass of the Trainer ``base``) defines a transformers.Trainer method
+    that ``base`` never calls."""
+    for klass in cls.__mro__:
+        if klass is base:
+            return
+        for name in HF_METHODS_NOT_CALLED.keys() & vars(klass).keys():
+            if not hasattr(base, name):
+                raise TypeError(f"{klass.__name__}.{name} overrides transformers.Trainer.{name}, which functrain's "
+                                f"Trainer never calls, so the override would be silently ignored: "
+                                f"{HF_METHODS_NOT_CALLED[name]}")

@@ -116,6 +116,7 @@ class Trainer(PublishMixin):
         self.args = args if args is not None else TrainingArguments("trainer_output")
         if not isinstance(self.args, TrainingArguments):
             raise TypeError(f"args must be a functrain.TrainingArguments, got {type(self.args).__name__}")
+        registry.check_subclass_overrides(type(self), Trainer)
         self.optimizer_cls_and_kwargs = registry.check_optimizer_cls_and_kwargs(optimizer_cls_and_kwargs)
         if self.optimizer_cls_and_kwargs is not None and optimizers[0] is not None:
             raise RuntimeError("Passing both `optimizers` and `optimizer_cls_and_kwargs` arguments is incompatible.")
@@ -371,7 +372,16 @@ class Trainer(PublishMixin):
     def create_optimizer_and_scheduler(self, num_training_steps: int):
         if self.optimizer is not None:
             return self.optimizer
-        return self.create_optimizer(self.create_scheduler(num_training_steps))
+        schedule = self.create_scheduler(num_training_steps)
+        if inspect.signature(self.create_optimizer).parameters:
+            tx = self.create_optimizer(schedule)
+        else:  # an override with HF's signature, create_optimizer(self)
+            tx = self.create_optimizer()
+        if not isinstance(tx, optim.GradientTransformation):
+            raise TypeError(f"{type(self).__name__}.create_optimizer returned a {_torch_optim_name(tx)}: functrain needs "
+                            "a pure optimizer; return a functrain.optim GradientTransformation (its schedule inside, "
+                            "e.g. functrain.optim.adamw(schedule)), or set TrainingArguments.optim")
+        return tx
 
     # -- loss -----------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -475,8 +485,9 @@ class Trainer(PublishMixin):
     # -- steps ------------------------------------------------------------------------------------
     def _optimizer_is_leafwise(self) -> bool:
         """Whether the optimizer updates each parameter from its own gradient, state and value alone
-        (a given ``optimizers=`` transformation is not assumed to)."""
-        if self.optimizer is not None:
+        (a given ``optimizers=`` transformation, or one from an overridden ``create_optimizer``, is not
+        assumed to)."""
+        if self.optimizer is not None or self._overrides("create_optimizer"):
             return False
         if self.optimizer_cls_and_kwargs is not None:
             return hf_names.TORCH_OPTIMIZER_CLASSES[self.optimizer_cls_and_kwargs[0]].leafwise
@@ -1279,6 +1290,11 @@ def _check_peft(model, args) -> None:
     from functrain.adapters.peft import check_trainer_arguments
 
     check_trainer_arguments(model, args)
+
+
+def _torch_optim_name(obj) -> str:
+    cls = type(obj)
+    return f"torch.optim.{cls.__name__}" if isinstance(obj, torch.optim.Optimizer) else cls.__name__
 
 
 def _check_optimizers(optimizers):
