@@ -4,6 +4,7 @@
     python benchmarks/trainer_step.py --compiled        # torch_compile=True for both
     python benchmarks/trainer_step.py --quick           # tiny model (smoke test)
     python benchmarks/trainer_step.py --clock cpu       # process CPU time per step (a loaded machine)
+    python benchmarks/trainer_step.py --compiled --gradient-checkpointing   # both, and the hand loop, recompute
 
 Same model init (GPT-2 4 layers, width 256, 4 heads, vocab 2048, seq 128, batch 8), same batches,
 same arguments left at their defaults (optimizer, schedule, clipping) but for ``max_steps``,
@@ -43,10 +44,12 @@ def _callback(base, clock):
     return type("Timer", (C.StepTimer, base), {})(clock)
 
 
-def run_trainer(kind: str, model, dataset, steps: int, batch: int, compiled: bool, clock=time.perf_counter):
+def run_trainer(kind: str, model, dataset, steps: int, batch: int, compiled: bool, clock=time.perf_counter,
+                checkpointing: bool = False):
     out_dir = tempfile.mkdtemp(prefix=f"{kind}_trainer_step_")
     common = dict(per_device_train_batch_size=batch, max_steps=steps, learning_rate=LR, logging_strategy="no",
-                  save_strategy="no", report_to="none", disable_tqdm=True, seed=0, torch_compile=compiled)
+                  save_strategy="no", report_to="none", disable_tqdm=True, seed=0, torch_compile=compiled,
+                  gradient_checkpointing=checkpointing)
     if kind == "hf":
         from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -69,6 +72,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--clock", choices=sorted(C.CLOCKS), default="wall",
                     help="wall time (default) or this process's CPU time (on a machine loaded by other jobs)")
+    ap.add_argument("--gradient-checkpointing", action="store_true",
+                    help="gradient_checkpointing=True for both Trainers (and the hand loop's model)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if args.threads:
@@ -87,18 +92,22 @@ def main(argv=None) -> dict:
     for _ in range(rounds):
         for kind in kinds:
             model = copy.deepcopy(base)
+            if kind == "hand" and args.gradient_checkpointing:
+                model.gradient_checkpointing_enable()
             if kind == "hand":  # the compiled hand loop, the same settings as the Trainers' defaults
                 one, _ = TS.hand_contender(model, batches, steps, compiled=True, lr=LR, total_steps=steps)
                 step_s = C.timed_steps(one, steps, clock=C.CLOCKS[args.clock])[1:]
                 times[kind][0].extend(step_s)
                 times[kind][1].extend(step_s)
                 continue
-            step_s, loop_s = run_trainer(kind, model, dataset, steps, cfg["batch"], args.compiled, C.CLOCKS[args.clock])
+            step_s, loop_s = run_trainer(kind, model, dataset, steps, cfg["batch"], args.compiled, C.CLOCKS[args.clock],
+                                         args.gradient_checkpointing)
             times[kind][0].extend(step_s)
             times[kind][1].extend(loop_s)
     med = {k: {"step_ms": 1e3 * statistics.median(s), "loop_ms": 1e3 * statistics.median(lp)}
            for k, (s, lp) in times.items()}
-    report = {"quick": args.quick, "mode": "compiled" if args.compiled else "eager", "config": cfg, "rounds": rounds, "steps": steps,
+    mode = ("compiled" if args.compiled else "eager") + ("_checkpointing" if args.gradient_checkpointing else "")
+    report = {"quick": args.quick, "mode": mode, "config": cfg, "rounds": rounds, "steps": steps,
               "clock": args.clock,
               "medians": med, "ratio_step": med["functrain"]["step_ms"] / med["hf"]["step_ms"],
               "ratio_loop": med["functrain"]["loop_ms"] / med["hf"]["loop_ms"], "loadavg_before": list(load_before)}
