@@ -45,6 +45,10 @@ def _fail(msg: str):
     raise TrainingArgumentsError(msg)
 
 
+# transformers.HfArgumentParser reads these: ``--gradient_checkpointing`` alone means True, as for HF's fields.
+_CLI_FLAG = {"nargs": "?", "const": True}
+
+
 @dataclass
 class TrainingArguments(ArgumentSetters):
     """The arguments of :class:`functrain.Trainer`, with the Hugging Face names and defaults.
@@ -103,25 +107,27 @@ class TrainingArguments(ArgumentSetters):
     greater_is_better: bool | None = None
     optim: str = "adamw_torch_fused"
     optim_args: str | None = None
-    report_to: str | list[str] | None = "none"
-    gradient_checkpointing: bool | None = None
+    # Unions are ordered as transformers declares them: HfArgumentParser reads the second member as the
+    # command-line type, so it must be a plain class (tests/test_hf_argparser.py).
+    report_to: None | str | list[str] = "none"
+    gradient_checkpointing: bool | None = field(default=None, metadata=_CLI_FLAG)
     gradient_checkpointing_kwargs: dict | str | None = None
     include_num_input_tokens_seen: bool | str = "no"
     neftune_noise_alpha: float | None = None
     torch_compile: bool = False
     eval_on_start: bool = False
     # -- distributed (see docs/distributed.md) --
-    fsdp: bool | str | list | None = None
+    fsdp: None | str | list[str] = field(default=None, metadata=_CLI_FLAG)  # (True and a list of options are accepted too)
     ddp_backend: str | None = None
     ddp_timeout: int = 1800
     average_tokens_across_devices: bool = True
     # -- the rest of transformers 5.x's fields (status of each: functrain.trainer.registry.FIELDS) --
-    optim_target_modules: str | list[str] | None = None
+    optim_target_modules: None | str | list[str] = None
     label_smoothing_factor: float = 0.0
     bf16_full_eval: bool = False
     fp16_full_eval: bool = False
     tf32: bool | None = None
-    activation_checkpointing: bool | None = None
+    activation_checkpointing: bool | None = field(default=None, metadata=_CLI_FLAG)
     activation_checkpointing_kwargs: dict | str | None = None
     torch_compile_backend: str | None = None
     torch_compile_mode: str | None = None
@@ -169,7 +175,7 @@ class TrainingArguments(ArgumentSetters):
     ddp_static_graph: bool | None = None
     fsdp_config: dict | str | None = None
     deepspeed: dict | str | None = None
-    debug: str | list = ""
+    debug: str | list[str] = ""
     skip_memory_metrics: bool = True
     resume_from_checkpoint: str | None = None
     local_rank: int = -1
