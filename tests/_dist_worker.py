@@ -541,10 +541,33 @@ def mode_sigterm_one_rank(out_dir, opts):
         json.dump(result, f)
 
 
+def mode_main_process_first(out_dir, opts):
+    """HF's ``with training_args.main_process_first():`` before any Trainer exists: rank 0's block
+    finishes (it writes a file, slowly) before rank 1's block starts (it reads the file)."""
+    import time
+
+    from functrain import TrainingArguments
+
+    args = TrainingArguments(os.path.join(out_dir, "run"), use_cpu=True)
+    assert args.parallel_mode.value == "distributed" and not fd.is_distributed()  # no group joined yet
+    marker = os.path.join(out_dir, "main-done")
+    with args.main_process_first(desc="preprocessing"):
+        if args.process_index == 0:
+            time.sleep(1.0)
+            with open(marker, "w") as f:
+                f.write("done")
+            seen = True
+        else:
+            seen = os.path.exists(marker)
+    with open(os.path.join(out_dir, f"result-{args.process_index}.json"), "w") as f:
+        json.dump({"saw_main_done": seen, "distributed": fd.is_distributed()}, f)
+
+
 if __name__ == "__main__":
     mode, out = sys.argv[1], sys.argv[2]
     options = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
     {"steps": mode_steps, "trainer": mode_trainer, "fail": mode_fail, "sigterm": mode_sigterm_one_rank,
-     "gather": mode_gather, "evaluate": mode_evaluate, "gpt2": mode_gpt2, "exit": mode_exit, "meta_start": mode_meta_start}[mode](out, options)
+     "gather": mode_gather, "evaluate": mode_evaluate, "gpt2": mode_gpt2, "exit": mode_exit, "meta_start": mode_meta_start,
+     "main_process_first": mode_main_process_first}[mode](out, options)
     if mode != "exit":
         fd.barrier()

@@ -465,3 +465,24 @@ def test_evaluate_and_predict_on_two_ranks_give_the_single_process_results(tmp_p
     # (sharded) with its result dropped.
     expected = [2 * 12, 2 * 11] if n == 23 else [2 * 9, 2 * (8 + 4)]
     assert [r["rows_forwarded"] for r in ranks] == expected
+
+
+def test_main_process_first_runs_the_main_process_block_before_the_others(tmp_path):
+    """``with training_args.main_process_first():`` (every HF example script) before any Trainer:
+    it joins the launcher's group and rank 1 enters its block only after rank 0 left its own."""
+    check(torchrun("main_process_first", tmp_path))
+    for rank in (0, 1):
+        with open(os.path.join(tmp_path, f"result-{rank}.json")) as f:
+            result = json.load(f)
+        assert result == {"saw_main_done": True, "distributed": True}, (rank, result)
+
+
+def test_main_process_first_in_one_process_just_runs_the_block(tmp_path):
+    from functrain import TrainingArguments
+
+    args = TrainingArguments(str(tmp_path))
+    assert args.parallel_mode.value == "not_parallel" and args.ddp_timeout_delta.total_seconds() == args.ddp_timeout
+    ran = []
+    with args.main_process_first(local=False, desc="tokenizing"):
+        ran.append(True)
+    assert ran == [True] and not fd.is_distributed()

@@ -8,7 +8,10 @@ the datasets (e.g. ``eval_strategy`` without ``eval_dataset``) happen in ``Train
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import datetime
+import enum
 import json
 import logging
 import math
@@ -43,6 +46,14 @@ class TrainingArgumentsError(ValueError):
 
 def _fail(msg: str):
     raise TrainingArgumentsError(msg)
+
+
+class ParallelMode(enum.Enum):
+    """transformers' ``ParallelMode`` values that apply here (functrain never uses ``nn.DataParallel``),
+    so scripts testing ``args.parallel_mode.value == "distributed"`` work."""
+
+    NOT_PARALLEL = "not_parallel"
+    DISTRIBUTED = "distributed"
 
 
 # transformers.HfArgumentParser reads these: ``--gradient_checkpointing`` alone means True, as for HF's fields.
@@ -433,6 +444,36 @@ class TrainingArguments(ArgumentSetters):
     def should_save(self) -> bool:
         """Whether this process writes checkpoints (``save_on_each_node``: every node's main process)."""
         return (self.local_process_index if self.save_on_each_node else self.process_index) == 0
+
+    @property
+    def parallel_mode(self) -> ParallelMode:
+        return ParallelMode.DISTRIBUTED if self.world_size > 1 else ParallelMode.NOT_PARALLEL
+
+    @property
+    def ddp_timeout_delta(self) -> datetime.timedelta:
+        return datetime.timedelta(seconds=self.ddp_timeout)
+
+    @contextlib.contextmanager
+    def main_process_first(self, local: bool = True, desc: str = "work"):
+        """As transformers': the main process (of each node with ``local=True``) runs the block first
+        while the others wait, then they run it (dataset preprocessing whose cache the others reuse).
+        Joins the launcher's process group if the Trainer has not yet (it is joined the same way)."""
+        if self.world_size <= 1:
+            yield
+            return
+        from functrain.parallel import distributed as fd
+
+        fd.init_distributed(self.ddp_backend, self.ddp_timeout_delta, cpu=self.use_cpu)
+        is_main = (self.local_process_index if local else self.process_index) == 0
+        try:
+            if not is_main:
+                logger.debug("process %d waits for the main%s process to do %s", self.process_index,
+                             " local" if local else "", desc)
+                fd.barrier()
+            yield
+        finally:
+            if is_main:
+                fd.barrier()
 
     def get_process_log_level(self) -> int:
         """``log_level`` on processes that log, else ``log_level_replica``; ``"passive"`` keeps the
