@@ -65,3 +65,13 @@ def test_seq2seq_arguments_parse():
     (args,) = HfArgumentParser(Seq2SeqTrainingArguments).parse_args_into_dataclasses(
         ["--output_dir", "o", "--predict_with_generate", "--generation_max_length", "32", "--generation_num_beams", "2"])
     assert args.predict_with_generate is True and args.generation_max_length == 32 and args.generation_num_beams == 2
+
+
+def test_the_attributes_scripts_read_off_the_arguments_exist_with_hf_values(tmp_path):
+    ours, theirs = TrainingArguments(str(tmp_path)), transformers.TrainingArguments(str(tmp_path), use_cpu=True)
+    assert ours.default_optim == theirs.default_optim == ours.optim
+    assert ours.place_model_on_device is True  # (transformers 5.24 returns None here)
+    assert ours.parallel_mode.value == theirs.parallel_mode.value == "not_parallel"
+    assert ours.ddp_timeout_delta == theirs.ddp_timeout_delta
+    hf_members = {n for n in dir(transformers.TrainingArguments) if not n.startswith("_")}
+    assert hf_members - set(dir(TrainingArguments)) <= {"is_torch_greater_or_equal_than_2_8"}

@@ -445,6 +445,13 @@ class TrainingArguments(ArgumentSetters):
         """Whether this process writes checkpoints (``save_on_each_node``: every node's main process)."""
         return (self.local_process_index if self.save_on_each_node else self.process_index) == 0
 
+    default_optim = "adamw_torch_fused"  # transformers' class attribute (the optim field's default)
+
+    @property
+    def place_model_on_device(self) -> bool:
+        """The Trainer moves the model to ``device`` itself (True, as transformers without model parallelism)."""
+        return True
+
     @property
     def parallel_mode(self) -> ParallelMode:
         return ParallelMode.DISTRIBUTED if self.world_size > 1 else ParallelMode.NOT_PARALLEL
