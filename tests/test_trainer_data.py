@@ -43,6 +43,9 @@ def test_evaluate_dict_of_datasets_prefixes_and_by_name(tmp_path):
     assert set(t.evaluate("b")) >= {"eval_b_loss", "eval_b_runtime"} and "eval_a_loss" not in t.evaluate("b")
     with pytest.raises(KeyError, match=r"no set of that name \(named sets: \['a', 'b'\]\)"):
         t.evaluate("c")
+    assert len(t.get_eval_dataloader("b").dataset) == 5  # a name picks the set, as in transformers
+    with pytest.raises(KeyError, match="no set of that name"):
+        t.get_eval_dataloader("c")
     t.train()  # evaluation during training logs one entry per set
     logged = [h for h in t.state.log_history if any(k.startswith("eval_") for k in h)]
     assert any("eval_a_loss" in h for h in logged) and any("eval_b_loss" in h for h in logged)

@@ -296,6 +296,8 @@ class Trainer(PublishMixin):
         """Eval batches in dataset order; ``shard=True`` gives this rank its share (distributed runs)."""
         from functrain.data.loader import ResumableLoader, check_not_empty
 
+        if isinstance(eval_dataset, str):  # a set of the Trainer's dict, by name (as transformers)
+            eval_dataset = self._named_eval_set(eval_dataset)
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if dataset is None:
             raise ValueError("evaluation needs an eval_dataset (pass one to Trainer or to evaluate())")
@@ -1029,11 +1031,7 @@ class Trainer(PublishMixin):
         """
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if isinstance(eval_dataset, str):
-            if not isinstance(self.eval_dataset, dict) or eval_dataset not in self.eval_dataset:
-                names = sorted(self.eval_dataset) if isinstance(self.eval_dataset, dict) else []
-                raise KeyError(f"evaluate({eval_dataset!r}): the Trainer's eval_dataset has no set of that name "
-                               f"(named sets: {names})")
-            return self._evaluate_one(self.eval_dataset[eval_dataset], ignore_keys,
+            return self._evaluate_one(self._named_eval_set(eval_dataset), ignore_keys,
                                       f"{metric_key_prefix}_{eval_dataset}")
         if isinstance(dataset, dict):
             metrics = {}
@@ -1041,6 +1039,14 @@ class Trainer(PublishMixin):
                 metrics.update(self._evaluate_one(ds, ignore_keys, f"{metric_key_prefix}_{name}"))
             return metrics
         return self._evaluate_one(dataset, ignore_keys, metric_key_prefix)
+
+    def _named_eval_set(self, name: str):
+        """The set called ``name`` in the Trainer's dict of eval datasets (as transformers reads a string)."""
+        if not isinstance(self.eval_dataset, dict) or name not in self.eval_dataset:
+            names = sorted(self.eval_dataset) if isinstance(self.eval_dataset, dict) else []
+            raise KeyError(f"eval_dataset={name!r}: the Trainer's eval_dataset has no set of that name "
+                           f"(named sets: {names})")
+        return self.eval_dataset[name]
 
     def _evaluate_one(self, dataset, ignore_keys, metric_key_prefix: str) -> dict[str, float]:
         self._memory_tracker.start("eval")
