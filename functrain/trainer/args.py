@@ -119,7 +119,7 @@ class TrainingArguments(ArgumentSetters):
     optim: str = "adamw_torch_fused"
     optim_args: str | None = None
     # Unions are ordered as transformers declares them: HfArgumentParser reads the second member as the
-    # command-line type, so it must be a plain class (tests/test_hf_argparser.py).
+    # command-line type, so it must be a plain class (tests/test_hf_script_surface.py).
     report_to: None | str | list[str] = "none"
     gradient_checkpointing: bool | None = field(default=None, metadata=_CLI_FLAG)
     gradient_checkpointing_kwargs: dict | str | None = None

@@ -691,6 +691,7 @@ class Trainer(PublishMixin):
         self._memory_tracker.start("train")
         # One run per output_dir (see functrain.io.run_dir); the main process holds the lock.
         lock = run_dir.OutputDirLock(self.args.output_dir).acquire() if fd.is_main_process() else None
+        self.is_in_train = True
         try:
             if not self.args.auto_find_batch_size:
                 return self._train(resume_from_checkpoint, ignore_keys_for_eval)
@@ -699,6 +700,7 @@ class Trainer(PublishMixin):
             return find_executable_batch_size(self._train_with_batch_size, self.args.per_device_train_batch_size)(
                 resume_from_checkpoint, ignore_keys_for_eval)
         finally:
+            self.is_in_train = False
             if lock is not None:
                 lock.release()
             self._memory_tracker.stop("train")
@@ -1124,6 +1126,33 @@ class Trainer(PublishMixin):
                 "main_input_name": getattr(self.model, "main_input_name", "input_ids")}
 
     # -- HF helper methods ------------------------------------------------------------------------
+    is_in_train = False  # True while train() runs (transformers' attribute)
+    is_deepspeed_enabled = False  # DeepSpeed is refused (registry.FIELDS["deepspeed"] says what to use)
+    is_model_parallel = False  # one model per process, never split across devices
+
+    @property
+    def model_wrapped(self) -> nn.Module:
+        """The module itself: functrain never wraps it (no DDP / FSDP wrapper; the step is a function)."""
+        return self.model
+
+    @property
+    def is_fsdp_enabled(self) -> bool:
+        """Whether this run shards params and optimizer state (``fsdp="full_shard"`` on several ranks)."""
+        return self._sharded_run()
+
+    @property
+    def place_model_on_device(self) -> bool:
+        return self.args.place_model_on_device
+
+    @property
+    def neftune_noise_alpha(self):
+        return self.args.neftune_noise_alpha
+
+    @property
+    def current_flos(self) -> float:
+        """FLOPs counted since the last ``store_flos()``."""
+        return self._flos
+
     def is_world_process_zero(self) -> bool:
         """True on the process that writes files (rank 0 of all machines)."""
         return fd.is_main_process()

@@ -1,5 +1,6 @@
-"""transformers' example scripts build their arguments with ``HfArgumentParser``; functrain's
-TrainingArguments must parse the same command lines, JSON files and dicts, with the same meaning."""
+"""What transformers' example scripts touch besides training: their arguments built with
+``HfArgumentParser`` (the same command lines, JSON files and dicts, with the same meaning), and the
+attributes they read off the arguments and the Trainer."""
 
 import json
 from dataclasses import dataclass, field
@@ -75,3 +76,30 @@ def test_the_attributes_scripts_read_off_the_arguments_exist_with_hf_values(tmp_
     assert ours.ddp_timeout_delta == theirs.ddp_timeout_delta
     hf_members = {n for n in dir(transformers.TrainingArguments) if not n.startswith("_")}
     assert hf_members - set(dir(TrainingArguments)) <= {"is_torch_greater_or_equal_than_2_8"}
+
+
+def test_the_trainer_attributes_scripts_read_exist_with_hf_values(tmp_path):
+    from _trainer_fixtures import make_dataset, make_model
+
+    from functrain import Trainer, TrainerCallback
+
+    model, data = make_model(), make_dataset()
+    ours = Trainer(model=model, args=TrainingArguments(str(tmp_path / "ours"), report_to="none", max_steps=2),
+                   train_dataset=data)
+    theirs = transformers.Trainer(model=model, args=transformers.TrainingArguments(
+        str(tmp_path / "hf"), report_to="none", use_cpu=True), train_dataset=data)
+    for name in ("is_in_train", "is_deepspeed_enabled", "is_fsdp_enabled", "is_model_parallel", "neftune_noise_alpha",
+                 "current_flos"):
+        assert getattr(ours, name) == getattr(theirs, name), name
+    assert ours.model_wrapped is ours.model and theirs.model_wrapped is theirs.model
+    assert ours.place_model_on_device is True
+
+    seen = []
+
+    class During(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            seen.append(ours.is_in_train)
+
+    ours.add_callback(During())
+    ours.train()
+    assert seen == [True, True] and ours.is_in_train is False
