@@ -563,11 +563,41 @@ def mode_main_process_first(out_dir, opts):
         json.dump({"saw_main_done": seen, "distributed": fd.is_distributed()}, f)
 
 
+def mode_sharded_dropout(out_dir, opts):
+    """fsdp="full_shard" through the Trainer on GPT-2 with its default dropout, eager and compiled,
+    each with and without gradient_checkpointing: the full params after 3 steps, and the losses."""
+    from functrain import Trainer, TrainingArguments
+    from functrain.parallel.fsdp import full_state_dict
+    from step_models import gpt2
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 64, (16, 16), generator=g)
+    rows = [{"input_ids": r, "labels": r} for r in ids]
+    result = {}
+    for compile_ in (False, True):
+        for checkpointing in (False, True):
+            torch._dynamo.reset()
+            torch.manual_seed(0)
+            args = TrainingArguments(os.path.join(out_dir, f"run-{compile_}-{checkpointing}"), use_cpu=True,
+                                     per_device_train_batch_size=4, max_steps=3, learning_rate=1e-2, logging_steps=1,
+                                     save_strategy="no", report_to="none", disable_tqdm=True, fsdp="full_shard",
+                                     torch_compile=compile_, gradient_checkpointing=checkpointing)
+            trainer = Trainer(model=gpt2(dropout=0.1), args=args, train_dataset=rows)
+            trainer.train()
+            full = full_state_dict(trainer.model)
+            result[f"{compile_}-{checkpointing}"] = {
+                "loss": [h["loss"] for h in trainer.state.log_history if "loss" in h],
+                "params": {k: v.tolist() for k, v in full.items()} if fd.is_main_process() else None}
+    if fd.is_main_process():
+        with open(os.path.join(out_dir, "result.json"), "w") as f:
+            json.dump(result, f)
+
+
 if __name__ == "__main__":
     mode, out = sys.argv[1], sys.argv[2]
     options = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
     {"steps": mode_steps, "trainer": mode_trainer, "fail": mode_fail, "sigterm": mode_sigterm_one_rank,
      "gather": mode_gather, "evaluate": mode_evaluate, "gpt2": mode_gpt2, "exit": mode_exit, "meta_start": mode_meta_start,
-     "main_process_first": mode_main_process_first}[mode](out, options)
+     "main_process_first": mode_main_process_first, "sharded_dropout": mode_sharded_dropout}[mode](out, options)
     if mode != "exit":
         fd.barrier()

@@ -30,7 +30,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts, noop_context_fn
 
 from functrain.parallel import distributed as fd
 
@@ -77,6 +77,9 @@ class ShardedUnits:
         self.blocks = blocks
         self.mixed = mixed  # gather/reduce dtypes (FSDP2's MixedPrecisionPolicy), None: the shards' dtype
         self.has_items = None
+        # True: a unit's whole forward is recomputed in backward (activation checkpointing per unit,
+        # what gradient_checkpointing asks for); False: only its gathers and element-wise ops.
+        self.recompute_all = False
 
     def __call__(self, params: Mapping, has_items=None) -> dict:
         self.has_items = has_items
@@ -178,7 +181,20 @@ def _run_gathered(module: nn.Module, params: dict, plan: ShardedUnits, args, kwa
     inputs = (plan.has_items, *params.values(), *buffers, *args)
     if not torch.is_grad_enabled():
         return gather_and_run(*inputs, **kwargs)
-    return checkpoint(gather_and_run, *inputs, use_reentrant=False, context_fn=_selective_contexts, **kwargs)
+    contexts = noop_context_fn if plan.recompute_all else _selective_contexts
+    return checkpoint(gather_and_run, *inputs, use_reentrant=False, context_fn=contexts, **kwargs)
+
+
+def draws_random_numbers(model: nn.Module) -> bool:
+    """Whether the forward likely draws random numbers: a dropout module with ``p > 0``, or a
+    transformers config with a positive ``*dropout*`` / ``*pdrop*`` rate (attention dropout is often
+    functional). Compiled per-unit recomputation cannot replay them in torch 2.13."""
+    if any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules()):
+        return True
+    config = getattr(model, "config", None)
+    rates = vars(config).items() if config is not None and hasattr(config, "__dict__") else ()
+    return any(("dropout" in k or "pdrop" in k) and isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+               for k, v in rates)
 
 
 def is_unit(module: nn.Module) -> bool:

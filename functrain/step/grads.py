@@ -79,8 +79,8 @@ def make_grad_fn(model: nn.Module, loss_fn: LossFn | None = None, *, accumulate:
     if differentiate == "func" and param_transform is not None:
         raise ValueError("differentiate='func' (vmapped populations) does not support param_transform "
                          "(sharded DTensor params need torch.autograd.grad)")
-    if compile_forward is not None and (param_transform is not None or differentiate == "func"):
-        raise ValueError("compile_forward needs differentiate='autograd' and no param_transform")
+    if compile_forward is not None and differentiate == "func":
+        raise ValueError("compile_forward needs differentiate='autograd'")
     if differentiate == "func" and uses_checkpointing(model):
         raise ValueError("differentiate='func' (torch.func.grad, used by vmapped populations) cannot run activation "
                          "checkpointing (it forbids saved-tensor hooks); disable checkpointing for this model")
@@ -92,8 +92,8 @@ def make_grad_fn(model: nn.Module, loss_fn: LossFn | None = None, *, accumulate:
     bound = _Bound(model, loss_fn or default_loss_fn, policy)
     module_buffers = buffer_names(model)
     micro = (_micro_func if differentiate == "func" else
-             _micro_autograd_transformed(param_transform) if param_transform is not None else
-             _micro_compiled_forward(bound, compile_forward) if compile_forward is not None else _micro_autograd)
+             _micro_compiled_forward(bound, compile_forward, param_transform) if compile_forward is not None else
+             _micro_autograd_transformed(param_transform) if param_transform is not None else _micro_autograd)
 
     def grad_fn(params: Mapping, buffers: Mapping, batch: Mapping, scale=None) -> WindowGrads:
         # Copies of the module's buffers: a forward that updates them (BatchNorm) leaves the input as it was.
@@ -205,14 +205,17 @@ def _micro_autograd_transformed(transform):
     return micro
 
 
-def _micro_compiled_forward(bound, compile_forward):
+def _micro_compiled_forward(bound, compile_forward, transform=None):
     """Microbatch gradients from a compiled forward and the compiled backward autograd runs for it.
 
     The forward binds the params inside the compiled graph, so the regions checkpointing
     recomputes are part of the compiled backward, which reads its saved inputs, never the
-    module's attributes (the stale-weights trap :class:`_Bound` avoids in eager)."""
+    module's attributes (the stale-weights trap :class:`_Bound` avoids in eager). A
+    ``transform`` (sharded params' gathers) runs inside the compiled forward too."""
 
-    def forward(params, buffers, mb):
+    def forward(params, buffers, mb, has_items):
+        if transform is not None:
+            params = transform(params, has_items)
         tensors = {**prefixed(params), **prefixed(buffers)}
         loss, aux = torch.func.functional_call(bound, tensors, (mb, device_type(params)), tie_weights=True)
         return loss, aux, written_buffers(tensors, buffers)
@@ -222,7 +225,7 @@ def _micro_compiled_forward(bound, compile_forward):
     def micro(bound, params, buffers, mb, weight, scale, has_items):
         with torch.enable_grad():
             leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
-            loss, aux, new_buffers = compiled(leaves, buffers, mb)
+            loss, aux, new_buffers = compiled(leaves, buffers, mb, has_items)
             grads = torch.autograd.grad(_share(loss, weight, scale), list(leaves.values()), allow_unused=True)
         grads = {k: torch.zeros_like(p) if g is None else g for (k, p), g in zip(params.items(), grads)}
         aux = {k: torch.as_tensor(v).detach().float() for k, v in aux.items()}

@@ -150,8 +150,7 @@ def make_train_step(
     required_keys = tuple(required_keys) if required_keys is not None else (() if user_loss else ("labels",))
     forward_keys = None if user_loss else batching.forward_argument_names(model)
     # Activation checkpointing: compile the forward (and its backward), not the whole step.
-    compile_forward = (compile and param_transform is None and differentiate == "autograd"
-                       and uses_checkpointing(model))
+    compile_forward = compile and differentiate == "autograd" and uses_checkpointing(model)
     if compile_forward:
         compile = False  # the accumulation and the update around the compiled forwards run eagerly
     if compile and accumulate > 1 and uses_checkpointing(model):

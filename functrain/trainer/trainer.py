@@ -531,19 +531,31 @@ class Trainer(PublishMixin):
     def _sharded_transform(self, accumulate: int = 1):
         """Sharded mode gathers each unit's params where it runs (FSDP semantics in use); units are
         ``fsdp_config['transformer_layer_cls_to_wrap']`` blocks or the model's ``_no_split_modules``."""
-        from functrain.parallel.fsdp import mixed_precision_of, shard_in_use
+        from functrain.parallel.fsdp import draws_random_numbers, mixed_precision_of, shard_in_use
 
         mixed = mixed_precision_of(self.args.fsdp_config)
-
-        if self.args.torch_compile and (accumulate > 1 or mixed is not None):
+        why = None
+        if self.args.torch_compile:
             why = (f"{accumulate} microbatches (use gradient_accumulation_steps=1 for per-unit gathers)"
                    if accumulate > 1 else "fsdp_config's mixed_precision_policy (its gathers cannot be recomputed "
-                   "unit by unit in a compiled graph)")
-            logger.warning("fsdp with torch_compile and %s: torch %s compiles one recompute region per graph, so "
-                           "params are gathered before the forward (a full replica during the step) instead of "
-                           "unit by unit", why, torch.__version__)
+                   "unit by unit in a compiled graph)" if mixed is not None else
+                   "gradient_checkpointing (the checkpointed blocks are compiled one forward at a time; per-unit "
+                   "gathers cannot be recomputed inside it)" if self.args.gradient_checkpointing else
+                   "dropout in the model (a compiled graph cannot replay its random numbers when a unit is "
+                   "recomputed)" if draws_random_numbers(self.model) else None)
+        if why is not None:
+            logger.warning("fsdp with torch_compile and %s: in torch %s params are then gathered before the "
+                           "forward (a full replica during the step) instead of unit by unit", why, torch.__version__)
             return functools.partial(fd.gather_params, mixed=mixed)
-        return shard_in_use(self.model, (self.args.fsdp_config or {}).get("transformer_layer_cls_to_wrap"), mixed)
+        plan = shard_in_use(self.model, (self.args.fsdp_config or {}).get("transformer_layer_cls_to_wrap"), mixed)
+        if self.args.gradient_checkpointing:
+            # The units already redo their forward in backward (to gather again); a transformers
+            # checkpoint around them would nest a second recomputation, which reads the shards. So the
+            # units recompute everything instead (checkpointing per unit: the blocks, by default) and the
+            # model's own checkpointing is off.
+            self.model.gradient_checkpointing_disable()
+            plan.recompute_all = True
+        return plan
 
     def _mark_process(self, state: TrainerState) -> TrainerState:
         state.is_world_process_zero = fd.is_main_process()
