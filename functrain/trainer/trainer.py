@@ -118,6 +118,7 @@ class Trainer(PublishMixin):
             raise TypeError(f"args must be a functrain.TrainingArguments, got {type(self.args).__name__}")
         registry.check_subclass_overrides(type(self), Trainer)
         self.optimizer_cls_and_kwargs = registry.check_optimizer_cls_and_kwargs(optimizer_cls_and_kwargs)
+        self.is_in_train = False  # True while train() runs (transformers' attribute)
         if self.optimizer_cls_and_kwargs is not None and optimizers[0] is not None:
             raise RuntimeError("Passing both `optimizers` and `optimizer_cls_and_kwargs` arguments is incompatible.")
         self._memory_tracker = MemoryTracker(self.args.skip_memory_metrics)
@@ -1138,7 +1139,6 @@ class Trainer(PublishMixin):
                 "main_input_name": getattr(self.model, "main_input_name", "input_ids")}
 
     # -- HF helper methods ------------------------------------------------------------------------
-    is_in_train = False  # True while train() runs (transformers' attribute)
     is_deepspeed_enabled = False  # DeepSpeed is refused (registry.FIELDS["deepspeed"] says what to use)
     is_model_parallel = False  # one model per process, never split across devices
 
