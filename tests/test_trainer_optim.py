@@ -219,3 +219,34 @@ def test_create_optimizer_without_arguments_is_the_one_train_builds(tmp_path):
         trainer("other").create_scheduler(5)), None))  # another schedule: other numbers
     short.train()
     assert _max_rel(_params(short.model), _params(reference.model)) > 1e-4
+
+
+def test_get_decay_parameter_names_matches_hf_and_an_override_is_used_like_hf(tmp_path):
+    import transformers
+
+    model = make_model(p=0.0)
+    ours = Trainer(model=model, args=TrainingArguments(str(tmp_path / "a"), report_to="none"), train_dataset=make_dataset())
+    theirs = transformers.Trainer(model=model, args=transformers.TrainingArguments(str(tmp_path / "b"), report_to="none",
+                                                                                   use_cpu=True))
+    assert sorted(ours.get_decay_parameter_names(model)) == sorted(theirs.get_decay_parameter_names(model))
+
+    def only_first_layer(self, model):  # decay one layer's weight only
+        return ["net.0.weight"]
+
+    class Ours(Trainer):
+        get_decay_parameter_names = only_first_layer
+
+    class Theirs(transformers.Trainer):
+        get_decay_parameter_names = only_first_layer
+
+    args = {**COMMON, "weight_decay": 0.5, "learning_rate": 1e-2}
+    data = make_dataset()
+    a = Ours(model=make_model(p=0.0), args=TrainingArguments(str(tmp_path / "ours"), **args), train_dataset=data)
+    a.train()
+    b = Theirs(model=make_model(p=0.0), args=transformers.TrainingArguments(str(tmp_path / "hf"), **args),
+               train_dataset=data)
+    b.train()
+    assert _max_rel(_params(a.model), _params(b.model)) <= 1e-5
+    default = Trainer(model=make_model(p=0.0), args=TrainingArguments(str(tmp_path / "dflt"), **args), train_dataset=data)
+    default.train()
+    assert _max_rel(_params(a.model), _params(default.model)) > 1e-4  # the override changed the run

@@ -19,7 +19,7 @@ def _args(tmp_path, **kw):
 
 @pytest.mark.parametrize("name, what", [
     ("_get_train_sampler", "get_train_dataloader"),
-    ("get_decay_parameter_names", "optimizer_cls_and_kwargs"),
+    ("get_optimizer_group", "optimizer_cls_and_kwargs"),
     ("compute_loss_context_manager", "precision policy"),
     ("_maybe_log_save_evaluate", "TrainerCallback"),
     ("_save", "on_save"),

@@ -200,13 +200,16 @@ class PopulationTrainer:
                                 num_warmup_steps=int(num_warmup_steps), **(a.lr_scheduler_kwargs or {}))
             return lambda count: learning_rate * unit(count)
 
+        decay_names = t.get_decay_parameter_names(t.model)  # (a Trainer subclass may choose them)
+
         def member_optimizer(learning_rate, weight_decay, adam_beta1, adam_beta2, adam_epsilon, num_warmup_steps):
             # warmup_steps: what schedule-free optimizers read (HF hands them args.warmup_steps);
             # a member's own when it sets one (equal across members: checked at construction).
             view = _MemberArgs(a, learning_rate=learning_rate, weight_decay=weight_decay, adam_beta1=adam_beta1,
                                adam_beta2=adam_beta2, adam_epsilon=adam_epsilon,
                                warmup_steps=warmup_steps if warmup_steps is not None else a.warmup_steps)
-            return registry.build_optimizer(view, t.model, schedule_for(learning_rate, num_warmup_steps), extra)
+            return registry.build_optimizer(view, t.model, schedule_for(learning_rate, num_warmup_steps), extra,
+                                            decay_names)
 
         return inject_hyperparams(member_optimizer, static_args=() if warmup_varies else ("num_warmup_steps",))
 

@@ -243,19 +243,22 @@ def _decays(a) -> bool:
     return isinstance(a.weight_decay, torch.Tensor) or a.weight_decay > 0
 
 
-def _hf_hyperparams(a, model, extra: dict) -> hf_names.HFHyperparams:
+def _hf_hyperparams(a, model, extra: dict, decay_names=None) -> hf_names.HFHyperparams:
+    """``decay_names``: the parameters to decay (a Trainer's ``get_decay_parameter_names``; default HF's rule)."""
     galore = a.optim.startswith("galore") and a.optim_target_modules is not None
+    decays = _decays(a)
+    names = frozenset(decay_names if decay_names is not None else optim.decay_parameter_names(model)) if decays else None
     return hf_names.HFHyperparams(
         a.adam_beta1, a.adam_beta2, a.adam_epsilon, a.weight_decay,
-        optim.default_weight_decay_mask(model) if _decays(a) else None, dict(extra),
+        optim.default_weight_decay_mask(model, names) if decays else None, dict(extra),
         int(a.warmup_steps) if a.warmup_steps >= 1 else 0,  # HF hands warmup_steps to schedule-free optimizers
         frozenset(optim.galore_target_names(model, a.optim_target_modules)) if galore else frozenset(),
-        frozenset(optim.decay_parameter_names(model)) if _decays(a) else frozenset())
+        names if decays else frozenset())
 
 
 def _from_table(name: str):
-    def build(a, model, schedule, extra):
-        return hf_names.build_hf_optimizer(name, schedule, _hf_hyperparams(a, model, extra))
+    def build(a, model, schedule, extra, decay_names=None):
+        return hf_names.build_hf_optimizer(name, schedule, _hf_hyperparams(a, model, extra, decay_names))
 
     build.hf_builder = hf_names.HF_OPTIMIZERS[name]
     return build
@@ -300,9 +303,10 @@ def parse_optim_args(text: str | None) -> dict:
     return out
 
 
-def build_optimizer(args, model, schedule, extra: dict | None = None):
-    """The functrain optimizer for ``args.optim`` (weight decay skips biases and norms, as HF)."""
-    return OPTIMIZERS[args.optim](args, model, schedule, dict(extra or {}))
+def build_optimizer(args, model, schedule, extra: dict | None = None, decay_names=None):
+    """The functrain optimizer for ``args.optim`` (weight decay skips biases and norms, as HF, unless
+    ``decay_names`` lists the parameters to decay)."""
+    return OPTIMIZERS[args.optim](args, model, schedule, dict(extra or {}), decay_names)
 
 
 # -- Trainer(optimizer_cls_and_kwargs=(cls, kwargs)) -----------------------------------------------
@@ -343,7 +347,7 @@ def torch_class_learning_rate(cls: type, kwargs: dict) -> float:
     return kwargs["lr"] if "lr" in kwargs else inspect.signature(cls).parameters["lr"].default
 
 
-def build_torch_class_optimizer(args, model, schedule, cls: type, kwargs: dict):
+def build_torch_class_optimizer(args, model, schedule, cls: type, kwargs: dict, decay_names=None):
     """What transformers' Trainer builds for ``optimizer_cls_and_kwargs=(cls, kwargs)``: ``cls`` over its
     decay / no-decay groups. As there, the groups' ``weight_decay`` (``args.weight_decay``) overrides
     one in kwargs, and ``args``' Adam betas / epsilon are not used."""
@@ -354,7 +358,7 @@ def build_torch_class_optimizer(args, model, schedule, cls: type, kwargs: dict):
             "group (0 on biases and norms), as in transformers' Trainer", kwargs["weight_decay"], args.weight_decay)
     defaults = inspect.signature(cls).parameters
     extra = {k: kwargs[k] for k in spec.extra_kwargs if k in kwargs}
-    hp = _hf_hyperparams(args, model, extra)
+    hp = _hf_hyperparams(args, model, extra, decay_names)
     if spec.adam_kwargs:
         b1, b2 = kwargs.get("betas", defaults["betas"].default)
         hp = hp._replace(adam_beta1=b1, adam_beta2=b2, adam_epsilon=kwargs.get("eps", defaults["eps"].default))
@@ -445,7 +449,7 @@ HF_METHODS_NOT_CALLED: dict[str, str] = {
                      "_build_accelerator_args", "get_cp_size", "get_sp_size", "get_tp_size", "_has_mixed_mesh_grads",
                      "_mixed_mesh_grad_norm", "_sync_replicated_trainable_parameters", "_defer_fsdp_gradient_reduction",
                      "_prepare_context_parallel_inputs"), _PLACEMENT),
-    **dict.fromkeys(("get_optimizer_cls_and_kwargs", "get_decay_parameter_names", "get_optimizer_group",
+    **dict.fromkeys(("get_optimizer_cls_and_kwargs", "get_optimizer_group",
                      "_get_learning_rate", "_clip_grad_norm", "_get_grad_norm"), _OPTIMIZER),
     **dict.fromkeys(("_prepare_inputs", "_prepare_input", "_remove_unused_columns", "_set_signature_columns_if_needed",
                      "_get_collator_with_removed_columns", "_get_dataloader", "_get_train_sampler",

@@ -339,15 +339,22 @@ class Trainer(PublishMixin):
         ``create_optimizer()`` takes none, its scheduler being a separate object)."""
         if schedule is None:
             schedule = self.create_scheduler(self._planned_steps())
+        decay_names = self.get_decay_parameter_names(self.model)
         if self.optimizer_cls_and_kwargs is not None:
-            tx = registry.build_torch_class_optimizer(self.args, self.model, schedule, *self.optimizer_cls_and_kwargs)
+            tx = registry.build_torch_class_optimizer(self.args, self.model, schedule, *self.optimizer_cls_and_kwargs,
+                                                      decay_names=decay_names)
         else:
             tx = registry.build_optimizer(self.args, self.model, schedule,
-                                          registry.parse_optim_args(self.args.optim_args))
+                                          registry.parse_optim_args(self.args.optim_args), decay_names)
         plateau = self._plateau_settings()
         if plateau is not None:
             tx = optim.chain(tx, optim.reduce_on_plateau(**plateau, observe="external"))
         return tx
+
+    def get_decay_parameter_names(self, model) -> list[str]:
+        """The names of the parameters weight decay applies to (HF's rule: not biases, not norm
+        layers). Override it, as in transformers, to choose others; ``create_optimizer`` reads it."""
+        return sorted(optim.decay_parameter_names(model))
 
     def _plateau_settings(self) -> dict | None:
         """``reduce_on_plateau`` arguments for HF's ``reduce_lr_on_plateau`` (torch's kwargs), else None."""

@@ -37,14 +37,15 @@ def decay_parameter_names(model: nn.Module) -> set[str]:
     return names
 
 
-def default_weight_decay_mask(model: nn.Module) -> Callable[[dict], dict]:
+def default_weight_decay_mask(model: nn.Module, decay_names=None) -> Callable[[dict], dict]:
     """A mask function ``params -> {name: bool}``: True where the HF Trainer applies weight decay.
 
     Use it as ``adamw(..., mask=default_weight_decay_mask(model))``. ``params`` is the flat
     ``{name: tensor}`` dict of :class:`functrain.TrainState` (or any pytree whose dotted leaf
     paths are the model's parameter names); a name the model does not have raises ``ValueError``.
+    ``decay_names``: the parameters to decay (default :func:`decay_parameter_names`).
     """
-    decay = decay_parameter_names(model)
+    decay = set(decay_names) if decay_names is not None else decay_parameter_names(model)
     known = {n for n, _ in model.named_parameters(remove_duplicate=False)}
 
     def mask(params) -> dict:
