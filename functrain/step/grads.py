@@ -66,7 +66,8 @@ def make_grad_fn(model: nn.Module, loss_fn: LossFn | None = None, *, accumulate:
             backward the compiler made for it, as a hand loop over ``torch.compile(model)`` does.
             This is how activation checkpointing compiles with dropout in its regions and with
             several microbatches (torch 2.13 rematerializes neither inside one
-            forward-loss-backward graph). Not with ``param_transform`` or ``"func"``.
+            forward-loss-backward graph). A ``param_transform`` runs inside the compiled forward
+            (torch 2.13 compiles a whole-model gather there, not per-unit gathers). Not with ``"func"``.
     ``scale`` multiplies the loss before differentiation (the fp16 loss scale).
     """
     if not isinstance(model, nn.Module):

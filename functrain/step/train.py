@@ -81,8 +81,8 @@ def make_train_step(
             adds a dynamic loss scale kept in ``state.loss_scale``).
         compile: compile the whole step with ``torch.compile(fullgraph=True)`` (with
             ``donate=True`` and ``leafwise_update=True``: the window's gradients only, see there).
-            A model with activation checkpointing (and no ``param_transform``) compiles each
-            microbatch's forward instead, its backward compiled with it, as ``torch.compile(model)``
+            A model with activation checkpointing compiles each microbatch's forward instead (a
+            ``param_transform`` inside it), its backward compiled with it, as ``torch.compile(model)``
             does: torch 2.13 cannot recompute checkpointed regions that draw random numbers
             (dropout), or those of several microbatches, inside one forward-loss-backward graph.
             The accumulation and the update then run eagerly around it.
@@ -153,12 +153,6 @@ def make_train_step(
     compile_forward = compile and differentiate == "autograd" and uses_checkpointing(model)
     if compile_forward:
         compile = False  # the accumulation and the update around the compiled forwards run eagerly
-    if compile and accumulate > 1 and uses_checkpointing(model):
-        # torch 2.13 AOTAutograd rematerializes only one backward region per compiled graph.
-        raise ValueError("compile=True with accumulate > 1 cannot use activation checkpointing with a "
-                         f"param_transform in torch "
-                         f"{torch.__version__} (one recompute region per graph); use accumulate=1 with a "
-                         "bigger batch, compile=False, or disable checkpointing")
     if compile and accumulate > 1 and getattr(param_transform, "recomputes", False):
         # A transform that recomputes in backward (per-unit sharded gathers) hits the same limit.
         raise ValueError(f"compile=True with accumulate > 1 cannot use {type(param_transform).__name__} in torch "

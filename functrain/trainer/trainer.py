@@ -542,15 +542,7 @@ class Trainer(PublishMixin):
         from functrain.parallel.fsdp import draws_random_numbers, mixed_precision_of, shard_in_use
 
         mixed = mixed_precision_of(self.args.fsdp_config)
-        why = None
-        if self.args.torch_compile:
-            why = (f"{accumulate} microbatches (use gradient_accumulation_steps=1 for per-unit gathers)"
-                   if accumulate > 1 else "fsdp_config's mixed_precision_policy (its gathers cannot be recomputed "
-                   "unit by unit in a compiled graph)" if mixed is not None else
-                   "gradient_checkpointing (the checkpointed blocks are compiled one forward at a time; per-unit "
-                   "gathers cannot be recomputed inside it)" if self.args.gradient_checkpointing else
-                   "dropout in the model (a compiled graph cannot replay its random numbers when a unit is "
-                   "recomputed)" if draws_random_numbers(self.model) else None)
+        why = self._why_gather_before_forward(accumulate, mixed, draws_random_numbers(self.model))
         if why is not None:
             logger.warning("fsdp with torch_compile and %s: in torch %s params are then gathered before the "
                            "forward (a full replica during the step) instead of unit by unit", why, torch.__version__)
@@ -564,6 +556,21 @@ class Trainer(PublishMixin):
             self.model.gradient_checkpointing_disable()
             plan.recompute_all = True
         return plan
+
+    def _why_gather_before_forward(self, accumulate: int, mixed, random_numbers: bool) -> str | None:
+        """Why a compiled sharded run cannot gather unit by unit (torch 2.13), or None when it can."""
+        if not self.args.torch_compile:
+            return None
+        if accumulate > 1:
+            return f"{accumulate} microbatches (use gradient_accumulation_steps=1 for per-unit gathers)"
+        if mixed is not None:
+            return "fsdp_config's mixed_precision_policy (its gathers cannot be recomputed unit by unit in a compiled graph)"
+        if self.args.gradient_checkpointing:
+            return ("gradient_checkpointing (the checkpointed blocks are compiled one forward at a time; per-unit "
+                    "gathers cannot be recomputed inside it)")
+        if random_numbers:
+            return "dropout in the model (a compiled graph cannot replay its random numbers when a unit is recomputed)"
+        return None
 
     def _mark_process(self, state: TrainerState) -> TrainerState:
         state.is_world_process_zero = fd.is_main_process()
