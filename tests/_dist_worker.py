@@ -565,7 +565,7 @@ def mode_main_process_first(out_dir, opts):
 
 def mode_sharded_dropout(out_dir, opts):
     """fsdp="full_shard" through the Trainer on GPT-2 with its default dropout, eager and compiled,
-    each with and without gradient_checkpointing: the full params after 3 steps, and the losses."""
+    each with and without gradient_checkpointing: the full params after 4 steps, and the losses."""
     from functrain import Trainer, TrainingArguments
     from functrain.parallel.fsdp import full_state_dict
     from step_models import gpt2
@@ -579,7 +579,7 @@ def mode_sharded_dropout(out_dir, opts):
             torch._dynamo.reset()
             torch.manual_seed(0)
             args = TrainingArguments(os.path.join(out_dir, f"run-{compile_}-{checkpointing}"), use_cpu=True,
-                                     per_device_train_batch_size=4, max_steps=3, learning_rate=1e-2, logging_steps=1,
+                                     per_device_train_batch_size=4, max_steps=4, learning_rate=1e-2, logging_steps=1,
                                      save_strategy="no", report_to="none", disable_tqdm=True, fsdp="full_shard",
                                      torch_compile=compile_, gradient_checkpointing=checkpointing)
             trainer = Trainer(model=gpt2(dropout=0.1), args=args, train_dataset=rows)

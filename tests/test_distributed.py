@@ -498,6 +498,6 @@ def test_sharded_trainer_with_dropout_and_gradient_checkpointing_eager_and_compi
     r = read_result(tmp_path)
     for compiled in ("False", "True"):
         plain, checkpointed = r[f"{compiled}-False"], r[f"{compiled}-True"]
-        assert len(plain["loss"]) == 3 and all(math.isfinite(x) for x in plain["loss"])
+        assert len(plain["loss"]) == 4 and all(math.isfinite(x) for x in plain["loss"])
         assert checkpointed["loss"] == plain["loss"], compiled
         assert checkpointed["params"] == plain["params"], compiled

@@ -30,7 +30,7 @@ def test_transformers_gradient_checkpointing(compile_):
     assert ft.tree.relative_difference(_update(model, compile_, accumulate=2), ref) <= 1e-6
 
 
-def _steps_with_dropout(model, steps=3, **kw):
+def _steps_with_dropout(model, steps=4, **kw):
     """``steps`` AdamW steps from a state moved away from the module's own tensors, dropout on."""
     tx = ft.optim.adamw(1e-2)
     state = ft.TrainState.create(model, tx, copy=True, seed=7)

@@ -716,8 +716,9 @@ def read_checkpoint(path: str, *, require_resumable: bool = True, keep: bool = T
                     only=None) -> "VerifiedCheckpoint":
     """Verify a checkpoint as :func:`verify_checkpoint` does and keep what it read: each listed
     file is read once and hashed on the way, safetensors straight into the tensors that keep
-    them (no second copy of the checkpoint in memory), so the loaders given the result (:func:`load_train_state`, :func:`load_rng_state`,
-    :func:`non_finite_tensors`, ...) read nothing from the disk again. ``keep=False``: verify
+    them (no second copy of the checkpoint in memory), so the loaders given the result
+    (:func:`load_train_state`, :func:`load_rng_state`, :func:`non_finite_tensors`, ...) read nothing
+    from the disk again. ``keep=False``: verify
     only (the loaders then read from the disk).
 
     ``only``: the names of the files to read (verify, keep); the other listed files are checked

@@ -189,7 +189,8 @@ def draws_random_numbers(model: nn.Module) -> bool:
     """Whether the forward likely draws random numbers: a dropout module with ``p > 0``, or a
     transformers config with a positive ``*dropout*`` / ``*pdrop*`` rate (attention dropout is often
     functional). Compiled per-unit recomputation cannot replay them in torch 2.13."""
-    if any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules()):
+    dropouts = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+    if any(isinstance(m, dropouts) and m.p > 0 for m in model.modules()):
         return True
     config = getattr(model, "config", None)
     rates = vars(config).items() if config is not None and hasattr(config, "__dict__") else ()

@@ -194,9 +194,15 @@ def _micro_autograd(bound, params, buffers, mb, weight, scale, has_items, transf
         tensors = {**prefixed(bound_params), **prefixed(buffers)}
         grads, loss, aux = torch.func.functional_call(
             bound, tensors, (mb, device_type(params), list(leaves.values()), weight, scale), tie_weights=True)
+    return _micro_result(params, grads, loss, aux, written_buffers(tensors, buffers))
+
+
+def _micro_result(params: Mapping, grads, loss, aux: dict, buffers: dict):
+    """A microbatch's ``(grads, loss, aux, buffers)`` from ``torch.autograd.grad``'s tuple: zeros for
+    params the loss does not use, the loss and aux values detached."""
     grads = {k: torch.zeros_like(p) if g is None else g for (k, p), g in zip(params.items(), grads)}
     aux = {k: torch.as_tensor(v).detach().float() for k, v in aux.items()}
-    return grads, loss.detach(), aux, written_buffers(tensors, buffers)
+    return grads, loss.detach(), aux, buffers
 
 
 def _micro_autograd_transformed(transform):
@@ -228,9 +234,7 @@ def _micro_compiled_forward(bound, compile_forward, transform=None):
             leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
             loss, aux, new_buffers = compiled(leaves, buffers, mb, has_items)
             grads = torch.autograd.grad(_share(loss, weight, scale), list(leaves.values()), allow_unused=True)
-        grads = {k: torch.zeros_like(p) if g is None else g for (k, p), g in zip(params.items(), grads)}
-        aux = {k: torch.as_tensor(v).detach().float() for k, v in aux.items()}
-        return grads, loss.detach(), aux, {k: v.detach() for k, v in new_buffers.items()}
+        return _micro_result(params, grads, loss, aux, {k: v.detach() for k, v in new_buffers.items()})
 
     return micro
 

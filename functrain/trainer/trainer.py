@@ -539,10 +539,10 @@ class Trainer(PublishMixin):
     def _sharded_transform(self, accumulate: int = 1):
         """Sharded mode gathers each unit's params where it runs (FSDP semantics in use); units are
         ``fsdp_config['transformer_layer_cls_to_wrap']`` blocks or the model's ``_no_split_modules``."""
-        from functrain.parallel.fsdp import draws_random_numbers, mixed_precision_of, shard_in_use
+        from functrain.parallel.fsdp import mixed_precision_of, shard_in_use
 
         mixed = mixed_precision_of(self.args.fsdp_config)
-        why = self._why_gather_before_forward(accumulate, mixed, draws_random_numbers(self.model))
+        why = self._why_gather_before_forward(accumulate, mixed)
         if why is not None:
             logger.warning("fsdp with torch_compile and %s: in torch %s params are then gathered before the "
                            "forward (a full replica during the step) instead of unit by unit", why, torch.__version__)
@@ -557,8 +557,10 @@ class Trainer(PublishMixin):
             plan.recompute_all = True
         return plan
 
-    def _why_gather_before_forward(self, accumulate: int, mixed, random_numbers: bool) -> str | None:
+    def _why_gather_before_forward(self, accumulate: int, mixed) -> str | None:
         """Why a compiled sharded run cannot gather unit by unit (torch 2.13), or None when it can."""
+        from functrain.parallel.fsdp import draws_random_numbers
+
         if not self.args.torch_compile:
             return None
         if accumulate > 1:
@@ -568,7 +570,7 @@ class Trainer(PublishMixin):
         if self.args.gradient_checkpointing:
             return ("gradient_checkpointing (the checkpointed blocks are compiled one forward at a time; per-unit "
                     "gathers cannot be recomputed inside it)")
-        if random_numbers:
+        if draws_random_numbers(self.model):
             return "dropout in the model (a compiled graph cannot replay its random numbers when a unit is recomputed)"
         return None
 
@@ -1363,7 +1365,7 @@ def _check_optimizers(optimizers):
         raise TypeError("optimizers must be a pair (optimizer, scheduler), e.g. (functrain.optim.adamw(...), None)")
     tx, sched = optimizers
     if isinstance(tx, torch.optim.Optimizer):
-        raise TypeError(f"optimizers[0] is a torch.optim.{type(tx).__name__}: functrain needs a pure optimizer. "
+        raise TypeError(f"optimizers[0] is a {_torch_optim_name(tx)}: functrain needs a pure optimizer. "
                         "Pass a functrain.optim GradientTransformation instead, e.g. "
                         "functrain.optim.adamw(functrain.schedules.get_schedule('linear', 5e-5, num_training_steps=N), "
                         "weight_decay=0.01)")
